@@ -1,0 +1,113 @@
+// The interface between the front (epcomm::Buffer: argument checks, defaults) and a backend (CPU
+// reference or CUDA). A backend receives arguments that are already checked for shape, dtype and
+// device, with the derived sizes filled in; it checks only what needs the data itself (index values
+// on the CPU, capacities) and does the work.
+#pragma once
+
+#include <memory>
+
+#include "epcomm/bootstrap.hpp"
+#include "epcomm/buffer.hpp"
+#include "epcomm/ops.hpp"
+
+namespace epcomm {
+
+// Who is in the group and how it splits into NVLink domains ("nodes").
+struct GroupGeometry {
+  int rank = 0;
+  int num_ranks = 1;       // R
+  int ranks_per_node = 1;  // G
+  int num_nodes() const { return num_ranks / ranks_per_node; }
+  int node_of(int r) const { return r / ranks_per_node; }
+};
+
+struct LayoutArgs {
+  TensorView topk_idx;  // [T, K] int64 / int32
+  int num_tokens = 0;   // T
+  int num_topk = 0;     // K
+  int num_experts = 0;  // E
+};
+
+struct DispatchArgs {
+  const DispatchInputs* inputs = nullptr;  // checked: shapes, dtypes, devices
+  bool cached = false;                     // routing comes from inputs->handle
+  bool fp8 = false;                        // x is float8_e4m3 with scales
+  int num_tokens = 0;                      // T
+  int hidden = 0;
+  int num_scales = 0;                      // S (fp8 only)
+  int num_topk = 0;                        // K, 0 when topk_idx is not given
+  int num_experts = 0;                     // E, 0 when unknown (no topk, no per-expert counts)
+  Config config;
+  Allocator* allocator = nullptr;          // never null here
+};
+
+struct CombineArgs {
+  const CombineInputs* inputs = nullptr;
+  int num_tokens = 0;      // T (from the handle)
+  int num_recv_tokens = 0; // rows of x
+  int hidden = 0;
+  int num_topk = 0;        // K of topk_weights, 0 when not given
+  Config config;
+  Allocator* allocator = nullptr;
+};
+
+struct LowLatencyDispatchArgs {
+  const LowLatencyDispatchInputs* inputs = nullptr;
+  int num_tokens = 0;   // T
+  int hidden = 0;
+  int num_topk = 0;     // K
+  int num_experts = 0;  // E
+  int num_local_experts = 0;  // L
+  int max_tokens_per_rank = 0;  // T_max
+  Allocator* allocator = nullptr;
+};
+
+struct LowLatencyCombineArgs {
+  const LowLatencyCombineInputs* inputs = nullptr;
+  int num_tokens = 0;
+  int hidden = 0;
+  int num_topk = 0;
+  int num_experts = 0;
+  int num_local_experts = 0;
+  int max_tokens_per_rank = 0;
+  Allocator* allocator = nullptr;
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+
+  virtual const GroupGeometry& geometry() const = 0;
+  virtual Device device() const = 0;
+  virtual StreamHandle comm_stream() const { return nullptr; }
+
+  virtual LayoutResult layout(const LayoutArgs& args, const StreamOptions& stream) = 0;
+  virtual DispatchResult dispatch(const DispatchArgs& args, const StreamOptions& stream) = 0;
+  virtual CombineResult combine(const CombineArgs& args, const StreamOptions& stream) = 0;
+
+  virtual LowLatencyDispatchResult low_latency_dispatch(const LowLatencyDispatchArgs& args,
+                                                        const LowLatencyOptions& options) = 0;
+  virtual LowLatencyCombineResult low_latency_combine(const LowLatencyCombineArgs& args,
+                                                      const LowLatencyOptions& options) = 0;
+  virtual TensorView next_low_latency_combine_buffer(const LowLatencyHandle& handle) = 0;
+  virtual void clean_low_latency_buffer(int max_tokens_per_rank, int hidden, int num_experts, StreamHandle stream) = 0;
+
+  virtual void update_mask(int rank, bool mask, StreamHandle stream) = 0;
+  virtual TensorView query_mask() = 0;
+  virtual void clean_mask(StreamHandle stream) = 0;
+
+  virtual TensorView local_buffer(DType dtype, int64_t offset_bytes, std::optional<int64_t> num_elements,
+                                  bool rdma_memory) const = 0;
+
+  // collective = true: synchronises with the peers before releasing (Buffer::destroy);
+  // false: releases local resources only (destructor). Idempotent, never throws when !collective.
+  virtual void destroy(bool collective) = 0;
+};
+
+// Factories; each throws Error(kUnsupported) when the backend is not compiled in.
+std::unique_ptr<Backend> make_cpu_backend(Bootstrap& bootstrap, const BufferOptions& options,
+                                          const GroupGeometry& geometry);
+std::unique_ptr<Backend> make_cuda_backend(Bootstrap& bootstrap, const BufferOptions& options,
+                                           const GroupGeometry& geometry);
+
+}  // namespace epcomm

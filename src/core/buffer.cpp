@@ -1,0 +1,202 @@
+// The front of every operation: resolve defaults, check arguments once, hand over to the backend.
+#include "epcomm/buffer.hpp"
+
+#include <cstdlib>
+#include <vector>
+
+#include "core/backend.hpp"
+#include "core/check.hpp"
+#include "core/layouts.hpp"
+#include "core/op_checks.hpp"
+#include "core/timeout.hpp"
+
+namespace epcomm {
+namespace {
+
+// The options every rank must agree on, compared across the group at construction.
+struct CollectiveOptions {
+  int64_t num_nvl_bytes;
+  int64_t num_rdma_bytes;
+  int32_t backend;
+  int32_t low_latency_mode;
+  int32_t ranks_per_node;
+  int32_t enable_shrink;
+};
+
+void check_same_on_every_rank(Bootstrap& bootstrap, const BufferOptions& options) {
+  const CollectiveOptions mine{options.num_nvl_bytes, options.num_rdma_bytes, static_cast<int32_t>(options.backend),
+                               options.low_latency_mode, options.ranks_per_node, options.enable_shrink};
+  std::vector<CollectiveOptions> all(bootstrap.size());
+  bootstrap.all_gather(&mine, all.data(), sizeof(mine));
+  for (int r = 0; r < bootstrap.size(); ++r) {
+    const CollectiveOptions& o = all[r];
+    auto differs = [&](const char* name, int64_t theirs, int64_t ours) {
+      require(theirs == ours, "Buffer", name,
+              concat("must be the same on every rank: rank ", r, " passed ", theirs, ", rank ", bootstrap.rank(),
+                     " passed ", ours));
+    };
+    differs("num_nvl_bytes", o.num_nvl_bytes, mine.num_nvl_bytes);
+    differs("num_rdma_bytes", o.num_rdma_bytes, mine.num_rdma_bytes);
+    differs("backend", o.backend, mine.backend);
+    differs("low_latency_mode", o.low_latency_mode, mine.low_latency_mode);
+    differs("ranks_per_node", o.ranks_per_node, mine.ranks_per_node);
+    differs("enable_shrink", o.enable_shrink, mine.enable_shrink);
+  }
+}
+
+GroupGeometry make_geometry(const Bootstrap& bootstrap, const BufferOptions& options) {
+  GroupGeometry g;
+  g.rank = bootstrap.rank();
+  g.num_ranks = bootstrap.size();
+  require(g.num_ranks >= 1 && g.num_ranks <= kMaxRanks, "Buffer", "group",
+          concat("expected 1..", kMaxRanks, " ranks, got ", g.num_ranks));
+  g.ranks_per_node = options.ranks_per_node == 0 ? g.num_ranks : options.ranks_per_node;
+  require(g.ranks_per_node >= 1 && g.ranks_per_node <= 8 && g.num_ranks % g.ranks_per_node == 0, "Buffer",
+          "ranks_per_node",
+          concat("expected 1..8 dividing the group size ", g.num_ranks, ", got ", options.ranks_per_node));
+  return g;
+}
+
+}  // namespace
+
+const char* to_string(BackendKind kind) { return kind == BackendKind::kCpu ? "cpu" : "cuda"; }
+
+bool backend_available(BackendKind kind) {
+#if EPCOMM_WITH_CUDA
+  (void)kind;
+  return true;
+#else
+  return kind == BackendKind::kCpu;
+#endif
+}
+
+Buffer::Buffer(Bootstrap& bootstrap, const BufferOptions& options) : options_(options) {
+  require(options.num_nvl_bytes >= 0, "Buffer", "num_nvl_bytes", concat("expected >= 0, got ", options.num_nvl_bytes));
+  require(options.num_rdma_bytes >= 0, "Buffer", "num_rdma_bytes", concat("expected >= 0, got ", options.num_rdma_bytes));
+  options_.timeout = resolve_timeout(options.timeout);
+  const GroupGeometry geometry = make_geometry(bootstrap, options_);
+  check_same_on_every_rank(bootstrap, options_);
+  backend_ = options_.backend == BackendKind::kCpu ? make_cpu_backend(bootstrap, options_, geometry)
+                                                   : make_cuda_backend(bootstrap, options_, geometry);
+}
+
+Buffer::~Buffer() {
+  if (backend_) backend_->destroy(/*collective=*/false);
+}
+
+void Buffer::destroy() {
+  if (!backend_) return;
+  backend_->destroy(/*collective=*/true);
+  backend_.reset();
+}
+
+Backend& Buffer::live_backend(const char* operation) const {
+  if (!backend_) throw_error(ErrorCode::kInvalidArgument, concat(operation, ": the Buffer was destroyed"));
+  return *backend_;
+}
+
+int Buffer::rank() const { return live_backend("rank").geometry().rank; }
+int Buffer::num_ranks() const { return live_backend("num_ranks").geometry().num_ranks; }
+int Buffer::ranks_per_node() const { return live_backend("ranks_per_node").geometry().ranks_per_node; }
+const BufferOptions& Buffer::options() const { return options_; }
+Device Buffer::device() const { return live_backend("device").device(); }
+StreamHandle Buffer::comm_stream() const { return live_backend("comm_stream").comm_stream(); }
+
+namespace {
+CheckContext context_of(const Backend& backend, const BufferOptions& options) {
+  return CheckContext{backend.geometry(), backend.device(), &backend, options};
+}
+}  // namespace
+
+LayoutResult Buffer::get_dispatch_layout(const TensorView& topk_idx, int num_experts, const StreamOptions& stream) {
+  Backend& backend = live_backend("get_dispatch_layout");
+  const LayoutArgs args = check_layout(context_of(backend, options_), topk_idx, num_experts);
+  return backend.layout(args, stream);
+}
+
+DispatchResult Buffer::dispatch(const DispatchInputs& inputs, const StreamOptions& stream) {
+  Backend& backend = live_backend("dispatch");
+  DispatchArgs args = check_dispatch(context_of(backend, options_), inputs);
+  args.allocator = stream.allocator ? stream.allocator : &default_allocator();
+  return backend.dispatch(args, stream);
+}
+
+CombineResult Buffer::combine(const CombineInputs& inputs, const StreamOptions& stream) {
+  Backend& backend = live_backend("combine");
+  CombineArgs args = check_combine(context_of(backend, options_), inputs);
+  args.allocator = stream.allocator ? stream.allocator : &default_allocator();
+  return backend.combine(args, stream);
+}
+
+LowLatencyDispatchResult Buffer::low_latency_dispatch(const LowLatencyDispatchInputs& inputs,
+                                                      const LowLatencyOptions& options) {
+  Backend& backend = live_backend("low_latency_dispatch");
+  LowLatencyDispatchArgs args = check_low_latency_dispatch(context_of(backend, options_), inputs, options);
+  args.allocator = options.allocator ? options.allocator : &default_allocator();
+  return backend.low_latency_dispatch(args, options);
+}
+
+LowLatencyCombineResult Buffer::low_latency_combine(const LowLatencyCombineInputs& inputs,
+                                                    const LowLatencyOptions& options) {
+  Backend& backend = live_backend("low_latency_combine");
+  LowLatencyCombineArgs args = check_low_latency_combine(context_of(backend, options_), inputs, options);
+  args.allocator = options.allocator ? options.allocator : &default_allocator();
+  return backend.low_latency_combine(args, options);
+}
+
+TensorView Buffer::next_low_latency_combine_buffer(const LowLatencyHandle& handle) {
+  Backend& backend = live_backend("get_next_low_latency_combine_buffer");
+  const CheckContext ctx = context_of(backend, options_);
+  check_low_latency_handle(ctx, handle, "get_next_low_latency_combine_buffer");
+  require(options_.low_latency_mode, "get_next_low_latency_combine_buffer", "Buffer",
+          "was not created with low_latency_mode=True");
+  return backend.next_low_latency_combine_buffer(handle);
+}
+
+void Buffer::clean_low_latency_buffer(int max_tokens_per_rank, int hidden, int num_experts, StreamHandle stream) {
+  Backend& backend = live_backend("clean_low_latency_buffer");
+  const char* op = "clean_low_latency_buffer";
+  require(options_.low_latency_mode, op, "Buffer", "was not created with low_latency_mode=True");
+  const int64_t needed = low_latency_buffer_size_hint(max_tokens_per_rank, hidden, num_ranks(), num_experts);
+  if (needed > options_.num_rdma_bytes)
+    throw_error(ErrorCode::kOutOfCapacity, concat(op, ": num_rdma_bytes: the buffer has ", options_.num_rdma_bytes,
+                                                  " bytes, these sizes need ", needed));
+  backend.clean_low_latency_buffer(max_tokens_per_rank, hidden, num_experts, stream);
+}
+
+void Buffer::low_latency_update_mask_buffer(int rank, bool mask, StreamHandle stream) {
+  Backend& backend = live_backend("low_latency_update_mask_buffer");
+  const char* op = "low_latency_update_mask_buffer";
+  require(options_.enable_shrink, op, "Buffer", "was not created with enable_shrink=True");
+  require(rank >= 0 && rank < num_ranks(), op, "rank", concat("expected 0..", num_ranks() - 1, ", got ", rank));
+  backend.update_mask(rank, mask, stream);
+}
+
+TensorView Buffer::low_latency_query_mask_buffer() {
+  Backend& backend = live_backend("low_latency_query_mask_buffer");
+  require(options_.enable_shrink, "low_latency_query_mask_buffer", "Buffer", "was not created with enable_shrink=True");
+  return backend.query_mask();
+}
+
+void Buffer::low_latency_clean_mask_buffer(StreamHandle stream) {
+  Backend& backend = live_backend("low_latency_clean_mask_buffer");
+  require(options_.enable_shrink, "low_latency_clean_mask_buffer", "Buffer", "was not created with enable_shrink=True");
+  backend.clean_mask(stream);
+}
+
+TensorView Buffer::local_buffer(DType dtype, int64_t offset_bytes, std::optional<int64_t> num_elements,
+                                bool rdma_memory) const {
+  const Backend& backend = live_backend("get_local_buffer_tensor");
+  const char* op = "get_local_buffer_tensor";
+  const int64_t total = rdma_memory ? options_.num_rdma_bytes : options_.num_nvl_bytes;
+  const int64_t elem = static_cast<int64_t>(dtype_size(dtype));
+  require(offset_bytes >= 0 && offset_bytes <= total && offset_bytes % elem == 0, op, "offset",
+          concat("expected 0..", total, " and a multiple of ", elem, ", got ", offset_bytes));
+  const int64_t count = num_elements ? *num_elements : (total - offset_bytes) / elem;
+  require(count >= 0 && offset_bytes + count * elem <= total, op, "size",
+          concat(count, " elements at offset ", offset_bytes, " exceed the ", total, "-byte ",
+                 rdma_memory ? "rdma" : "nvl", " buffer"));
+  return backend.local_buffer(dtype, offset_bytes, count, rdma_memory);
+}
+
+}  // namespace epcomm
