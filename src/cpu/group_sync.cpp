@@ -1,0 +1,74 @@
+#include "cpu/group_sync.hpp"
+
+#include <thread>
+
+#include "core/check.hpp"
+#include "core/timeout.hpp"
+
+namespace epcomm::cpu {
+namespace {
+
+static_assert(sizeof(std::atomic<uint64_t>) == sizeof(uint64_t) && std::atomic<uint64_t>::is_always_lock_free,
+              "counters in shared memory must be lock-free 64-bit words");
+
+// Spin briefly, then yield: ranks are processes that may share few cores (CI has two).
+void pause(int& spins) {
+  if (++spins > 64) std::this_thread::yield();
+}
+
+}  // namespace
+
+GroupSync::GroupSync(const PeerMemory& memory, int rank, std::chrono::milliseconds timeout)
+    : memory_(memory),
+      rank_(rank),
+      timeout_(timeout),
+      local_sequence_(kSyncChannels, 0),
+      masked_(memory.num_ranks(), false) {}
+
+std::atomic<uint64_t>& GroupSync::counter(int rank, int channel) const {
+  auto* counters = reinterpret_cast<std::atomic<uint64_t>*>(memory_.base(rank));
+  return counters[channel * 8];  // one cache line per channel
+}
+
+uint64_t GroupSync::arrive(int channel) {
+  const uint64_t sequence = ++local_sequence_[channel];
+  counter(rank_, channel).store(sequence, std::memory_order_release);
+  return sequence;
+}
+
+std::chrono::nanoseconds GroupSync::wait_for(int peer, int channel, uint64_t sequence, const char* op) const {
+  const auto start = std::chrono::steady_clock::now();
+  const Deadline deadline(timeout_);
+  int spins = 0;
+  while (counter(peer, channel).load(std::memory_order_acquire) < sequence) {
+    if (deadline.passed())
+      throw_error(ErrorCode::kTimeout, concat(op, ": rank ", rank_, " timed out after ", timeout_.count(),
+                                              " ms waiting for rank ", peer));
+    pause(spins);
+  }
+  return std::chrono::steady_clock::now() - start;
+}
+
+void GroupSync::barrier(int channel, const char* op) {
+  const uint64_t sequence = arrive(channel);
+  auto late_peers = [&] {
+    std::vector<int> late;
+    for (int peer = 0; peer < memory_.num_ranks(); ++peer)
+      if (!masked_[peer] && counter(peer, channel).load(std::memory_order_acquire) < sequence) late.push_back(peer);
+    return late;
+  };
+  const Deadline deadline(timeout_);
+  int spins = 0;
+  while (!late_peers().empty()) {
+    if (deadline.passed()) {
+      std::string names;
+      for (int peer : late_peers()) names += (names.empty() ? "" : ", ") + std::to_string(peer);
+      if (names.empty()) return;  // they arrived just now
+      throw_error(ErrorCode::kTimeout, concat(op, ": rank ", rank_, " timed out after ", timeout_.count(),
+                                              " ms waiting for rank(s) ", names));
+    }
+    pause(spins);
+  }
+}
+
+}  // namespace epcomm::cpu

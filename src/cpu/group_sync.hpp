@@ -1,0 +1,50 @@
+// Bounded synchronisation between the ranks of the CPU backend, through counters in the shared
+// segments. Each rank owns one counter per channel in its own segment and only it writes there;
+// waiting means reading the peers' counters (acquire) until they reach a sequence number.
+//
+// Every rank performs the same sequence of steps per channel, so "step n of channel c" means the
+// same point on every rank. A wait that does not complete within the timeout throws
+// Error(kTimeout) naming the operation and the ranks that did not arrive.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <vector>
+
+#include "cpu/shared_memory.hpp"
+
+namespace epcomm::cpu {
+
+constexpr int kSyncChannels = 16;
+constexpr size_t kSyncBlockBytes = 4096;  // at the start of each rank's segment
+
+class GroupSync {
+ public:
+  // `memory` must start every rank's segment with kSyncBlockBytes reserved for the counters.
+  GroupSync(const PeerMemory& memory, int rank, std::chrono::milliseconds timeout);
+
+  // Publishes the next step of `channel` for this rank; returns its sequence number.
+  uint64_t arrive(int channel);
+  // Waits until `peer` published step `sequence` of `channel`; returns how long it waited.
+  std::chrono::nanoseconds wait_for(int peer, int channel, uint64_t sequence, const char* op) const;
+  // arrive + wait for every unmasked peer. Throws Error(kTimeout) listing every late peer.
+  void barrier(int channel, const char* op);
+  // The step this rank published last on `channel`.
+  uint64_t sequence(int channel) const { return local_sequence_[channel]; }
+
+  // Masked ranks are skipped by waits (enable_shrink); a timeout can mask instead of throwing.
+  void set_masked(int rank, bool masked) { masked_[rank] = masked; }
+  bool masked(int rank) const { return masked_[rank]; }
+
+ private:
+  std::atomic<uint64_t>& counter(int rank, int channel) const;
+
+  const PeerMemory& memory_;
+  int rank_;
+  std::chrono::milliseconds timeout_;
+  std::vector<uint64_t> local_sequence_;
+  std::vector<bool> masked_;
+};
+
+}  // namespace epcomm::cpu
