@@ -51,6 +51,7 @@ int run_rank(const Options& options, Bootstrap& bootstrap) {
   std::unique_ptr<Platform> platform = backend == BackendKind::kCuda ? make_cuda_platform(bootstrap, options.flush_bytes)
                                                                       : make_cpu_platform(bootstrap);
   Report report(RunInfo{utc_now(), platform->machine(), commit_id()});
+  if (bootstrap.rank() == 0 && !options.json_path.empty()) report.open_json(options.json_path);
   BenchContext ctx{options, *platform, report, bootstrap.rank(), bootstrap.size()};
   progress(ctx, concat("epcomm-bench: ", ctx.ranks, " ranks, backend ", to_string(backend), ", ", report.info().machine,
                        ", commit ", report.info().commit, ", ", options.iters, " iterations (median), ", options.warmup,
@@ -62,18 +63,13 @@ int run_rank(const Options& options, Bootstrap& bootstrap) {
                 "not for comparison with GPU figures");
   for (const Workload& base : workloads) {
     Workload workload = base;
-    run_workload(ctx, workload);
-    if (options.skewed) {
-      workload.skewed = true;
-      run_workload(ctx, workload);
-    }
+    if (options.uniform_routing) run_workload(ctx, workload);
+    workload.skewed = true;
+    if (options.skewed_routing) run_workload(ctx, workload);
   }
   if (ctx.rank == 0) {
     report.print_table(stdout);
-    if (!options.json_path.empty()) {
-      report.write_json(options.json_path);
-      std::printf("wrote %zu rows to %s\n", report.rows().size(), options.json_path.c_str());
-    }
+    if (!options.json_path.empty()) std::printf("wrote %zu rows to %s\n", report.rows().size(), options.json_path.c_str());
     if (ctx.failures > 0) std::printf("%d configuration(s) FAILED their check: no figure recorded for them\n", ctx.failures);
   }
   bootstrap.barrier();
@@ -96,8 +92,10 @@ int bench_main(int argc, const char* const* argv) {
 }  // namespace epcomm::bench
 
 int main(int argc, char** argv) {
-  // The baseline and the GPU alignment use NCCL; NVLink multicast stays off (KINDS.md).
+  // NVLink multicast stays off in NCCL (the baseline, the GPU alignment) and NVSHMEM (low-latency
+  // mode): set here so that every rank this process launches inherits it too.
   setenv("NCCL_NVLS_ENABLE", "0", /*overwrite=*/1);
+  setenv("NVSHMEM_DISABLE_NVLS", "1", /*overwrite=*/1);
   try {
     return epcomm::bench::bench_main(argc, argv);
   } catch (const std::exception& error) {

@@ -11,8 +11,8 @@ namespace {
 const char* const kUsage = R"(epcomm-bench: dispatch / combine speed of epcomm and of an NCCL all-to-all baseline.
 
 usage: epcomm-bench [-n RANKS] [--backend cpu|cuda|auto] [--workload W[,W...]] [--num-sms 8,16,24]
-                    [--iters N] [--warmup N] [--json FILE] [--skewed] [--no-check] [--no-baseline]
-                    [--seed N] [--flush-mb MB]
+                    [--iters N] [--warmup N] [--json FILE] [--routing uniform|skewed|both] [--skewed]
+                    [--no-check] [--no-baseline] [--seed N] [--flush-mb MB]
 
   -n RANKS          launch RANKS local ranks (processes). Default: one per GPU (cuda), 4 (cpu).
                     Under epcomm-run (EPCOMM_RANK set) the process is one rank and -n must match.
@@ -24,7 +24,9 @@ usage: epcomm-bench [-n RANKS] [--backend cpu|cuda|auto] [--workload W[,W...]] [
   --iters N         timed iterations per figure, median reported (default 30).
   --warmup N        untimed iterations first (default 10).
   --json FILE       write one JSON row per figure (BENCHMARKS.md "Recording results"); truncates FILE.
-  --skewed          also run each workload with skewed routing (20% of experts get 80% of selections).
+  --routing R       uniform (default): topk of |randn| + 1 per rank; skewed: 20% of the experts get
+                    80% of the selections (workload name gets "-skewed"); both.
+  --skewed          the same as --routing both.
   --no-check        skip the correctness check of each configuration's first call.
   --no-baseline     skip the NCCL all_to_all baseline.
   --seed N          base seed of the inputs (default 1).
@@ -74,6 +76,13 @@ std::vector<int> parse_num_sms(std::string_view text) {
   return values;
 }
 
+void parse_routing(std::string_view text, Options& options) {
+  if (text != "uniform" && text != "skewed" && text != "both")
+    bad("--routing", concat("expected uniform, skewed or both, got '", text, "'"));
+  options.uniform_routing = text != "skewed";
+  options.skewed_routing = text != "uniform";
+}
+
 }  // namespace
 
 const char* usage() { return kUsage; }
@@ -93,7 +102,7 @@ Options parse_options(int argc, const char* const* argv) {
     const std::string_view arg = argv[i];
     // Flags without a value first.
     if (arg == "-h" || arg == "--help") { options.help = true; continue; }
-    if (arg == "--skewed") { options.skewed = true; continue; }
+    if (arg == "--skewed") { options.uniform_routing = options.skewed_routing = true; continue; }
     if (arg == "--check") { options.check = true; continue; }
     if (arg == "--no-check") { options.check = false; continue; }
     if (arg == "--no-baseline") { options.baseline = false; continue; }
@@ -106,6 +115,7 @@ Options parse_options(int argc, const char* const* argv) {
     else if (arg == "--iters") options.iters = static_cast<int>(parse_int(arg, value, 1));
     else if (arg == "--warmup") options.warmup = static_cast<int>(parse_int(arg, value, 0));
     else if (arg == "--json") options.json_path = value;
+    else if (arg == "--routing") parse_routing(value, options);
     else if (arg == "--seed") options.seed = static_cast<uint64_t>(parse_int(arg, value, 0));
     else if (arg == "--flush-mb") options.flush_bytes = parse_int(arg, value, 0) << 20;
     else bad(arg, "unknown option (see --help)");

@@ -18,7 +18,8 @@ struct Options {
   int iters = 30;                            // timed iterations per figure (median taken)
   int warmup = 10;                           // untimed iterations before them
   std::string json_path;                     // --json FILE: the rows of BENCHMARKS.md "Recording results"
-  bool skewed = false;                       // also run every workload with 80/20 skewed routing
+  bool uniform_routing = true;               // run the workloads with uniform routing
+  bool skewed_routing = false;               // ... and/or with 80/20 skewed routing (--routing)
   bool check = true;                         // compare each configuration's first call against the oracle
   bool baseline = true;                      // time the NCCL all-to-all baseline (CUDA only)
   uint64_t seed = 1;                         // base of every per-rank seed

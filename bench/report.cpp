@@ -168,12 +168,19 @@ std::string Report::json_row(const RunInfo& info, const Row& row) {
                 ", \"gbps_median\": ", json_optional(row.gbps_median, num), "}");
 }
 
-void Report::write_json(const std::string& path) const {
+void Report::open_json(const std::string& path) {
   std::ofstream file(path, std::ios::trunc);
   if (!file) throw_error(ErrorCode::kInvalidArgument, concat("epcomm-bench: --json: cannot open ", path, ": ", std::strerror(errno)));
-  for (const Row& row : rows_) file << json_row(info_, row) << '\n';
+  json_path_ = path;
+}
+
+void Report::add(const Row& row) {
+  rows_.push_back(row);
+  if (json_path_.empty()) return;
+  std::ofstream file(json_path_, std::ios::app);
+  file << json_row(info_, row) << '\n';
   file.close();
-  if (!file) throw_error(ErrorCode::kInternal, concat("epcomm-bench: --json: writing ", path, " failed"));
+  if (!file) throw_error(ErrorCode::kInternal, concat("epcomm-bench: --json: writing ", json_path_, " failed"));
 }
 
 std::string utc_now() {

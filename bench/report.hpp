@@ -39,14 +39,15 @@ Row summarize(const FigureKey& key, const std::vector<RankFigure>& per_rank);
 class Report {
  public:
   explicit Report(RunInfo info) : info_(std::move(info)) {}
-  void add(const Row& row) { rows_.push_back(row); }
+  // Rows are written to `path` (truncated now) as they are added, so a run stopped half-way keeps
+  // the figures it has. Throws epcomm::Error when the file cannot be written.
+  void open_json(const std::string& path);
+  void add(const Row& row);
   void note(const std::string& line) { notes_.push_back(line); }
   const std::vector<Row>& rows() const { return rows_; }
   const RunInfo& info() const { return info_; }
 
   void print_table(std::FILE* out) const;
-  // Writes (truncating) one JSON object per line. Throws epcomm::Error when the file cannot be written.
-  void write_json(const std::string& path) const;
   static std::string json_row(const RunInfo& info, const Row& row);
 
  private:
@@ -54,6 +55,7 @@ class Report {
   void print_speedups(std::FILE* out) const;
 
   RunInfo info_;
+  std::string json_path_;
   std::vector<Row> rows_;
   std::vector<std::string> notes_;
 };
