@@ -23,8 +23,8 @@ class AllToAllBaseline {
  public:
   virtual ~AllToAllBaseline() = default;
   virtual void dispatch() = 0;
-  virtual void dispatch_cached() = 0;  // needs one dispatch() before
-  virtual void combine() = 0;          // sends back what the last dispatch received
+  virtual void dispatch_cached() = 0;         // needs one dispatch() before
+  virtual void combine() = 0;                 // sends back what the last dispatch received
   virtual TensorView recv_x() const = 0;      // [num_recv, hidden] bf16 after a dispatch
   virtual TensorView combined_x() const = 0;  // [T, hidden] bf16 after a combine
 };

@@ -26,7 +26,7 @@ struct SendIndexParams {
   const int32_t* send_count;  // [R]
   int tokens;
   int ranks;
-  int32_t* send_index;        // [sum of send_count] out: token of each packed row, by destination then token
+  int32_t* send_index;  // [sum of send_count] out: token of each packed row, by destination then token
 };
 void launch_send_index(const SendIndexParams& params, cudaStream_t stream);
 
@@ -35,7 +35,7 @@ struct IndexSelectParams {
   void* dst;             // [rows, row_bytes]
   const int32_t* index;  // [rows]: dst[i] = src[index[i]]
   int64_t rows;
-  int64_t row_bytes;     // a multiple of 16
+  int64_t row_bytes;  // a multiple of 16
 };
 void launch_index_select(const IndexSelectParams& params, int num_sms, cudaStream_t stream);
 
@@ -44,7 +44,7 @@ struct IndexAddParams {
   void* dst;             // [*, hidden] bf16: dst[index[i]] += src[i] (bf16 atomics)
   const int32_t* index;  // [rows]
   int64_t rows;
-  int64_t hidden;        // even
+  int64_t hidden;  // even
 };
 void launch_index_add(const IndexAddParams& params, int num_sms, cudaStream_t stream);
 

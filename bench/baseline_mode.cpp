@@ -23,8 +23,8 @@ void run_nccl_baseline(BenchContext& ctx, const WorkloadData& data) {
   });
   if (!dispatched) return;
   record(ctx, ctx.key(w, impl, "dispatch", bf16, std::nullopt), time_op(ctx, [&] { baseline->dispatch(); }), bytes);
-  record(ctx, ctx.key(w, impl, "dispatch_cached", bf16, std::nullopt), time_op(ctx, [&] { baseline->dispatch_cached(); }),
-         bytes);
+  record(ctx, ctx.key(w, impl, "dispatch_cached", bf16, std::nullopt),
+         time_op(ctx, [&] { baseline->dispatch_cached(); }), bytes);
   const bool combined = first_call_ok(ctx, concat(w.label(), " nccl combine"), [&]() -> Mismatch {
     baseline->combine();
     return ctx.options.check ? oracle.baseline_combine(p, baseline->combined_x()) : std::nullopt;

@@ -29,7 +29,8 @@ struct CachingAllocator::Pool {
       }
     }
     void* data = raw_allocate(bytes);
-    if (data == nullptr) throw_error(ErrorCode::kOutOfCapacity, concat("epcomm-bench: allocation of ", bytes, " bytes failed"));
+    if (data == nullptr)
+      throw_error(ErrorCode::kOutOfCapacity, concat("epcomm-bench: allocation of ", bytes, " bytes failed"));
     return data;
   }
 

@@ -124,7 +124,8 @@ Tensor CudaPlatform::download(const TensorView& tensor) {
   synchronize();
   const size_t bytes = static_cast<size_t>(storage_extent(tensor)) * dtype_size(tensor.dtype);
   auto storage = std::make_shared<std::vector<std::byte>>(std::max<size_t>(bytes, 1));
-  if (bytes > 0) check_cuda(cudaMemcpy(storage->data(), tensor.data, bytes, cudaMemcpyDeviceToHost), "cudaMemcpy (download)");
+  if (bytes > 0)
+    check_cuda(cudaMemcpy(storage->data(), tensor.data, bytes, cudaMemcpyDeviceToHost), "cudaMemcpy (download)");
   TensorView view = tensor;
   view.data = storage->data();
   view.device = Device::cpu();

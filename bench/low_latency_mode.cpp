@@ -98,7 +98,8 @@ void LowLatencyBench::time_round_trip(bool fp8, bool record_combine) {
     stopwatch.stop(i, 1);
   });
   record(ctx_, ctx_.key(w_, "epcomm", "ll_dispatch", dtype, std::nullopt), us[0], dispatch_bytes(fp8));
-  if (record_combine) record(ctx_, ctx_.key(w_, "epcomm", "ll_combine", std::string("bf16"), std::nullopt), us[1], combine_bytes());
+  if (record_combine)
+    record(ctx_, ctx_.key(w_, "epcomm", "ll_combine", std::string("bf16"), std::nullopt), us[1], combine_bytes());
 }
 
 // return_recv_hook: the call issues the sends, the hook the receive half. Between the two every rank

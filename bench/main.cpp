@@ -19,7 +19,8 @@ BackendKind resolve_backend(BackendChoice choice) {
   if (choice == BackendChoice::kCpu) return BackendKind::kCpu;
   if (choice == BackendChoice::kCuda) {
     require(have_gpu, "epcomm-bench", "--backend cuda",
-            backend_available(BackendKind::kCuda) ? "no CUDA device is visible" : "this build of epcomm has no CUDA backend");
+            backend_available(BackendKind::kCuda) ? "no CUDA device is visible"
+                                                  : "this build of epcomm has no CUDA backend");
     return BackendKind::kCuda;
   }
   return have_gpu ? BackendKind::kCuda : BackendKind::kCpu;
@@ -48,8 +49,8 @@ int run_rank(const Options& options, Bootstrap& bootstrap) {
           concat(options.ranks, " ranks asked, but the launcher started ", bootstrap.size()));
   const std::vector<Workload> workloads = resolve_workloads(options.workloads, backend == BackendKind::kCuda);
   check_workloads(workloads, bootstrap.size());
-  std::unique_ptr<Platform> platform = backend == BackendKind::kCuda ? make_cuda_platform(bootstrap, options.flush_bytes)
-                                                                      : make_cpu_platform(bootstrap);
+  std::unique_ptr<Platform> platform =
+      backend == BackendKind::kCuda ? make_cuda_platform(bootstrap, options.flush_bytes) : make_cpu_platform(bootstrap);
   Report report(RunInfo{utc_now(), platform->machine(), commit_id()});
   if (bootstrap.rank() == 0 && !options.json_path.empty()) report.open_json(options.json_path);
   BenchContext ctx{options, *platform, report, bootstrap.rank(), bootstrap.size()};
@@ -59,8 +60,9 @@ int run_rank(const Options& options, Bootstrap& bootstrap) {
   if (backend == BackendKind::kCpu && options.num_sms_given && ctx.rank == 0)
     report.note("--num-sms is ignored on the CPU backend (rows have num_sms null)");
   if (backend == BackendKind::kCpu && ctx.rank == 0)
-    report.note("CPU backend: steady_clock around each (synchronous) call, caches not flushed; for checking the bench, "
-                "not for comparison with GPU figures");
+    report.note(
+        "CPU backend: steady_clock around each (synchronous) call, caches not flushed; for checking the bench, "
+        "not for comparison with GPU figures");
   for (const Workload& base : workloads) {
     Workload workload = base;
     if (options.uniform_routing) run_workload(ctx, workload);
@@ -69,8 +71,10 @@ int run_rank(const Options& options, Bootstrap& bootstrap) {
   }
   if (ctx.rank == 0) {
     report.print_table(stdout);
-    if (!options.json_path.empty()) std::printf("wrote %zu rows to %s\n", report.rows().size(), options.json_path.c_str());
-    if (ctx.failures > 0) std::printf("%d configuration(s) FAILED their check: no figure recorded for them\n", ctx.failures);
+    if (!options.json_path.empty())
+      std::printf("wrote %zu rows to %s\n", report.rows().size(), options.json_path.c_str());
+    if (ctx.failures > 0)
+      std::printf("%d configuration(s) FAILED their check: no figure recorded for them\n", ctx.failures);
   }
   bootstrap.barrier();
   return ctx.failures > 0 ? 1 : 0;

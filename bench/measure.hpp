@@ -7,8 +7,8 @@
 #include <string>
 #include <vector>
 
-#include "oracle.hpp"
 #include "options.hpp"
+#include "oracle.hpp"
 #include "platform.hpp"
 #include "report.hpp"
 #include "workload.hpp"
@@ -36,8 +36,8 @@ struct BenchContext {
     lo.return_recv_hook = return_recv_hook;
     return lo;
   }
-  FigureKey key(const Workload& w, const std::string& impl, const std::string& op,
-                std::optional<std::string> dtype, std::optional<int> num_sms) const;
+  FigureKey key(const Workload& w, const std::string& impl, const std::string& op, std::optional<std::string> dtype,
+                std::optional<int> num_sms) const;
 };
 
 // Runs `first` (one call plus, when options.check, its comparison with the oracle) on every rank and

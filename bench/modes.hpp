@@ -19,8 +19,8 @@ struct WorkloadData {
   std::vector<float> topk_weights;  // [T, K]
   std::vector<uint16_t> x_bf16;     // [T, hidden]
   Routing routing;
-  int64_t recv_tokens = 0;          // rows this rank receives in a normal dispatch (own tokens included)
-  int64_t selections = 0;           // this rank's (token, slot) pairs with an expert (low-latency bytes)
+  int64_t recv_tokens = 0;  // rows this rank receives in a normal dispatch (own tokens included)
+  int64_t selections = 0;   // this rank's (token, slot) pairs with an expert (low-latency bytes)
 };
 
 // Collective (gathers the routing).

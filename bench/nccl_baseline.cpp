@@ -48,22 +48,28 @@ class NcclBaseline final : public AllToAllBaseline {
   int ranks_, tokens_, hidden_, local_experts_;
   int64_t row_bytes_;
   // Device memory, sized for the worst case (every token to every rank).
-  int32_t* send_pos_ = nullptr;    // [R, T]
-  int32_t* counts_ = nullptr;      // [2R]: tokens sent to each rank, then received from each
-  int32_t* send_index_ = nullptr;  // [R * T]
-  void* send_rows_ = nullptr;      // [R * T, hidden] bf16: packed by destination
-  void* recv_rows_ = nullptr;      // [R * T, hidden] bf16: grouped by source
-  void* back_rows_ = nullptr;      // [R * T, hidden] bf16: combine's returned rows, send order
-  void* combined_ = nullptr;       // [T, hidden] bf16
-  int32_t* host_counts_ = nullptr; // pinned [2R]
+  int32_t* send_pos_ = nullptr;     // [R, T]
+  int32_t* counts_ = nullptr;       // [2R]: tokens sent to each rank, then received from each
+  int32_t* send_index_ = nullptr;   // [R * T]
+  void* send_rows_ = nullptr;       // [R * T, hidden] bf16: packed by destination
+  void* recv_rows_ = nullptr;       // [R * T, hidden] bf16: grouped by source
+  void* back_rows_ = nullptr;       // [R * T, hidden] bf16: combine's returned rows, send order
+  void* combined_ = nullptr;        // [T, hidden] bf16
+  int32_t* host_counts_ = nullptr;  // pinned [2R]
   std::vector<void*> allocations_;
   Splits send_, recv_;
 };
 
 NcclBaseline::NcclBaseline(CudaPlatform& platform, const TensorView& x, const TensorView& topk_idx, int num_experts)
-    : platform_(platform), stream_(platform.cuda_stream()), x_(x), topk_idx_(topk_idx),
-      ranks_(platform.bootstrap().size()), tokens_(static_cast<int>(x.size(0))), hidden_(static_cast<int>(x.size(1))),
-      local_experts_(num_experts / ranks_), row_bytes_(x.size(1) * 2) {
+    : platform_(platform),
+      stream_(platform.cuda_stream()),
+      x_(x),
+      topk_idx_(topk_idx),
+      ranks_(platform.bootstrap().size()),
+      tokens_(static_cast<int>(x.size(0))),
+      hidden_(static_cast<int>(x.size(1))),
+      local_experts_(num_experts / ranks_),
+      row_bytes_(x.size(1) * 2) {
   require(x.dtype == DType::kBFloat16 && x.is_contiguous() && row_bytes_ % 16 == 0, "nccl baseline", "x",
           "expected contiguous bf16 [T, hidden] with hidden a multiple of 8");
   const size_t slots = size_t(ranks_) * tokens_;
@@ -141,8 +147,8 @@ void NcclBaseline::combine() {
 
 }  // namespace
 
-std::unique_ptr<AllToAllBaseline> make_nccl_baseline(Platform& platform, const TensorView& x, const TensorView& topk_idx,
-                                                     int num_experts) {
+std::unique_ptr<AllToAllBaseline> make_nccl_baseline(Platform& platform, const TensorView& x,
+                                                     const TensorView& topk_idx, int num_experts) {
   auto* cuda = dynamic_cast<CudaPlatform*>(&platform);
   if (cuda == nullptr)
     throw_error(ErrorCode::kUnsupported, "epcomm-bench: the NCCL baseline runs on the CUDA backend only");

@@ -53,8 +53,10 @@ int64_t buffer_bytes(const BenchContext& ctx, const Workload& w) {
   int64_t bytes = 0;
   for (const std::optional<int> sms : sm_counts(ctx)) {
     const int64_t hidden_bytes = int64_t(w.hidden) * 2;  // the BF16 size, for FP8 too
-    bytes = std::max(bytes, with_sms(default_dispatch_config(ctx.ranks), sms).nvl_buffer_size_hint(hidden_bytes, ctx.ranks));
-    bytes = std::max(bytes, with_sms(default_combine_config(ctx.ranks), sms).nvl_buffer_size_hint(hidden_bytes, ctx.ranks));
+    bytes = std::max(bytes,
+                     with_sms(default_dispatch_config(ctx.ranks), sms).nvl_buffer_size_hint(hidden_bytes, ctx.ranks));
+    bytes =
+        std::max(bytes, with_sms(default_combine_config(ctx.ranks), sms).nvl_buffer_size_hint(hidden_bytes, ctx.ranks));
   }
   return bytes;
 }
@@ -62,7 +64,10 @@ int64_t buffer_bytes(const BenchContext& ctx, const Workload& w) {
 class NormalModeBench {
  public:
   NormalModeBench(BenchContext& ctx, const WorkloadData& data, Buffer& buffer)
-      : ctx_(ctx), data_(data), w_(data.workload), buffer_(buffer),
+      : ctx_(ctx),
+        data_(data),
+        w_(data.workload),
+        buffer_(buffer),
         in_(upload_inputs(ctx.platform, data, ctx.rank)),
         oracle_(w_, data.routing, data.values, ctx.rank) {}
 
@@ -100,7 +105,9 @@ void NormalModeBench::layout() {
     const LayoutResult result = run_layout();
     return ctx_.options.check ? oracle_.layout(ctx_.platform, result) : std::nullopt;
   });
-  if (ok) record(ctx_, ctx_.key(w_, "epcomm", "layout", std::nullopt, std::nullopt), time_op(ctx_, [&] { run_layout(); }), -1);
+  if (ok)
+    record(ctx_, ctx_.key(w_, "epcomm", "layout", std::nullopt, std::nullopt), time_op(ctx_, [&] { run_layout(); }),
+           -1);
 }
 
 DispatchResult NormalModeBench::full_dispatch(bool fp8, const Config& config) {
@@ -178,7 +185,8 @@ void NormalModeBench::at_sms(std::optional<int> num_sms) {
   DispatchResult fresh, fresh_fp8;
   const bool have_handle = first_full_dispatch(false, dispatch_config, num_sms, fresh);
   if (have_handle) time_full_dispatch(false, dispatch_config, num_sms);
-  if (first_full_dispatch(true, dispatch_config, num_sms, fresh_fp8)) time_full_dispatch(true, dispatch_config, num_sms);
+  if (first_full_dispatch(true, dispatch_config, num_sms, fresh_fp8))
+    time_full_dispatch(true, dispatch_config, num_sms);
   fresh_fp8 = {};
   if (!have_handle) return;
   time_cached_dispatch(false, *fresh.handle, dispatch_config, num_sms);

@@ -83,15 +83,35 @@ void parse_routing(std::string_view text, Options& options) {
   options.skewed_routing = text != "uniform";
 }
 
+// Options without a value; false when `arg` is not one of them.
+bool parse_flag(std::string_view arg, Options& options) {
+  if (arg == "-h" || arg == "--help")
+    options.help = true;
+  else if (arg == "--skewed")
+    options.uniform_routing = options.skewed_routing = true;
+  else if (arg == "--check")
+    options.check = true;
+  else if (arg == "--no-check")
+    options.check = false;
+  else if (arg == "--no-baseline")
+    options.baseline = false;
+  else
+    return false;
+  return true;
+}
+
 }  // namespace
 
 const char* usage() { return kUsage; }
 
 const char* to_string(BackendChoice backend) {
   switch (backend) {
-    case BackendChoice::kCpu: return "cpu";
-    case BackendChoice::kCuda: return "cuda";
-    case BackendChoice::kAuto: return "auto";
+    case BackendChoice::kCpu:
+      return "cpu";
+    case BackendChoice::kCuda:
+      return "cuda";
+    case BackendChoice::kAuto:
+      return "auto";
   }
   return "?";
 }
@@ -100,25 +120,32 @@ Options parse_options(int argc, const char* const* argv) {
   Options options;
   for (int i = 0; i < argc; ++i) {
     const std::string_view arg = argv[i];
-    // Flags without a value first.
-    if (arg == "-h" || arg == "--help") { options.help = true; continue; }
-    if (arg == "--skewed") { options.uniform_routing = options.skewed_routing = true; continue; }
-    if (arg == "--check") { options.check = true; continue; }
-    if (arg == "--no-check") { options.check = false; continue; }
-    if (arg == "--no-baseline") { options.baseline = false; continue; }
+    if (parse_flag(arg, options)) continue;
     if (i + 1 >= argc) bad(arg, arg.starts_with("-") ? "expects a value" : "unexpected argument");
     const std::string_view value = argv[++i];
-    if (arg == "-n" || arg == "--ranks") options.ranks = static_cast<int>(parse_int(arg, value, 1));
-    else if (arg == "--backend") options.backend = parse_backend(value);
-    else if (arg == "--workload") options.workloads = split_list(value);
-    else if (arg == "--num-sms") { options.num_sms = parse_num_sms(value); options.num_sms_given = true; }
-    else if (arg == "--iters") options.iters = static_cast<int>(parse_int(arg, value, 1));
-    else if (arg == "--warmup") options.warmup = static_cast<int>(parse_int(arg, value, 0));
-    else if (arg == "--json") options.json_path = value;
-    else if (arg == "--routing") parse_routing(value, options);
-    else if (arg == "--seed") options.seed = static_cast<uint64_t>(parse_int(arg, value, 0));
-    else if (arg == "--flush-mb") options.flush_bytes = parse_int(arg, value, 0) << 20;
-    else bad(arg, "unknown option (see --help)");
+    if (arg == "-n" || arg == "--ranks")
+      options.ranks = static_cast<int>(parse_int(arg, value, 1));
+    else if (arg == "--backend")
+      options.backend = parse_backend(value);
+    else if (arg == "--workload")
+      options.workloads = split_list(value);
+    else if (arg == "--num-sms") {
+      options.num_sms = parse_num_sms(value);
+      options.num_sms_given = true;
+    } else if (arg == "--iters")
+      options.iters = static_cast<int>(parse_int(arg, value, 1));
+    else if (arg == "--warmup")
+      options.warmup = static_cast<int>(parse_int(arg, value, 0));
+    else if (arg == "--json")
+      options.json_path = value;
+    else if (arg == "--routing")
+      parse_routing(value, options);
+    else if (arg == "--seed")
+      options.seed = static_cast<uint64_t>(parse_int(arg, value, 0));
+    else if (arg == "--flush-mb")
+      options.flush_bytes = parse_int(arg, value, 0) << 20;
+    else
+      bad(arg, "unknown option (see --help)");
   }
   return options;
 }

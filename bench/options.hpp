@@ -10,10 +10,10 @@ namespace epcomm::bench {
 enum class BackendChoice { kAuto, kCpu, kCuda };
 
 struct Options {
-  int ranks = 0;                             // -n: ranks to launch; 0 = decided from the backend
+  int ranks = 0;  // -n: ranks to launch; 0 = decided from the backend
   BackendChoice backend = BackendChoice::kAuto;
-  std::vector<std::string> workloads;        // empty = the backend's default
-  std::vector<int> num_sms{8, 16, 24};       // normal-mode SM counts (CUDA only)
+  std::vector<std::string> workloads;   // empty = the backend's default
+  std::vector<int> num_sms{8, 16, 24};  // normal-mode SM counts (CUDA only)
   bool num_sms_given = false;
   int iters = 30;                            // timed iterations per figure (median taken)
   int warmup = 10;                           // untimed iterations before them

@@ -95,8 +95,8 @@ Mismatch Oracle::layout(Platform& platform, const LayoutResult& result) const {
       const bool expected = routing_.sends_to(me_, t, r);
       rank_count[r] += expected ? 1 : 0;
       if ((element<uint8_t>(in_rank, t, r) != 0) != expected)
-        return concat("rank ", me_, ": layout: is_token_in_rank[", t, ", ", r, "] is ", int(element<uint8_t>(in_rank, t, r)),
-                      ", expected ", int(expected));
+        return concat("rank ", me_, ": layout: is_token_in_rank[", t, ", ", r, "] is ",
+                      int(element<uint8_t>(in_rank, t, r)), ", expected ", int(expected));
     }
     for (int k = 0; k < w_.topk; ++k) ++expert_count[routing_.expert(me_, t, k)];
   }
@@ -195,7 +195,8 @@ Mismatch Oracle::dispatch(Platform& platform, const DispatchResult& result, bool
     scales = platform.download(*result.recv_x_scales);
     // The input scales are column-major, so the received ones must be too (lead's decision).
     if (rows.size() > 1 && scales->stride(0) != 1)
-      return concat("rank ", me_, ": recv_x_scales: expected column-major (stride(0) == 1) like x_scales, got strides [",
+      return concat("rank ", me_,
+                    ": recv_x_scales: expected column-major (stride(0) == 1) like x_scales, got strides [",
                     scales->stride(0), ", ", scales->stride(1), "]");
   }
   if (Mismatch m = normal_rows(recv_x, scales, rows, fp8)) return m;
@@ -244,7 +245,8 @@ Mismatch Oracle::expert_rows(Platform&, const LowLatencyDispatchResult&, const T
   std::vector<uint16_t> x(w_.hidden);
   for (int i = 0; i < count; ++i) {
     const Source s = rows[i];
-    const std::string where = concat("rank ", me_, ": expert ", local, " row ", i, " (token ", s.token, " of rank ", s.rank, "): ");
+    const std::string where =
+        concat("rank ", me_, ": expert ", local, " row ", i, " (token ", s.token, " of rank ", s.rank, "): ");
     if (element<int32_t>(src_info, local, i) != s.token)
       return where + concat("src_info is ", element<int32_t>(src_info, local, i));
     values_.bf16_row(s.rank, s.token, w_.hidden, x.data());
@@ -268,8 +270,8 @@ Mismatch Oracle::expert_rows(Platform&, const LowLatencyDispatchResult&, const T
     for (const Source& s : rows) from_r += s.rank == r ? 1 : 0;
     const int64_t got = element<int64_t>(layout_range, local, r);
     if ((got & 0xFFFFFFFF) != from_r || (from_r > 0 && (got >> 32) != begin))
-      return concat("rank ", me_, ": layout_range[", local, ", ", r, "] is (", (got >> 32), " << 32) | ", (got & 0xFFFFFFFF),
-                    ", expected (", begin, " << 32) | ", from_r);
+      return concat("rank ", me_, ": layout_range[", local, ", ", r, "] is (", (got >> 32), " << 32) | ",
+                    (got & 0xFFFFFFFF), ", expected (", begin, " << 32) | ", from_r);
     begin += from_r;
   }
   return std::nullopt;
@@ -286,7 +288,8 @@ Mismatch Oracle::low_latency_dispatch(Platform& platform, const LowLatencyDispat
     scales = platform.download(*result.recv_x_scales);
   }
   for (int l = 0; l < routing_.local_experts; ++l) {
-    if (Mismatch m = expert_rows(platform, result, recv_x, scales, src_info, layout_range, l, element<int32_t>(counts, l), fp8))
+    if (Mismatch m =
+            expert_rows(platform, result, recv_x, scales, src_info, layout_range, l, element<int32_t>(counts, l), fp8))
       return m;
   }
   return std::nullopt;
@@ -304,8 +307,8 @@ Mismatch Oracle::low_latency_combine(Platform& platform, const LowLatencyCombine
         if (routing_.expert(me_, t, k) != -1) acc = std::fmaf(values_.topk_weight(me_, t, k), bf16_to_float(x[h]), acc);
       const uint16_t expected = float_to_bf16(acc);
       if (element<uint16_t>(out, t, h) != expected)
-        return concat("rank ", me_, ": low-latency combined_x[", t, ", ", h, "]: got ", hex(element<uint16_t>(out, t, h)),
-                      ", expected ", hex(expected));
+        return concat("rank ", me_, ": low-latency combined_x[", t, ", ", h, "]: got ",
+                      hex(element<uint16_t>(out, t, h)), ", expected ", hex(expected));
     }
   }
   return std::nullopt;

@@ -19,9 +19,12 @@ namespace {
 std::string json_string(const std::string& text) {
   std::string out = "\"";
   for (const char c : text) {
-    if (c == '"' || c == '\\') out += concat('\\', c);
-    else if (static_cast<unsigned char>(c) < 0x20) out += ' ';
-    else out += c;
+    if (c == '"' || c == '\\')
+      out += concat('\\', c);
+    else if (static_cast<unsigned char>(c) < 0x20)
+      out += ' ';
+    else
+      out += c;
   }
   return out + "\"";
 }
@@ -93,8 +96,9 @@ const Row* Report::baseline_for(const Row& row) const {
 void Report::print_table(std::FILE* out) const {
   std::fprintf(out, "\nepcomm-bench  %s  %s  commit %s\n", info_.date.c_str(), info_.machine.c_str(),
                info_.commit.c_str());
-  std::fprintf(out, "times: median over iterations on each rank, then min / median / max over ranks; "
-                    "GB/s: logical bytes received (BENCHMARKS.md), median over ranks\n\n");
+  std::fprintf(out,
+               "times: median over iterations on each rank, then min / median / max over ranks; "
+               "GB/s: logical bytes received (BENCHMARKS.md), median over ranks\n\n");
   std::fprintf(out, "%-16s %-16s %-17s %-5s %4s %10s %8s %29s %17s %11s %8s\n", "impl", "workload", "op", "dtype",
                "SMs", "time_us", "GB/s", "rank time_us min/med/max", "GB/s min/max", "baseline_us", "speedup");
   for (const Row& row : rows_) {
@@ -170,7 +174,9 @@ std::string Report::json_row(const RunInfo& info, const Row& row) {
 
 void Report::open_json(const std::string& path) {
   std::ofstream file(path, std::ios::trunc);
-  if (!file) throw_error(ErrorCode::kInvalidArgument, concat("epcomm-bench: --json: cannot open ", path, ": ", std::strerror(errno)));
+  if (!file)
+    throw_error(ErrorCode::kInvalidArgument,
+                concat("epcomm-bench: --json: cannot open ", path, ": ", std::strerror(errno)));
   json_path_ = path;
 }
 

@@ -19,9 +19,9 @@ struct RunInfo {
 
 // What a figure is: everything of a row except the measured numbers.
 struct FigureKey {
-  std::string impl;      // "epcomm" | "nccl_all_to_all"
-  std::string workload;  // Workload::label()
-  std::string op;        // "dispatch_cached", "ll_combine", ...
+  std::string impl;                  // "epcomm" | "nccl_all_to_all"
+  std::string workload;              // Workload::label()
+  std::string op;                    // "dispatch_cached", "ll_combine", ...
   std::optional<std::string> dtype;  // "bf16" | "fp8"; none where not applicable (layout)
   std::optional<int> num_sms;        // none where the caller does not choose it (CPU, low-latency, layout, NCCL)
   int ranks = 0, tokens = 0, hidden = 0, topk = 0, experts = 0;

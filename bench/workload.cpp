@@ -111,8 +111,10 @@ std::vector<Workload> resolve_workloads(const std::vector<std::string>& names, b
     expanded = cuda ? std::vector<std::string>{"normal", "ll", "ll-small"} : std::vector<std::string>{"cpu-small"};
   }
   for (const std::string& name : names) {
-    if (name == "all") expanded.insert(expanded.end(), {"normal", "ll", "ll-small"});
-    else expanded.push_back(name);
+    if (name == "all")
+      expanded.insert(expanded.end(), {"normal", "ll", "ll-small"});
+    else
+      expanded.push_back(name);
   }
   std::vector<Workload> workloads;
   for (const std::string& name : expanded) workloads.push_back(named_workload(name));
@@ -164,8 +166,10 @@ float InputValues::topk_weight(int rank, int64_t token, int slot) const {
 std::vector<int64_t> make_topk_idx(const Workload& workload, uint64_t seed, int rank) {
   std::vector<int64_t> topk_idx(static_cast<size_t>(workload.tokens) * workload.topk);
   std::mt19937_64 generator(mix64(seed ^ (uint64_t(rank) << 32) ^ (workload.skewed ? 0x5CEull : 0x0ull)));
-  if (workload.skewed) skewed_topk(workload, seed, generator, topk_idx);
-  else uniform_topk(workload, generator, topk_idx);
+  if (workload.skewed)
+    skewed_topk(workload, seed, generator, topk_idx);
+  else
+    uniform_topk(workload, generator, topk_idx);
   return topk_idx;
 }
 

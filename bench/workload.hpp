@@ -14,15 +14,15 @@
 namespace epcomm::bench {
 
 struct Workload {
-  std::string name;     // "normal", "ll", "ll-small", "cpu-small"
-  int tokens = 0;       // T per rank (and T_max of low-latency mode)
+  std::string name;  // "normal", "ll", "ll-small", "cpu-small"
+  int tokens = 0;    // T per rank (and T_max of low-latency mode)
   int hidden = 0;
-  int topk = 0;         // K
-  int experts = 0;      // E
-  bool normal_mode = false;     // time get_dispatch_layout / dispatch / combine
-  bool low_latency = false;     // time low_latency_dispatch / combine
+  int topk = 0;                   // K
+  int experts = 0;                // E
+  bool normal_mode = false;       // time get_dispatch_layout / dispatch / combine
+  bool low_latency = false;       // time low_latency_dispatch / combine
   bool low_latency_bf16 = false;  // low-latency dispatch in BF16 as well as FP8
-  bool skewed = false;          // 80/20 routing instead of uniform
+  bool skewed = false;            // 80/20 routing instead of uniform
 
   // The workload column of a result row: the name, with "-skewed" for skewed routing.
   std::string label() const { return skewed ? name + "-skewed" : name; }
