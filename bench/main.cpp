@@ -36,11 +36,25 @@ void check_workloads(const std::vector<Workload>& workloads, int ranks) {
             concat("workload ", w.name, " has ", w.experts, " experts, which ", ranks, " ranks do not divide"));
 }
 
+// A mode this build or backend does not provide (e.g. low-latency mode without NVSHMEM) is noted
+// and skipped; the same build raises it on every rank alike.
+void run_mode(BenchContext& ctx, const std::string& what, void (*mode)(BenchContext&, const WorkloadData&),
+              const WorkloadData& data) {
+  try {
+    mode(ctx, data);
+  } catch (const Error& error) {
+    if (error.code() != ErrorCode::kUnsupported) throw;
+    if (ctx.rank == 0) ctx.report.note(concat(data.workload.label(), " ", what, ": skipped: ", error.what()));
+    progress(ctx, concat(data.workload.label(), " ", what, ": skipped (not supported): ", error.what()));
+  }
+}
+
 void run_workload(BenchContext& ctx, const Workload& workload) {
   const WorkloadData data = prepare_workload(ctx, workload);
-  if (workload.normal_mode) run_normal_mode(ctx, data);
-  if (workload.low_latency) run_low_latency_mode(ctx, data);
-  if (ctx.platform.backend() == BackendKind::kCuda && ctx.options.baseline) run_nccl_baseline(ctx, data);
+  if (workload.normal_mode) run_mode(ctx, "normal mode", run_normal_mode, data);
+  if (workload.low_latency) run_mode(ctx, "low-latency mode", run_low_latency_mode, data);
+  if (ctx.platform.backend() == BackendKind::kCuda && ctx.options.baseline)
+    run_mode(ctx, "NCCL baseline", run_nccl_baseline, data);
 }
 
 int run_rank(const Options& options, Bootstrap& bootstrap) {

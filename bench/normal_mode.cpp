@@ -179,7 +179,7 @@ void NormalModeBench::time_combine(const DispatchResult& fresh, const Config& co
 void NormalModeBench::at_sms(std::optional<int> num_sms) {
   const Config dispatch_config = with_sms(default_dispatch_config(ctx_.ranks), num_sms);
   const Config combine_config = with_sms(default_combine_config(ctx_.ranks), num_sms);
-  progress(ctx_, concat(w_.label(), ": normal mode", num_sms ? concat(", ", *num_sms, " SMs") : std::string(", CPU")));
+  if (num_sms) progress(ctx_, concat(w_.label(), ": normal mode, ", *num_sms, " SMs"));
 
   // The checked first BF16 dispatch also gives the handle every cached dispatch and combine reuse.
   DispatchResult fresh, fresh_fp8;
@@ -197,6 +197,7 @@ void NormalModeBench::at_sms(std::optional<int> num_sms) {
 }  // namespace
 
 void run_normal_mode(BenchContext& ctx, const WorkloadData& data) {
+  progress(ctx, concat(data.workload.label(), ": normal mode"));
   BufferOptions options;
   options.backend = ctx.platform.backend();
   options.device = ctx.platform.device().is_cuda() ? ctx.platform.device().index : -1;
