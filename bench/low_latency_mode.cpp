@@ -23,6 +23,10 @@ class LowLatencyBench {
  private:
   LowLatencyDispatchResult dispatch(bool fp8, bool hook);
   LowLatencyCombineResult combine(const LowLatencyHandle& handle, bool hook);
+  Mismatch check_round_trip(bool fp8, bool hook);
+  bool checked_timing(const std::string& what, bool fp8, bool hook, int segments,
+                      const std::function<void(Stopwatch&, int)>& iteration, std::vector<std::vector<double>>& us);
+  bool check() const { return ctx_.options.check; }
   std::string name(const std::string& what) const { return concat(w_.label(), " ", what); }
   // Logical bytes of BENCHMARKS.md: per (token, non -1 slot) of this rank.
   double dispatch_bytes(bool fp8) const {
@@ -65,38 +69,67 @@ bool LowLatencyBench::check_bf16_round_trip() {
   progress(ctx_, concat(w_.label(), ": low-latency mode"));
   return first_call_ok(ctx_, name("ll_dispatch bf16 + ll_combine"), [&]() -> Mismatch {
     const LowLatencyDispatchResult d = dispatch(false, false);
-    if (ctx_.options.check)
+    if (check())
       if (Mismatch m = oracle_.low_latency_dispatch(ctx_.platform, d, false)) return m;
     expert_out_ = ctx_.platform.clone(d.recv_x);
     const LowLatencyCombineResult c = combine(d.handle, false);
-    return ctx_.options.check ? oracle_.low_latency_combine(ctx_.platform, c) : std::nullopt;
+    return check() ? oracle_.low_latency_combine(ctx_.platform, c) : std::nullopt;
   });
+}
+
+// One dispatch and one combine of its handle, both compared with the oracle; through the receive
+// hooks when `hook` (all ranks line up first, so each hook finds its data arrived).
+Mismatch LowLatencyBench::check_round_trip(bool fp8, bool hook) {
+  Platform& p = ctx_.platform;
+  LowLatencyDispatchResult d = dispatch(fp8, hook);
+  if (hook) {
+    if (!d.hook) return concat("rank ", ctx_.rank, ": low_latency_dispatch(return_recv_hook) returned no hook");
+    p.align();
+    d.hook(p.stream());
+  }
+  if (check())
+    if (Mismatch m = oracle_.low_latency_dispatch(p, d, fp8)) return m;
+  LowLatencyCombineResult c = combine(d.handle, hook);
+  if (hook) {
+    if (!c.hook) return concat("rank ", ctx_.rank, ": low_latency_combine(return_recv_hook) returned no hook");
+    p.align();
+    c.hook(p.stream());
+  }
+  return check() ? oracle_.low_latency_combine(p, c) : std::nullopt;
+}
+
+// Times `iteration` between a check of the round trip before and one after (state left by the
+// repeated calls); false when either fails.
+bool LowLatencyBench::checked_timing(const std::string& what, bool fp8, bool hook, int segments,
+                                     const std::function<void(Stopwatch&, int)>& iteration,
+                                     std::vector<std::vector<double>>& us) {
+  if (!first_call_ok(ctx_, name(what), [&] { return check_round_trip(fp8, hook); })) return false;
+  us = time_segments(ctx_, segments, iteration);
+  return first_call_ok(ctx_, name(what + " (after timing)"), [&] { return check_round_trip(fp8, hook); });
 }
 
 // Dispatch then combine in each iteration (a combine needs the handle of a dispatch), each call
 // timed on its own after an L2 flush and an alignment of the ranks.
 void LowLatencyBench::time_round_trip(bool fp8, bool record_combine) {
   const std::string dtype = fp8 ? "fp8" : "bf16";
-  if (fp8) {
-    const bool ok = first_call_ok(ctx_, name("ll_dispatch fp8"), [&]() -> Mismatch {
-      const LowLatencyDispatchResult d = dispatch(true, false);
-      return ctx_.options.check ? oracle_.low_latency_dispatch(ctx_.platform, d, true) : std::nullopt;
-    });
-    if (!ok) return;
-  }
   Platform& p = ctx_.platform;
-  const auto us = time_segments(ctx_, 2, [&](Stopwatch& stopwatch, int i) {
-    p.flush_cache();
-    p.align();
-    stopwatch.start(i, 0);
-    const LowLatencyDispatchResult d = dispatch(fp8, false);
-    stopwatch.stop(i, 0);
-    p.flush_cache();
-    p.align();
-    stopwatch.start(i, 1);
-    combine(d.handle, false);
-    stopwatch.stop(i, 1);
-  });
+  std::vector<std::vector<double>> us;
+  const bool ok = checked_timing(
+      concat("ll_dispatch ", dtype, " + ll_combine"), fp8, /*hook=*/false, 2,
+      [&](Stopwatch& stopwatch, int i) {
+        p.flush_cache();
+        p.align();
+        stopwatch.start(i, 0);
+        const LowLatencyDispatchResult d = dispatch(fp8, false);
+        stopwatch.stop(i, 0);
+        p.flush_cache();
+        p.align();
+        stopwatch.start(i, 1);
+        combine(d.handle, false);
+        stopwatch.stop(i, 1);
+      },
+      us);
+  if (!ok) return;
   record(ctx_, ctx_.key(w_, "epcomm", "ll_dispatch", dtype, std::nullopt), us[0], dispatch_bytes(fp8));
   if (record_combine)
     record(ctx_, ctx_.key(w_, "epcomm", "ll_combine", std::string("bf16"), std::nullopt), us[1], combine_bytes());
@@ -107,40 +140,31 @@ void LowLatencyBench::time_round_trip(bool fp8, bool record_combine) {
 // as it would behind overlapped compute; the two parts are timed separately.
 void LowLatencyBench::time_hook_split() {
   Platform& p = ctx_.platform;
-  const bool ok = first_call_ok(ctx_, name("ll hook split fp8"), [&]() -> Mismatch {
-    LowLatencyDispatchResult d = dispatch(true, true);
-    if (!d.hook) return concat("rank ", ctx_.rank, ": low_latency_dispatch(return_recv_hook) returned no hook");
-    p.align();
-    d.hook(p.stream());
-    if (ctx_.options.check)
-      if (Mismatch m = oracle_.low_latency_dispatch(p, d, true)) return m;
-    LowLatencyCombineResult c = combine(d.handle, true);
-    if (!c.hook) return concat("rank ", ctx_.rank, ": low_latency_combine(return_recv_hook) returned no hook");
-    p.align();
-    c.hook(p.stream());
-    return ctx_.options.check ? oracle_.low_latency_combine(p, c) : std::nullopt;
-  });
+  std::vector<std::vector<double>> us;
+  const bool ok = checked_timing(
+      "ll hook split fp8", /*fp8=*/true, /*hook=*/true, 4,
+      [&](Stopwatch& stopwatch, int i) {
+        p.flush_cache();
+        p.align();
+        stopwatch.start(i, 0);
+        LowLatencyDispatchResult d = dispatch(true, true);
+        stopwatch.stop(i, 0);
+        p.align();
+        stopwatch.start(i, 1);
+        d.hook(p.stream());
+        stopwatch.stop(i, 1);
+        p.flush_cache();
+        p.align();
+        stopwatch.start(i, 2);
+        LowLatencyCombineResult c = combine(d.handle, true);
+        stopwatch.stop(i, 2);
+        p.align();
+        stopwatch.start(i, 3);
+        c.hook(p.stream());
+        stopwatch.stop(i, 3);
+      },
+      us);
   if (!ok) return;
-  const auto us = time_segments(ctx_, 4, [&](Stopwatch& stopwatch, int i) {
-    p.flush_cache();
-    p.align();
-    stopwatch.start(i, 0);
-    LowLatencyDispatchResult d = dispatch(true, true);
-    stopwatch.stop(i, 0);
-    p.align();
-    stopwatch.start(i, 1);
-    d.hook(p.stream());
-    stopwatch.stop(i, 1);
-    p.flush_cache();
-    p.align();
-    stopwatch.start(i, 2);
-    LowLatencyCombineResult c = combine(d.handle, true);
-    stopwatch.stop(i, 2);
-    p.align();
-    stopwatch.start(i, 3);
-    c.hook(p.stream());
-    stopwatch.stop(i, 3);
-  });
   const char* ops[] = {"ll_dispatch_send", "ll_dispatch_recv", "ll_combine_send", "ll_combine_recv"};
   for (int s = 0; s < 4; ++s)
     record(ctx_, ctx_.key(w_, "epcomm", ops[s], std::string(s < 2 ? "fp8" : "bf16"), std::nullopt), us[s], -1);

@@ -57,8 +57,10 @@ void run_workload(BenchContext& ctx, const Workload& workload) {
     run_mode(ctx, "NCCL baseline", run_nccl_baseline, data);
 }
 
-int run_rank(const Options& options, Bootstrap& bootstrap) {
-  const BackendKind backend = resolve_backend(options.backend);
+int run_rank(const Options& given, Bootstrap& bootstrap) {
+  const BackendKind backend = resolve_backend(given.backend);
+  Options options = given;
+  if (options.warmup < 0) options.warmup = backend == BackendKind::kCuda ? 10 : 3;
   require(options.ranks == 0 || options.ranks == bootstrap.size(), "epcomm-bench", "-n",
           concat(options.ranks, " ranks asked, but the launcher started ", bootstrap.size()));
   const std::vector<Workload> workloads = resolve_workloads(options.workloads, backend == BackendKind::kCuda);
@@ -101,7 +103,9 @@ int bench_main(int argc, const char* const* argv) {
     return 0;
   }
   if (std::getenv("EPCOMM_RANK") != nullptr) return run_rank(options, *bootstrap_from_env());
-  const int ranks = options.ranks > 0 ? options.ranks : default_ranks(resolve_backend(options.backend));
+  const BackendKind backend = resolve_backend(options.backend);
+  const int ranks = options.ranks > 0 ? options.ranks : default_ranks(backend);
+  check_workloads(resolve_workloads(options.workloads, backend == BackendKind::kCuda), ranks);  // before launching
   if (ranks == 1) return run_rank(options, *single_rank_bootstrap());
   return launch_ranks(ranks, argc, argv);
 }
@@ -117,7 +121,7 @@ int main(int argc, char** argv) {
   try {
     return epcomm::bench::bench_main(argc, argv);
   } catch (const std::exception& error) {
-    std::fprintf(stderr, "epcomm-bench: %s\n", error.what());
+    std::fprintf(stderr, "%s\n", error.what());
     return 1;
   }
 }

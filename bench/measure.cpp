@@ -97,4 +97,13 @@ void record(BenchContext& ctx, const FigureKey& key, const std::vector<double>& 
   std::fflush(stdout);
 }
 
+bool measure(BenchContext& ctx, const std::string& what, const FigureKey& key, double bytes,
+             const std::function<Mismatch()>& checked_call, const std::function<void()>& timed_call) {
+  if (!first_call_ok(ctx, what, checked_call)) return false;
+  const std::vector<double> us = time_op(ctx, timed_call);
+  if (!first_call_ok(ctx, what + " (after timing)", checked_call)) return false;
+  record(ctx, key, us, bytes);
+  return true;
+}
+
 }  // namespace epcomm::bench

@@ -55,6 +55,12 @@ std::vector<double> time_op(BenchContext& ctx, const std::function<void()>& op);
 std::vector<std::vector<double>> time_segments(BenchContext& ctx, int segments,
                                                const std::function<void(Stopwatch&, int)>& iteration);
 
+// One figure: `checked_call` (one call compared with the oracle) runs before and after `timed_call`
+// is timed, so neither a wrong first result nor state spoiled by the repeated calls goes unseen;
+// the figure is recorded only when both checks pass on every rank. Returns whether it was.
+bool measure(BenchContext& ctx, const std::string& what, const FigureKey& key, double bytes,
+             const std::function<Mismatch()>& checked_call, const std::function<void()>& timed_call);
+
 // Collective: gathers this rank's median (and logical bytes, < 0 when not defined) and adds the row on rank 0.
 void record(BenchContext& ctx, const FigureKey& key, const std::vector<double>& microseconds, double bytes);
 

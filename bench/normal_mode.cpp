@@ -78,10 +78,11 @@ class NormalModeBench {
   LayoutResult run_layout() { return buffer_.get_dispatch_layout(in_.topk_idx, w_.experts, ctx_.stream_options()); }
   DispatchResult full_dispatch(bool fp8, const Config& config);
   DispatchResult cached_dispatch(bool fp8, const DispatchHandle& handle, const Config& config);
-  bool first_full_dispatch(bool fp8, const Config& config, std::optional<int> num_sms, DispatchResult& result);
-  void time_full_dispatch(bool fp8, const Config& config, std::optional<int> num_sms);
-  void time_cached_dispatch(bool fp8, const DispatchHandle& handle, const Config& config, std::optional<int> num_sms);
-  void time_combine(const DispatchResult& fresh, const Config& config, std::optional<int> num_sms);
+  CombineResult combine(const DispatchResult& fresh, const Config& config, bool with_weights);
+
+  Mismatch check_full_dispatch(bool fp8, const Config& config, DispatchResult* keep = nullptr);
+  Mismatch check_cached_dispatch(bool fp8, const DispatchHandle& handle, const Config& config);
+  Mismatch check_combine(const DispatchResult& fresh, const Config& config);
 
   double recv_bytes(bool fp8) const {
     const int64_t per_token = fp8 ? w_.hidden + w_.hidden / 128 * 4 : int64_t(w_.hidden) * 2;
@@ -91,6 +92,10 @@ class NormalModeBench {
   std::string name(const std::string& op, bool fp8, std::optional<int> sms) const {
     return concat(w_.label(), " ", op, " ", dtype(fp8), sms ? concat(" @ ", *sms, " SMs") : std::string());
   }
+  FigureKey key(const std::string& op, bool fp8, std::optional<int> sms) const {
+    return ctx_.key(w_, "epcomm", op, dtype(fp8), sms);
+  }
+  bool check() const { return ctx_.options.check; }
 
   BenchContext& ctx_;
   const WorkloadData& data_;
@@ -101,13 +106,13 @@ class NormalModeBench {
 };
 
 void NormalModeBench::layout() {
-  const bool ok = first_call_ok(ctx_, concat(w_.label(), " layout"), [&]() -> Mismatch {
-    const LayoutResult result = run_layout();
-    return ctx_.options.check ? oracle_.layout(ctx_.platform, result) : std::nullopt;
-  });
-  if (ok)
-    record(ctx_, ctx_.key(w_, "epcomm", "layout", std::nullopt, std::nullopt), time_op(ctx_, [&] { run_layout(); }),
-           -1);
+  measure(
+      ctx_, concat(w_.label(), " layout"), ctx_.key(w_, "epcomm", "layout", std::nullopt, std::nullopt), -1,
+      [&]() -> Mismatch {
+        const LayoutResult result = run_layout();
+        return check() ? oracle_.layout(ctx_.platform, result) : std::nullopt;
+      },
+      [&] { run_layout(); });
 }
 
 DispatchResult NormalModeBench::full_dispatch(bool fp8, const Config& config) {
@@ -134,46 +139,32 @@ DispatchResult NormalModeBench::cached_dispatch(bool fp8, const DispatchHandle& 
   return buffer_.dispatch(inputs, ctx_.stream_options());
 }
 
-bool NormalModeBench::first_full_dispatch(bool fp8, const Config& config, std::optional<int> num_sms,
-                                          DispatchResult& result) {
-  return first_call_ok(ctx_, name("dispatch", fp8, num_sms), [&]() -> Mismatch {
-    result = full_dispatch(fp8, config);
-    return ctx_.options.check ? oracle_.dispatch(ctx_.platform, result, fp8, /*fresh=*/true) : std::nullopt;
-  });
-}
-
-void NormalModeBench::time_full_dispatch(bool fp8, const Config& config, std::optional<int> num_sms) {
-  const std::vector<double> us = time_op(ctx_, [&] { full_dispatch(fp8, config); });
-  record(ctx_, ctx_.key(w_, "epcomm", "dispatch", dtype(fp8), num_sms), us, recv_bytes(fp8));
-}
-
-void NormalModeBench::time_cached_dispatch(bool fp8, const DispatchHandle& handle, const Config& config,
-                                           std::optional<int> num_sms) {
-  const bool ok = first_call_ok(ctx_, name("dispatch_cached", fp8, num_sms), [&]() -> Mismatch {
-    const DispatchResult result = cached_dispatch(fp8, handle, config);
-    return ctx_.options.check ? oracle_.dispatch(ctx_.platform, result, fp8, /*fresh=*/false) : std::nullopt;
-  });
-  if (!ok) return;
-  const std::vector<double> us = time_op(ctx_, [&] { cached_dispatch(fp8, handle, config); });
-  record(ctx_, ctx_.key(w_, "epcomm", "dispatch_cached", dtype(fp8), num_sms), us, recv_bytes(fp8));
-}
-
 // Combine of the BF16 dispatch's own recv_x (the experts are the identity). The check passes
 // recv_topk_weights too; the timed calls do not, like DeepEP's tuning loop.
-void NormalModeBench::time_combine(const DispatchResult& fresh, const Config& config, std::optional<int> num_sms) {
+CombineResult NormalModeBench::combine(const DispatchResult& fresh, const Config& config, bool with_weights) {
   CombineInputs inputs;
   inputs.x = fresh.recv_x;
   inputs.handle = fresh.handle.get();
   inputs.config = config;
-  const bool ok = first_call_ok(ctx_, name("combine", false, num_sms), [&]() -> Mismatch {
-    CombineInputs checked = inputs;
-    if (fresh.recv_topk_weights) checked.topk_weights = *fresh.recv_topk_weights;
-    const CombineResult result = buffer_.combine(checked, ctx_.stream_options());
-    return ctx_.options.check ? oracle_.combine(ctx_.platform, result, /*with_weights=*/true) : std::nullopt;
-  });
-  if (!ok) return;
-  const std::vector<double> us = time_op(ctx_, [&] { buffer_.combine(inputs, ctx_.stream_options()); });
-  record(ctx_, ctx_.key(w_, "epcomm", "combine", std::string("bf16"), num_sms), us, recv_bytes(false));
+  if (with_weights && fresh.recv_topk_weights) inputs.topk_weights = *fresh.recv_topk_weights;
+  return buffer_.combine(inputs, ctx_.stream_options());
+}
+
+Mismatch NormalModeBench::check_full_dispatch(bool fp8, const Config& config, DispatchResult* keep) {
+  DispatchResult result = full_dispatch(fp8, config);
+  const Mismatch mismatch = check() ? oracle_.dispatch(ctx_.platform, result, fp8, /*fresh=*/true) : std::nullopt;
+  if (keep != nullptr) *keep = std::move(result);
+  return mismatch;
+}
+
+Mismatch NormalModeBench::check_cached_dispatch(bool fp8, const DispatchHandle& handle, const Config& config) {
+  const DispatchResult result = cached_dispatch(fp8, handle, config);
+  return check() ? oracle_.dispatch(ctx_.platform, result, fp8, /*fresh=*/false) : std::nullopt;
+}
+
+Mismatch NormalModeBench::check_combine(const DispatchResult& fresh, const Config& config) {
+  const CombineResult result = combine(fresh, config, /*with_weights=*/true);
+  return check() ? oracle_.combine(ctx_.platform, result, /*with_weights=*/true) : std::nullopt;
 }
 
 void NormalModeBench::at_sms(std::optional<int> num_sms) {
@@ -181,17 +172,26 @@ void NormalModeBench::at_sms(std::optional<int> num_sms) {
   const Config combine_config = with_sms(default_combine_config(ctx_.ranks), num_sms);
   if (num_sms) progress(ctx_, concat(w_.label(), ": normal mode, ", *num_sms, " SMs"));
 
-  // The checked first BF16 dispatch also gives the handle every cached dispatch and combine reuse.
-  DispatchResult fresh, fresh_fp8;
-  const bool have_handle = first_full_dispatch(false, dispatch_config, num_sms, fresh);
-  if (have_handle) time_full_dispatch(false, dispatch_config, num_sms);
-  if (first_full_dispatch(true, dispatch_config, num_sms, fresh_fp8))
-    time_full_dispatch(true, dispatch_config, num_sms);
-  fresh_fp8 = {};
+  for (const bool fp8 : {false, true}) {
+    measure(
+        ctx_, name("dispatch", fp8, num_sms), key("dispatch", fp8, num_sms), recv_bytes(fp8),
+        [&] { return check_full_dispatch(fp8, dispatch_config); }, [&] { full_dispatch(fp8, dispatch_config); });
+  }
+  // One checked BF16 dispatch gives the handle every cached dispatch and combine reuse.
+  DispatchResult fresh;
+  const bool have_handle = first_call_ok(ctx_, name("dispatch (handle)", false, num_sms),
+                                         [&] { return check_full_dispatch(false, dispatch_config, &fresh); });
   if (!have_handle) return;
-  time_cached_dispatch(false, *fresh.handle, dispatch_config, num_sms);
-  time_cached_dispatch(true, *fresh.handle, dispatch_config, num_sms);
-  time_combine(fresh, combine_config, num_sms);
+  for (const bool fp8 : {false, true}) {
+    measure(
+        ctx_, name("dispatch_cached", fp8, num_sms), key("dispatch_cached", fp8, num_sms), recv_bytes(fp8),
+        [&] { return check_cached_dispatch(fp8, *fresh.handle, dispatch_config); },
+        [&] { cached_dispatch(fp8, *fresh.handle, dispatch_config); });
+  }
+  measure(
+      ctx_, name("combine", false, num_sms), key("combine", false, num_sms), recv_bytes(false),
+      [&] { return check_combine(fresh, combine_config); },
+      [&] { combine(fresh, combine_config, /*with_weights=*/false); });
 }
 
 }  // namespace

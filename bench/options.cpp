@@ -22,7 +22,7 @@ usage: epcomm-bench [-n RANKS] [--backend cpu|cuda|auto] [--workload W[,W...]] [
                     is accepted. Default: all on cuda, cpu-small on cpu. Shapes in BENCHMARKS.md.
   --num-sms LIST    SM counts for normal mode (cuda), default 8,16,24.
   --iters N         timed iterations per figure, median reported (default 30).
-  --warmup N        untimed iterations first (default 10).
+  --warmup N        untimed iterations first (default 10 on cuda, 3 on cpu, whose calls are synchronous).
   --json FILE       write one JSON row per figure (BENCHMARKS.md "Recording results"); truncates FILE.
   --routing R       uniform (default): topk of |randn| + 1 per rank; skewed: 20% of the experts get
                     80% of the selections (workload name gets "-skewed"); both.
@@ -121,7 +121,7 @@ Options parse_options(int argc, const char* const* argv) {
   for (int i = 0; i < argc; ++i) {
     const std::string_view arg = argv[i];
     if (parse_flag(arg, options)) continue;
-    if (i + 1 >= argc) bad(arg, arg.starts_with("-") ? "expects a value" : "unexpected argument");
+    if (i + 1 >= argc) bad(arg, "unknown option, or an option without its value (see --help)");
     const std::string_view value = argv[++i];
     if (arg == "-n" || arg == "--ranks")
       options.ranks = static_cast<int>(parse_int(arg, value, 1));

@@ -16,7 +16,7 @@ struct Options {
   std::vector<int> num_sms{8, 16, 24};  // normal-mode SM counts (CUDA only)
   bool num_sms_given = false;
   int iters = 30;                            // timed iterations per figure (median taken)
-  int warmup = 10;                           // untimed iterations before them
+  int warmup = -1;                           // untimed iterations before them; -1 = 10 on CUDA, 3 on the CPU
   std::string json_path;                     // --json FILE: the rows of BENCHMARKS.md "Recording results"
   bool uniform_routing = true;               // run the workloads with uniform routing
   bool skewed_routing = false;               // ... and/or with 80/20 skewed routing (--routing)
