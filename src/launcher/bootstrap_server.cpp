@@ -178,8 +178,11 @@ void BootstrapServer::on_hello(Client& c) {
     refusal = concat("EPCOMM_WORLD_SIZE is ", h.aux, " but the launcher started ", world_size_, " ranks");
   else if (h.rank < 0 || h.rank >= world_size_)
     refusal = concat("rank ", h.rank, " is outside [0, ", world_size_, ")");
-  else if (fd_of_rank_[h.rank] >= 0) refusal = concat("rank ", h.rank, " is already connected");
-  else if (departed_.count(h.rank)) refusal = concat("rank ", h.rank, " already left the group");
+  else if (fd_of_rank_[h.rank] >= 0)
+    refusal = concat("rank ", h.rank, " is already connected (a rank connects once: reuse its Bootstrap)");
+  else if (departed_.count(h.rank))
+    refusal = concat("rank ", h.rank, " already left the group (a rank connects once: keep its Bootstrap for the "
+                     "whole run)");
   if (!refusal.empty()) {
     c.close_after_flush = true;
     send_text(c, wire::MessageKind::kError, 0, static_cast<int32_t>(ErrorCode::kInvalidArgument),

@@ -2,6 +2,8 @@
 // all_gather and barrier results, and that every failure surfaces as the right epcomm::Error
 // quickly instead of a hang.
 #include <gtest/gtest.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -130,8 +132,8 @@ TEST(BootstrapFailure, ARankThatNeverJoinsIsNamedInTheTimeout) {
   RunRanksOptions options;
   options.bootstrap_timeout = milliseconds(500);
   run_ranks(3, [](Bootstrap& group) {
-    if (group.rank() == 1) {  // connected, but never enters the barrier
-      std::this_thread::sleep_for(milliseconds(2500));
+    if (group.rank() == 1) {  // connected, but never enters the barrier (and still alive when the others give up)
+      std::this_thread::sleep_for(milliseconds(1500));
       return;
     }
     const auto start = Clock::now();
@@ -158,7 +160,7 @@ TEST(BootstrapFailure, ARankThatNeverConnectsIsNamedInTheTimeout) {
   options.tail_lines = 20;
   const auto run = launch::launch_functions(options, [](int rank) {
     if (rank == 2) {  // never calls bootstrap_from_env
-      std::this_thread::sleep_for(milliseconds(2000));
+      std::this_thread::sleep_for(milliseconds(1500));
       return 0;
     }
     auto group = bootstrap_from_env(milliseconds(400));
@@ -217,6 +219,42 @@ void expect_peer_failure_after_crash(bool others_wait_first) {
 
 TEST(BootstrapFailure, ACrashWhileOthersWaitGivesPeerFailure) { expect_peer_failure_after_crash(true); }
 TEST(BootstrapFailure, ACrashBeforeOthersArriveGivesPeerFailure) { expect_peer_failure_after_crash(false); }
+
+TEST(BootstrapFailure, ARankThatLeftNormallyCannotBeWaitedFor) {
+  // Rank 1 makes one collective fewer than the others and exits with 0.
+  run_ranks(3, [](Bootstrap& group) {
+    group.barrier();
+    if (group.rank() == 1) return;
+    try {
+      group.barrier();
+      ADD_FAILURE() << "the barrier completed without rank 1";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), ErrorCode::kPeerFailure) << e.what();
+      EXPECT_NE(std::string(e.what()).find("rank 1 exited"), std::string::npos) << e.what();
+    }
+  });
+}
+
+TEST(BootstrapFailure, AStrangerWritingGarbageToTheSocketDoesNotDisturbTheGroup) {
+  const uint64_t seed = fresh_seed();
+  run_ranks(2, [&](Bootstrap& group) {
+    if (group.rank() == 0) {
+      const std::string path = std::string(std::getenv("EPCOMM_BOOTSTRAP")).substr(5);
+      const int fd = ::socket(AF_UNIX, SOCK_STREAM, 0);
+      sockaddr_un addr{};
+      addr.sun_family = AF_UNIX;
+      std::strncpy(addr.sun_path, path.c_str(), sizeof(addr.sun_path) - 1);
+      ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+      std::vector<char> garbage(100);
+      for (size_t i = 0; i < garbage.size(); ++i) garbage[i] = static_cast<char>(pattern(seed, 0, 9, i));
+      ASSERT_EQ(::write(fd, garbage.data(), garbage.size()), ssize_t(garbage.size()));
+      char reply[256];
+      EXPECT_GT(::read(fd, reply, sizeof(reply)), 0) << "the server did not answer the bad message";
+      ::close(fd);
+    }
+    check_all_gather(group, seed, 1, 333);
+  });
+}
 
 TEST(BootstrapFailure, DifferentSizesFailEveryRankAndNameThem) {
   run_ranks(4, [](Bootstrap& group) {
