@@ -6,7 +6,6 @@
 #include <string>
 #include <vector>
 
-#include "bootstrap/wire.hpp"
 #include "launcher/launcher.hpp"
 
 namespace {
@@ -112,22 +111,22 @@ Arguments parse_arguments(int argc, char** argv) {
 }
 
 void print_tail(const epcomm::launch::RankResult& r) {
+  if (r.tail.empty()) {
+    std::fprintf(stderr, "epcomm-run: rank %d printed nothing\n", r.rank);
+    return;
+  }
   std::fprintf(stderr, "epcomm-run: last %zu lines of rank %d's output:\n", r.tail.size(), r.rank);
   for (const std::string& line : r.tail) std::fprintf(stderr, "  [rank %d] %s\n", r.rank, line.c_str());
 }
 
 // Prints what went wrong; returns the exit status.
 int report_failure(const epcomm::launch::LaunchResult& run, const Arguments& args) {
-  using epcomm::wire::name_ranks;
-  std::vector<int> stopped;
-  for (const auto& r : run.ranks)
-    if (r.stopped_by_launcher) stopped.push_back(r.rank);
   if (run.timed_out)
     std::fprintf(stderr, "epcomm-run: timed out after %g s\n", args.timeout_s);
   else if (run.stop_requested)
     std::fprintf(stderr, "epcomm-run: interrupted\n");
-  if (!run.waiting_at_timeout.empty())
-    std::fprintf(stderr, "epcomm-run: the bootstrap was at %s\n", run.waiting_at_timeout.c_str());
+  if (!run.bootstrap_waiting.empty())
+    std::fprintf(stderr, "epcomm-run: the bootstrap was at %s\n", run.bootstrap_waiting.c_str());
   if (run.first_failure >= 0) {
     const auto& first = run.ranks[run.first_failure];
     std::fprintf(stderr, "epcomm-run: rank %d failed: it %s\n", first.rank, first.how().c_str());
@@ -135,11 +134,12 @@ int report_failure(const epcomm::launch::LaunchResult& run, const Arguments& arg
   }
   for (const auto& r : run.ranks) {
     if (r.ok() || r.rank == run.first_failure) continue;
-    std::fprintf(stderr, "epcomm-run: rank %d %s%s\n", r.rank, r.how().c_str(),
-                 r.stopped_by_launcher ? " (stopped by epcomm-run)" : "");
+    if (r.stopped_by_launcher)
+      std::fprintf(stderr, "epcomm-run: rank %d was stopped by epcomm-run: it %s\n", r.rank, r.how().c_str());
+    else
+      std::fprintf(stderr, "epcomm-run: rank %d %s\n", r.rank, r.how().c_str());
     if (run.first_failure < 0) print_tail(r);  // a timeout: show where each rank was
   }
-  if (!stopped.empty()) std::fprintf(stderr, "epcomm-run: stopped %s\n", name_ranks(stopped).c_str());
   if (run.stop_requested) return 130;
   if (run.timed_out) return 124;
   if (run.first_failure >= 0) {

@@ -47,6 +47,8 @@ int64_t elapsed_ms(Clock::time_point start) {
   return std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - start).count();
 }
 
+// A client of the bootstrap server. One per process and rank, kept for the whole run (the server
+// takes a closed connection to mean the rank is gone). Not thread-safe: one collective at a time.
 class SocketBootstrap final : public Bootstrap {
  public:
   SocketBootstrap(int rank, int size, const std::string& socket_path, std::chrono::milliseconds timeout)
@@ -124,9 +126,10 @@ class SocketBootstrap final : public Bootstrap {
     bool sent = false, queried = false;
     // Our deadline passed: ask the server who has not arrived (it knows, we do not), once.
     auto on_expire = [&]() -> Clock::time_point {
-      if (!sent || queried)
-        fail(ErrorCode::kTimeout, concat(what, ": timed out after ", elapsed_ms(start), " ms (the bootstrap "
-                                               "server did not say which ranks are missing)"));
+      if (!sent) on_expire_fail(what, start)();
+      if (queried)
+        throw_error(ErrorCode::kTimeout, concat(what, ": timed out after ", elapsed_ms(start),
+                                                " ms (the bootstrap server did not say which ranks are missing)"));
       queried = true;
       auto query_deadline = Clock::now() + kStatusGrace;
       send_header({.kind = wire::MessageKind::kQuery, .rank = rank_, .sequence = sequence}, query_deadline,
@@ -166,7 +169,7 @@ class SocketBootstrap final : public Bootstrap {
       if (h.kind == wire::MessageKind::kStatus) {
         const std::string text = receive_text(h, deadline, on_expire, what);
         if (h.sequence != sequence) continue;  // the answer to an earlier query, arrived late
-        throw_error(ErrorCode::kTimeout, concat(what, ": timed out after ", elapsed_ms(start) , " ms; ", text));
+        throw_error(ErrorCode::kTimeout, concat(what, ": timed out after ", elapsed_ms(start), " ms; ", text));
       }
       protocol_error(what, h);
     }
@@ -178,8 +181,6 @@ class SocketBootstrap final : public Bootstrap {
                                               " ms (the bootstrap server is not reading)"));
     };
   }
-
-  [[noreturn]] void fail(ErrorCode code, const std::string& message) { throw_error(code, message); }
 
   void send_header(const wire::Header& h, Clock::time_point& deadline, const wire::ExpiryHandler& on_expire,
                    const std::string& what) {

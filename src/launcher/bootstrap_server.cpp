@@ -185,6 +185,7 @@ void BootstrapServer::on_hello(Client& c) {
                      "whole run)");
   if (!refusal.empty()) {
     c.close_after_flush = true;
+    c.close_reason = "was disconnected by the bootstrap server: hello refused: " + refusal;
     send_text(c, wire::MessageKind::kError, 0, static_cast<int32_t>(ErrorCode::kInvalidArgument),
               "hello refused: " + refusal);
     return;

@@ -214,7 +214,7 @@ class Run {
       return;
     }
     if (options_.timeout.count() > 0 && now - start >= options_.timeout) {
-      result_.timed_out = true;
+      result_.timed_out = !failure_seen_at_;  // else the failure ended the run, the timeout only cut its grace
       begin_stop(now);
     } else if (options_.stop_requested != nullptr && *options_.stop_requested != 0) {
       result_.stop_requested = true;
@@ -225,7 +225,7 @@ class Run {
   }
 
   void begin_stop(Clock::time_point now) {
-    result_.waiting_at_timeout = server_.waiting_summary();
+    result_.bootstrap_waiting = server_.waiting_summary();
     stopping_ = true;
     kill_at_ = now + options_.kill_grace;
     signal_running(SIGTERM);

@@ -113,6 +113,22 @@ TEST(Launcher, AFailedRankIsReportedAndTheOthersAreStopped) {
   EXPECT_EQ(run.failed_ranks(), (std::vector<int>{0, 1, 2}));
 }
 
+TEST(Launcher, ATimeoutDuringTheFailureGraceStillReportsTheFailure) {
+  LaunchOptions options = options_for(2);
+  options.failure_grace = milliseconds(30'000);
+  options.timeout = milliseconds(500);
+  const auto start = Clock::now();
+  const auto run = launch::launch_functions(options, [](int rank) {
+    if (rank == 1) return 3;
+    sleep_ms(30'000);
+    return 0;
+  });
+  EXPECT_LT(ms_since(start), 5000);
+  EXPECT_FALSE(run.timed_out) << "the failure, not the timeout, ended this run";
+  EXPECT_EQ(run.first_failure, 1);
+  EXPECT_TRUE(run.ranks[0].stopped_by_launcher);
+}
+
 TEST(Launcher, ARankIgnoringSigtermIsKilledAfterTheGracePeriod) {
   LaunchOptions options = options_for(2);
   options.timeout = milliseconds(300);
@@ -140,7 +156,7 @@ TEST(Launcher, TheTimeoutSaysWhatTheBootstrapWaitedFor) {
   });
   EXPECT_TRUE(run.timed_out);
   EXPECT_FALSE(run.ok());
-  EXPECT_EQ(run.waiting_at_timeout, "barrier #0: waiting for rank 2");
+  EXPECT_EQ(run.bootstrap_waiting, "barrier #0: waiting for rank 2");
   for (const auto& r : run.ranks) EXPECT_TRUE(r.stopped_by_launcher && r.signaled) << r.rank << " " << r.how();
 }
 

@@ -74,7 +74,7 @@ std::string why_failed(const launch::RankResult& r, const launch::LaunchResult& 
     else if (run.first_failure >= 0)
       why += concat(" after the harness stopped it because rank ", run.first_failure, " failed");
   }
-  if (!run.waiting_at_timeout.empty()) why += concat("; the bootstrap was at ", run.waiting_at_timeout);
+  if (!run.bootstrap_waiting.empty()) why += concat("; the bootstrap was at ", run.bootstrap_waiting);
   return why;
 }
 
