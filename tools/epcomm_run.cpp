@@ -93,7 +93,8 @@ Arguments parse_arguments(int argc, char** argv) {
       if (!parse_int(v, args.num_ranks)) usage_error(a + ": expected a number of ranks >= 1, got '" + v + "'");
     } else if (a.rfind("--nproc=", 0) == 0 || (a.rfind("-n", 0) == 0 && a.size() > 2 && a[1] == 'n')) {
       const char* v = argv[i] + (a[1] == 'n' ? 2 : 8);
-      if (!parse_int(v, args.num_ranks)) usage_error("-n: expected a number of ranks >= 1, got '" + std::string(v) + "'");
+      if (!parse_int(v, args.num_ranks))
+        usage_error("-n: expected a number of ranks >= 1, got '" + std::string(v) + "'");
     } else if (a == "--timeout" || a.rfind("--timeout=", 0) == 0) {
       const char* v = a == "--timeout" ? value(a) : argv[i] + 10;
       if (!parse_seconds(v, args.timeout_s))

@@ -38,8 +38,8 @@ class SingleRankBootstrap final : public Bootstrap {
 
 // The server sends error codes as integers; anything unknown becomes kInternal.
 ErrorCode code_from_wire(int32_t value) {
-  const bool known = value >= static_cast<int32_t>(ErrorCode::kInvalidArgument) &&
-                     value <= static_cast<int32_t>(ErrorCode::kInternal);
+  const bool known =
+      value >= static_cast<int32_t>(ErrorCode::kInvalidArgument) && value <= static_cast<int32_t>(ErrorCode::kInternal);
   return known ? static_cast<ErrorCode>(value) : ErrorCode::kInternal;
 }
 
@@ -117,8 +117,8 @@ class SocketBootstrap final : public Bootstrap {
   void collective(wire::CollectiveOp op, const void* send, void* recv, size_t bytes) {
     if (!unusable_.empty()) throw_error(unusable_code_, unusable_);
     const uint64_t sequence = next_sequence_++;
-    const std::string what = concat("bootstrap ", wire::to_string(op), " #", sequence, " (rank ", rank_, " of ",
-                                    size_, ")");
+    const std::string what =
+        concat("bootstrap ", wire::to_string(op), " #", sequence, " (rank ", rank_, " of ", size_, ")");
     require(bytes <= wire::kMaxContributionBytes, what.c_str(), "bytes",
             concat("expected at most ", wire::kMaxContributionBytes, ", got ", bytes));
     const auto start = Clock::now();
@@ -137,8 +137,11 @@ class SocketBootstrap final : public Bootstrap {
       return Clock::now() + kStatusGrace;
     };
     try {
-      send_header({.kind = wire::MessageKind::kCollective, .rank = rank_, .aux = static_cast<int32_t>(op),
-                   .sequence = sequence, .bytes = bytes},
+      send_header({.kind = wire::MessageKind::kCollective,
+                   .rank = rank_,
+                   .aux = static_cast<int32_t>(op),
+                   .sequence = sequence,
+                   .bytes = bytes},
                   deadline, on_expire, what);
       if (bytes > 0) wire::send_all(fd_, send, bytes, deadline, on_expire, what);
       sent = true;
@@ -177,8 +180,8 @@ class SocketBootstrap final : public Bootstrap {
 
   wire::ExpiryHandler on_expire_fail(const std::string& what, Clock::time_point start) {
     return [what, start]() -> Clock::time_point {
-      throw_error(ErrorCode::kTimeout, concat(what, ": timed out after ", elapsed_ms(start),
-                                              " ms (the bootstrap server is not reading)"));
+      throw_error(ErrorCode::kTimeout,
+                  concat(what, ": timed out after ", elapsed_ms(start), " ms (the bootstrap server is not reading)"));
     };
   }
 

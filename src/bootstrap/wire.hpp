@@ -20,8 +20,8 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
-#include <string>
 #include <functional>
+#include <string>
 #include <string_view>
 #include <vector>
 

@@ -35,8 +35,8 @@ BootstrapServer::BootstrapServer(int world_size, std::string socket_path)
   sockaddr_un addr{};
   addr.sun_family = AF_UNIX;
   if (path_.size() >= sizeof(addr.sun_path))
-    throw std::runtime_error(concat("epcomm bootstrap server: socket path longer than ", sizeof(addr.sun_path) - 1,
-                                    " bytes: ", path_));
+    throw std::runtime_error(
+        concat("epcomm bootstrap server: socket path longer than ", sizeof(addr.sun_path) - 1, " bytes: ", path_));
   std::memcpy(addr.sun_path, path_.c_str(), path_.size() + 1);
   listen_fd_ = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
   if (listen_fd_ < 0) throw_system("socket");
@@ -158,12 +158,17 @@ void BootstrapServer::on_header(Client& c) {
 void BootstrapServer::on_message(Client& c) {
   c.header_got = 0;
   switch (c.incoming.kind) {
-    case wire::MessageKind::kHello: on_hello(c); break;
-    case wire::MessageKind::kQuery: on_query(c); break;
+    case wire::MessageKind::kHello:
+      on_hello(c);
+      break;
+    case wire::MessageKind::kQuery:
+      on_query(c);
+      break;
     case wire::MessageKind::kCollective:
       if (c.contributing) contribution_done(c);
       break;
-    default: break;  // refused in on_header
+    default:
+      break;  // refused in on_header
   }
   c.payload_buffer.reset();
   c.payload_got = 0;
@@ -173,7 +178,8 @@ void BootstrapServer::on_message(Client& c) {
 void BootstrapServer::on_hello(Client& c) {
   const wire::Header& h = c.incoming;
   std::string refusal;
-  if (c.rank >= 0) refusal = "a second hello on one connection";
+  if (c.rank >= 0)
+    refusal = "a second hello on one connection";
   else if (h.aux != world_size_)
     refusal = concat("EPCOMM_WORLD_SIZE is ", h.aux, " but the launcher started ", world_size_, " ranks");
   else if (h.rank < 0 || h.rank >= world_size_)
@@ -181,7 +187,8 @@ void BootstrapServer::on_hello(Client& c) {
   else if (fd_of_rank_[h.rank] >= 0)
     refusal = concat("rank ", h.rank, " is already connected (a rank connects once: reuse its Bootstrap)");
   else if (departed_.count(h.rank))
-    refusal = concat("rank ", h.rank, " already left the group (a rank connects once: keep its Bootstrap for the "
+    refusal = concat("rank ", h.rank,
+                     " already left the group (a rank connects once: keep its Bootstrap for the "
                      "whole run)");
   if (!refusal.empty()) {
     c.close_after_flush = true;
@@ -229,7 +236,7 @@ BootstrapServer::Collective* BootstrapServer::collective_for(Client& c, uint64_t
     current_.emplace();
     current_->sequence = sequence;
     current_->op = h.aux == static_cast<int32_t>(wire::CollectiveOp::kBarrier) ? wire::CollectiveOp::kBarrier
-                                                                              : wire::CollectiveOp::kAllGather;
+                                                                               : wire::CollectiveOp::kAllGather;
     current_->bytes = h.bytes;
     current_->arrived.assign(world_size_, false);
     current_->sizes.assign(world_size_, 0);
@@ -238,8 +245,7 @@ BootstrapServer::Collective* BootstrapServer::collective_for(Client& c, uint64_t
   }
   if (current_ && current_->done && !current_->failure.empty() && sequence < current_->sequence) {
     // A late rank still on an older collective of a group that has lost a rank since.
-    send_text(c, wire::MessageKind::kError, sequence, static_cast<int32_t>(current_->failure_code),
-              current_->failure);
+    send_text(c, wire::MessageKind::kError, sequence, static_cast<int32_t>(current_->failure_code), current_->failure);
     return nullptr;
   }
   protocol_error(c, concat("rank ", c.rank, " sent collective #", sequence, " while the group is at #",
@@ -263,9 +269,8 @@ void BootstrapServer::on_collective_header(Client& c) {
 void BootstrapServer::contribution_done(Client& c) {
   const uint64_t sequence = c.incoming.sequence;
   if (!current_ || current_->sequence != sequence) return;  // cannot happen: a new one needs this rank
-  if (current_->done) {  // failed while the payload was arriving
-    send_text(c, wire::MessageKind::kError, sequence, static_cast<int32_t>(current_->failure_code),
-              current_->failure);
+  if (current_->done) {                                     // failed while the payload was arriving
+    send_text(c, wire::MessageKind::kError, sequence, static_cast<int32_t>(current_->failure_code), current_->failure);
     return;
   }
   current_->arrived[c.rank] = true;
@@ -291,12 +296,13 @@ void BootstrapServer::evaluate() {
     for (const auto& [bytes, ranks] : ranks_by_size)
       sizes += concat(sizes.empty() ? "" : "; ", bytes, " bytes from ", wire::name_ranks(ranks));
     return fail(col, ErrorCode::kInvalidArgument,
-                concat("the ranks contributed different sizes (", sizes, "); every rank must contribute the same "
+                concat("the ranks contributed different sizes (", sizes,
+                       "); every rank must contribute the same "
                        "number of bytes"));
   }
   col.done = true;
-  const wire::Header h{.kind = wire::MessageKind::kResult, .sequence = col.sequence,
-                       .bytes = static_cast<uint64_t>(col.result->size())};
+  const wire::Header h{
+      .kind = wire::MessageKind::kResult, .sequence = col.sequence, .bytes = static_cast<uint64_t>(col.result->size())};
   for (int r = 0; r < world_size_; ++r) {
     auto it = clients_.find(fd_of_rank_[r]);
     if (fd_of_rank_[r] >= 0 && it != clients_.end() && !it->second.closed) send(it->second, h, col.result);

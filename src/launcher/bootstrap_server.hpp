@@ -56,7 +56,7 @@ class BootstrapServer {
   struct OutMessage {
     unsigned char header[wire::kHeaderBytes];
     std::shared_ptr<const std::vector<char>> payload;  // shared by every rank receiving a result
-    size_t sent = 0;                                  // bytes of header + payload already written
+    size_t sent = 0;                                   // bytes of header + payload already written
   };
   struct Client {
     int fd = -1;
@@ -70,8 +70,8 @@ class BootstrapServer {
     std::shared_ptr<std::vector<char>> payload_buffer;
     size_t payload_offset = 0;
     uint64_t payload_got = 0;
-    bool contributing = false;  // the message being read is an accepted contribution
-    std::vector<OutMessage> out;  // in order; front first
+    bool contributing = false;       // the message being read is an accepted contribution
+    std::vector<OutMessage> out;     // in order; front first
     bool close_after_flush = false;  // refused or misbehaving: input is dropped, closed once answered
     std::string close_reason;
     bool closed = false;
@@ -79,9 +79,9 @@ class BootstrapServer {
   struct Collective {
     uint64_t sequence = 0;
     wire::CollectiveOp op = wire::CollectiveOp::kAllGather;
-    uint64_t bytes = 0;                        // the first contribution's size; the one expected
+    uint64_t bytes = 0;                         // the first contribution's size; the one expected
     std::shared_ptr<std::vector<char>> result;  // world * bytes
-    std::vector<uint64_t> sizes;               // per rank, once arrived
+    std::vector<uint64_t> sizes;                // per rank, once arrived
     std::vector<bool> arrived;
     bool done = false;
     ErrorCode failure_code = ErrorCode::kInternal;
@@ -112,12 +112,12 @@ class BootstrapServer {
   int world_size_;
   std::string path_;
   int listen_fd_ = -1;
-  std::map<int, Client> clients_;      // by descriptor
-  std::vector<int> fd_of_rank_;        // -1 while the rank has no connection
+  std::map<int, Client> clients_;  // by descriptor
+  std::vector<int> fd_of_rank_;    // -1 while the rank has no connection
   std::vector<bool> ever_connected_;
   std::map<int, std::string> departed_;  // rank -> how it ended
-  std::optional<Collective> current_;  // the collective in progress, or the last one
-  std::vector<char> discard_;         // where dropped payloads are read to
+  std::optional<Collective> current_;    // the collective in progress, or the last one
+  std::vector<char> discard_;            // where dropped payloads are read to
 };
 
 }  // namespace epcomm::launch

@@ -22,10 +22,10 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-constexpr int kPollIntervalMs = 20;                    // how often exits and deadlines are checked
-constexpr size_t kMaxLineBytes = 64 * 1024;            // a longer line is cut into pieces
+constexpr int kPollIntervalMs = 20;                     // how often exits and deadlines are checked
+constexpr size_t kMaxLineBytes = 64 * 1024;             // a longer line is cut into pieces
 constexpr std::chrono::milliseconds kDrainGrace{1000};  // after the last exit, for output still in flight
-constexpr size_t kMaxSocketPath = 100;                 // sockaddr_un::sun_path holds 108
+constexpr size_t kMaxSocketPath = 100;                  // sockaddr_un::sun_path holds 108
 
 [[noreturn]] void throw_system(const std::string& what) {
   throw std::runtime_error(concat("epcomm launcher: ", what, ": ", std::strerror(errno)));
@@ -196,8 +196,8 @@ class Run {
       r.signaled = WIFSIGNALED(status);
       r.signal = r.signaled ? WTERMSIG(status) : 0;
       // Peers read this as "rank 3 exited with code 1" / "rank 3 exited: killed by signal 9 (SIGKILL)".
-      server_.rank_ended(r.rank, r.exited ? r.how()
-                                          : concat("exited: killed by signal ", r.signal, " (", signal_name(r.signal), ")"));
+      server_.rank_ended(
+          r.rank, r.exited ? r.how() : concat("exited: killed by signal ", r.signal, " (", signal_name(r.signal), ")"));
       if (!r.ok() && !r.stopped_by_launcher && result_.first_failure < 0) {
         result_.first_failure = r.rank;
         failure_seen_at_ = Clock::now();

@@ -54,9 +54,9 @@ struct RankResult {
 
 struct LaunchResult {
   std::vector<RankResult> ranks;
-  int first_failure = -1;          // the rank whose failure ended the run (the first one seen), or -1
-  bool timed_out = false;          // the overall timeout stopped a run in which no rank had failed
-  bool stop_requested = false;     // `stop_requested` stopped the run
+  int first_failure = -1;       // the rank whose failure ended the run (the first one seen), or -1
+  bool timed_out = false;       // the overall timeout stopped a run in which no rank had failed
+  bool stop_requested = false;  // `stop_requested` stopped the run
   // What the bootstrap server was waiting for when the launcher began stopping ranks (after a
   // failure, the timeout or a stop request), e.g. "barrier #3: waiting for rank 2"; empty if nothing.
   std::string bootstrap_waiting;

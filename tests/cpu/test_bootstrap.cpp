@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <random>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
@@ -128,29 +129,66 @@ TEST(Barrier, NoRankLeavesBeforeTheLastOneArrives) {
 
 // ---- failures --------------------------------------------------------------------------------------
 
+// Lets a rank that stays out of the bootstrap wait until the others are done with it, instead of
+// sleeping for a guessed time (the ranks are processes; files are the simplest state they share).
+// Made in the parent; its destructor runs there only (the ranks leave with _exit).
+class FileLatch {
+ public:
+  FileLatch() {
+    std::string pattern = "/tmp/epcomm-latch-XXXXXX";
+    if (::mkdtemp(pattern.data()) == nullptr) throw std::runtime_error("mkdtemp failed");
+    dir_ = pattern;
+  }
+  ~FileLatch() {
+    for (int r = 0; r < 64; ++r) ::unlink(file(r).c_str());
+    ::rmdir(dir_.c_str());
+  }
+  void arrive(int rank) const { std::fclose(std::fopen(file(rank).c_str(), "w")); }
+  // True once `count` ranks arrived; false after `timeout`.
+  bool wait(int count, milliseconds timeout) const {
+    const auto end = Clock::now() + timeout;
+    while (Clock::now() < end) {
+      int arrived = 0;
+      for (int r = 0; r < 64; ++r) arrived += ::access(file(r).c_str(), F_OK) == 0 ? 1 : 0;
+      if (arrived >= count) return true;
+      std::this_thread::sleep_for(milliseconds(10));
+    }
+    return false;
+  }
+
+ private:
+  std::string file(int rank) const { return dir_ + "/" + std::to_string(rank); }
+  std::string dir_;
+};
+
 TEST(BootstrapFailure, ARankThatNeverJoinsIsNamedInTheTimeout) {
   RunRanksOptions options;
   options.bootstrap_timeout = milliseconds(500);
-  run_ranks(3, [](Bootstrap& group) {
-    if (group.rank() == 1) {  // connected, but never enters the barrier (and still alive when the others give up)
-      std::this_thread::sleep_for(milliseconds(1500));
-      return;
-    }
-    const auto start = Clock::now();
-    try {
-      group.barrier();
-      ADD_FAILURE() << "the barrier completed without rank 1";
-    } catch (const Error& e) {
-      EXPECT_EQ(e.code(), ErrorCode::kTimeout) << e.what();
-      EXPECT_NE(std::string(e.what()).find("barrier #0"), std::string::npos) << e.what();
-      EXPECT_NE(std::string(e.what()).find("waiting for rank 1"), std::string::npos) << e.what();
-    }
-    const int64_t waited = ms_since(start);
-    EXPECT_GE(waited, 450);
-    EXPECT_LT(waited, 2000) << "the timeout is not bounded";
-    // After a timeout the bootstrap refuses further collectives at once.
-    EXPECT_THROW(group.barrier(), Error);
-  }, options);
+  const FileLatch others_done;
+  run_ranks(
+      3,
+      [&](Bootstrap& group) {
+        if (group.rank() == 1) {  // connected, but never enters the barrier; alive until the others gave up
+          EXPECT_TRUE(others_done.wait(2, std::chrono::seconds(60)));
+          return;
+        }
+        const auto start = Clock::now();
+        try {
+          group.barrier();
+          ADD_FAILURE() << "the barrier completed without rank 1";
+        } catch (const Error& e) {
+          EXPECT_EQ(e.code(), ErrorCode::kTimeout) << e.what();
+          EXPECT_NE(std::string(e.what()).find("barrier #0"), std::string::npos) << e.what();
+          EXPECT_NE(std::string(e.what()).find("waiting for rank 1"), std::string::npos) << e.what();
+        }
+        const int64_t waited = ms_since(start);
+        EXPECT_GE(waited, 450);
+        EXPECT_LT(waited, 4000) << "the timeout is not bounded";
+        // After a timeout the bootstrap refuses further collectives at once.
+        EXPECT_THROW(group.barrier(), Error);
+        others_done.arrive(group.rank());
+      },
+      options);
 }
 
 TEST(BootstrapFailure, ARankThatNeverConnectsIsNamedInTheTimeout) {
@@ -158,21 +196,23 @@ TEST(BootstrapFailure, ARankThatNeverConnectsIsNamedInTheTimeout) {
   options.num_ranks = 3;
   options.timeout = std::chrono::seconds(30);
   options.tail_lines = 20;
-  const auto run = launch::launch_functions(options, [](int rank) {
-    if (rank == 2) {  // never calls bootstrap_from_env
-      std::this_thread::sleep_for(milliseconds(1500));
-      return 0;
+  const FileLatch others_done;
+  const auto run = launch::launch_functions(options, [&](int rank) {
+    if (rank == 2) {  // never calls bootstrap_from_env; alive until the others gave up
+      return others_done.wait(2, std::chrono::seconds(60)) ? 0 : 22;
     }
     auto group = bootstrap_from_env(milliseconds(400));
+    int status = 21;
     try {
       group->all_gather(&rank, nullptr, 0);
     } catch (const Error& e) {
       std::printf("caught: %s\n", e.what());
-      const bool named = std::string(e.what()).find("waiting for rank 2 (rank 2 has not connected yet)") !=
-                         std::string::npos;
-      return e.code() == ErrorCode::kTimeout && named ? 0 : 20;
+      const bool named =
+          std::string(e.what()).find("waiting for rank 2 (rank 2 has not connected yet)") != std::string::npos;
+      status = e.code() == ErrorCode::kTimeout && named ? 0 : 20;
     }
-    return 21;
+    others_done.arrive(rank);
+    return status;
   });
   for (const auto& r : run.ranks) EXPECT_TRUE(r.ok()) << r.how() << "\n" << testing::format_output(r);
 }
@@ -182,32 +222,35 @@ TEST(BootstrapFailure, ARankThatNeverConnectsIsNamedInTheTimeout) {
 void expect_peer_failure_after_crash(bool others_wait_first) {
   RunRanksOptions options;
   options.bootstrap_timeout = std::chrono::seconds(30);
-  const auto run = run_ranks_unchecked(4, [&](Bootstrap& group) {
-    group.barrier();
-    if (group.rank() == 3) {
-      if (others_wait_first) std::this_thread::sleep_for(milliseconds(300));
-      std::raise(SIGKILL);
-    }
-    if (!others_wait_first) std::this_thread::sleep_for(milliseconds(300));
-    const auto start = Clock::now();
-    try {
-      group.barrier();
-      ADD_FAILURE() << "the barrier completed without rank 3";
-    } catch (const Error& e) {
-      EXPECT_EQ(e.code(), ErrorCode::kPeerFailure) << e.what();
-      EXPECT_NE(std::string(e.what()).find("rank 3 exited"), std::string::npos) << e.what();
-      std::printf("rank %d: %s\n", group.rank(), e.what());
-    }
-    EXPECT_LT(ms_since(start), 5000) << "the peer failure was noticed late";
-    // The group stays broken.
-    try {
-      std::this_thread::sleep_for(milliseconds(100));
-      group.barrier();
-      ADD_FAILURE() << "a barrier completed after rank 3 died";
-    } catch (const Error& e) {
-      EXPECT_EQ(e.code(), ErrorCode::kPeerFailure) << e.what();
-    }
-  }, options);
+  const auto run = run_ranks_unchecked(
+      4,
+      [&](Bootstrap& group) {
+        group.barrier();
+        if (group.rank() == 3) {
+          if (others_wait_first) std::this_thread::sleep_for(milliseconds(300));
+          std::raise(SIGKILL);
+        }
+        if (!others_wait_first) std::this_thread::sleep_for(milliseconds(300));
+        const auto start = Clock::now();
+        try {
+          group.barrier();
+          ADD_FAILURE() << "the barrier completed without rank 3";
+        } catch (const Error& e) {
+          EXPECT_EQ(e.code(), ErrorCode::kPeerFailure) << e.what();
+          EXPECT_NE(std::string(e.what()).find("rank 3 exited"), std::string::npos) << e.what();
+          std::printf("rank %d: %s\n", group.rank(), e.what());
+        }
+        EXPECT_LT(ms_since(start), 5000) << "the peer failure was noticed late";
+        // The group stays broken.
+        try {
+          std::this_thread::sleep_for(milliseconds(100));
+          group.barrier();
+          ADD_FAILURE() << "a barrier completed after rank 3 died";
+        } catch (const Error& e) {
+          EXPECT_EQ(e.code(), ErrorCode::kPeerFailure) << e.what();
+        }
+      },
+      options);
   ASSERT_EQ(run.ranks.size(), 4u);
   EXPECT_TRUE(run.ranks[3].signaled && run.ranks[3].signal == SIGKILL) << run.ranks[3].how();
   EXPECT_EQ(run.first_failure, 3);
@@ -282,13 +325,17 @@ class ScopedEnv {
   void set(const char* name, const char* value) {
     const char* old = std::getenv(name);
     saved_.push_back({name, old ? std::optional<std::string>(old) : std::nullopt});
-    if (value) ::setenv(name, value, 1);
-    else ::unsetenv(name);
+    if (value)
+      ::setenv(name, value, 1);
+    else
+      ::unsetenv(name);
   }
   ~ScopedEnv() {
     for (auto it = saved_.rbegin(); it != saved_.rend(); ++it) {
-      if (it->second) ::setenv(it->first.c_str(), it->second->c_str(), 1);
-      else ::unsetenv(it->first.c_str());
+      if (it->second)
+        ::setenv(it->first.c_str(), it->second->c_str(), 1);
+      else
+        ::unsetenv(it->first.c_str());
     }
   }
 
@@ -332,7 +379,8 @@ TEST(BootstrapFromEnv, NoServerIsATimeoutNamingTheSocket) {
   env.set("EPCOMM_RANK", "0");
   env.set("EPCOMM_BOOTSTRAP", "unix:/tmp/epcomm-no-such-dir/bootstrap.sock");
   const auto start = Clock::now();
-  expect_error(ErrorCode::kTimeout, "could not connect to the bootstrap server at '/tmp/epcomm-no-such-dir/bootstrap.sock'");
+  expect_error(ErrorCode::kTimeout,
+               "could not connect to the bootstrap server at '/tmp/epcomm-no-such-dir/bootstrap.sock'");
   EXPECT_LT(ms_since(start), 2000);
 }
 

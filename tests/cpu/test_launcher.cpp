@@ -199,28 +199,35 @@ TEST(Launcher, ZeroRanksIsRefused) {
 // ---- run_ranks: each failed rank becomes one failure in the parent ----------------------------------
 
 TEST(RunRanks, AGtestFailureInARankFailsTheTestWithItsOutput) {
-  EXPECT_NONFATAL_FAILURE(run_ranks(3, [](Bootstrap& group) {
-    std::printf("rank %d says hi\n", group.rank());
-    EXPECT_NE(group.rank(), 1) << "marker of rank 1";
-  }), "rank 1 exited with code 4 (its body recorded gtest failures)");
+  EXPECT_NONFATAL_FAILURE(run_ranks(3,
+                                    [](Bootstrap& group) {
+                                      std::printf("rank %d says hi\n", group.rank());
+                                      EXPECT_NE(group.rank(), 1) << "marker of rank 1";
+                                    }),
+                          "rank 1 exited with code 4 (its body recorded gtest failures)");
   EXPECT_NONFATAL_FAILURE(run_ranks(3, [](Bootstrap& group) { EXPECT_NE(group.rank(), 2) << "marker of rank 2"; }),
                           "marker of rank 2");
 }
 
 TEST(RunRanks, AnExceptionOrACrashInARankFailsTheTest) {
-  EXPECT_NONFATAL_FAILURE(run_ranks(2, [](Bootstrap& group) {
-    if (group.rank() == 0) throw std::runtime_error("thrown by rank 0");
-  }), "the body threw: thrown by rank 0");
-  EXPECT_NONFATAL_FAILURE(run_ranks(2, [](Bootstrap& group) {
-    if (group.rank() == 1) std::raise(SIGKILL);
-  }), "rank 1 was killed by signal 9 (SIGKILL)");
+  EXPECT_NONFATAL_FAILURE(run_ranks(2,
+                                    [](Bootstrap& group) {
+                                      if (group.rank() == 0) throw std::runtime_error("thrown by rank 0");
+                                    }),
+                          "the body threw: thrown by rank 0");
+  EXPECT_NONFATAL_FAILURE(run_ranks(2,
+                                    [](Bootstrap& group) {
+                                      if (group.rank() == 1) std::raise(SIGKILL);
+                                    }),
+                          "rank 1 was killed by signal 9 (SIGKILL)");
 }
 
 TEST(RunRanks, AHangIsStoppedByTheTimeout) {
   testing::RunRanksOptions options;
   options.timeout = std::chrono::seconds(1);
   const auto start = Clock::now();
-  EXPECT_NONFATAL_FAILURE(run_ranks(1, [](Bootstrap&) { sleep_ms(30'000); }, options),
+  EXPECT_NONFATAL_FAILURE(run_ranks(
+                              1, [](Bootstrap&) { sleep_ms(30'000); }, options),
                           "after run_ranks timed out (1 s)");
   EXPECT_LT(ms_since(start), 6000);
 }
@@ -296,7 +303,8 @@ TEST(EpcommRun, AFailingRankIsNamedWithItsExitCodeAndLastLines) {
   EXPECT_TRUE(contains(run.err, "  [rank 1] about to exit with 5\n")) << run.err;
   EXPECT_FALSE(contains(run.err, "  [rank 1] line 5 of the failing rank\n")) << "more than 50 lines: " << run.err;
   // The others were told (kPeerFailure naming rank 1) and exited 0 on their own.
-  EXPECT_TRUE(contains(run.out, "[rank 0] rank 0 saw: epcomm: peer failure: bootstrap barrier #1 (rank 0 of 3): rank 1"))
+  EXPECT_TRUE(
+      contains(run.out, "[rank 0] rank 0 saw: epcomm: peer failure: bootstrap barrier #1 (rank 0 of 3): rank 1"))
       << run.out;
   EXPECT_FALSE(contains(run.err, "epcomm-run: rank 0")) << run.err;
 }

@@ -14,9 +14,9 @@ int visible_gpu_count();
 }  // namespace epcomm::testing
 
 // Skips the current test unless at least `n` GPUs are visible.
-#define EPCOMM_REQUIRE_GPUS(n)                                                                    \
-  do {                                                                                            \
-    const int epcomm_visible_gpus_ = ::epcomm::testing::visible_gpu_count();                      \
-    if (epcomm_visible_gpus_ < (n))                                                               \
-      GTEST_SKIP() << "needs " << (n) << " GPUs, " << epcomm_visible_gpus_ << " visible";         \
+#define EPCOMM_REQUIRE_GPUS(n)                                                            \
+  do {                                                                                    \
+    const int epcomm_visible_gpus_ = ::epcomm::testing::visible_gpu_count();              \
+    if (epcomm_visible_gpus_ < (n))                                                       \
+      GTEST_SKIP() << "needs " << (n) << " GPUs, " << epcomm_visible_gpus_ << " visible"; \
   } while (0)

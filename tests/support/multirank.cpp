@@ -100,8 +100,10 @@ launch::LaunchResult run_ranks_unchecked(int num_ranks, const std::function<void
 void run_ranks(int num_ranks, const std::function<void(Bootstrap&)>& body, const RunRanksOptions& options) {
   const launch::LaunchResult run = run_ranks_unchecked(num_ranks, body, options);
   for (const launch::RankResult& r : run.ranks) {
-    if (!r.ok()) ADD_FAILURE() << why_failed(r, run, options) << "\n" << format_output(r);
-    else if (options.print_output_on_success) std::printf("%s\n", format_output(r).c_str());
+    if (!r.ok())
+      ADD_FAILURE() << why_failed(r, run, options) << "\n" << format_output(r);
+    else if (options.print_output_on_success)
+      std::printf("%s\n", format_output(r).c_str());
   }
   if (run.timed_out && run.failed_ranks().empty())  // every rank ended just as the timeout hit
     ADD_FAILURE() << "run_ranks timed out after " << options.timeout.count() << " s";
