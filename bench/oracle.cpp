@@ -98,7 +98,10 @@ Mismatch Oracle::layout(Platform& platform, const LayoutResult& result) const {
         return concat("rank ", me_, ": layout: is_token_in_rank[", t, ", ", r, "] is ",
                       int(element<uint8_t>(in_rank, t, r)), ", expected ", int(expected));
     }
-    for (int k = 0; k < w_.topk; ++k) ++expert_count[routing_.expert(me_, t, k)];
+    for (int k = 0; k < w_.topk; ++k) {
+      const int64_t e = routing_.expert(me_, t, k);
+      if (e >= 0) ++expert_count[e];
+    }
   }
   for (int r = 0; r < routing_.num_ranks; ++r)
     if (element<int32_t>(per_rank, r) != rank_count[r])
