@@ -1,4 +1,5 @@
 #include <algorithm>
+#include <cmath>
 #include <functional>
 
 #include "core/check.hpp"
@@ -22,13 +23,13 @@ std::string routing_summary(const Routing& routing) {
     }
   }
   std::sort(per_expert.begin(), per_expert.end(), std::greater<>());
-  const size_t busiest = std::max<size_t>(1, static_cast<size_t>(routing.experts / 5));
+  const size_t busiest = static_cast<size_t>(std::max(1L, std::lround(0.2 * routing.experts)));  // as many as are hot
   int64_t top = 0;
   for (size_t i = 0; i < busiest; ++i) top += per_expert[i];
   const auto [fewest, most] = std::minmax_element(per_rank.begin(), per_rank.end());
-  return concat("routing: ", 100.0 * double(top) / double(std::max<int64_t>(selections, 1)),
-                "% of selections on the busiest ", busiest, " experts; tokens received per rank ", *fewest, " .. ",
-                *most);
+  const double percent = std::round(1000.0 * double(top) / double(std::max<int64_t>(selections, 1))) / 10;
+  return concat("routing: ", percent, "% of selections on the busiest ", busiest, " experts; tokens received per rank ",
+                *fewest, " .. ", *most);
 }
 
 }  // namespace
