@@ -8,6 +8,8 @@ if(NOT EPCOMM_WITH_CUDA STREQUAL "OFF")
     if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES)
       set(CMAKE_CUDA_ARCHITECTURES 90a)  # Hopper with its architecture-specific instructions
     endif()
+    # One CUDA runtime in the process: libepcomm and its users link the shared libcudart.
+    set(CMAKE_CUDA_RUNTIME_LIBRARY Shared)
     enable_language(CUDA)
     set(CMAKE_CUDA_STANDARD 20)
     set(CMAKE_CUDA_STANDARD_REQUIRED ON)

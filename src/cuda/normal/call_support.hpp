@@ -1,0 +1,34 @@
+// Host-side pieces every normal-mode call uses: stream ordering (SPEC §3.4) and output allocation.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <initializer_list>
+
+#include "epcomm/ops.hpp"
+
+namespace epcomm::cuda {
+
+// Orders one call's work on the comm stream against the caller (SPEC §3.4). Construction makes the
+// comm stream wait for `previous_event`, or else for everything already queued on the caller's stream;
+// finish() records the end of the work and either returns it as an event (async_finish) or makes the
+// caller's stream wait for it and returns a complete event.
+class CallStreams {
+ public:
+  CallStreams(cudaStream_t comm, const StreamOptions& options);
+  cudaStream_t comm() const { return comm_; }
+  // Where outputs are first used: the comm stream with allocate_on_comm_stream, else the caller's.
+  cudaStream_t allocation_stream() const { return options_.allocate_on_comm_stream ? comm_ : caller(); }
+  Event finish() const;
+
+ private:
+  cudaStream_t caller() const { return reinterpret_cast<cudaStream_t>(options_.stream); }
+  cudaStream_t comm_;
+  StreamOptions options_;
+};
+
+// A contiguous output tensor from the caller's allocator.
+Tensor allocate(Allocator& allocator, DType dtype, std::initializer_list<int64_t> shape, Device device,
+                cudaStream_t stream);
+
+}  // namespace epcomm::cuda
