@@ -64,8 +64,8 @@ __device__ void combine_send(const CombineParams& p, int channel, uint64_t epoch
   const uint64_t* head = at_offset<const uint64_t>(c.peers[me], head_offset(dst, channel));
 
   // Rows from `dst` are [first, last); channel c's tokens of dst are [range.begin, range.end).
-  const int first = dst == 0 ? 0 : p.rank_prefix_matrix[(dst - 1) * R + me];
-  const int last = p.rank_prefix_matrix[dst * R + me];
+  const int first = min(dst == 0 ? 0 : p.rank_prefix_matrix[(dst - 1) * R + me], p.num_recv_rows);
+  const int last = min(p.rank_prefix_matrix[dst * R + me], p.num_recv_rows);
   const TokenRange range = channel_tokens(p.handle_meta[dst], c.queues.num_channels, channel);
   const int begin = warp_lower_bound(p.recv_src_idx, first, last, range.begin, g.lane);
   const int end = warp_lower_bound(p.recv_src_idx, begin, last, range.end, g.lane);

@@ -27,6 +27,13 @@ class CallStreams {
   StreamOptions options_;
 };
 
+// Rows are moved with 16-byte vector loads and stores: a tensor read or written that way must start
+// on a 16-byte boundary (its rows are multiples of 16 bytes; op_checks made sure).
+void require_vector_aligned(const TensorView& tensor, const char* op, const char* arg);
+
+// cudaMemsetAsync that accepts empty tensors (whose data may be null).
+void fill_bytes(void* data, int value, size_t bytes, cudaStream_t stream);
+
 // A contiguous output tensor from the caller's allocator.
 Tensor allocate(Allocator& allocator, DType dtype, std::initializer_list<int64_t> shape, Device device,
                 cudaStream_t stream);

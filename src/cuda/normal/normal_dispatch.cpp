@@ -25,6 +25,7 @@ void allocate_received_tokens(const DispatchArgs& args, int rows, Allocator& all
                               cudaStream_t stream, DispatchResult& result, DispatchParams& p) {
   const DispatchInputs& in = *args.inputs;
   result.recv_x = allocate(allocator, in.x.dtype, {rows, args.hidden}, device, stream);
+  require_vector_aligned(result.recv_x, "dispatch", "recv_x (from the allocator)");
   p.recv_x = result.recv_x.data_as<uint8_t>();
   p.num_rows = rows;
   if (!args.fp8) return;
@@ -60,6 +61,7 @@ DispatchResult NormalMode::fresh_dispatch(const DispatchArgs& args, const Stream
     require(L <= kMaxLocalExperts, op, "num_experts",
             concat("at most ", kMaxLocalExperts, " experts per rank supported, got ", L));
 
+  require_vector_aligned(in.x, op, "x");
   const RecordLayout record = dispatch_record(args, K);
   const NormalCommon common = common_params(args.config, record, op);
   const int C = common.queues.num_channels;
@@ -75,10 +77,10 @@ DispatchResult NormalMode::fresh_dispatch(const DispatchArgs& args, const Stream
   handle->is_token_in_rank = allocate(allocator, DType::kBool, {T, R}, device, alloc_stream);
   handle->send_row = allocate(allocator, DType::kInt32, {T, R}, device, alloc_stream);
   state->meta = allocate(allocator, DType::kInt32, {R + 2}, device, alloc_stream);
-  EPCOMM_CUDA_CHECK(cudaMemsetAsync(handle->is_token_in_rank.data, 0, size_t(T) * R, comm));
-  EPCOMM_CUDA_CHECK(cudaMemsetAsync(handle->send_row.data, 0xFF, sizeof(int32_t) * T * R, comm));  // -1
-  EPCOMM_CUDA_CHECK(cudaMemsetAsync(&state_->routed_tokens, 0, sizeof(int32_t), comm));
-  if (have_topk) EPCOMM_CUDA_CHECK(cudaMemsetAsync(state_->expert_counts, 0, sizeof(int32_t) * E, comm));
+  fill_bytes(handle->is_token_in_rank.data, 0, size_t(T) * R, comm);
+  fill_bytes(handle->send_row.data, 0xFF, sizeof(int32_t) * T * R, comm);  // -1
+  fill_bytes(&state_->routed_tokens, 0, sizeof(int32_t), comm);
+  if (have_topk) fill_bytes(state_->expert_counts, 0, sizeof(int32_t) * E, comm);
 
   // 1. Where this rank's tokens go, per channel.
   RoutingParams routing{};
@@ -188,6 +190,7 @@ DispatchResult NormalMode::cached_dispatch(const DispatchArgs& args, const Strea
           "was not made by a dispatch of this buffer");
   const auto& state = *static_cast<const NormalHandleState*>(handle.backend_state.get());
 
+  require_vector_aligned(in.x, op, "x");
   const RecordLayout record = dispatch_record(args, /*num_topk=*/0);
   DispatchParams p{};
   p.common = common_params(args.config, record, op);

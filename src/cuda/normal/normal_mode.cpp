@@ -28,6 +28,17 @@ Event CallStreams::finish() const {
   return Event();
 }
 
+void require_vector_aligned(const TensorView& tensor, const char* op, const char* arg) {
+  if (tensor.numel() == 0) return;
+  const auto address = reinterpret_cast<uintptr_t>(tensor.data);
+  require(address % 16 == 0, op, arg, concat("data must start on a 16-byte boundary, got address 0x", std::hex,
+                                            address, std::dec, " (offset ", address % 16, ")"));
+}
+
+void fill_bytes(void* data, int value, size_t bytes, cudaStream_t stream) {
+  if (bytes > 0) EPCOMM_CUDA_CHECK(cudaMemsetAsync(data, value, bytes, stream));
+}
+
 Tensor allocate(Allocator& allocator, DType dtype, std::initializer_list<int64_t> shape, Device device,
                 cudaStream_t stream) {
   return allocator.allocate(dtype, std::span<const int64_t>(shape.begin(), shape.size()), device,
@@ -120,10 +131,10 @@ LayoutResult NormalMode::layout(const LayoutArgs& args, const StreamOptions& str
   if (N > 1) result.num_tokens_per_rdma_rank = allocate(allocator, DType::kInt32, {N}, device, streams.allocation_stream());
   result.num_tokens_per_expert = allocate(allocator, DType::kInt32, {E}, device, streams.allocation_stream());
   result.is_token_in_rank = allocate(allocator, DType::kBool, {T, R}, device, streams.allocation_stream());
-  EPCOMM_CUDA_CHECK(cudaMemsetAsync(result.num_tokens_per_rank.data, 0, sizeof(int32_t) * R, comm));
-  if (N > 1) EPCOMM_CUDA_CHECK(cudaMemsetAsync(result.num_tokens_per_rdma_rank->data, 0, sizeof(int32_t) * N, comm));
-  EPCOMM_CUDA_CHECK(cudaMemsetAsync(result.num_tokens_per_expert.data, 0, sizeof(int32_t) * E, comm));
-  EPCOMM_CUDA_CHECK(cudaMemsetAsync(result.is_token_in_rank.data, 0, size_t(T) * R, comm));
+  fill_bytes(result.num_tokens_per_rank.data, 0, sizeof(int32_t) * R, comm);
+  if (N > 1) fill_bytes(result.num_tokens_per_rdma_rank->data, 0, sizeof(int32_t) * N, comm);
+  fill_bytes(result.num_tokens_per_expert.data, 0, sizeof(int32_t) * E, comm);
+  fill_bytes(result.is_token_in_rank.data, 0, size_t(T) * R, comm);
 
   if (T > 0) {
     RoutingParams p{};

@@ -120,7 +120,8 @@ struct CombineParams {
   const int32_t* handle_meta;        // [R + 2]: T of every rank, dispatch epoch
   const int32_t* rank_prefix_matrix; // [R, R]
   // sender side: this rank's received rows, sent back to their source ranks
-  const uint16_t* x;                 // [num_recv, hidden] bf16
+  const uint16_t* x;                 // [num_recv_rows, hidden] bf16
+  int32_t num_recv_rows;             // rows of x (rows past it are never read, whatever the handle says)
   const float* topk_weights;         // [num_recv, K] or null
   const int32_t* recv_src_idx;       // [num_recv]
   // receiver side: this rank's tokens
