@@ -124,8 +124,7 @@ TensorView CudaBackend::local_buffer(DType dtype, int64_t offset_bytes, std::opt
   char* base = rdma_memory ? static_cast<char*>(low_latency("get_local_buffer_tensor").local_memory())
                            : (normal_memory_ ? normal_memory_->local() : nullptr);
   const int64_t count = num_elements.value_or(0);
-  return TensorView::contiguous(base == nullptr ? nullptr : base + offset_bytes, dtype, {count},
-                                ctx_.tensor_device());
+  return TensorView::contiguous(base == nullptr ? nullptr : base + offset_bytes, dtype, {count}, ctx_.tensor_device());
 }
 
 void CudaBackend::check_errors() {

@@ -117,15 +117,15 @@ Error to_error(const DeviceErrorWord& w) {
     case DeviceErrorKind::kBadCount: {
       const int64_t given = w.value >> 32;
       const int64_t derived = static_cast<int32_t>(w.value & 0xFFFFFFFF);
-      return Error(ErrorCode::kInvalidArgument,
-                   concat(op, ": ", count_tensor_name(w.detail), ": entry ", w.peer, " is ", given,
-                          " but the routing gives ", derived,
-                          " (pass the tensors get_dispatch_layout returned for this routing)"));
+      return Error(
+          ErrorCode::kInvalidArgument,
+          concat(op, ": ", count_tensor_name(w.detail), ": entry ", w.peer, " is ", given, " but the routing gives ",
+                 derived, " (pass the tensors get_dispatch_layout returned for this routing)"));
     }
     case DeviceErrorKind::kProtocol:
-      return Error(ErrorCode::kInternal, concat(op, ": inconsistent record from rank ", w.peer, " in phase ",
-                                                to_string(phase), " (value ", w.value, ", detail ", w.detail,
-                                                "); this is a bug in epcomm"));
+      return Error(ErrorCode::kInternal,
+                   concat(op, ": inconsistent record from rank ", w.peer, " in phase ", to_string(phase), " (value ",
+                          w.value, ", detail ", w.detail, "); this is a bug in epcomm"));
     default:
       return Error(ErrorCode::kInternal, concat(op, ": unknown device error kind ", w.kind));
   }

@@ -15,8 +15,7 @@ namespace {
 constexpr uint8_t kPoison = 0xA5;
 
 void check(cudaError_t status, const char* what) {
-  if (status != cudaSuccess)
-    throw std::runtime_error(std::string(what) + " failed: " + cudaGetErrorString(status));
+  if (status != cudaSuccess) throw std::runtime_error(std::string(what) + " failed: " + cudaGetErrorString(status));
 }
 
 std::string describe_element(const uint8_t* bytes, size_t element_size) {
@@ -125,8 +124,8 @@ void expect_same_rows(const std::string& what, const TensorView& cpu, const Tens
   for (int64_t i = 0; i < checked * cols; ++i) {
     if (std::memcmp(&a[size_t(i) * element], &b[size_t(i) * element], element) == 0) continue;
     if (mismatches++ == 0) {
-      ADD_FAILURE() << what << ": first difference at [" << i / cols << ", " << i % cols
-                    << "]: cpu " << describe_element(&a[size_t(i) * element], element) << ", gpu "
+      ADD_FAILURE() << what << ": first difference at [" << i / cols << ", " << i % cols << "]: cpu "
+                    << describe_element(&a[size_t(i) * element], element) << ", gpu "
                     << describe_element(&b[size_t(i) * element], element);
     }
   }
@@ -135,7 +134,8 @@ void expect_same_rows(const std::string& what, const TensorView& cpu, const Tens
 
 DeviceCopy::DeviceCopy(const void* data, size_t bytes) : bytes_(bytes) {
   check(cudaMalloc(&data_, std::max<size_t>(bytes, 16)), "DeviceCopy cudaMalloc");
-  if (bytes > 0 && data != nullptr) check(cudaMemcpy(data_, data, bytes, cudaMemcpyHostToDevice), "DeviceCopy cudaMemcpy");
+  if (bytes > 0 && data != nullptr)
+    check(cudaMemcpy(data_, data, bytes, cudaMemcpyHostToDevice), "DeviceCopy cudaMemcpy");
 }
 
 DeviceCopy::~DeviceCopy() {
@@ -274,9 +274,9 @@ DispatchInputs RankInputs::dispatch_inputs(bool on_gpu) const {
   DispatchInputs in;
   in.x = view(on_gpu, x_.data(), x_d_, case_.fp8 ? DType::kFloat8E4M3 : DType::kBFloat16, {T_, H});
   if (case_.fp8) {
-    TensorView scales = case_.scales_column_major ? view(on_gpu, scales_.data(), scales_d_, DType::kFloat32, {S_, T_})
-                                                       .transposed(0, 1)
-                                                 : view(on_gpu, scales_.data(), scales_d_, DType::kFloat32, {T_, S_});
+    TensorView scales = case_.scales_column_major
+                            ? view(on_gpu, scales_.data(), scales_d_, DType::kFloat32, {S_, T_}).transposed(0, 1)
+                            : view(on_gpu, scales_.data(), scales_d_, DType::kFloat32, {T_, S_});
     in.x_scales = scales;
   }
   in.topk_idx = case_.int32_idx ? view(on_gpu, topk32_.data(), topk_d_, DType::kInt32, {T_, K})
@@ -443,7 +443,8 @@ void run_case(const Case& c, Buffer& cpu, Buffer& gpu, int rank, int num_ranks) 
   const int64_t real = real_rows(ch, rank);
   expect_same_rows("cached recv_x", cpu_again.recv_x, gpu_again.recv_x, real);
   expect_same_rows("cached recv_x vs fresh", gpu_out.recv_x, gpu_again.recv_x, real);
-  if (cpu_again.recv_x_scales) expect_same_rows("cached recv_x_scales", *cpu_again.recv_x_scales, *gpu_again.recv_x_scales, real);
+  if (cpu_again.recv_x_scales)
+    expect_same_rows("cached recv_x_scales", *cpu_again.recv_x_scales, *gpu_again.recv_x_scales, real);
   EXPECT_FALSE(gpu_again.handle) << "a cached dispatch returns no handle";
 
   EXPECT_NO_THROW(gpu.check_errors());

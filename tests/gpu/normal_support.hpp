@@ -9,9 +9,9 @@
 #include <chrono>
 #include <cstdint>
 #include <cstring>
-#include <span>
 #include <memory>
 #include <optional>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -19,9 +19,9 @@
 
 namespace epcomm::testing::normal {
 
-#define EPCOMM_TEST_CUDA(call)                                                                             \
-  do {                                                                                                     \
-    const cudaError_t epcomm_test_status_ = (call);                                                        \
+#define EPCOMM_TEST_CUDA(call)                                                                               \
+  do {                                                                                                       \
+    const cudaError_t epcomm_test_status_ = (call);                                                          \
     ASSERT_EQ(epcomm_test_status_, cudaSuccess) << #call << ": " << cudaGetErrorString(epcomm_test_status_); \
   } while (0)
 
@@ -94,22 +94,22 @@ enum class Routing { kUniform, kSkewed };
 // One dispatch + combine scenario.
 struct Case {
   std::string name;
-  int num_tokens = 96;      // T on every rank (see empty_rank)
+  int num_tokens = 96;  // T on every rank (see empty_rank)
   int hidden = 256;
-  int num_topk = 4;         // K
-  int experts_per_rank = 4; // L
+  int num_topk = 4;          // K
+  int experts_per_rank = 4;  // L
   bool fp8 = false;
   bool scales_column_major = false;
-  int num_scales = 0;       // fp8: S (0: hidden / 128)
+  int num_scales = 0;  // fp8: S (0: hidden / 128)
   bool int32_idx = false;
   bool with_weights = true;
   double empty_slot_fraction = 0.1;  // topk slots set to -1
   Routing routing = Routing::kUniform;
   int expert_alignment = 1;
-  int num_worst_tokens = 0;  // 0: exact sizes
-  int empty_rank = -1;       // this rank has T = 0
-  int num_bias = 0;          // combine bias tensors (0, 1, 2)
-  bool pass_layout = false;  // dispatch also gets get_dispatch_layout's tensors (and checks them)
+  int num_worst_tokens = 0;       // 0: exact sizes
+  int empty_rank = -1;            // this rank has T = 0
+  int num_bias = 0;               // combine bias tensors (0, 1, 2)
+  bool pass_layout = false;       // dispatch also gets get_dispatch_layout's tensors (and checks them)
   bool routing_by_flags = false;  // dispatch routes by is_token_in_rank (from the layout), topk_idx only labels
   Config config = small_config();
   uint64_t seed = 1;
@@ -138,11 +138,11 @@ class RankInputs {
   Case case_;
   int rank_, num_ranks_;
   int T_, S_;
-  std::vector<uint8_t> x_;        // [T, hidden] bf16 or fp8 bytes
-  std::vector<float> scales_;     // storage of [T, S]: row-major or column-major
-  std::vector<int64_t> topk64_;   // [T, K]
+  std::vector<uint8_t> x_;       // [T, hidden] bf16 or fp8 bytes
+  std::vector<float> scales_;    // storage of [T, S]: row-major or column-major
+  std::vector<int64_t> topk64_;  // [T, K]
   std::vector<int32_t> topk32_;
-  std::vector<float> weights_;    // [T, K]
+  std::vector<float> weights_;  // [T, K]
   DeviceCopy x_d_, scales_d_, topk_d_, weights_d_;
 };
 

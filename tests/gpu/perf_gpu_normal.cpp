@@ -119,8 +119,7 @@ TEST(NormalModePerf, DISABLED_NormalWorkloadSweep) {
           cached.x = in.x;
           cached.handle = fresh.handle.get();
           cached.config = config;
-          const double bf16_us =
-              median_us(group, stream, flush, flush_bytes, [&] { gpu.dispatch(cached, on_stream); });
+          const double bf16_us = median_us(group, stream, flush, flush_bytes, [&] { gpu.dispatch(cached, on_stream); });
           DispatchInputs cached_fp8 = cached;
           cached_fp8.x = fp8_x;
           cached_fp8.x_scales = fp8_scales;

@@ -165,7 +165,7 @@ TEST(NormalModeErrors, RankSkippingAFreshDispatchTimesOutItsPeers) {
       [&](Bootstrap& group, Buffer&, Buffer& gpu) {
         RankInputs inputs(c, group.rank(), R);
         const DispatchInputs in = inputs.dispatch_inputs(true);
-        gpu.dispatch(in);  // everybody once
+        gpu.dispatch(in);               // everybody once
         if (group.rank() == 1) return;  // then rank 1 stays away
         expect_error(error_of([&] { gpu.dispatch(in); }), ErrorCode::kTimeout, {"dispatch", "rank 1"});
         expect_error(error_of([&] { gpu.dispatch(in); }), ErrorCode::kTimeout, {"rank 1"});  // sticky

@@ -20,7 +20,7 @@ using ErrorSink = DeviceErrorSink;
 __device__ __forceinline__ bool aborted(const ErrorSink& sink) { return load_volatile(sink.abort) != 0; }
 
 static __device__ __noinline__ void report_error(const ErrorSink& sink, DeviceErrorKind kind, DevicePhase phase,
-                                          int32_t peer, int64_t value, int32_t detail = 0) {
+                                                 int32_t peer, int64_t value, int32_t detail = 0) {
   const bool is_timeout = kind == DeviceErrorKind::kTimeout;
   if (is_timeout) {
     atomicExch(sink.abort, 1);

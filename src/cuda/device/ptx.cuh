@@ -66,8 +66,7 @@ __device__ __forceinline__ void store_16(void* address, const int4& v) { *static
 
 // Streaming store for outputs this kernel never reads back.
 __device__ __forceinline__ void store_streaming_16(void* address, const int4& v) {
-  asm volatile("st.global.cs.v4.s32 [%0], {%1, %2, %3, %4};" ::"l"(address), "r"(v.x), "r"(v.y), "r"(v.z),
-               "r"(v.w)
+  asm volatile("st.global.cs.v4.s32 [%0], {%1, %2, %3, %4};" ::"l"(address), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
                : "memory");
 }
 

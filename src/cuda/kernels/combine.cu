@@ -125,8 +125,8 @@ __device__ __forceinline__ int4 round_bf16x8(const float (&acc)[8]) {
 }
 
 // Reduces one token whose records sit at `slots[r]` (for r in `present`) into combined_x[token].
-__device__ void reduce_token(const CombineParams& p, int token, uint32_t present, const char* const (&slots)[kMaxNvlRanks],
-                             int lane) {
+__device__ void reduce_token(const CombineParams& p, int token, uint32_t present,
+                             const char* const (&slots)[kMaxNvlRanks], int lane) {
   const RecordLayout& layout = p.common.record;
   const int num_vectors = layout.payload_bytes / 16;
   const int64_t row_offset = int64_t(token) * layout.payload_bytes;
@@ -164,7 +164,8 @@ __device__ void reduce_token(const CombineParams& p, int token, uint32_t present
 __device__ void combine_receive(const CombineParams& p, int channel, uint64_t epoch) {
   __shared__ uint32_t sends[kMaxNvlRanks][kWindowWords];  // bit i: peer r sends window token i
   __shared__ uint32_t base[kMaxNvlRanks];                 // records of peer r before the window
-  __shared__ int stop;
+  __shared__ int stop_flag;
+  volatile int& stop = stop_flag;  // set by any warp, read by all after a barrier
   const NormalCommon& c = p.common;
   const int R = c.num_ranks, me = c.rank;
   const int tid = threadIdx.x, lane = tid % kWarpSize, warp = tid / kWarpSize;
@@ -226,7 +227,8 @@ __device__ void combine_receive(const CombineParams& p, int channel, uint64_t ep
                        : nullptr;
       }
       if (sent) {  // the record must be this token's: a cheap guard against protocol bugs
-        const char* own = c.peers[me] + c.queues.queue_offset(lane, channel) + int64_t(index % Q) * c.queues.record_bytes;
+        const char* own =
+            c.peers[me] + c.queues.queue_offset(lane, channel) + int64_t(index % Q) * c.queues.record_bytes;
         const int4 header = device::load_cg_16(own);
         if (header.x != window + i)
           device::report_error(c.errors, DeviceErrorKind::kProtocol, DevicePhase::kCombineRecv, lane, header.x,
@@ -240,7 +242,8 @@ __device__ void combine_receive(const CombineParams& p, int channel, uint64_t ep
       for (int w = 0; w < num_words; ++w) count += __popc(sends[tid][w]);
       base[tid] += count;
       if (count != 0 && !stop)
-        device::store_release_sys(at_offset<uint64_t>(c.peers[tid], head_offset(me, channel)), pack_head(epoch, base[tid]));
+        device::store_release_sys(at_offset<uint64_t>(c.peers[tid], head_offset(me, channel)),
+                                  pack_head(epoch, base[tid]));
     }
     __syncthreads();
   }

@@ -63,11 +63,14 @@ __device__ __forceinline__ bool enter_call(const NormalCommon& c, uint64_t signa
       const uint64_t their_signature = __ldcg(reinterpret_cast<const unsigned long long*>(&theirs->signature));
       const uint64_t their_geometry = __ldcg(reinterpret_cast<const unsigned long long*>(&theirs->geometry));
       const uint64_t their_handle = __ldcg(reinterpret_cast<const unsigned long long*>(&theirs->handle_epoch));
-      const int differs = their_signature != signature ? 1 : their_handle != handle_epoch ? 2 : their_geometry != geometry ? 3 : 0;
+      const int differs = their_signature != signature   ? 1
+                          : their_handle != handle_epoch ? 2
+                          : their_geometry != geometry   ? 3
+                                                         : 0;
       if (differs != 0) {
         if (blockIdx.x == 0) {
           device::report_error(c.errors, DeviceErrorKind::kMismatch, phase, tid,
-                               static_cast<int64_t>(differs == 1 ? their_signature
+                               static_cast<int64_t>(differs == 1   ? their_signature
                                                     : differs == 2 ? their_handle
                                                                    : their_geometry),
                                differs - 1);

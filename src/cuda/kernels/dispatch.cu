@@ -27,9 +27,9 @@ constexpr uint64_t kStopped = ~uint64_t(0);
 
 // The warps of a block split into one group per peer rank (leftover warps idle).
 struct WarpGroup {
-  int peer;        // destination (sender) or source (receiver); >= R for idle warps
-  int index;       // warp index inside the group
-  int num_warps;   // W
+  int peer;       // destination (sender) or source (receiver); >= R for idle warps
+  int index;      // warp index inside the group
+  int num_warps;  // W
   int lane;
   __device__ bool leader() const { return index == 0 && lane == 0; }
   __device__ void sync() const { device::named_barrier(1 + peer, num_warps * kWarpSize); }
@@ -45,12 +45,14 @@ __device__ __forceinline__ WarpGroup make_group(int num_ranks) {
 __device__ void write_record(const DispatchParams& p, char* slot, int token, int32_t row, int lane) {
   const RecordLayout& layout = p.common.record;
   if (lane == 0) device::store_16(slot, make_int4(row, token, 0, 0));
-  warp_copy_from_input<kCopyUnroll>(slot + layout.payload_offset(), reinterpret_cast<const char*>(p.x) + int64_t(token) * layout.payload_bytes,
+  warp_copy_from_input<kCopyUnroll>(slot + layout.payload_offset(),
+                                    reinterpret_cast<const char*>(p.x) + int64_t(token) * layout.payload_bytes,
                                     layout.payload_bytes / 16, lane);
   if (p.x_scales != nullptr) {
     auto* scales = reinterpret_cast<float*>(slot + layout.scales_offset());
     const float* source = p.x_scales + int64_t(token) * p.scale_stride_token;
-    for (int s = lane; s < layout.num_scales; s += kWarpSize) scales[s] = __ldg(source + int64_t(s) * p.scale_stride_scale);
+    for (int s = lane; s < layout.num_scales; s += kWarpSize)
+      scales[s] = __ldg(source + int64_t(s) * p.scale_stride_scale);
   }
   if (lane < layout.num_topk) {
     // Values outside [0, E) travel as -1 (the routing kernel reported them).
@@ -127,8 +129,7 @@ __device__ void read_record(const DispatchParams& p, const char* slot, int sourc
     // With num_worst_tokens, rows past the capacity are dropped (notify reported kCapacity).
     const bool dropped = p.drop_overflow != 0 && row >= p.num_rows;
     if (!dropped && lane == 0)
-      device::report_error(p.common.errors, DeviceErrorKind::kProtocol, DevicePhase::kDispatchRecv, source, row,
-                           token);
+      device::report_error(p.common.errors, DeviceErrorKind::kProtocol, DevicePhase::kDispatchRecv, source, row, token);
     return;
   }
   warp_copy_from_queue<kCopyUnroll>(reinterpret_cast<char*>(p.recv_x) + int64_t(row) * layout.payload_bytes,
@@ -147,7 +148,8 @@ __device__ void read_record(const DispatchParams& p, const char* slot, int sourc
     const int64_t at = int64_t(row) * layout.num_topk + lane;
     p.recv_topk_idx[at] = kept ? local : -1;
     if (p.recv_topk_weights != nullptr)
-      p.recv_topk_weights[at] = kept ? __ldcg(reinterpret_cast<const float*>(slot + layout.weights_offset()) + lane) : 0.0f;
+      p.recv_topk_weights[at] =
+          kept ? __ldcg(reinterpret_cast<const float*>(slot + layout.weights_offset()) + lane) : 0.0f;
   }
   if (lane == 0 && p.recv_src_idx != nullptr) p.recv_src_idx[row] = token;
 }

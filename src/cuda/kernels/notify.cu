@@ -113,9 +113,11 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_kernel(const __grid_
   if (mismatch && tid == 0) {
     const auto* record = at_offset<const CallRecord>(mine, call_record_offset(parity, mismatch_rank));
     const uint64_t theirs = __ldcg(reinterpret_cast<const unsigned long long*>(&record->signature));
-    device::report_error(c.errors, DeviceErrorKind::kMismatch, DevicePhase::kNotify, mismatch_rank,
-                         static_cast<int64_t>(theirs == p.signature ? __ldcg(reinterpret_cast<const unsigned long long*>(&record->geometry)) : theirs),
-                         theirs == p.signature ? 2 : 0);
+    device::report_error(
+        c.errors, DeviceErrorKind::kMismatch, DevicePhase::kNotify, mismatch_rank,
+        static_cast<int64_t>(
+            theirs == p.signature ? __ldcg(reinterpret_cast<const unsigned long long*>(&record->geometry)) : theirs),
+        theirs == p.signature ? 2 : 0);
   }
 
   // Step 4: the handle.

@@ -103,16 +103,18 @@ DispatchResult NormalMode::fresh_dispatch(const DispatchArgs& args, const Stream
   // 2. Count exchange (and entry barrier).
   NotifyParams notify{};
   notify.common = common;
-  notify.signature = call_signature(CallKind::kDispatch, args.fp8, in.topk_weights.has_value(), K,
-                                    record.payload_bytes, record.num_scales);
+  notify.signature = call_signature(CallKind::kDispatch, args.fp8, in.topk_weights.has_value(), K, record.payload_bytes,
+                                    record.num_scales);
   notify.num_tokens = T;
   notify.num_worst_tokens = in.num_worst_tokens;
   notify.num_experts = E;
   notify.num_local_experts = L;
-  notify.expert_counts = have_topk ? state_->expert_counts
-                                   : (in.num_tokens_per_expert ? in.num_tokens_per_expert->data_as<const int32_t>() : nullptr);
+  notify.expert_counts =
+      have_topk ? state_->expert_counts
+                : (in.num_tokens_per_expert ? in.num_tokens_per_expert->data_as<const int32_t>() : nullptr);
   notify.check_rank_counts = in.num_tokens_per_rank ? in.num_tokens_per_rank->data_as<const int32_t>() : nullptr;
-  notify.check_node_counts = in.num_tokens_per_rdma_rank ? in.num_tokens_per_rdma_rank->data_as<const int32_t>() : nullptr;
+  notify.check_node_counts =
+      in.num_tokens_per_rdma_rank ? in.num_tokens_per_rdma_rank->data_as<const int32_t>() : nullptr;
   notify.check_expert_counts =
       have_topk && in.num_tokens_per_expert ? in.num_tokens_per_expert->data_as<const int32_t>() : nullptr;
   notify.rank_prefix_matrix = handle->rank_prefix_matrix.data_as<int32_t>();

@@ -31,8 +31,9 @@ Event CallStreams::finish() const {
 void require_vector_aligned(const TensorView& tensor, const char* op, const char* arg) {
   if (tensor.numel() == 0) return;
   const auto address = reinterpret_cast<uintptr_t>(tensor.data);
-  require(address % 16 == 0, op, arg, concat("data must start on a 16-byte boundary, got address 0x", std::hex,
-                                            address, std::dec, " (offset ", address % 16, ")"));
+  require(address % 16 == 0, op, arg,
+          concat("data must start on a 16-byte boundary, got address 0x", std::hex, address, std::dec, " (offset ",
+                 address % 16, ")"));
 }
 
 void fill_bytes(void* data, int value, size_t bytes, cudaStream_t stream) {
@@ -49,8 +50,7 @@ NormalMode::NormalMode(const CudaContext& ctx, NormalMemory* memory, const void*
     : ctx_(ctx), memory_(memory), owner_(owner) {
   EPCOMM_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&state_), sizeof(LocalState)));
   EPCOMM_CUDA_CHECK(cudaMemset(state_, 0, sizeof(LocalState)));
-  EPCOMM_CUDA_CHECK(
-      cudaHostAlloc(reinterpret_cast<void**>(&host_counts_), sizeof(HostCounts), cudaHostAllocMapped));
+  EPCOMM_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&host_counts_), sizeof(HostCounts), cudaHostAllocMapped));
   std::memset(static_cast<void*>(host_counts_), 0, sizeof(HostCounts));
   EPCOMM_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&host_counts_device_), host_counts_, 0));
   EPCOMM_CUDA_CHECK(cudaDeviceSynchronize());
@@ -66,8 +66,8 @@ NormalCommon NormalMode::common_params(const Config& config, const RecordLayout&
   if (g.num_nodes() > 1)
     throw_error(ErrorCode::kUnsupported,
                 concat(op, ": high-throughput mode across ", g.num_nodes(),
-                       " nodes is not supported by the CUDA backend yet (one NVLink domain of up to ",
-                       kMaxNvlRanks, " ranks is)"));
+                       " nodes is not supported by the CUDA backend yet (one NVLink domain of up to ", kMaxNvlRanks,
+                       " ranks is)"));
   require(config.num_sms <= ctx_.num_device_sms, op, "config.num_sms",
           concat(config.num_sms, " exceeds the ", ctx_.num_device_sms, " SMs of GPU ", ctx_.device));
   require(config.num_sms / 2 <= kMaxChannels, op, "config.num_sms",
@@ -89,11 +89,11 @@ NormalCommon NormalMode::common_params(const Config& config, const RecordLayout&
   const int64_t needed = c.queues.bytes_needed(g.num_ranks);
   const int64_t have = memory_ != nullptr ? memory_->bytes() : 0;
   if (needed > have)
-    throw_error(ErrorCode::kOutOfCapacity,
-                concat(op, ": num_nvl_bytes: the buffer has ", have, " bytes but this call needs ", needed, " (",
-                       g.num_ranks, " ranks x ", c.queues.num_channels, " channels x ", c.queues.queue_tokens,
-                       " tokens x ", c.queues.record_bytes,
-                       "-byte records + control); size it with Config.get_nvl_buffer_size_hint"));
+    throw_error(
+        ErrorCode::kOutOfCapacity,
+        concat(op, ": num_nvl_bytes: the buffer has ", have, " bytes but this call needs ", needed, " (", g.num_ranks,
+               " ranks x ", c.queues.num_channels, " channels x ", c.queues.queue_tokens, " tokens x ",
+               c.queues.record_bytes, "-byte records + control); size it with Config.get_nvl_buffer_size_hint"));
   return c;
 }
 
@@ -128,7 +128,8 @@ LayoutResult NormalMode::layout(const LayoutArgs& args, const StreamOptions& str
 
   LayoutResult result;
   result.num_tokens_per_rank = allocate(allocator, DType::kInt32, {R}, device, streams.allocation_stream());
-  if (N > 1) result.num_tokens_per_rdma_rank = allocate(allocator, DType::kInt32, {N}, device, streams.allocation_stream());
+  if (N > 1)
+    result.num_tokens_per_rdma_rank = allocate(allocator, DType::kInt32, {N}, device, streams.allocation_stream());
   result.num_tokens_per_expert = allocate(allocator, DType::kInt32, {E}, device, streams.allocation_stream());
   result.is_token_in_rank = allocate(allocator, DType::kBool, {T, R}, device, streams.allocation_stream());
   fill_bytes(result.num_tokens_per_rank.data, 0, sizeof(int32_t) * R, comm);

@@ -37,8 +37,8 @@
 
 namespace epcomm::cuda {
 
-constexpr int kMaxNvlRanks = 8;     // G <= 8 (SPEC §1)
-constexpr int kMaxChannels = 128;   // num_sms / 2
+constexpr int kMaxNvlRanks = 8;    // G <= 8 (SPEC §1)
+constexpr int kMaxChannels = 128;  // num_sms / 2
 constexpr int64_t kCallRecordBytes = 128;
 constexpr int64_t kCallRecordsOffset = 0;
 constexpr int64_t kTailsOffset = 4096;
