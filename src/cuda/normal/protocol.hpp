@@ -7,11 +7,14 @@
 //   | call records | tails [8][kMaxChannels] | heads [8][kMaxChannels] | expert counts | R x C x Q records |
 //
 // - call record [parity][source]: what `source` announced for its call number `epoch` (written by the
-//   source, epoch last with release): the call's signature, its T, num_worst_tokens and token counts.
+//   source, epoch last with release): the call's signature (kind, row size, dtype, K, scales), its
+//   queue geometry (C, Q), the handle's dispatch epoch, its T, num_worst_tokens and token counts.
 //   Every call starts with every rank writing its record into every peer and waiting for all records
 //   (the entry barrier); since a rank enters call e only after its call e-1 finished, nobody touches
-//   queues of call e-1 any more once the barrier of call e passed. Two parities suffice: a source can
-//   be at most one call ahead of a reader.
+//   queues of call e-1 any more once the barrier of call e passed, whatever C and Q call e uses. Ranks
+//   whose records disagree all see it and all skip the data phase (kMismatch). Two parities suffice:
+//   a source can be at most one call ahead of a reader. The call counter (epoch) lives in device
+//   memory (LocalState), so captured CUDA graphs replay correctly.
 // - tails[source][channel] in the RECEIVER's memory: records the source has published into the queue
 //   (source, channel); heads[receiver][channel] in the SENDER's memory: records the receiver has
 //   consumed. Each counter lives where it is polled, and is written over NVLink by the other side.
