@@ -31,6 +31,7 @@ status=0
 
 echo "== configure + build ($build, $(nproc) jobs)"
 if ! cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DEPCOMM_WITH_CUDA=ON -DEPCOMM_PTXAS_VERBOSE=ON \
+    -DEPCOMM_TEST_TIMEOUT=1800 \
     ${EPCOMM_CMAKE_ARGS:-} > "$out/configure.log" 2>&1; then
   tail -30 "$out/configure.log"; echo "configure failed (log: $out/configure.log)"; exit 1
 fi
