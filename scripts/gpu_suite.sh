@@ -40,9 +40,11 @@ rm -f "$build/src/cuda/CMakeFiles/epcomm_cuda.dir/kernels/"*.o
 if ! cmake --build "$build" -j "$(nproc)" > "$out/build.log" 2>&1; then
   grep -E "error|FAILED" "$out/build.log" | head -30; echo "build failed (log: $out/build.log)"; exit 1
 fi
-grep -E "Compiling entry function|spill|Used [0-9]+ registers" "$out/build.log" | grep -B0 -A2 "normal\|routing\|notify\|dispatch\|combine" \
-  > "$out/ptxas.txt" || true
-grep -E "spill|registers" "$out/ptxas.txt" | sort | uniq -c
+# One line per kernel: name, registers, spills.
+awk '/Compiling entry function/ { match($0, /_ZN[^ ]*_kernel/); name = substr($0, RSTART, RLENGTH) }
+     /bytes stack frame/ { frame = $0 } /Used [0-9]+ registers/ { if (name != "") print name ": " $0 " |" frame; name = "" }' \
+  "$out/build.log" | sed 's/ptxas info *: //' | sort -u > "$out/ptxas.txt"
+cat "$out/ptxas.txt"
 
 echo "== GPU tests (logs: $out/ctest.log, junit: $out/ctest.xml)"
 ctest --test-dir "$build" -L gpu ${EPCOMM_GPU_TESTS:+-R "$EPCOMM_GPU_TESTS"} --output-on-failure \
