@@ -16,7 +16,7 @@ namespace {
 struct Slice {
   int32_t first_row = 0;  // row of recv_x of the first published row
   int32_t num_rows = 0;
-  int64_t offset = 0;     // bytes from the start of the area
+  int64_t offset = 0;  // bytes from the start of the area
 };
 
 // The area during a combine round:
@@ -33,8 +33,7 @@ struct RoundLayout {
 };
 
 // Publishes, for every source rank, this rank's received rows whose source token is in [begin, end).
-void publish_window(std::byte* own, const RoundLayout& layout, const CombineWork& work, int rank, int begin,
-                    int end) {
+void publish_window(std::byte* own, const RoundLayout& layout, const CombineWork& work, int rank, int begin, int end) {
   const DispatchHandle& handle = *work.handle;
   const int32_t* src_idx = handle.recv_src_idx.data_as<const int32_t>();
   auto* slices = reinterpret_cast<Slice*>(own);

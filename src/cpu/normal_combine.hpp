@@ -11,13 +11,13 @@ namespace epcomm::cpu {
 // What this rank contributes (as a receiver of the dispatch) and what it reduces (as a source).
 struct CombineWork {
   const DispatchHandle* handle = nullptr;
-  const uint16_t* x = nullptr;             // [num_recv, hidden] bf16 bits, dispatch's row order
-  const float* topk_weights = nullptr;     // [num_recv, K] or null
+  const uint16_t* x = nullptr;                   // [num_recv, hidden] bf16 bits, dispatch's row order
+  const float* topk_weights = nullptr;           // [num_recv, K] or null
   const uint16_t* bias[2] = {nullptr, nullptr};  // [T, hidden] bf16 bits or null
   int hidden = 0;
-  int num_topk = 0;                        // K of topk_weights, 0 when not given
-  uint16_t* combined_x = nullptr;          // [T, hidden]
-  float* combined_weights = nullptr;       // [T, K] or null
+  int num_topk = 0;                   // K of topk_weights, 0 when not given
+  uint16_t* combined_x = nullptr;     // [T, hidden]
+  float* combined_weights = nullptr;  // [T, K] or null
 };
 
 // Bytes the area needs for one round of one source token.

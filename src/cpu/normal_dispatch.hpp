@@ -11,7 +11,8 @@
 namespace epcomm::cpu {
 
 // One token as a dispatch round publishes it. Every rank agreed on the fields that size it.
-//   | x (x_bytes) | scales float32 [S] | topk_idx int64 [K] | topk_weights float32 [K] | flags uint8 [R] |
+//   | x (x_bytes) | topk_idx int64 [K] | topk_weights float32 [K] | scales float32 [S] | flags uint8 [R] |
+// x_bytes is a multiple of 16 (checked by the front), so every field is naturally aligned.
 struct TokenRecord {
   size_t x_bytes = 0;        // hidden x dtype size
   int num_scales = 0;        // S; 0 for bf16
@@ -19,10 +20,10 @@ struct TokenRecord {
   bool has_weights = false;  // topk_weights travel
   int num_ranks = 0;         // flags[r] = 1: the token goes to rank r
 
-  size_t scales_offset() const { return x_bytes; }
-  size_t topk_offset() const { return scales_offset() + size_t(num_scales) * sizeof(float); }
+  size_t topk_offset() const { return x_bytes; }
   size_t weights_offset() const { return topk_offset() + size_t(num_topk) * sizeof(int64_t); }
-  size_t flags_offset() const { return weights_offset() + (has_weights ? size_t(num_topk) * sizeof(float) : 0); }
+  size_t scales_offset() const { return weights_offset() + (has_weights ? size_t(num_topk) * sizeof(float) : 0); }
+  size_t flags_offset() const { return scales_offset() + size_t(num_scales) * sizeof(float); }
   size_t bytes() const { return static_cast<size_t>(align_up(int64_t(flags_offset()) + num_ranks, 16)); }
 };
 
@@ -35,15 +36,15 @@ struct DispatchSend {
 
 // The receiving side of this rank: where received tokens land. Pointers are null for absent outputs.
 struct DispatchReceive {
-  std::byte* x = nullptr;            // [rows, hidden]
-  TensorView scales;                 // [rows, S] float32, row- or column-major (written through strides)
-  int64_t* topk_idx = nullptr;       // [rows, K]: local expert index or -1
-  float* topk_weights = nullptr;     // [rows, K]: 0 where the index is -1
-  int32_t* src_idx = nullptr;        // [rows]: token index on the source
-  int num_rows = 0;                  // rows allocated (num_worst_tokens when > 0)
-  int first_local_expert = 0;        // rank * L
-  int num_local_experts = 0;         // L
-  std::vector<int32_t> first_row;    // [R]: first row of each source's tokens
+  std::byte* x = nullptr;          // [rows, hidden]
+  TensorView scales;               // [rows, S] float32, row- or column-major (written through strides)
+  int64_t* topk_idx = nullptr;     // [rows, K]: local expert index or -1
+  float* topk_weights = nullptr;   // [rows, K]: 0 where the index is -1
+  int32_t* src_idx = nullptr;      // [rows]: token index on the source
+  int num_rows = 0;                // rows allocated (num_worst_tokens when > 0)
+  int first_local_expert = 0;      // rank * L
+  int num_local_experts = 0;       // L
+  std::vector<int32_t> first_row;  // [R]: first row of each source's tokens
 };
 
 // Collective. Moves every rank's tokens to their receivers in rounds, then marks rows past the real

@@ -9,9 +9,12 @@ namespace epcomm::cpu {
 
 const char* to_string(CallKind kind) {
   switch (kind) {
-    case CallKind::kDispatch: return "dispatch";
-    case CallKind::kCachedDispatch: return "cached dispatch";
-    case CallKind::kCombine: return "combine";
+    case CallKind::kDispatch:
+      return "dispatch";
+    case CallKind::kCachedDispatch:
+      return "cached dispatch";
+    case CallKind::kCombine:
+      return "combine";
   }
   return "an unknown call";
 }
@@ -30,7 +33,7 @@ std::vector<PeerCall> exchange_calls(const Area& area, GroupSync& sync, int rank
   check_area_fits(area, exchange_bytes(counts.size()), op, "the exchange of token counts");
   std::byte* own = area.of(rank);
   std::memcpy(own, &mine, sizeof(CallHeader));
-  std::memcpy(own + sizeof(CallHeader), counts.data(), counts.size_bytes());
+  if (!counts.empty()) std::memcpy(own + sizeof(CallHeader), counts.data(), counts.size_bytes());
 
   const std::string step = concat(op, " (exchange of call shapes and counts)");
   sync.barrier(kNormalChannel, step.c_str());
@@ -42,8 +45,8 @@ std::vector<PeerCall> exchange_calls(const Area& area, GroupSync& sync, int rank
     const int32_t num_counts = calls[r].header.kind == CallKind::kDispatch
                                    ? static_cast<int32_t>(calls.size()) + calls[r].header.num_expert_counts
                                    : 0;
-    calls[r].counts.resize(num_counts);
-    std::memcpy(calls[r].counts.data(), theirs + sizeof(CallHeader), num_counts * sizeof(int32_t));
+    const auto* counts_of_r = reinterpret_cast<const int32_t*>(theirs + sizeof(CallHeader));
+    calls[r].counts.assign(counts_of_r, counts_of_r + num_counts);
   }
   sync.barrier(kNormalChannel, step.c_str());
   return calls;

@@ -21,17 +21,17 @@ const char* to_string(CallKind kind);
 
 // Fields that must be equal on every rank are marked "agreed".
 struct CallHeader {
-  CallKind kind{};               // agreed
-  int32_t num_tokens = 0;        // T of the publishing rank
-  int32_t hidden = 0;            // agreed
-  int32_t x_dtype = 0;           // agreed: DType of x
-  int32_t num_scales = 0;        // agreed: S, 0 without scales
-  int32_t num_topk = 0;          // agreed: K of topk_idx (dispatch) or topk_weights (combine), 0 = none
-  int32_t has_weights = 0;       // agreed: dispatch got topk_weights
-  int32_t num_experts = 0;       // agreed: E, 0 = unknown
-  int32_t num_expert_counts = 0; // agreed: E when per-expert counts follow, else 0
-  int32_t num_worst_tokens = 0;  // of the publishing rank
-  uint64_t handle_step = 0;      // agreed: cached dispatch / combine: which dispatch made the handle
+  CallKind kind{};                // agreed
+  int32_t num_tokens = 0;         // T of the publishing rank
+  int32_t hidden = 0;             // agreed
+  int32_t x_dtype = 0;            // agreed: DType of x
+  int32_t num_scales = 0;         // agreed: S, 0 without scales
+  int32_t num_topk = 0;           // agreed: K of topk_idx (dispatch) or topk_weights (combine), 0 = none
+  int32_t has_weights = 0;        // agreed: dispatch got topk_weights
+  int32_t num_experts = 0;        // agreed: E, 0 = unknown
+  int32_t num_expert_counts = 0;  // agreed: E when per-expert counts follow, else 0
+  int32_t num_worst_tokens = 0;   // of the publishing rank
+  uint64_t handle_step = 0;       // agreed: cached dispatch / combine: which dispatch made the handle
 };
 
 struct PeerCall {

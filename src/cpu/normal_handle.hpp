@@ -11,8 +11,8 @@ namespace epcomm::cpu {
 
 // DispatchHandle::backend_state of the CPU backend.
 struct NormalHandleState {
-  uint64_t dispatch_step = 0;        // GroupSync step of the dispatch's exchange: equal on every rank
-  std::vector<int32_t> num_tokens;   // [R]: T of every rank in that dispatch
+  uint64_t dispatch_step = 0;       // GroupSync step of the dispatch's exchange: equal on every rank
+  std::vector<int32_t> num_tokens;  // [R]: T of every rank in that dispatch
 };
 
 inline const NormalHandleState& handle_state(const DispatchHandle& handle) {

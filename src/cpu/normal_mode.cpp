@@ -16,16 +16,21 @@ Tensor allocate(Allocator& allocator, DType dtype, std::initializer_list<int64_t
   return allocator.allocate(dtype, std::span<const int64_t>(shape.begin(), shape.size()), Device::cpu(), stream);
 }
 
-Tensor int32_tensor(Allocator& allocator, const std::vector<int32_t>& values, StreamHandle stream) {
-  Tensor t = allocate(allocator, DType::kInt32, {int64_t(values.size())}, stream);
-  std::memcpy(t.data, values.data(), values.size() * sizeof(int32_t));
+// A new tensor holding a copy of `values` (bytes in row-major order).
+template <class T>
+Tensor tensor_of(Allocator& allocator, DType dtype, std::initializer_list<int64_t> shape, const std::vector<T>& values,
+                 StreamHandle stream) {
+  Tensor t = allocate(allocator, dtype, shape, stream);
+  if (!values.empty()) std::memcpy(t.data, values.data(), values.size() * sizeof(T));
   return t;
 }
 
+Tensor int32_tensor(Allocator& allocator, const std::vector<int32_t>& values, StreamHandle stream) {
+  return tensor_of(allocator, DType::kInt32, {int64_t(values.size())}, values, stream);
+}
+
 Tensor flags_tensor(Allocator& allocator, const Routing& routing, StreamHandle stream) {
-  Tensor t = allocate(allocator, DType::kBool, {routing.num_tokens, routing.num_ranks}, stream);
-  std::memcpy(t.data, routing.in_rank.data(), routing.in_rank.size());
-  return t;
+  return tensor_of(allocator, DType::kBool, {routing.num_tokens, routing.num_ranks}, routing.in_rank, stream);
 }
 
 // recv_x_scales keeps the majorness of x_scales: row-major in -> [rows, S] contiguous; otherwise
@@ -186,15 +191,14 @@ DispatchResult NormalMode::fresh_dispatch(const DispatchArgs& args, StreamHandle
   handle->num_tokens = args.num_tokens;
   handle->num_recv_tokens = rows;
   handle->num_topk = args.num_topk;
-  handle->rank_prefix_matrix = allocate(*args.allocator, DType::kInt32, {R, R}, stream);
-  std::memcpy(handle->rank_prefix_matrix.data, prefix.data(), prefix.size() * sizeof(int32_t));
+  handle->rank_prefix_matrix = tensor_of(*args.allocator, DType::kInt32, {R, R}, prefix, stream);
   handle->is_token_in_rank = flags_tensor(*args.allocator, routing, stream);
-  handle->send_row = allocate(*args.allocator, DType::kInt32, {args.num_tokens, R}, stream);
-  const std::vector<int32_t> rows_of_tokens = send_rows(routing, prefix, rank);
-  std::memcpy(handle->send_row.data, rows_of_tokens.data(), rows_of_tokens.size() * sizeof(int32_t));
+  handle->send_row =
+      tensor_of(*args.allocator, DType::kInt32, {args.num_tokens, R}, send_rows(routing, prefix, rank), stream);
   handle->recv_src_idx = allocate(*args.allocator, DType::kInt32, {rows}, stream);
   receive.src_idx = handle->recv_src_idx.data_as<int32_t>();
-  handle->backend_state = std::make_shared<NormalHandleState>(NormalHandleState{dispatch_step, tokens_of_every_rank(calls)});
+  handle->backend_state =
+      std::make_shared<NormalHandleState>(NormalHandleState{dispatch_step, tokens_of_every_rank(calls)});
   handle->owner = ctx_.owner;
 
   const DispatchSend send{&in, routing.in_rank.data(), args.num_tokens};

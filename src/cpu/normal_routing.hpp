@@ -11,11 +11,11 @@
 namespace epcomm::cpu {
 
 struct Routing {
-  int num_tokens = 0;                // T
-  int num_ranks = 0;                 // R
-  std::vector<uint8_t> in_rank;      // [T, R]: 1 when token t goes to rank r
-  std::vector<int32_t> per_rank;     // [R]: tokens that go to rank r
-  std::vector<int32_t> per_expert;   // [E]: (token, slot) pairs naming expert e; empty when unknown
+  int num_tokens = 0;               // T
+  int num_ranks = 0;                // R
+  std::vector<uint8_t> in_rank;     // [T, R]: 1 when token t goes to rank r
+  std::vector<int32_t> per_rank;    // [R]: tokens that go to rank r
+  std::vector<int32_t> per_expert;  // [E]: (token, slot) pairs naming expert e; empty when unknown
 
   bool goes_to(int token, int rank) const { return in_rank[size_t(token) * num_ranks + rank] != 0; }
 };
