@@ -114,12 +114,37 @@ std::vector<int> recv_tokens_per_expert(const std::vector<PeerCall>& calls, int 
   return per_expert;
 }
 
-// Outputs of a dispatch with `rows` rows; `record` says which travel.
-DispatchReceive allocate_receive(const DispatchArgs& args, const TokenRecord& record, int rows, DispatchResult& result,
-                                 StreamHandle stream) {
+// The handle of a fresh dispatch whose outputs have `rows` rows.
+std::shared_ptr<DispatchHandle> make_handle(const DispatchArgs& args, const Routing& routing,
+                                            const std::vector<PeerCall>& calls, const std::vector<int32_t>& prefix,
+                                            int rank, int rows, uint64_t dispatch_step, const void* owner,
+                                            StreamHandle stream) {
   Allocator& allocator = *args.allocator;
+  const int R = routing.num_ranks;
+  auto handle = std::make_shared<DispatchHandle>();
+  handle->num_ranks = R;
+  handle->num_tokens = args.num_tokens;
+  handle->num_recv_tokens = rows;
+  handle->num_topk = args.num_topk;
+  handle->rank_prefix_matrix = tensor_of(allocator, DType::kInt32, {R, R}, prefix, stream);
+  handle->is_token_in_rank = flags_tensor(allocator, routing, stream);
+  handle->send_row =
+      tensor_of(allocator, DType::kInt32, {args.num_tokens, R}, send_rows(routing, prefix, rank), stream);
+  handle->recv_src_idx = allocate(allocator, DType::kInt32, {rows}, stream);  // written by move_tokens
+  handle->backend_state =
+      std::make_shared<NormalHandleState>(NormalHandleState{dispatch_step, tokens_of_every_rank(calls)});
+  handle->owner = owner;
+  return handle;
+}
+
+// Outputs of a dispatch with the handle's rows and routing; `record` says which travel.
+DispatchReceive allocate_receive(const DispatchArgs& args, const TokenRecord& record, const DispatchHandle& handle,
+                                 int rank, DispatchResult& result, StreamHandle stream) {
+  Allocator& allocator = *args.allocator;
+  const int rows = handle.num_recv_tokens;
   DispatchReceive receive;
   receive.num_rows = rows;
+  for (int s = 0; s < handle.num_ranks; ++s) receive.first_row.push_back(first_row_from(handle, s, rank));
   result.recv_x = allocate(allocator, args.inputs->x.dtype, {rows, args.hidden}, stream);
   receive.x = static_cast<std::byte*>(result.recv_x.data);
   if (args.fp8) {
@@ -129,6 +154,9 @@ DispatchReceive allocate_receive(const DispatchArgs& args, const TokenRecord& re
   if (record.num_topk > 0) {
     result.recv_topk_idx = allocate(allocator, DType::kInt64, {rows, record.num_topk}, stream);
     receive.topk_idx = result.recv_topk_idx->data_as<int64_t>();
+    const int L = args.num_experts / handle.num_ranks;
+    receive.first_local_expert = rank * L;
+    receive.num_local_experts = L;
   }
   if (record.has_weights) {
     result.recv_topk_weights = allocate(allocator, DType::kFloat32, {rows, record.num_topk}, stream);
@@ -179,33 +207,16 @@ DispatchResult NormalMode::fresh_dispatch(const DispatchArgs& args, StreamHandle
 
   const int num_recv = prefix[(R - 1) * R + rank];
   const int rows = in.num_worst_tokens > 0 ? in.num_worst_tokens : num_recv;
+  std::shared_ptr<DispatchHandle> handle =
+      make_handle(args, routing, calls, prefix, rank, rows, dispatch_step, ctx_.owner, stream);
   DispatchResult result;
-  DispatchReceive receive = allocate_receive(args, record, rows, result, stream);
-  const int L = args.num_experts / R;
-  receive.first_local_expert = rank * L;
-  receive.num_local_experts = L;
-  for (int s = 0; s < R; ++s) receive.first_row.push_back(s == 0 ? 0 : prefix[(s - 1) * R + rank]);
-
-  auto handle = std::make_shared<DispatchHandle>();
-  handle->num_ranks = R;
-  handle->num_tokens = args.num_tokens;
-  handle->num_recv_tokens = rows;
-  handle->num_topk = args.num_topk;
-  handle->rank_prefix_matrix = tensor_of(*args.allocator, DType::kInt32, {R, R}, prefix, stream);
-  handle->is_token_in_rank = flags_tensor(*args.allocator, routing, stream);
-  handle->send_row =
-      tensor_of(*args.allocator, DType::kInt32, {args.num_tokens, R}, send_rows(routing, prefix, rank), stream);
-  handle->recv_src_idx = allocate(*args.allocator, DType::kInt32, {rows}, stream);
+  DispatchReceive receive = allocate_receive(args, record, *handle, rank, result, stream);
   receive.src_idx = handle->recv_src_idx.data_as<int32_t>();
-  handle->backend_state =
-      std::make_shared<NormalHandleState>(NormalHandleState{dispatch_step, tokens_of_every_rank(calls)});
-  handle->owner = ctx_.owner;
-
   const DispatchSend send{&in, routing.in_rank.data(), args.num_tokens};
   move_tokens(area_, *ctx_.sync, rank, record, send, receive, handle_state(*handle).num_tokens, op);
 
   if (in.num_worst_tokens == 0 && !routing.per_expert.empty())
-    result.num_recv_tokens_per_expert = recv_tokens_per_expert(calls, rank, L, in.expert_alignment);
+    result.num_recv_tokens_per_expert = recv_tokens_per_expert(calls, rank, args.num_experts / R, in.expert_alignment);
   result.handle = std::move(handle);
   return result;
 }
@@ -223,8 +234,7 @@ DispatchResult NormalMode::cached_dispatch(const DispatchArgs& args, StreamHandl
   check_same_call(calls, rank, op);
 
   DispatchResult result;
-  DispatchReceive receive = allocate_receive(args, record, handle.num_recv_tokens, result, stream);
-  for (int s = 0; s < R; ++s) receive.first_row.push_back(first_row_from(handle, s, rank));
+  DispatchReceive receive = allocate_receive(args, record, handle, rank, result, stream);
   std::vector<int32_t> src_idx(handle.num_recv_tokens);
   receive.src_idx = src_idx.data();
   const DispatchSend send{args.inputs, handle.is_token_in_rank.data_as<const uint8_t>(), args.num_tokens};
