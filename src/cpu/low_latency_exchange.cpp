@@ -1,6 +1,7 @@
 #include "cpu/low_latency_exchange.hpp"
 
 #include <algorithm>
+#include <chrono>
 
 #include "core/check.hpp"
 #include "core/layouts.hpp"
@@ -134,11 +135,15 @@ WaitTimes LowLatencyExchange::sync(const char* op) {
   const uint64_t sequence = ctx_.sync->arrive(kChannel);
   for (int peer = 0; peer < num_ranks(); ++peer) {
     if (masked(peer)) continue;
+    const auto start = std::chrono::steady_clock::now();
     try {
       waited.ns[peer] = ctx_.sync->wait_for(peer, kChannel, sequence, op).count();
     } catch (const Error& error) {
       if (error.code() != ErrorCode::kTimeout || !ctx_.options->enable_shrink) throw;
-      set_masked(peer, true);  // SPEC §6: a rank that failed is masked and skipped instead of hanging us
+      // SPEC §6: a rank that failed is masked and skipped instead of hanging us. The time lost
+      // waiting for it still counts as time spent waiting for it.
+      set_masked(peer, true);
+      waited.ns[peer] = std::chrono::nanoseconds(std::chrono::steady_clock::now() - start).count();
     }
   }
   return waited;

@@ -101,9 +101,10 @@ class LowLatencyExchange {
   std::string find_disagreement(const CallHeader& mine, const Regions& regions) const;
 
   // Arrives at the next step of the low-latency channel and waits for every unmasked rank, in
-  // ascending rank order. Returns the time spent waiting for each rank (0 for masked ones). A rank that does not arrive
-  // within the timeout makes it throw Error(kTimeout) naming the operation and that rank; with enable_shrink it is
-  // masked instead and the wait goes on.
+  // ascending rank order; returns the time spent waiting for each rank (0 for ranks already
+  // masked). A rank that does not arrive within the timeout makes it throw Error(kTimeout) naming
+  // the operation and that rank; with enable_shrink the rank is masked instead (the time lost on it
+  // is counted) and the wait goes on.
   WaitTimes sync(const char* op);
 
   // The mask of SPEC §6, local to this rank (1 = masked: skipped by waits, contributes nothing).
