@@ -18,6 +18,8 @@ struct RoundTripParam {
   RecvFormat format;
 };
 
+void PrintTo(const RoundTripParam& p, std::ostream* os) { *os << p.c.name() << " " << name_of(p.format); }
+
 std::vector<RoundTripParam> round_trip_params() {
   // R, T_max, hidden, E, K, T per rank, routing, seed. Big hidden sizes only with few ranks (CI time).
   const std::vector<LowLatencyCase> cases = {
@@ -93,6 +95,10 @@ struct OrderParam {
   bool zero_copy;
   RecvFormat format;
 };
+
+void PrintTo(const OrderParam& p, std::ostream* os) {
+  *os << "'" << p.order << "'" << (p.zero_copy ? " zero_copy " : " ") << name_of(p.format);
+}
 
 class LowLatencyCallOrder : public ::testing::TestWithParam<OrderParam> {};
 
