@@ -67,23 +67,25 @@ int64_t Regions::token_record_bytes() const {
   return align_up(int64_t(kMaxLowLatencyTopk) * 4 + int64_t(hidden) * 2, 16);
 }
 
+int64_t Regions::num_combine_slots() const { return int64_t(max_tokens_per_rank) * kMaxLowLatencyTopk; }
+
 int64_t Regions::combine_slot(int token, int slot) const { return int64_t(token) * kMaxLowLatencyTopk + slot; }
 
-LowLatencyExchange::LowLatencyExchange(const CpuContext& ctx, Area area)
-    : ctx_(ctx), area_(area), mask_(ctx.geometry.num_ranks, 0) {}
+int64_t Regions::zero_copy_bytes() const {
+  return int64_t(num_local_experts) * num_ranks * max_tokens_per_rank * hidden * 2;
+}
 
-Regions LowLatencyExchange::regions(int max_tokens_per_rank, int hidden, int num_experts, const char* op) const {
-  const LowLatencyLayout layout{max_tokens_per_rank, hidden, num_ranks(), num_experts};
-  const int64_t num_slots = int64_t(max_tokens_per_rank) * kMaxLowLatencyTopk;
+Regions Regions::for_sizes(int max_tokens_per_rank, int hidden, int num_ranks, int num_experts) {
+  const LowLatencyLayout layout{max_tokens_per_rank, hidden, num_ranks, num_experts};
   Regions r;
   r.max_tokens_per_rank = max_tokens_per_rank;
   r.hidden = hidden;
   r.num_local_experts = layout.num_local_experts();
-  r.num_ranks = num_ranks();
+  r.num_ranks = num_ranks;
   r.header = 0;
   r.dispatch_tokens = layout.dispatch_recv_offset(0);
   r.combine_routing = layout.dispatch_recv_offset(1);
-  r.combine_tags = r.combine_routing + num_slots * 4;
+  r.combine_tags = r.combine_routing + r.num_combine_slots() * 4;
   r.combine_rows = layout.combine_recv_offset(0);
   r.zero_copy = layout.combine_send_offset();
   r.end = layout.total_bytes();
@@ -91,10 +93,18 @@ Regions LowLatencyExchange::regions(int max_tokens_per_rank, int hidden, int num
   require_fits(sizeof(CallHeader) <= kLowLatencyControlBytes, "call header", layout);
   require_fits(r.dispatch_tokens + max_tokens_per_rank * r.token_record_bytes() <= layout.dispatch_meta_offset(0),
                "dispatch tokens", layout);
-  require_fits(r.combine_tags + num_slots * 8 <= layout.dispatch_meta_offset(1), "combine routing and tags", layout);
-  require_fits(r.combine_rows + num_slots * hidden * 2 <= layout.parity_offset(1), "combine rows", layout);
-  require_fits(r.zero_copy + int64_t(r.num_local_experts) * num_ranks() * max_tokens_per_rank * hidden * 2 == r.end,
-               "zero-copy x", layout);
+  require_fits(r.combine_tags + r.num_combine_slots() * 8 <= layout.dispatch_meta_offset(1), "combine routing and tags",
+               layout);
+  require_fits(r.combine_rows + r.num_combine_slots() * hidden * 2 <= layout.parity_offset(1), "combine rows", layout);
+  require_fits(r.zero_copy + r.zero_copy_bytes() == r.end, "zero-copy x", layout);
+  return r;
+}
+
+LowLatencyExchange::LowLatencyExchange(const CpuContext& ctx, Area area)
+    : ctx_(ctx), area_(area), mask_(ctx.geometry.num_ranks, 0) {}
+
+Regions LowLatencyExchange::regions(int max_tokens_per_rank, int hidden, int num_experts, const char* op) const {
+  const Regions r = Regions::for_sizes(max_tokens_per_rank, hidden, num_ranks(), num_experts);
   if (r.end > static_cast<int64_t>(area_.bytes))
     throw_error(ErrorCode::kOutOfCapacity,
                 concat(op, ": num_rdma_bytes: the buffer has ", area_.bytes, " bytes but T_max = ", max_tokens_per_rank,

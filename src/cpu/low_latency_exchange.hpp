@@ -67,10 +67,16 @@ struct Regions {
   int64_t zero_copy = 0;
   int64_t end = 0;  // LowLatencyLayout::total_bytes()
 
+  // The table above for these sizes. Throws kInternal if a region would not fit in its place of
+  // LowLatencyLayout (a bug of this file, checked by the unit test over many sizes).
+  static Regions for_sizes(int max_tokens_per_rank, int hidden, int num_ranks, int num_experts);
+
   // One published dispatch token: kMaxLowLatencyTopk int32 expert ids (-1 padded), then the bf16 row.
   int64_t token_record_bytes() const;
   // Combine slots: one per (token, top-k slot) of the receiving rank.
+  int64_t num_combine_slots() const;
   int64_t combine_slot(int token, int slot) const;
+  int64_t zero_copy_bytes() const;
 };
 
 // Nanoseconds a call spent waiting for each rank ([R]): the wait-cost stats of SPEC §4 count every

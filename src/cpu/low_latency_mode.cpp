@@ -6,7 +6,6 @@
 #include <cstring>
 
 #include "core/check.hpp"
-#include "core/layouts.hpp"
 #include "cpu/low_latency_combine.hpp"
 #include "cpu/low_latency_dispatch.hpp"
 #include "cpu/low_latency_exchange.hpp"
@@ -111,7 +110,7 @@ void LowLatencyMode::clean(int max_tokens_per_rank, int hidden, int num_experts)
   exchange.sync(op);
   std::byte* area = exchange.area_of(core.geometry.rank);
   std::memset(area + regions.header, 0, sizeof(CallHeader));
-  std::memset(area + regions.combine_tags, 0, int64_t(max_tokens_per_rank) * kMaxLowLatencyTopk * sizeof(uint64_t));
+  std::memset(area + regions.combine_tags, 0, regions.num_combine_slots() * sizeof(uint64_t));
   ++core.epoch;
   exchange.sync(op);
 }
