@@ -116,8 +116,9 @@ void LowLatencyCombineCall::publish_routing(LowLatencyExchange& exchange, const 
 // Each valid row goes to its token's rank, into every slot of that token that names the row's
 // expert (a token naming an expert twice gets the row twice), tagged with the call id.
 void LowLatencyCombineCall::send_rows(LowLatencyExchange& exchange, const Regions& regions) const {
-  std::vector<CallHeader> peers(num_ranks_);
-  for (int r = 0; r < num_ranks_; ++r) peers[r] = exchange.header_of(r, regions);
+  std::vector<CallHeader> peers(num_ranks_);  // masked ranks' headers are neither read nor used
+  for (int r = 0; r < num_ranks_; ++r)
+    if (!exchange.masked(r)) peers[r] = exchange.header_of(r, regions);
   const size_t row_bytes = sizeof(uint16_t) * hidden_;
   for (size_t i = 0; i < rows_.size(); ++i) {
     const ExpertRow& row = rows_[i];
