@@ -183,7 +183,8 @@ TEST(LowLatencyErrors, TooSmallBufferStatesTheSizeNeeded) {
     const int64_t L = c.num_local_experts();
     std::vector<int32_t> info(L * c.rows(), 0);
     std::vector<int64_t> range(L * c.num_ranks, 0);
-    handle.src_info = Tensor::borrowed(TensorView::contiguous(info.data(), DType::kInt32, {L, c.rows()}, Device::cpu()));
+    handle.src_info =
+        Tensor::borrowed(TensorView::contiguous(info.data(), DType::kInt32, {L, c.rows()}, Device::cpu()));
     handle.layout_range =
         Tensor::borrowed(TensorView::contiguous(range.data(), DType::kInt64, {L, c.num_ranks}, Device::cpu()));
     handle.num_max_dispatch_tokens_per_rank = c.max_tokens;
@@ -306,8 +307,8 @@ TEST(LowLatencyTimeout, RankSkippingADispatchIsNamed) {
     const int rank = bootstrap.rank();
     RankInputs in = make_inputs(c, rank);
     if (rank != 2) {
-      expect_error([&] { buffer.low_latency_dispatch(dispatch_inputs(c, in, RecvFormat::kBf16)); },
-                   ErrorCode::kTimeout, {"low_latency_dispatch", "rank 2"});
+      expect_error([&] { buffer.low_latency_dispatch(dispatch_inputs(c, in, RecvFormat::kBf16)); }, ErrorCode::kTimeout,
+                   {"low_latency_dispatch", "rank 2"});
     }
     bootstrap.barrier();
     buffer.destroy();
