@@ -25,7 +25,7 @@ CombineResult NormalMode::combine(const CombineArgs& args, const StreamOptions& 
   const int Q = p.common.queues.queue_tokens;
   // A window must fit in what the senders can publish ahead of it (see kernels/combine.cu).
   p.window_tokens = std::clamp((Q - p.common.chunk_tokens + 1) / 2, 1, 128);
-  CallStreams streams(ctx_.comm_stream, stream);
+  CallStreams streams(ctx_.comm_stream, stream, events_);
   const Device device = ctx_.tensor_device();
 
   p.signature = call_signature(CallKind::kCombine, false, K > 0, K, record.payload_bytes, 0);

@@ -67,7 +67,7 @@ DispatchResult NormalMode::fresh_dispatch(const DispatchArgs& args, const Stream
   const int C = common.queues.num_channels;
   const Device device = ctx_.tensor_device();
   Allocator& allocator = *args.allocator;
-  CallStreams streams(ctx_.comm_stream, stream);
+  CallStreams streams(ctx_.comm_stream, stream, events_);
   const cudaStream_t comm = streams.comm(), alloc_stream = streams.allocation_stream();
 
   // The handle's routing tensors, filled on the device.
@@ -196,7 +196,7 @@ DispatchResult NormalMode::cached_dispatch(const DispatchArgs& args, const Strea
   const RecordLayout record = dispatch_record(args, /*num_topk=*/0);
   DispatchParams p{};
   p.common = common_params(args.config, record, op);
-  CallStreams streams(ctx_.comm_stream, stream);
+  CallStreams streams(ctx_.comm_stream, stream, events_);
 
   p.cached = 1;
   p.signature = call_signature(CallKind::kCachedDispatch, args.fp8, false, 0, record.payload_bytes, record.num_scales);

@@ -13,18 +13,20 @@
 
 namespace epcomm::cuda {
 
-CallStreams::CallStreams(cudaStream_t comm, const StreamOptions& options) : comm_(comm), options_(options) {
+CallStreams::CallStreams(cudaStream_t comm, const StreamOptions& options, const OrderingEvents& events)
+    : comm_(comm), options_(options), events_(events) {
   if (options.previous_event != nullptr) {
     options.previous_event->wait(reinterpret_cast<StreamHandle>(comm_));
   } else {
-    Event::record(options.stream).wait(reinterpret_cast<StreamHandle>(comm_));
+    EPCOMM_CUDA_CHECK(cudaEventRecord(events_.caller_ready, caller()));
+    EPCOMM_CUDA_CHECK(cudaStreamWaitEvent(comm_, events_.caller_ready, 0));
   }
 }
 
 Event CallStreams::finish() const {
-  Event done = Event::record(reinterpret_cast<StreamHandle>(comm_));
-  if (options_.async_finish) return done;
-  done.wait(options_.stream);
+  if (options_.async_finish) return Event::record(reinterpret_cast<StreamHandle>(comm_));
+  EPCOMM_CUDA_CHECK(cudaEventRecord(events_.work_done, comm_));
+  EPCOMM_CUDA_CHECK(cudaStreamWaitEvent(caller(), events_.work_done, 0));
   return Event();
 }
 
@@ -53,10 +55,14 @@ NormalMode::NormalMode(const CudaContext& ctx, NormalMemory* memory, const void*
   EPCOMM_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&host_counts_), sizeof(HostCounts), cudaHostAllocMapped));
   std::memset(static_cast<void*>(host_counts_), 0, sizeof(HostCounts));
   EPCOMM_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&host_counts_device_), host_counts_, 0));
+  EPCOMM_CUDA_CHECK(cudaEventCreateWithFlags(&events_.caller_ready, cudaEventDisableTiming));
+  EPCOMM_CUDA_CHECK(cudaEventCreateWithFlags(&events_.work_done, cudaEventDisableTiming));
   EPCOMM_CUDA_CHECK(cudaDeviceSynchronize());
 }
 
 NormalMode::~NormalMode() {
+  if (events_.caller_ready != nullptr) cudaEventDestroy(events_.caller_ready);
+  if (events_.work_done != nullptr) cudaEventDestroy(events_.work_done);
   if (state_ != nullptr) cudaFree(state_);
   if (host_counts_ != nullptr) cudaFreeHost(host_counts_);
 }
@@ -122,7 +128,7 @@ LayoutResult NormalMode::layout(const LayoutArgs& args, const StreamOptions& str
   const GroupGeometry& g = ctx_.geometry;
   const int R = g.num_ranks, N = g.num_nodes(), T = args.num_tokens, E = args.num_experts;
   const Device device = ctx_.tensor_device();
-  CallStreams streams(ctx_.comm_stream, stream);
+  CallStreams streams(ctx_.comm_stream, stream, events_);
   const cudaStream_t comm = streams.comm();
   Allocator& allocator = stream.allocator != nullptr ? *stream.allocator : default_allocator();
 

@@ -17,6 +17,7 @@
 
 #include "cuda/cuda_context.hpp"
 #include "cuda/memory/normal_memory.hpp"
+#include "cuda/normal/call_support.hpp"
 #include "cuda/normal/params.hpp"
 
 namespace epcomm::cuda {
@@ -55,6 +56,7 @@ class NormalMode {
   HostCounts* host_counts_ = nullptr;         // pinned host memory
   HostCounts* host_counts_device_ = nullptr;  // the same, as the device sees it
   int32_t host_sequence_ = 0;
+  OrderingEvents events_;
 };
 
 }  // namespace epcomm::cuda
