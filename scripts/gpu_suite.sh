@@ -13,7 +13,10 @@
 #   EPCOMM_GPU_TESTS          ctest -R regex of the tests to run (default: all `gpu` tests)
 #   EPCOMM_SKIP_PERF=1        skip the throughput probe (it needs >= 2 GPUs anyway)
 #   EPCOMM_PERF_RANKS         ranks of the probe (default: min(GPUs, 8))
+#   EPCOMM_TIMEOUT_S          timeout of every wait (default here: 60 s, so a broken protocol fails
+#                             fast and names the phase and peer instead of waiting 100 s per call)
 set -uo pipefail
+export EPCOMM_TIMEOUT_S="${EPCOMM_TIMEOUT_S:-60}"
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 out="${OUT:-$root/gpu_suite_logs}"
