@@ -64,10 +64,31 @@ run_part() {
   local status=0
   timeout -k 15 "$PART_TIMEOUT_S" "$BUILD/bench/epcomm-bench" -n "$NGPU" --backend cuda --iters "$ITERS" \
     --json "$OUT/$part.jsonl" "${args[@]}" "$@" > "$OUT/$part.log" 2>&1 || status=$?
-  # The table is the end of the log; progress lines and rank messages are above it.
-  sed -n '/^epcomm-bench  /,$p' "$OUT/$part.log"
-  [[ $status -eq 0 ]] || { echo "$part FAILED with status $status; last lines:"; tail -25 "$OUT/$part.log"; }
+  local rows=0
+  [[ -f "$OUT/$part.jsonl" ]] && rows=$(wc -l < "$OUT/$part.jsonl")
+  if [[ $status -eq 0 ]]; then
+    echo "   ok, $rows rows (table: $OUT/$part.log)"
+  else
+    echo "   FAILED with status $status, $rows rows kept; last lines of $OUT/$part.log:"
+    tail -25 "$OUT/$part.log"
+  fi
+  grep -E "^note: |^  .*: .* us vs .* us: " "$OUT/$part.log" || true  # skipped parts, failed checks, speed-ups
   return $status
+}
+
+# The rows of every part, one short line each (the full tables are in the logs).
+summary() {
+  python3 - "$OUT/results.jsonl" <<'PY' || cat "$OUT/results.jsonl"
+import json, sys
+rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
+if rows:
+    print(f"{rows[0]['machine']}, commit {rows[0]['commit']}, {rows[0]['date']}, {rows[0]['ranks']} ranks")
+print(f"{'impl':<16}{'workload':<16}{'op':<17}{'dtype':<6}{'SMs':>4}{'us':>10}{'GB/s':>8}  us min..max over ranks")
+for r in rows:
+    gbps = "-" if r["gbps_median"] is None else f"{r['gbps_median']:.1f}"
+    print(f"{r['impl']:<16}{r['workload']:<16}{r['op']:<17}{r['dtype'] or '-':<6}{str(r['num_sms'] or '-'):>4}"
+          f"{r['time_us_median']:>10.1f}{gbps:>8}  {r['time_us_min']:.1f}..{r['time_us_max']:.1f}")
+PY
 }
 
 run() {
@@ -82,6 +103,7 @@ run() {
     if [[ -f "$OUT/$part.jsonl" ]]; then cat "$OUT/$part.jsonl" >> "$OUT/results.jsonl"; fi
   done
   echo "== $(wc -l < "$OUT/results.jsonl") rows in $OUT/results.jsonl"
+  summary
   [[ ${#failed[@]} -eq 0 ]] || { echo "failed parts: ${failed[*]}"; exit 1; }
 }
 
