@@ -90,7 +90,11 @@ def _worker(rank: int, size: int, kind: str, init_file: str, tasks: Any, results
             results.put((rank, True, function(context, *args, **kwargs)))
         except BaseException:  # noqa: B902 - every failure goes back to pytest
             results.put((rank, False, traceback.format_exc()))
-    dist.destroy_process_group()
+    # Leave without destroy_process_group() or interpreter teardown: both can wait for peers that are
+    # already gone. Results were flushed by their queue's feeder thread first.
+    results.close()
+    results.join_thread()
+    os._exit(0)
 
 
 class RankPool:
