@@ -1,14 +1,13 @@
 // epcomm._C.Buffer: the C++ Buffer seen from Python. Arguments arrive already in epcomm's terms
 // (tensor description tuples, stream handles as ints, configs as 5-tuples) from epcomm/buffer.py,
 // which owns the DeepEP-compatible surface; results go back as torch tensors.
-#include "bindings.hpp"
-
 #include <pybind11/stl.h>
 
 #include <chrono>
 #include <memory>
 #include <string>
 
+#include "bindings.hpp"
 #include "bootstrap_bridge.hpp"
 #include "epcomm/buffer.hpp"
 #include "python_objects.hpp"
@@ -70,7 +69,8 @@ struct CallStream {
   }
 };
 
-LowLatencyOptions low_latency_options(uintptr_t stream, bool async_finish, bool return_recv_hook, Allocator* allocator) {
+LowLatencyOptions low_latency_options(uintptr_t stream, bool async_finish, bool return_recv_hook,
+                                      Allocator* allocator) {
   LowLatencyOptions options;
   options.stream = stream_from_int(stream);
   options.async_finish = async_finish;
@@ -90,11 +90,11 @@ py::object hook_or_none(RecvHook hook) {
   return py::cast(std::move(hook));
 }
 
-std::unique_ptr<PyBuffer> make_buffer(int rank, int size, py::object all_gather, py::object barrier, const std::string& backend,
-                                      int64_t num_nvl_bytes, int64_t num_rdma_bytes, bool low_latency_mode,
-                                      int ranks_per_node, int device, double timeout_s, int num_qps_per_rank,
-                                      bool allow_nvlink_for_low_latency_mode, bool allow_mnnvl, bool use_fabric,
-                                      bool explicitly_destroy, bool enable_shrink) {
+std::unique_ptr<PyBuffer> make_buffer(int rank, int size, py::object all_gather, py::object barrier,
+                                      const std::string& backend, int64_t num_nvl_bytes, int64_t num_rdma_bytes,
+                                      bool low_latency_mode, int ranks_per_node, int device, double timeout_s,
+                                      int num_qps_per_rank, bool allow_nvlink_for_low_latency_mode, bool allow_mnnvl,
+                                      bool use_fabric, bool explicitly_destroy, bool enable_shrink) {
   BufferOptions options;
   options.backend = backend_from(backend);
   options.num_nvl_bytes = num_nvl_bytes;
@@ -160,8 +160,9 @@ py::tuple dispatch(py::object self, const py::handle& x, const py::handle& x_sca
   py::object handle_object = py::none();
   py::object handle_tensors = py::none();
   if (r.handle) {
-    handle_tensors = py::make_tuple(to_torch(r.handle->rank_prefix_matrix, self), to_torch(r.handle->is_token_in_rank, self),
-                                    to_torch(r.handle->send_row, self), to_torch(r.handle->recv_src_idx, self));
+    handle_tensors =
+        py::make_tuple(to_torch(r.handle->rank_prefix_matrix, self), to_torch(r.handle->is_token_in_rank, self),
+                       to_torch(r.handle->send_row, self), to_torch(r.handle->recv_src_idx, self));
     handle_object = py::cast(PyDispatchHandle{r.handle});
   }
   py::object counts = py::none();
@@ -173,7 +174,8 @@ py::tuple dispatch(py::object self, const py::handle& x, const py::handle& x_sca
 
 py::tuple combine(py::object self, const py::handle& x, const py::handle& handle, const py::handle& topk_weights,
                   const py::handle& bias_0, const py::handle& bias_1, const py::handle& config, uintptr_t stream,
-                  const py::object& previous_event, bool async_finish, bool allocate_on_comm_stream, py::object allocate) {
+                  const py::object& previous_event, bool async_finish, bool allocate_on_comm_stream,
+                  py::object allocate) {
   Buffer& buffer = self.cast<PyBuffer&>().live();
   CombineInputs in;
   in.x = view_from_python(x, "combine: x");
@@ -217,16 +219,17 @@ py::tuple low_latency_dispatch(py::object self, const py::handle& x, const py::h
     py::gil_scoped_release release;
     r = buffer.low_latency_dispatch(in, options);
   }
-  return py::make_tuple(to_torch(r.recv_x, self), to_torch_optional(r.recv_x_scales, self), to_torch(r.recv_count, self),
-                        to_torch(r.handle.src_info, self), to_torch(r.handle.layout_range, self), r.event,
-                        hook_or_none(std::move(r.hook)));
+  return py::make_tuple(to_torch(r.recv_x, self), to_torch_optional(r.recv_x_scales, self),
+                        to_torch(r.recv_count, self), to_torch(r.handle.src_info, self),
+                        to_torch(r.handle.layout_range, self), r.event, hook_or_none(std::move(r.hook)));
 }
 
 LowLatencyHandle low_latency_handle(const py::handle& src_info, const py::handle& layout_range,
                                     int num_max_dispatch_tokens_per_rank, int hidden, int num_experts, const char* op) {
   LowLatencyHandle h;
   h.src_info = Tensor::borrowed(view_from_python(src_info, (std::string(op) + ": handle[0] (src_info)").c_str()));
-  h.layout_range = Tensor::borrowed(view_from_python(layout_range, (std::string(op) + ": handle[1] (layout_range)").c_str()));
+  h.layout_range =
+      Tensor::borrowed(view_from_python(layout_range, (std::string(op) + ": handle[1] (layout_range)").c_str()));
   h.num_max_dispatch_tokens_per_rank = num_max_dispatch_tokens_per_rank;
   h.hidden = hidden;
   h.num_experts = num_experts;
@@ -234,10 +237,11 @@ LowLatencyHandle low_latency_handle(const py::handle& src_info, const py::handle
 }
 
 py::tuple low_latency_combine(py::object self, const py::handle& x, const py::handle& topk_idx,
-                              const py::handle& topk_weights, const py::handle& src_info, const py::handle& layout_range,
-                              int num_max_dispatch_tokens_per_rank, int hidden, int num_experts, bool use_logfmt,
-                              bool zero_copy, const py::handle& out, const py::handle& combine_wait_recv_cost_stats,
-                              uintptr_t stream, bool async_finish, bool return_recv_hook, py::object allocate) {
+                              const py::handle& topk_weights, const py::handle& src_info,
+                              const py::handle& layout_range, int num_max_dispatch_tokens_per_rank, int hidden,
+                              int num_experts, bool use_logfmt, bool zero_copy, const py::handle& out,
+                              const py::handle& combine_wait_recv_cost_stats, uintptr_t stream, bool async_finish,
+                              bool return_recv_hook, py::object allocate) {
   Buffer& buffer = self.cast<PyBuffer&>().live();
   const LowLatencyHandle h = low_latency_handle(src_info, layout_range, num_max_dispatch_tokens_per_rank, hidden,
                                                 num_experts, "low_latency_combine");
@@ -295,28 +299,31 @@ void destroy(PyBuffer& self) {
 }  // namespace
 
 void bind_buffer(py::module_& m) {
-  py::class_<PyDispatchHandle>(m, "DispatchHandle", "The routing of one dispatch (opaque; element -1 of the handle tuple).")
+  py::class_<PyDispatchHandle>(m, "DispatchHandle",
+                               "The routing of one dispatch (opaque; element -1 of the handle tuple).")
       .def_property_readonly("num_ranks", [](const PyDispatchHandle& h) { return h.handle->num_ranks; })
       .def_property_readonly("num_tokens", [](const PyDispatchHandle& h) { return h.handle->num_tokens; })
       .def_property_readonly("num_recv_tokens", [](const PyDispatchHandle& h) { return h.handle->num_recv_tokens; })
       .def_property_readonly("num_topk", [](const PyDispatchHandle& h) { return h.handle->num_topk; })
       .def("__repr__", [](const PyDispatchHandle& h) {
         return "<epcomm DispatchHandle: " + std::to_string(h.handle->num_tokens) + " tokens sent, " +
-               std::to_string(h.handle->num_recv_tokens) + " received, " + std::to_string(h.handle->num_ranks) + " ranks>";
+               std::to_string(h.handle->num_recv_tokens) + " received, " + std::to_string(h.handle->num_ranks) +
+               " ranks>";
       });
 
   py::class_<PyBuffer>(m, "Buffer")
-      .def(py::init(&make_buffer), py::arg("rank"), py::arg("size"), py::arg("all_gather"), py::arg("barrier"), py::kw_only(),
-           py::arg("backend"), py::arg("num_nvl_bytes"), py::arg("num_rdma_bytes"), py::arg("low_latency_mode"),
-           py::arg("ranks_per_node"), py::arg("device"), py::arg("timeout_s"), py::arg("num_qps_per_rank"),
-           py::arg("allow_nvlink_for_low_latency_mode"), py::arg("allow_mnnvl"), py::arg("use_fabric"),
-           py::arg("explicitly_destroy"), py::arg("enable_shrink"))
+      .def(py::init(&make_buffer), py::arg("rank"), py::arg("size"), py::arg("all_gather"), py::arg("barrier"),
+           py::kw_only(), py::arg("backend"), py::arg("num_nvl_bytes"), py::arg("num_rdma_bytes"),
+           py::arg("low_latency_mode"), py::arg("ranks_per_node"), py::arg("device"), py::arg("timeout_s"),
+           py::arg("num_qps_per_rank"), py::arg("allow_nvlink_for_low_latency_mode"), py::arg("allow_mnnvl"),
+           py::arg("use_fabric"), py::arg("explicitly_destroy"), py::arg("enable_shrink"))
       .def_property_readonly("rank", [](PyBuffer& b) { return b.live().rank(); })
       .def_property_readonly("num_ranks", [](PyBuffer& b) { return b.live().num_ranks(); })
       .def_property_readonly("ranks_per_node", [](PyBuffer& b) { return b.live().ranks_per_node(); })
       .def_property_readonly("device_index", [](PyBuffer& b) { return b.live().device().index; })
       .def_property_readonly("is_cuda", [](PyBuffer& b) { return b.live().device().is_cuda(); })
-      .def_property_readonly("comm_stream", [](PyBuffer& b) { return reinterpret_cast<uintptr_t>(b.live().comm_stream()); })
+      .def_property_readonly("comm_stream",
+                             [](PyBuffer& b) { return reinterpret_cast<uintptr_t>(b.live().comm_stream()); })
       .def_property_readonly("is_destroyed", [](const PyBuffer& b) { return !b.buffer; })
       .def("destroy", &destroy)
       .def("get_dispatch_layout", &get_dispatch_layout)

@@ -20,7 +20,7 @@ struct ErrorTypes {
 ErrorTypes g_types;  // owned by the module object (one reference each, never released)
 
 PyObject* new_exception(py::module_& module, const char* name, py::tuple bases, const char* doc) {
-  const std::string qualified = std::string("epcomm._C.") + name;
+  const std::string qualified = std::string("epcomm.") + name;  // shown as epcomm.<name>
   PyObject* type = PyErr_NewExceptionWithDoc(qualified.c_str(), doc, bases.ptr(), nullptr);
   if (type == nullptr) throw py::error_already_set();
   module.add_object(name, py::reinterpret_borrow<py::object>(type));
@@ -29,12 +29,18 @@ PyObject* new_exception(py::module_& module, const char* name, py::tuple bases, 
 
 PyObject* type_for(ErrorCode code) {
   switch (code) {
-    case ErrorCode::kInvalidArgument: return g_types.invalid_argument;
-    case ErrorCode::kUnsupported: return g_types.unsupported;
-    case ErrorCode::kTimeout: return g_types.timeout;
-    case ErrorCode::kPeerFailure: return g_types.peer_failure;
-    case ErrorCode::kOutOfCapacity: return g_types.out_of_capacity;
-    case ErrorCode::kInternal: return g_types.internal;
+    case ErrorCode::kInvalidArgument:
+      return g_types.invalid_argument;
+    case ErrorCode::kUnsupported:
+      return g_types.unsupported;
+    case ErrorCode::kTimeout:
+      return g_types.timeout;
+    case ErrorCode::kPeerFailure:
+      return g_types.peer_failure;
+    case ErrorCode::kOutOfCapacity:
+      return g_types.out_of_capacity;
+    case ErrorCode::kInternal:
+      return g_types.internal;
   }
   return g_types.base;
 }
@@ -55,9 +61,11 @@ void bind_errors(py::module_& m) {
                                       "A feature this build or backend does not provide (yet).");
   g_types.timeout = new_exception(m, "TimeoutError", bases({g_types.base}),
                                   "A peer did not arrive in time; the message names the operation and the peers.");
-  g_types.peer_failure = new_exception(m, "PeerFailureError", bases({g_types.base}), "A peer reported an error or went away.");
-  g_types.out_of_capacity = new_exception(m, "OutOfCapacityError", bases({g_types.base}),
-                                          "The communication buffer (or num_worst_tokens) is too small; states the size needed.");
+  g_types.peer_failure =
+      new_exception(m, "PeerFailureError", bases({g_types.base}), "A peer reported an error or went away.");
+  g_types.out_of_capacity =
+      new_exception(m, "OutOfCapacityError", bases({g_types.base}),
+                    "The communication buffer (or num_worst_tokens) is too small; states the size needed.");
   g_types.internal = new_exception(m, "InternalError", bases({g_types.base}), "A CUDA or system call failed.");
 
   py::register_exception_translator([](std::exception_ptr error) {

@@ -38,22 +38,26 @@ void bind_library(py::module_& m) {
 void bind_events(py::module_& m) {
   py::class_<Event>(m, "Event", "Completion of epcomm work (a CUDA event, or an event that is already complete).")
       .def(py::init<>())
-      .def_static("record", [](uintptr_t stream) { return Event::record(stream_from_int(stream)); }, py::arg("stream"))
+      .def_static(
+          "record", [](uintptr_t stream) { return Event::record(stream_from_int(stream)); }, py::arg("stream"))
       .def_property_readonly("is_cuda", &Event::is_cuda)
-      .def("wait", [](const Event& e, uintptr_t stream) { e.wait(stream_from_int(stream)); }, py::arg("stream"))
-      .def("synchronize", [](const Event& e) {
-        py::gil_scoped_release release;
-        e.synchronize();
-      })
+      .def(
+          "wait", [](const Event& e, uintptr_t stream) { e.wait(stream_from_int(stream)); }, py::arg("stream"))
+      .def("synchronize",
+           [](const Event& e) {
+             py::gil_scoped_release release;
+             e.synchronize();
+           })
       .def("query", &Event::query);
 
   py::class_<RecvHook>(m, "RecvHook", "Runs the receive half of a low-latency call (once).")
-      .def("__call__",
-           [](RecvHook& hook, uintptr_t stream) {
-             py::gil_scoped_release release;
-             hook(stream_from_int(stream));
-           },
-           py::arg("stream"))
+      .def(
+          "__call__",
+          [](RecvHook& hook, uintptr_t stream) {
+            py::gil_scoped_release release;
+            hook(stream_from_int(stream));
+          },
+          py::arg("stream"))
       .def("__bool__", [](const RecvHook& hook) { return static_cast<bool>(hook); });
 }
 

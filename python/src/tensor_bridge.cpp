@@ -133,15 +133,16 @@ py::object view_of_allocation(const TorchStorage& storage, const TensorView& vie
 }
 
 DType dtype_from_code(long code, const char* what) {
-  if (code < 0 || code >= kNumDTypes) throw py::value_error(std::string(what) + ": unknown dtype code " + std::to_string(code));
+  if (code < 0 || code >= kNumDTypes)
+    throw py::value_error(std::string(what) + ": unknown dtype code " + std::to_string(code));
   return static_cast<DType>(code);
 }
 
 int read_dims(const py::handle& seq, std::array<int64_t, kMaxDims>& out, const char* what) {
   auto items = py::reinterpret_borrow<py::tuple>(seq);
   if (items.size() > static_cast<size_t>(kMaxDims))
-    throw py::value_error(std::string(what) + ": at most " + std::to_string(kMaxDims) + " dimensions are supported, got " +
-                          std::to_string(items.size()));
+    throw py::value_error(std::string(what) + ": at most " + std::to_string(kMaxDims) +
+                          " dimensions are supported, got " + std::to_string(items.size()));
   for (size_t i = 0; i < items.size(); ++i) out[i] = items[i].cast<int64_t>();
   return static_cast<int>(items.size());
 }
@@ -175,7 +176,8 @@ StreamHandle stream_from_int(uintptr_t handle) { return reinterpret_cast<StreamH
 Tensor PyAllocator::allocate(DType dtype, std::span<const int64_t> shape, Device device, StreamHandle) {
   py::gil_scoped_acquire gil;
   py::tuple result = allocate_(dtype_code(dtype), int_tuple(shape.data(), static_cast<int>(shape.size())));
-  const TensorView view = TensorView::contiguous(reinterpret_cast<void*>(result[1].cast<uintptr_t>()), dtype, shape, device);
+  const TensorView view =
+      TensorView::contiguous(reinterpret_cast<void*>(result[1].cast<uintptr_t>()), dtype, shape, device);
   TorchStorage storage;
   storage.data = reinterpret_cast<uintptr_t>(view.data);
   storage.dtype = dtype;
@@ -200,7 +202,8 @@ py::object to_torch_optional(const std::optional<Tensor>& tensor, const py::obje
 }
 
 py::object bytes_as_torch(void* data, int64_t bytes, Device device, const py::object& owner) {
-  if (bytes == 0) return torch_api().empty(0, py::arg("dtype") = torch_api().uint8, py::arg("device") = torch_device(device));
+  if (bytes == 0)
+    return torch_api().empty(0, py::arg("dtype") = torch_api().uint8, py::arg("device") = torch_device(device));
   return bytes_capsule_tensor(data, bytes, device, nullptr, owner);
 }
 
