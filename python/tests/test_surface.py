@@ -181,6 +181,14 @@ def check_local_buffer_tensor(ctx: Any) -> None:
     assert buffer.get_local_buffer_tensor(torch.uint8, use_rdma_buffer=True).numel() == 0
     del view, whole, tail
     buffer.destroy()
+    # a view keeps the buffer's memory alive after the Python object is gone (until destroy())
+    kept = epcomm.Buffer(ctx.group, num_nvl_bytes=size).get_local_buffer_tensor(torch.int32, 16)
+    import gc
+    gc.collect()
+    kept.copy_(torch.arange(16, dtype=torch.int32, device=ctx.device))
+    assert int(kept.sum()) == 120
+    del kept
+    gc.collect()
 
 
 def check_bad_inputs(ctx: Any) -> None:
