@@ -23,10 +23,8 @@ struct PyBuffer {
   std::unique_ptr<PyBootstrap> bootstrap;
   std::unique_ptr<Buffer> buffer;
 
-  Buffer& live() {
-    if (!buffer) throw Error(ErrorCode::kInvalidArgument, "Buffer: the Buffer was destroyed");
-    return *buffer;
-  }
+  // After destroy() the C++ Buffer stays and answers every call with "<op>: the Buffer was destroyed".
+  Buffer& get() { return *buffer; }
 };
 
 // A dispatch handle as a Python object (element -1 of the Python handle tuple).
@@ -119,7 +117,7 @@ std::unique_ptr<PyBuffer> make_buffer(int rank, int size, py::object all_gather,
 py::tuple get_dispatch_layout(py::object self, const py::handle& topk_idx, int num_experts, uintptr_t stream,
                               const py::object& previous_event, bool async_finish, bool allocate_on_comm_stream,
                               py::object allocate) {
-  Buffer& buffer = self.cast<PyBuffer&>().live();
+  Buffer& buffer = self.cast<PyBuffer&>().get();
   const TensorView topk = view_from_python(topk_idx, "get_dispatch_layout: topk_idx");
   CallStream call(stream, previous_event, async_finish, allocate_on_comm_stream, std::move(allocate));
   LayoutResult r;
@@ -137,7 +135,7 @@ py::tuple dispatch(py::object self, const py::handle& x, const py::handle& x_sca
                    const py::handle& num_tokens_per_expert, const py::handle& handle, int expert_alignment,
                    int num_worst_tokens, const py::handle& config, uintptr_t stream, const py::object& previous_event,
                    bool async_finish, bool allocate_on_comm_stream, py::object allocate) {
-  Buffer& buffer = self.cast<PyBuffer&>().live();
+  Buffer& buffer = self.cast<PyBuffer&>().get();
   DispatchInputs in;
   in.x = view_from_python(x, "dispatch: x");
   in.x_scales = optional_view(x_scales, "dispatch: x_scales");
@@ -176,7 +174,7 @@ py::tuple combine(py::object self, const py::handle& x, const py::handle& handle
                   const py::handle& bias_0, const py::handle& bias_1, const py::handle& config, uintptr_t stream,
                   const py::object& previous_event, bool async_finish, bool allocate_on_comm_stream,
                   py::object allocate) {
-  Buffer& buffer = self.cast<PyBuffer&>().live();
+  Buffer& buffer = self.cast<PyBuffer&>().get();
   CombineInputs in;
   in.x = view_from_python(x, "combine: x");
   in.handle = handle_from(handle);
@@ -199,7 +197,7 @@ py::tuple low_latency_dispatch(py::object self, const py::handle& x, const py::h
                                const py::handle& dispatch_wait_recv_cost_stats, bool use_fp8, bool round_scale,
                                bool use_ue8m0, uintptr_t stream, bool async_finish, bool return_recv_hook,
                                py::object allocate) {
-  Buffer& buffer = self.cast<PyBuffer&>().live();
+  Buffer& buffer = self.cast<PyBuffer&>().get();
   LowLatencyDispatchInputs in;
   in.x = view_from_python(x, "low_latency_dispatch: x");
   in.topk_idx = view_from_python(topk_idx, "low_latency_dispatch: topk_idx");
@@ -242,7 +240,7 @@ py::tuple low_latency_combine(py::object self, const py::handle& x, const py::ha
                               int num_experts, bool use_logfmt, bool zero_copy, const py::handle& out,
                               const py::handle& combine_wait_recv_cost_stats, uintptr_t stream, bool async_finish,
                               bool return_recv_hook, py::object allocate) {
-  Buffer& buffer = self.cast<PyBuffer&>().live();
+  Buffer& buffer = self.cast<PyBuffer&>().get();
   const LowLatencyHandle h = low_latency_handle(src_info, layout_range, num_max_dispatch_tokens_per_rank, hidden,
                                                 num_experts, "low_latency_combine");
   LowLatencyCombineInputs in;
@@ -269,7 +267,7 @@ py::tuple low_latency_combine(py::object self, const py::handle& x, const py::ha
 
 py::object next_low_latency_combine_buffer(py::object self, const py::handle& src_info, const py::handle& layout_range,
                                            int num_max_dispatch_tokens_per_rank, int hidden, int num_experts) {
-  Buffer& buffer = self.cast<PyBuffer&>().live();
+  Buffer& buffer = self.cast<PyBuffer&>().get();
   const LowLatencyHandle h = low_latency_handle(src_info, layout_range, num_max_dispatch_tokens_per_rank, hidden,
                                                 num_experts, "get_next_low_latency_combine_buffer");
   const TensorView view = buffer.next_low_latency_combine_buffer(h);
@@ -277,23 +275,20 @@ py::object next_low_latency_combine_buffer(py::object self, const py::handle& sr
 }
 
 py::object local_buffer_bytes(py::object self, int64_t offset, int64_t num_bytes, bool rdma) {
-  Buffer& buffer = self.cast<PyBuffer&>().live();
+  Buffer& buffer = self.cast<PyBuffer&>().get();
   const TensorView view = buffer.local_buffer(DType::kBool, offset, num_bytes, rdma);
   return bytes_as_torch(view.data, view.nbytes(), view.device, self);
 }
 
 py::object query_mask(py::object self) {
-  Buffer& buffer = self.cast<PyBuffer&>().live();
+  Buffer& buffer = self.cast<PyBuffer&>().get();
   return to_torch(Tensor::borrowed(buffer.low_latency_query_mask_buffer()), self);
 }
 
 void destroy(PyBuffer& self) {
-  if (!self.buffer) return;
-  {
-    py::gil_scoped_release release;
-    self.buffer->destroy();
-  }
-  self.buffer.reset();
+  Buffer& buffer = self.get();
+  py::gil_scoped_release release;
+  buffer.destroy();
 }
 
 }  // namespace
@@ -317,14 +312,11 @@ void bind_buffer(py::module_& m) {
            py::arg("low_latency_mode"), py::arg("ranks_per_node"), py::arg("device"), py::arg("timeout_s"),
            py::arg("num_qps_per_rank"), py::arg("allow_nvlink_for_low_latency_mode"), py::arg("allow_mnnvl"),
            py::arg("use_fabric"), py::arg("explicitly_destroy"), py::arg("enable_shrink"))
-      .def_property_readonly("rank", [](PyBuffer& b) { return b.live().rank(); })
-      .def_property_readonly("num_ranks", [](PyBuffer& b) { return b.live().num_ranks(); })
-      .def_property_readonly("ranks_per_node", [](PyBuffer& b) { return b.live().ranks_per_node(); })
-      .def_property_readonly("device_index", [](PyBuffer& b) { return b.live().device().index; })
-      .def_property_readonly("is_cuda", [](PyBuffer& b) { return b.live().device().is_cuda(); })
+      .def_property_readonly("rank", [](PyBuffer& b) { return b.get().rank(); })
+      .def_property_readonly("num_ranks", [](PyBuffer& b) { return b.get().num_ranks(); })
+      .def_property_readonly("ranks_per_node", [](PyBuffer& b) { return b.get().ranks_per_node(); })
       .def_property_readonly("comm_stream",
-                             [](PyBuffer& b) { return reinterpret_cast<uintptr_t>(b.live().comm_stream()); })
-      .def_property_readonly("is_destroyed", [](const PyBuffer& b) { return !b.buffer; })
+                             [](PyBuffer& b) { return reinterpret_cast<uintptr_t>(b.get().comm_stream()); })
       .def("destroy", &destroy)
       .def("get_dispatch_layout", &get_dispatch_layout)
       .def("dispatch", &dispatch)
@@ -334,20 +326,20 @@ void bind_buffer(py::module_& m) {
       .def("next_low_latency_combine_buffer", &next_low_latency_combine_buffer)
       .def("clean_low_latency_buffer",
            [](PyBuffer& b, int max_tokens, int hidden, int num_experts, uintptr_t stream) {
-             Buffer& buffer = b.live();
+             Buffer& buffer = b.get();
              py::gil_scoped_release release;
              buffer.clean_low_latency_buffer(max_tokens, hidden, num_experts, stream_from_int(stream));
            })
       .def("update_mask",
            [](PyBuffer& b, int rank, bool mask, uintptr_t stream) {
-             Buffer& buffer = b.live();
+             Buffer& buffer = b.get();
              py::gil_scoped_release release;
              buffer.low_latency_update_mask_buffer(rank, mask, stream_from_int(stream));
            })
       .def("query_mask", &query_mask)
       .def("clean_mask",
            [](PyBuffer& b, uintptr_t stream) {
-             Buffer& buffer = b.live();
+             Buffer& buffer = b.get();
              py::gil_scoped_release release;
              buffer.low_latency_clean_mask_buffer(stream_from_int(stream));
            })

@@ -20,6 +20,10 @@ def test_public_names() -> None:
     for name in ("Buffer", "Config", "EventOverlap", "topk_idx_t"):
         assert hasattr(epcomm, name), name
     assert epcomm.topk_idx_t is torch.int64
+    from epcomm.buffer import Buffer  # DeepEP's module paths
+    from epcomm.utils import EventHandle, EventOverlap
+    assert Buffer is epcomm.Buffer and EventOverlap is epcomm.EventOverlap and EventHandle is epcomm.EventHandle
+    assert isinstance(EventOverlap(EventHandle()), epcomm.EventOverlap)
     assert isinstance(epcomm.__version__, str)
     for method in ("get_dispatch_layout", "dispatch", "combine", "internode_dispatch", "internode_combine",
                    "low_latency_dispatch", "low_latency_combine", "get_next_low_latency_combine_buffer",
