@@ -1,0 +1,111 @@
+#include "cpu/cpu_backend.hpp"
+
+#include "core/check.hpp"
+#include "core/layouts.hpp"
+#include "core/timeout.hpp"
+
+namespace epcomm {
+namespace cpu {
+
+namespace {
+// | sync counters | normal-mode area | padding to a page | low-latency area |
+size_t rdma_area_offset(const BufferOptions& options) {
+  return kSyncBlockBytes + size_t(align_up(options.num_nvl_bytes, 4096));
+}
+}  // namespace
+
+CpuBackend::CpuBackend(Bootstrap& bootstrap, const BufferOptions& options, const GroupGeometry& geometry)
+    : geometry_(geometry),
+      options_(options),
+      memory_(bootstrap, rdma_area_offset(options) + size_t(options.num_rdma_bytes)),
+      nvl_area_{&memory_, kSyncBlockBytes, size_t(options.num_nvl_bytes)},
+      rdma_area_{&memory_, rdma_area_offset(options), size_t(options.num_rdma_bytes)},
+      sync_(memory_, geometry.rank, resolve_timeout(options.timeout)),
+      context_{geometry_, &options_, &sync_, this} {
+  normal_ = std::make_unique<NormalMode>(context_, nvl_area_);
+  if (options.low_latency_mode) low_latency_ = std::make_unique<LowLatencyMode>(context_, rdma_area_);
+}
+
+CpuBackend::~CpuBackend() { release(); }
+
+LayoutResult CpuBackend::layout(const LayoutArgs& args, const StreamOptions& stream) {
+  Allocator& allocator = stream.allocator ? *stream.allocator : default_allocator();
+  return normal_->layout(args, allocator, stream.stream);
+}
+
+DispatchResult CpuBackend::dispatch(const DispatchArgs& args, const StreamOptions& stream) {
+  return normal_->dispatch(args, stream.stream);
+}
+
+CombineResult CpuBackend::combine(const CombineArgs& args, const StreamOptions& stream) {
+  return normal_->combine(args, stream.stream);
+}
+
+LowLatencyMode& CpuBackend::low_latency(const char* op) {
+  if (!low_latency_)
+    throw_error(ErrorCode::kInvalidArgument, concat(op, ": Buffer: was not created with low_latency_mode=True"));
+  return *low_latency_;
+}
+
+LowLatencyDispatchResult CpuBackend::low_latency_dispatch(const LowLatencyDispatchArgs& args,
+                                                          const LowLatencyOptions& options) {
+  return low_latency("low_latency_dispatch").dispatch(args, options);
+}
+
+LowLatencyCombineResult CpuBackend::low_latency_combine(const LowLatencyCombineArgs& args,
+                                                        const LowLatencyOptions& options) {
+  return low_latency("low_latency_combine").combine(args, options);
+}
+
+TensorView CpuBackend::next_low_latency_combine_buffer(const LowLatencyHandle& handle) {
+  return low_latency("get_next_low_latency_combine_buffer").next_combine_buffer(handle);
+}
+
+void CpuBackend::clean_low_latency_buffer(int max_tokens_per_rank, int hidden, int num_experts, StreamHandle) {
+  low_latency("clean_low_latency_buffer").clean(max_tokens_per_rank, hidden, num_experts);
+}
+
+void CpuBackend::update_mask(int rank, bool mask, StreamHandle) {
+  low_latency("low_latency_update_mask_buffer").update_mask(rank, mask);
+}
+
+TensorView CpuBackend::query_mask() { return low_latency("low_latency_query_mask_buffer").query_mask(); }
+
+void CpuBackend::clean_mask(StreamHandle) { low_latency("low_latency_clean_mask_buffer").clean_mask(); }
+
+TensorView CpuBackend::local_buffer(DType dtype, int64_t offset_bytes, std::optional<int64_t> num_elements,
+                                    bool rdma_memory) const {
+  const Area& area = rdma_memory ? rdma_area_ : nvl_area_;
+  const int64_t count =
+      num_elements ? *num_elements : (int64_t(area.bytes) - offset_bytes) / int64_t(dtype_size(dtype));
+  return TensorView::contiguous(area.of(geometry_.rank) + offset_bytes, dtype, {count}, Device::cpu());
+}
+
+void CpuBackend::release() noexcept {
+  if (released_) return;
+  released_ = true;
+  low_latency_.reset();
+  normal_.reset();
+  memory_.release();
+}
+
+void CpuBackend::destroy(bool collective) {
+  if (released_) return;
+  if (!collective) return release();
+  try {
+    sync_.barrier(kLifecycleChannel, "destroy");
+  } catch (...) {
+    release();  // a peer that never arrives must not keep our memory mapped
+    throw;
+  }
+  release();
+}
+
+}  // namespace cpu
+
+std::unique_ptr<Backend> make_cpu_backend(Bootstrap& bootstrap, const BufferOptions& options,
+                                          const GroupGeometry& geometry) {
+  return std::make_unique<cpu::CpuBackend>(bootstrap, options, geometry);
+}
+
+}  // namespace epcomm
