@@ -97,6 +97,12 @@ def _worker(rank: int, size: int, kind: str, init_file: str, tasks: Any, results
     os._exit(0)
 
 
+def _unsupported(formatted_traceback: str) -> str:
+    """The message of an epcomm.UnsupportedError that ended ``formatted_traceback``, else ''."""
+    last = formatted_traceback.strip().splitlines()[-1]
+    return last if last.startswith("epcomm.UnsupportedError") else ""
+
+
 class RankPool:
     def __init__(self, kind: str, size: int) -> None:
         self.kind, self.size = kind, size
@@ -131,6 +137,10 @@ class RankPool:
             failures = "".join(f"\n--- rank {r} ---\n{v}" for r, (ok, v) in sorted(outcomes.items()) if not ok)
             raise AssertionError(f"{function.__name__}: ranks {missing} did not finish within {timeout} s{failures}")
         failures = [(rank, value) for rank, (ok, value) in sorted(outcomes.items()) if not ok]
+        if self.kind == "cuda" and len(failures) == self.size and all(_unsupported(v) for _, v in failures):
+            import pytest  # every rank was told "not supported": a feature the CUDA backend lacks (yet);
+            pytest.skip(_unsupported(failures[0][1]))  # the CPU reference must support everything
+
         if failures:
             raise AssertionError("".join(f"\n--- rank {rank} ---\n{value}" for rank, value in failures))
         return [outcomes[rank][1] for rank in range(self.size)]
