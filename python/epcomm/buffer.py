@@ -27,6 +27,8 @@ from .event import EventHandle, EventOverlap
 TokenTensor = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 Bias = Union[None, torch.Tensor, Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]
 LowLatencyHandle = Tuple[torch.Tensor, torch.Tensor, int, int, int]
+#: (dtype code, shape, CUDA device or -1) -> (tensor, data_ptr): how epcomm._C creates outputs.
+Allocate = Callable[[int, Tuple[int, ...], int], Tuple[torch.Tensor, int]]
 
 
 class DispatchHandle(NamedTuple):
@@ -99,7 +101,8 @@ class Buffer:
         self.device = backend_device(self.backend)
         self.runtime = _C.Buffer(
             collectives.rank, collectives.size, collectives.all_gather, collectives.barrier, backend=self.backend,
-            num_nvl_bytes=self.num_nvl_bytes, num_rdma_bytes=self.num_rdma_bytes, low_latency_mode=self.low_latency_mode,
+            num_nvl_bytes=self.num_nvl_bytes, num_rdma_bytes=self.num_rdma_bytes,
+            low_latency_mode=self.low_latency_mode,
             ranks_per_node=resolve_ranks_per_node(collectives.size, ranks_per_node),
             device=self.device.index if self.device.type == "cuda" else -1,
             timeout_s=float(timeout_s) if timeout_s is not None else 0.0, num_qps_per_rank=int(num_qps_per_rank),
@@ -306,7 +309,8 @@ class Buffer:
             self._config_tuple(config, op), self._stream(), self._native_event(previous_event, op), bool(async_finish),
             bool(allocate_on_comm_stream), self._allocator(allocate_on_comm_stream))
         inputs = (x, topk_weights, bias_0, bias_1) + tuple(handle[:4])
-        event = self._finish(native_event, async_finish, allocate_on_comm_stream, inputs, (combined_x, combined_weights))
+        outputs = (combined_x, combined_weights)
+        event = self._finish(native_event, async_finish, allocate_on_comm_stream, inputs, outputs)
         return combined_x, combined_weights, event
 
     def internode_dispatch(self, x: TokenTensor, handle: Optional[DispatchHandle] = None,
@@ -456,7 +460,8 @@ class Buffer:
             return bias, None
         if isinstance(bias, (tuple, list)) and len(bias) == 2:
             return bias[0], bias[1]
-        raise invalid_argument("combine", "bias", f"expected None, a tensor or a pair of tensors, got {type(bias).__name__}")
+        raise invalid_argument("combine", "bias",
+                               f"expected None, a tensor or a pair of tensors, got {type(bias).__name__}")
 
     @staticmethod
     def _split_tokens(x: TokenTensor, op: str) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -470,7 +475,8 @@ class Buffer:
     def _native_dispatch_handle(handle: Any, op: str) -> _C.DispatchHandle:
         if isinstance(handle, tuple) and len(handle) == 5 and isinstance(handle[-1], _C.DispatchHandle):
             return handle[-1]
-        raise invalid_argument(op, "handle", f"expected the handle tuple returned by dispatch, got {type(handle).__name__}")
+        raise invalid_argument(op, "handle",
+                               f"expected the handle tuple returned by dispatch, got {type(handle).__name__}")
 
     @staticmethod
     def _unpack_low_latency_handle(handle: Any, op: str) -> Tuple[torch.Tensor, torch.Tensor, int, int, int]:
@@ -504,14 +510,15 @@ class Buffer:
     def _stream(self) -> int:
         return current_stream_handle(self.device)
 
-    def _make_allocator(self, on_comm_stream: bool) -> Callable[[int, Tuple[int, ...]], Tuple[torch.Tensor, int]]:
-        """The callable epcomm._C creates outputs with: torch.empty on the buffer's device, on the
-        current stream or (``on_comm_stream``) on the communication stream."""
-        device = self.device
+    def _make_allocator(self, on_comm_stream: bool) -> Allocate:
+        """The callable epcomm._C creates outputs with: torch.empty on the device epcomm asks for
+        (``cuda_device`` = -1: the CPU), on the current stream or (``on_comm_stream``) on the
+        communication stream."""
         comm_stream = self._comm_stream if on_comm_stream else None
 
-        def allocate(dtype_code: int, shape: Tuple[int, ...]) -> Tuple[torch.Tensor, int]:
-            if comm_stream is None:
+        def allocate(dtype_code: int, shape: Tuple[int, ...], cuda_device: int) -> Tuple[torch.Tensor, int]:
+            device = torch.device("cpu") if cuda_device < 0 else torch.device("cuda", cuda_device)
+            if comm_stream is None or device.type == "cpu":
                 tensor = torch.empty(shape, dtype=DTYPES_BY_CODE[dtype_code], device=device)
             else:
                 with torch.cuda.stream(comm_stream):
@@ -520,7 +527,7 @@ class Buffer:
 
         return allocate
 
-    def _allocator(self, allocate_on_comm_stream: bool) -> Callable[[int, Tuple[int, ...]], Tuple[torch.Tensor, int]]:
+    def _allocator(self, allocate_on_comm_stream: bool) -> Allocate:
         return self._allocate_on_comm if allocate_on_comm_stream else self._allocate_here
 
     def _finish(self, native_event: _C.Event, async_finish: bool, allocate_on_comm_stream: bool,

@@ -24,7 +24,8 @@ class EventHandle:
 
     def __init__(self, native: Optional[_C.Event] = None) -> None:
         if native is None:
-            native = _C.Event.record(torch.cuda.current_stream().cuda_stream) if _cuda_events_available() else _C.Event()
+            recordable = _cuda_events_available()
+            native = _C.Event.record(torch.cuda.current_stream().cuda_stream) if recordable else _C.Event()
         self.native = native
 
     def current_stream_wait(self) -> None:

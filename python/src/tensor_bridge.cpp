@@ -175,7 +175,8 @@ StreamHandle stream_from_int(uintptr_t handle) { return reinterpret_cast<StreamH
 
 Tensor PyAllocator::allocate(DType dtype, std::span<const int64_t> shape, Device device, StreamHandle) {
   py::gil_scoped_acquire gil;
-  py::tuple result = allocate_(dtype_code(dtype), int_tuple(shape.data(), static_cast<int>(shape.size())));
+  py::tuple result = allocate_(dtype_code(dtype), int_tuple(shape.data(), static_cast<int>(shape.size())),
+                               device.is_cuda() ? device.index : -1);
   const TensorView view =
       TensorView::contiguous(reinterpret_cast<void*>(result[1].cast<uintptr_t>()), dtype, shape, device);
   TorchStorage storage;

@@ -26,9 +26,9 @@ std::optional<TensorView> optional_view(const py::handle& spec, const char* what
 
 StreamHandle stream_from_int(uintptr_t handle);
 
-// Creates outputs through a Python callable `allocate(dtype_code, shape) -> (tensor, data_ptr)`.
-// The callable chooses device and stream; the `stream` argument epcomm passes is ignored because the
-// front end decides (allocate_on_comm_stream) which stream owns the memory.
+// Creates outputs through a Python callable `allocate(dtype_code, shape, cuda_device) -> (tensor, data_ptr)`
+// (cuda_device = -1 for the CPU). The callable chooses the stream; the `stream` argument epcomm passes
+// is ignored because the front end decides (allocate_on_comm_stream) which stream owns the memory.
 class PyAllocator final : public Allocator {
  public:
   explicit PyAllocator(py::object allocate) : allocate_(std::move(allocate)) {}

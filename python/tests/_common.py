@@ -13,9 +13,9 @@ POISON_BYTE = 0xA5
 def poison_outputs(buffer: epcomm.Buffer) -> None:
     """Makes every output the buffer allocates start as 0xA5 bytes, so that rows the library forgets
     to write cannot pass as correct."""
-    def poisoned(allocate: Callable[[int, Tuple[int, ...]], Tuple[torch.Tensor, int]]):
-        def allocate_poisoned(code: int, shape: Tuple[int, ...]) -> Tuple[torch.Tensor, int]:
-            tensor, pointer = allocate(code, shape)
+    def poisoned(allocate: Callable[[int, Tuple[int, ...], int], Tuple[torch.Tensor, int]]):
+        def allocate_poisoned(code: int, shape: Tuple[int, ...], cuda_device: int) -> Tuple[torch.Tensor, int]:
+            tensor, pointer = allocate(code, shape, cuda_device)
             if tensor.numel() > 0:
                 tensor.view(-1).view(torch.uint8).fill_(POISON_BYTE)
             return tensor, pointer

@@ -210,7 +210,8 @@ def check_low_latency_mode(group, device):
 
 
 def main(group):
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    on_gpus = dist.get_backend(group) == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpus else torch.device("cpu")
     assert isinstance(deep_ep.Buffer.is_sm90_compiled(), bool)
     config = deep_ep.Config(20, 6, 256, 6, 128)
     assert config.get_nvl_buffer_size_hint(HIDDEN * 2, group.size()) > 0

@@ -104,8 +104,8 @@ def dispatch(rank: int, num_experts: int, all_x: Sequence[torch.Tensor], all_in_
     return result
 
 
-def combine(rank: int, num_tokens: int, contributions: Sequence[torch.Tensor], sources: Sequence[Tuple[torch.Tensor, torch.Tensor]],
-            bias: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+def combine(rank: int, num_tokens: int, contributions: Sequence[torch.Tensor],
+            sources: Sequence[Tuple[torch.Tensor, torch.Tensor]], bias: Sequence[torch.Tensor] = ()) -> torch.Tensor:
     """The sum over receiving ranks (ascending) of their rows for each of ``rank``'s tokens, float32
     accumulation from 0, then the biases, one rounding (SPEC §3.3). ``contributions[r]`` are the rows
     rank r passed to combine, ``sources[r]`` = (src_rank, src_idx) of those rows."""

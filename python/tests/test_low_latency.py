@@ -112,8 +112,8 @@ def check_combine(ctx: Any, mode: str) -> None:
         target.copy_(expert_out)
     if mode == "out":
         out = torch.full((x.size(0), HIDDEN), float("nan"), dtype=torch.bfloat16, device=ctx.device)
-    combined, event, hook = buffer.low_latency_combine(expert_out, d_topk, d_weights, handle, zero_copy=mode == "zero_copy",
-                                                       out=out, **hook_flags)
+    combined, event, hook = buffer.low_latency_combine(expert_out, d_topk, d_weights, handle,
+                                                       zero_copy=mode == "zero_copy", out=out, **hook_flags)
     if mode == "hook":
         hook()
     elif mode == "async":

@@ -56,8 +56,10 @@ def test_config_and_hints() -> None:
     assert config.get_rdma_buffer_size_hint(7168 * 2, 16, ranks_per_node=8) > 0
     hint = epcomm.Buffer.get_low_latency_rdma_size_hint(128, 7168, 8, 64)
     assert hint > epcomm.Buffer.get_low_latency_rdma_size_hint(64, 7168, 8, 64) > 0
-    expect_error(epcomm.InvalidArgumentError, ("hidden",), lambda: epcomm.Buffer.get_low_latency_rdma_size_hint(128, 100, 8, 64))
-    expect_error(epcomm.InvalidArgumentError, ("num_sms",), lambda: epcomm.Config(num_sms=5).get_nvl_buffer_size_hint(256, 2))
+    expect_error(epcomm.InvalidArgumentError, ("hidden",),
+                 lambda: epcomm.Buffer.get_low_latency_rdma_size_hint(128, 100, 8, 64))
+    expect_error(epcomm.InvalidArgumentError, ("num_sms",),
+                 lambda: epcomm.Config(num_sms=5).get_nvl_buffer_size_hint(256, 2))
     expect_error(epcomm.InvalidArgumentError, ("hidden_bytes",), lambda: config.get_nvl_buffer_size_hint(0, 2))
 
 
@@ -153,7 +155,8 @@ def check_lifecycle(ctx: Any) -> None:
 
 
 def check_construction_errors(ctx: Any) -> None:
-    expect_error(epcomm.InvalidArgumentError, ("backend", "tpu"), lambda: epcomm.Buffer(ctx.group, 1 << 20, backend="tpu"))
+    expect_error(epcomm.InvalidArgumentError, ("backend", "tpu"),
+                 lambda: epcomm.Buffer(ctx.group, 1 << 20, backend="tpu"))
     expect_error(epcomm.InvalidArgumentError, ("num_nvl_bytes",), lambda: epcomm.Buffer(ctx.group, -1))
     if ctx.kind == "cpu" and not torch.cuda.is_available():
         expect_error(epcomm.UnsupportedError, ("cuda",), lambda: epcomm.Buffer(ctx.group, 1 << 20, backend="cuda"))
@@ -172,11 +175,13 @@ def check_local_buffer_tensor(ctx: Any) -> None:
     pattern = torch.arange(32, dtype=torch.float32, device=ctx.device).view(4, 8) + 1000 * ctx.rank
     view.copy_(pattern)
     # the same memory seen through other views
-    assert_equal(buffer.get_local_buffer_tensor(torch.float32, 32, offset=64).cpu(), pattern.view(-1).cpu(), "re-read view")
+    reread = buffer.get_local_buffer_tensor(torch.float32, 32, offset=64)
+    assert_equal(reread.cpu(), pattern.view(-1).cpu(), "re-read view")
     assert_equal(whole[64:64 + 128].cpu(), pattern.view(-1).view(torch.uint8).cpu(), "bytes under the view")
     tail = buffer.get_local_buffer_tensor(torch.bfloat16, offset=size - 16)
     assert tail.shape == (8,)
-    expect_error(epcomm.InvalidArgumentError, ("offset",), lambda: buffer.get_local_buffer_tensor(torch.float32, offset=2))
+    expect_error(epcomm.InvalidArgumentError, ("offset",),
+                 lambda: buffer.get_local_buffer_tensor(torch.float32, offset=2))
     expect_error(epcomm.InvalidArgumentError, ("size",),
                  lambda: buffer.get_local_buffer_tensor(torch.float32, size // 4 + 1))
     expect_error(epcomm.InvalidArgumentError, ("offset",),
@@ -217,10 +222,13 @@ def check_bad_inputs(ctx: Any) -> None:
 
     # dispatch
     expect_error(invalid, ("x", "float16"), lambda: buffer.dispatch(x.half(), topk_idx=topk_idx, **layout))
-    expect_error(invalid, ("x", "expected 2 dims"), lambda: buffer.dispatch(x.view(2, 4, HIDDEN), topk_idx=topk_idx, **layout))
-    expect_error(invalid, ("x", "dims"), lambda: buffer.dispatch(x.view(1, 1, 1, 8, HIDDEN), topk_idx=topk_idx, **layout))
+    expect_error(invalid, ("x", "expected 2 dims"),
+                 lambda: buffer.dispatch(x.view(2, 4, HIDDEN), topk_idx=topk_idx, **layout))
+    expect_error(invalid, ("x", "dims"),
+                 lambda: buffer.dispatch(x.view(1, 1, 1, 8, HIDDEN), topk_idx=topk_idx, **layout))
     expect_error(invalid, ("x",), lambda: buffer.dispatch((x, x, x), topk_idx=topk_idx, **layout))
-    expect_error(invalid, ("x_scales",), lambda: buffer.dispatch(x.to(torch.float8_e4m3fn), topk_idx=topk_idx, **layout))
+    expect_error(invalid, ("x_scales",),
+                 lambda: buffer.dispatch(x.to(torch.float8_e4m3fn), topk_idx=topk_idx, **layout))
     expect_error(invalid, ("topk_weights",),
                  lambda: buffer.dispatch(x, topk_idx=topk_idx, topk_weights=weights[:, :1].contiguous(), **layout))
     expect_error(invalid, ("num_tokens_per_expert",), lambda: buffer.dispatch(x, topk_idx=topk_idx))
@@ -232,12 +240,14 @@ def check_bad_inputs(ctx: Any) -> None:
     expect_error(invalid, ("handle",), lambda: buffer.dispatch(x, handle=(1, 2, 3)))
     expect_error(invalid, ("previous_event",),
                  lambda: buffer.dispatch(x, topk_idx=topk_idx, previous_event="now", **layout))
-    expect_error(invalid, ("config",), lambda: buffer.dispatch(x, topk_idx=topk_idx, config=(20, 6, 256, 6, 128), **layout))
+    expect_error(invalid, ("config",),
+                 lambda: buffer.dispatch(x, topk_idx=topk_idx, config=(20, 6, 256, 6, 128), **layout))
 
     # combine
     recv_x, _, recv_weights, _, handle, _ = buffer.dispatch(x, topk_idx=topk_idx, topk_weights=weights, **layout)
     expect_error(invalid, ("handle",), lambda: buffer.dispatch(x, handle=handle, topk_idx=topk_idx))
-    expect_error(invalid, ("x",), lambda: buffer.combine(recv_x[:0], handle) if recv_x.size(0) else buffer.combine(x, handle))
+    expect_error(invalid, ("x",),
+                 lambda: buffer.combine(x if recv_x.size(0) == 0 else recv_x[:0], handle))
     expect_error(invalid, ("x", "bfloat16"), lambda: buffer.combine(recv_x.float(), handle))
     expect_error(invalid, ("bias",), lambda: buffer.combine(recv_x, handle, bias=x[:1].contiguous()))
     expect_error(invalid, ("bias",), lambda: buffer.combine(recv_x, handle, bias=(x, x, x)))
@@ -262,7 +272,8 @@ def check_timeout(ctx: Any) -> None:
     if ctx.rank == 0:
         layout = buffer.get_dispatch_layout(topk_idx.to(ctx.device), num_experts)
         message = expect_error(epcomm.TimeoutError, ("dispatch",),
-                               lambda: buffer.dispatch(x, num_tokens_per_expert=layout[2], topk_idx=topk_idx.to(ctx.device)))
+                               lambda: buffer.dispatch(x, num_tokens_per_expert=layout[2],
+                                                       topk_idx=topk_idx.to(ctx.device)))
         assert any(str(peer) in message for peer in range(1, ctx.size)), f"the message names no peer: {message}"
     ctx.gather(None)  # everyone waits for rank 0's timeout, then drops the buffer without talking to peers
     del buffer
