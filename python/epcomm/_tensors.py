@@ -1,4 +1,4 @@
-"""How torch tensors and streams are described to epcomm._C (see python/src/tensor_bridge.hpp).
+"""How torch tensors and streams are described to epcomm._C (see python/bindings/tensor_bridge.hpp).
 
 A tensor crosses as ``(data_ptr, dtype code, shape, strides, device type, device index)``; epcomm never
 takes ownership of an input, so the caller keeps the tensor alive for the duration of the call (and,
