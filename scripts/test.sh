@@ -7,3 +7,6 @@ source "$root/scripts/setup.sh"
 build_dir="${EPCOMM_BUILD_DIR:-build}"
 echo "== C++ CPU suite"
 ctest --test-dir "$build_dir" -L cpu --output-on-failure -j "$(nproc)" --timeout 900
+echo "== Python suite (CPU backend)"
+python3 -m pip install -q --no-build-isolation -C cmake.define.EPCOMM_WITH_CUDA=OFF -C build-dir="$build_dir/python" .
+python3 -m pytest python/tests -q

@@ -1,0 +1,359 @@
+// epcomm._C.Buffer: the C++ Buffer seen from Python. Arguments arrive already in epcomm's terms
+// (tensor description tuples, stream handles as ints, configs as 5-tuples) from epcomm/buffer.py,
+// which owns the DeepEP-compatible surface; results go back as torch tensors.
+#include <pybind11/stl.h>
+
+#include <chrono>
+#include <memory>
+#include <string>
+
+#include "bindings.hpp"
+#include "bootstrap_bridge.hpp"
+#include "epcomm/buffer.hpp"
+#include "python_objects.hpp"
+#include "tensor_bridge.hpp"
+
+namespace epcomm::python {
+namespace {
+
+namespace py = pybind11;
+
+// The Buffer and the bootstrap it was built over (kept alive for the collective destroy()).
+struct PyBuffer {
+  std::unique_ptr<PyBootstrap> bootstrap;
+  std::unique_ptr<Buffer> buffer;
+
+  // After destroy() the C++ Buffer stays and answers every call with "<op>: the Buffer was destroyed".
+  Buffer& get() { return *buffer; }
+};
+
+// A dispatch handle as a Python object (element -1 of the Python handle tuple).
+struct PyDispatchHandle {
+  std::shared_ptr<const DispatchHandle> handle;
+};
+
+const DispatchHandle* handle_from(const py::handle& object) {
+  if (object.is_none()) return nullptr;
+  if (!py::isinstance<PyDispatchHandle>(object))
+    throw Error(ErrorCode::kInvalidArgument, "handle: expected the handle tuple returned by dispatch");
+  return object.cast<const PyDispatchHandle&>().handle.get();
+}
+
+std::optional<Config> config_from(const py::handle& object) {
+  if (object.is_none()) return std::nullopt;
+  auto t = object.cast<py::tuple>();
+  if (t.size() != 5) throw py::value_error("config: expected 5 fields");
+  return Config{t[0].cast<int>(), t[1].cast<int>(), t[2].cast<int>(), t[3].cast<int>(), t[4].cast<int>()};
+}
+
+py::tuple config_to_tuple(const Config& c) {
+  return py::make_tuple(c.num_sms, c.num_max_nvl_chunked_send_tokens, c.num_max_nvl_chunked_recv_tokens,
+                        c.num_max_rdma_chunked_send_tokens, c.num_max_rdma_chunked_recv_tokens);
+}
+
+// The per-call stream arguments of normal mode, and the allocator they imply.
+struct CallStream {
+  PyAllocator allocator;
+  StreamOptions options;
+
+  CallStream(uintptr_t stream, const py::object& previous_event, bool async_finish, bool allocate_on_comm_stream,
+             py::object allocate)
+      : allocator(std::move(allocate)) {
+    options.stream = stream_from_int(stream);
+    options.previous_event = previous_event.is_none() ? nullptr : &previous_event.cast<const Event&>();
+    options.async_finish = async_finish;
+    options.allocate_on_comm_stream = allocate_on_comm_stream;
+    options.allocator = &allocator;
+  }
+};
+
+LowLatencyOptions low_latency_options(uintptr_t stream, bool async_finish, bool return_recv_hook,
+                                      Allocator* allocator) {
+  LowLatencyOptions options;
+  options.stream = stream_from_int(stream);
+  options.async_finish = async_finish;
+  options.return_recv_hook = return_recv_hook;
+  options.allocator = allocator;
+  return options;
+}
+
+BackendKind backend_from(const std::string& name) {
+  if (name == "cpu") return BackendKind::kCpu;
+  if (name == "cuda") return BackendKind::kCuda;
+  throw Error(ErrorCode::kInvalidArgument, "Buffer: backend: expected 'cpu' or 'cuda', got '" + name + "'");
+}
+
+py::object hook_or_none(RecvHook hook) {
+  if (!hook) return py::none();
+  return py::cast(std::move(hook));
+}
+
+std::unique_ptr<PyBuffer> make_buffer(int rank, int size, py::object all_gather, py::object barrier,
+                                      const std::string& backend, int64_t num_nvl_bytes, int64_t num_rdma_bytes,
+                                      bool low_latency_mode, int ranks_per_node, int device, double timeout_s,
+                                      int num_qps_per_rank, bool allow_nvlink_for_low_latency_mode, bool allow_mnnvl,
+                                      bool use_fabric, bool explicitly_destroy, bool enable_shrink) {
+  BufferOptions options;
+  options.backend = backend_from(backend);
+  options.num_nvl_bytes = num_nvl_bytes;
+  options.num_rdma_bytes = num_rdma_bytes;
+  options.low_latency_mode = low_latency_mode;
+  options.ranks_per_node = ranks_per_node;
+  options.device = device;
+  options.timeout = std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000.0));
+  options.num_qps_per_rank = num_qps_per_rank;
+  options.allow_nvlink_for_low_latency_mode = allow_nvlink_for_low_latency_mode;
+  options.allow_mnnvl = allow_mnnvl;
+  options.use_fabric = use_fabric;
+  options.explicitly_destroy = explicitly_destroy;
+  options.enable_shrink = enable_shrink;
+  auto result = std::make_unique<PyBuffer>();
+  result->bootstrap = std::make_unique<PyBootstrap>(rank, size, std::move(all_gather), std::move(barrier));
+  py::gil_scoped_release release;
+  result->buffer = std::make_unique<Buffer>(*result->bootstrap, options);
+  return result;
+}
+
+py::tuple get_dispatch_layout(py::object self, const py::handle& topk_idx, int num_experts, uintptr_t stream,
+                              const py::object& previous_event, bool async_finish, bool allocate_on_comm_stream,
+                              py::object allocate) {
+  Buffer& buffer = self.cast<PyBuffer&>().get();
+  const TensorView topk = view_from_python(topk_idx, "get_dispatch_layout: topk_idx");
+  CallStream call(stream, previous_event, async_finish, allocate_on_comm_stream, std::move(allocate));
+  LayoutResult r;
+  {
+    py::gil_scoped_release release;
+    r = buffer.get_dispatch_layout(topk, num_experts, call.options);
+  }
+  return py::make_tuple(to_torch(r.num_tokens_per_rank, self), to_torch_optional(r.num_tokens_per_rdma_rank, self),
+                        to_torch(r.num_tokens_per_expert, self), to_torch(r.is_token_in_rank, self), r.event);
+}
+
+py::tuple dispatch(py::object self, const py::handle& x, const py::handle& x_scales, const py::handle& topk_idx,
+                   const py::handle& topk_weights, const py::handle& num_tokens_per_rank,
+                   const py::handle& num_tokens_per_rdma_rank, const py::handle& is_token_in_rank,
+                   const py::handle& num_tokens_per_expert, const py::handle& handle, int expert_alignment,
+                   int num_worst_tokens, const py::handle& config, uintptr_t stream, const py::object& previous_event,
+                   bool async_finish, bool allocate_on_comm_stream, py::object allocate) {
+  Buffer& buffer = self.cast<PyBuffer&>().get();
+  DispatchInputs in;
+  in.x = view_from_python(x, "dispatch: x");
+  in.x_scales = optional_view(x_scales, "dispatch: x_scales");
+  in.topk_idx = optional_view(topk_idx, "dispatch: topk_idx");
+  in.topk_weights = optional_view(topk_weights, "dispatch: topk_weights");
+  in.num_tokens_per_rank = optional_view(num_tokens_per_rank, "dispatch: num_tokens_per_rank");
+  in.num_tokens_per_rdma_rank = optional_view(num_tokens_per_rdma_rank, "dispatch: num_tokens_per_rdma_rank");
+  in.is_token_in_rank = optional_view(is_token_in_rank, "dispatch: is_token_in_rank");
+  in.num_tokens_per_expert = optional_view(num_tokens_per_expert, "dispatch: num_tokens_per_expert");
+  in.handle = handle_from(handle);
+  in.expert_alignment = expert_alignment;
+  in.num_worst_tokens = num_worst_tokens;
+  in.config = config_from(config);
+  CallStream call(stream, previous_event, async_finish, allocate_on_comm_stream, std::move(allocate));
+  DispatchResult r;
+  {
+    py::gil_scoped_release release;
+    r = buffer.dispatch(in, call.options);
+  }
+  py::object handle_object = py::none();
+  py::object handle_tensors = py::none();
+  if (r.handle) {
+    handle_tensors =
+        py::make_tuple(to_torch(r.handle->rank_prefix_matrix, self), to_torch(r.handle->is_token_in_rank, self),
+                       to_torch(r.handle->send_row, self), to_torch(r.handle->recv_src_idx, self));
+    handle_object = py::cast(PyDispatchHandle{r.handle});
+  }
+  py::object counts = py::none();
+  if (!in.handle) counts = py::cast(r.num_recv_tokens_per_expert);
+  return py::make_tuple(to_torch(r.recv_x, self), to_torch_optional(r.recv_x_scales, self),
+                        to_torch_optional(r.recv_topk_idx, self), to_torch_optional(r.recv_topk_weights, self), counts,
+                        handle_object, handle_tensors, r.event);
+}
+
+py::tuple combine(py::object self, const py::handle& x, const py::handle& handle, const py::handle& topk_weights,
+                  const py::handle& bias_0, const py::handle& bias_1, const py::handle& config, uintptr_t stream,
+                  const py::object& previous_event, bool async_finish, bool allocate_on_comm_stream,
+                  py::object allocate) {
+  Buffer& buffer = self.cast<PyBuffer&>().get();
+  CombineInputs in;
+  in.x = view_from_python(x, "combine: x");
+  in.handle = handle_from(handle);
+  in.topk_weights = optional_view(topk_weights, "combine: topk_weights");
+  in.bias_0 = optional_view(bias_0, "combine: bias[0]");
+  in.bias_1 = optional_view(bias_1, "combine: bias[1]");
+  in.config = config_from(config);
+  CallStream call(stream, previous_event, async_finish, allocate_on_comm_stream, std::move(allocate));
+  CombineResult r;
+  {
+    py::gil_scoped_release release;
+    r = buffer.combine(in, call.options);
+  }
+  return py::make_tuple(to_torch(r.combined_x, self), to_torch_optional(r.combined_topk_weights, self), r.event);
+}
+
+py::tuple low_latency_dispatch(py::object self, const py::handle& x, const py::handle& topk_idx,
+                               int num_max_dispatch_tokens_per_rank, int num_experts,
+                               const py::handle& cumulative_local_expert_recv_stats,
+                               const py::handle& dispatch_wait_recv_cost_stats, bool use_fp8, bool round_scale,
+                               bool use_ue8m0, uintptr_t stream, bool async_finish, bool return_recv_hook,
+                               py::object allocate) {
+  Buffer& buffer = self.cast<PyBuffer&>().get();
+  LowLatencyDispatchInputs in;
+  in.x = view_from_python(x, "low_latency_dispatch: x");
+  in.topk_idx = view_from_python(topk_idx, "low_latency_dispatch: topk_idx");
+  in.num_max_dispatch_tokens_per_rank = num_max_dispatch_tokens_per_rank;
+  in.num_experts = num_experts;
+  in.cumulative_local_expert_recv_stats =
+      optional_view(cumulative_local_expert_recv_stats, "low_latency_dispatch: cumulative_local_expert_recv_stats");
+  in.dispatch_wait_recv_cost_stats =
+      optional_view(dispatch_wait_recv_cost_stats, "low_latency_dispatch: dispatch_wait_recv_cost_stats");
+  in.use_fp8 = use_fp8;
+  in.round_scale = round_scale;
+  in.use_ue8m0 = use_ue8m0;
+  PyAllocator allocator(std::move(allocate));
+  const LowLatencyOptions options = low_latency_options(stream, async_finish, return_recv_hook, &allocator);
+  LowLatencyDispatchResult r;
+  {
+    py::gil_scoped_release release;
+    r = buffer.low_latency_dispatch(in, options);
+  }
+  return py::make_tuple(to_torch(r.recv_x, self), to_torch_optional(r.recv_x_scales, self),
+                        to_torch(r.recv_count, self), to_torch(r.handle.src_info, self),
+                        to_torch(r.handle.layout_range, self), r.event, hook_or_none(std::move(r.hook)));
+}
+
+LowLatencyHandle low_latency_handle(const py::handle& src_info, const py::handle& layout_range,
+                                    int num_max_dispatch_tokens_per_rank, int hidden, int num_experts, const char* op) {
+  LowLatencyHandle h;
+  h.src_info = Tensor::borrowed(view_from_python(src_info, (std::string(op) + ": handle[0] (src_info)").c_str()));
+  h.layout_range =
+      Tensor::borrowed(view_from_python(layout_range, (std::string(op) + ": handle[1] (layout_range)").c_str()));
+  h.num_max_dispatch_tokens_per_rank = num_max_dispatch_tokens_per_rank;
+  h.hidden = hidden;
+  h.num_experts = num_experts;
+  return h;
+}
+
+py::tuple low_latency_combine(py::object self, const py::handle& x, const py::handle& topk_idx,
+                              const py::handle& topk_weights, const py::handle& src_info,
+                              const py::handle& layout_range, int num_max_dispatch_tokens_per_rank, int hidden,
+                              int num_experts, bool use_logfmt, bool zero_copy, const py::handle& out,
+                              const py::handle& combine_wait_recv_cost_stats, uintptr_t stream, bool async_finish,
+                              bool return_recv_hook, py::object allocate) {
+  Buffer& buffer = self.cast<PyBuffer&>().get();
+  const LowLatencyHandle h = low_latency_handle(src_info, layout_range, num_max_dispatch_tokens_per_rank, hidden,
+                                                num_experts, "low_latency_combine");
+  LowLatencyCombineInputs in;
+  in.x = view_from_python(x, "low_latency_combine: x");
+  in.topk_idx = view_from_python(topk_idx, "low_latency_combine: topk_idx");
+  in.topk_weights = view_from_python(topk_weights, "low_latency_combine: topk_weights");
+  in.handle = &h;
+  in.use_logfmt = use_logfmt;
+  in.zero_copy = zero_copy;
+  in.out = optional_view(out, "low_latency_combine: out");
+  in.combine_wait_recv_cost_stats =
+      optional_view(combine_wait_recv_cost_stats, "low_latency_combine: combine_wait_recv_cost_stats");
+  PyAllocator allocator(std::move(allocate));
+  const LowLatencyOptions options = low_latency_options(stream, async_finish, return_recv_hook, &allocator);
+  LowLatencyCombineResult r;
+  {
+    py::gil_scoped_release release;
+    r = buffer.low_latency_combine(in, options);
+  }
+  // With `out`, the result is that tensor; the Python side returns the caller's object for it.
+  py::object combined = in.out ? py::none() : to_torch(r.combined_x, self);
+  return py::make_tuple(combined, r.event, hook_or_none(std::move(r.hook)));
+}
+
+py::object next_low_latency_combine_buffer(py::object self, const py::handle& src_info, const py::handle& layout_range,
+                                           int num_max_dispatch_tokens_per_rank, int hidden, int num_experts) {
+  Buffer& buffer = self.cast<PyBuffer&>().get();
+  const LowLatencyHandle h = low_latency_handle(src_info, layout_range, num_max_dispatch_tokens_per_rank, hidden,
+                                                num_experts, "get_next_low_latency_combine_buffer");
+  const TensorView view = buffer.next_low_latency_combine_buffer(h);
+  return to_torch(Tensor::borrowed(view), self);
+}
+
+py::object local_buffer_bytes(py::object self, int64_t offset, int64_t num_bytes, bool rdma) {
+  Buffer& buffer = self.cast<PyBuffer&>().get();
+  const TensorView view = buffer.local_buffer(DType::kBool, offset, num_bytes, rdma);
+  return bytes_as_torch(view.data, view.nbytes(), view.device, self);
+}
+
+py::object query_mask(py::object self) {
+  Buffer& buffer = self.cast<PyBuffer&>().get();
+  return to_torch(Tensor::borrowed(buffer.low_latency_query_mask_buffer()), self);
+}
+
+void destroy(PyBuffer& self) {
+  Buffer& buffer = self.get();
+  py::gil_scoped_release release;
+  buffer.destroy();
+}
+
+}  // namespace
+
+void bind_buffer(py::module_& m) {
+  py::class_<PyDispatchHandle>(m, "DispatchHandle",
+                               "The routing of one dispatch (opaque; element -1 of the handle tuple).")
+      .def_property_readonly("num_ranks", [](const PyDispatchHandle& h) { return h.handle->num_ranks; })
+      .def_property_readonly("num_tokens", [](const PyDispatchHandle& h) { return h.handle->num_tokens; })
+      .def_property_readonly("num_recv_tokens", [](const PyDispatchHandle& h) { return h.handle->num_recv_tokens; })
+      .def_property_readonly("num_topk", [](const PyDispatchHandle& h) { return h.handle->num_topk; })
+      .def("__repr__", [](const PyDispatchHandle& h) {
+        return "<epcomm DispatchHandle: " + std::to_string(h.handle->num_tokens) + " tokens sent, " +
+               std::to_string(h.handle->num_recv_tokens) + " received, " + std::to_string(h.handle->num_ranks) +
+               " ranks>";
+      });
+
+  py::class_<PyBuffer>(m, "Buffer")
+      .def(py::init(&make_buffer), py::arg("rank"), py::arg("size"), py::arg("all_gather"), py::arg("barrier"),
+           py::kw_only(), py::arg("backend"), py::arg("num_nvl_bytes"), py::arg("num_rdma_bytes"),
+           py::arg("low_latency_mode"), py::arg("ranks_per_node"), py::arg("device"), py::arg("timeout_s"),
+           py::arg("num_qps_per_rank"), py::arg("allow_nvlink_for_low_latency_mode"), py::arg("allow_mnnvl"),
+           py::arg("use_fabric"), py::arg("explicitly_destroy"), py::arg("enable_shrink"))
+      .def_property_readonly("rank", [](PyBuffer& b) { return b.get().rank(); })
+      .def_property_readonly("num_ranks", [](PyBuffer& b) { return b.get().num_ranks(); })
+      .def_property_readonly("ranks_per_node", [](PyBuffer& b) { return b.get().ranks_per_node(); })
+      .def_property_readonly("comm_stream",
+                             [](PyBuffer& b) { return reinterpret_cast<uintptr_t>(b.get().comm_stream()); })
+      .def("destroy", &destroy)
+      .def("get_dispatch_layout", &get_dispatch_layout)
+      .def("dispatch", &dispatch)
+      .def("combine", &combine)
+      .def("low_latency_dispatch", &low_latency_dispatch)
+      .def("low_latency_combine", &low_latency_combine)
+      .def("next_low_latency_combine_buffer", &next_low_latency_combine_buffer)
+      .def("clean_low_latency_buffer",
+           [](PyBuffer& b, int max_tokens, int hidden, int num_experts, uintptr_t stream) {
+             Buffer& buffer = b.get();
+             py::gil_scoped_release release;
+             buffer.clean_low_latency_buffer(max_tokens, hidden, num_experts, stream_from_int(stream));
+           })
+      .def("update_mask",
+           [](PyBuffer& b, int rank, bool mask, uintptr_t stream) {
+             Buffer& buffer = b.get();
+             py::gil_scoped_release release;
+             buffer.low_latency_update_mask_buffer(rank, mask, stream_from_int(stream));
+           })
+      .def("query_mask", &query_mask)
+      .def("clean_mask",
+           [](PyBuffer& b, uintptr_t stream) {
+             Buffer& buffer = b.get();
+             py::gil_scoped_release release;
+             buffer.low_latency_clean_mask_buffer(stream_from_int(stream));
+           })
+      .def("local_buffer_bytes", &local_buffer_bytes);
+
+  m.def("default_dispatch_config", [](int num_ranks) { return config_to_tuple(default_dispatch_config(num_ranks)); });
+  m.def("default_combine_config", [](int num_ranks) { return config_to_tuple(default_combine_config(num_ranks)); });
+  m.def("validate_config", [](const py::tuple& config) { config_from(config)->validate(); });
+  m.def("nvl_buffer_size_hint", [](const py::tuple& config, int64_t hidden_bytes, int num_ranks) {
+    return config_from(config)->nvl_buffer_size_hint(hidden_bytes, num_ranks);
+  });
+  m.def("rdma_buffer_size_hint", [](const py::tuple& config, int64_t hidden_bytes, int num_ranks, int ranks_per_node) {
+    return config_from(config)->rdma_buffer_size_hint(hidden_bytes, num_ranks, ranks_per_node);
+  });
+}
+
+}  // namespace epcomm::python

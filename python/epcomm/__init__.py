@@ -1,0 +1,25 @@
+"""epcomm: expert-parallel communication for Mixture-of-Experts, call-compatible with DeepEP V1.
+
+    import epcomm as deep_ep
+    buffer = deep_ep.Buffer(group, num_nvl_bytes=...)
+    recv_x, recv_topk_idx, recv_topk_weights, counts, handle, event = buffer.dispatch(x, ...)
+
+A gloo group runs the CPU backend (CPU tensors), an NCCL group the CUDA backend (see ``Buffer``).
+"""
+import torch  # first: loads the CUDA runtime libepcomm links against, when torch has one
+
+from . import _C
+from ._C import (Error, InternalError, InvalidArgumentError, OutOfCapacityError, PeerFailureError, TimeoutError,
+                 UnsupportedError)
+from .buffer import Buffer, DispatchHandle
+from .config import Config
+from .event import EventHandle, EventOverlap
+
+#: The default dtype of expert indices (topk_idx); int32 is accepted too.
+topk_idx_t = torch.int64
+
+__version__ = _C.__version__
+__all__ = [
+    "Buffer", "Config", "EventOverlap", "EventHandle", "DispatchHandle", "topk_idx_t", "Error", "InvalidArgumentError",
+    "UnsupportedError", "TimeoutError", "PeerFailureError", "OutOfCapacityError", "InternalError",
+]

@@ -1,0 +1,83 @@
+"""How a Buffer's ranks find each other from Python: collectives over a ``torch.distributed`` group
+(or an ``mpi4py`` communicator), the backend a group implies, and the ranks-per-node default."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from ._errors import invalid_argument, unsupported
+
+BACKENDS = ("cpu", "cuda")
+
+
+@dataclass
+class GroupCollectives:
+    rank: int
+    size: int
+    all_gather: Callable[[bytes], bytes]  # every rank's bytes, concatenated in rank order
+    barrier: Callable[[], None]
+
+
+def group_collectives(group: Optional[Any], comm: Optional[Any]) -> GroupCollectives:
+    """The bootstrap collectives of ``group`` (a torch.distributed ProcessGroup) or ``comm`` (mpi4py)."""
+    if group is not None:
+        rank, size = group.rank(), group.size()
+
+        def all_gather(payload: bytes) -> bytes:
+            gathered = [None] * size
+            dist.all_gather_object(gathered, payload, group=group)
+            return b"".join(gathered)
+
+        def barrier() -> None:
+            dist.barrier(group=group)
+
+        return GroupCollectives(rank, size, all_gather, barrier)
+    if comm is not None:
+        return GroupCollectives(comm.Get_rank(), comm.Get_size(), lambda payload: b"".join(comm.allgather(payload)),
+                                comm.Barrier)
+    raise invalid_argument("Buffer", "group", "either group (a torch.distributed ProcessGroup) or comm must be given")
+
+
+def choose_backend(group: Optional[Any], requested: Optional[str]) -> str:
+    """``requested`` if given; else 'cpu' for a gloo group, 'cuda' for an NCCL group. A group with both
+    (``cpu:gloo,cuda:nccl``) or an mpi4py communicator gives 'cuda' when CUDA is available."""
+    if requested is not None:
+        if requested not in BACKENDS:
+            raise invalid_argument("Buffer", "backend", f"expected one of {BACKENDS}, got {requested!r}")
+        return requested
+    if group is not None:
+        name = str(dist.get_backend(group)).lower()
+        if name == "gloo":
+            return "cpu"
+        if name == "nccl":
+            return "cuda"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def backend_device(backend: str) -> torch.device:
+    """The device a Buffer of ``backend`` works on: the CPU, or the current CUDA device."""
+    if backend == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise unsupported("Buffer", "backend 'cuda' needs a CUDA device but torch.cuda.is_available() is False "
+                                    "(use a gloo group or backend='cpu')")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def resolve_ranks_per_node(num_ranks: int, requested: Optional[int] = None) -> int:
+    """Ranks per NVLink domain: ``requested``, else $EPCOMM_RANKS_PER_NODE, else $LOCAL_WORLD_SIZE (both
+    capped at ``num_ranks``), else ``min(num_ranks, 8)``."""
+    if requested is not None:
+        return int(requested)
+    for variable in ("EPCOMM_RANKS_PER_NODE", "LOCAL_WORLD_SIZE"):
+        value = os.environ.get(variable)
+        if value:
+            try:
+                return min(int(value), num_ranks)
+            except ValueError:
+                raise invalid_argument("Buffer", variable, f"expected an integer, got {value!r}") from None
+    return min(num_ranks, 8)

@@ -1,0 +1,570 @@
+"""``Buffer``: the DeepEP V1 (v1.2.x) compatible front end of epcomm (SPEC §2-§6).
+
+Shapes use SPEC's letters: R ranks, N nodes, E experts, L = E / R local experts, T tokens on this rank,
+K top-k slots, T_max = num_max_dispatch_tokens_per_rank, S = hidden / 128 FP8 scales per token.
+
+Streams (SPEC §3.4), on the CUDA backend: normal-mode work runs on the buffer's communication stream
+(``get_comm_stream()``), which first waits for ``previous_event`` if given, else for the current stream.
+Without ``async_finish`` the current stream waits for the work before the call returns. With it, the
+returned ``EventOverlap`` holds the inputs and outputs, and they are also ``record_stream``-ed on the
+communication stream (except during CUDA-graph capture), so that torch's allocator does not reuse their
+memory while the work is in flight. Low-latency calls run on the current stream. On the CPU backend
+every call completes before it returns.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+
+from . import _C
+from ._errors import invalid_argument
+from ._group import backend_device, choose_backend, group_collectives, resolve_ranks_per_node
+from ._tensors import DTYPES_BY_CODE, current_stream_handle, describe, describe_optional, is_capturing
+from .config import Config
+from .event import EventHandle, EventOverlap
+
+TokenTensor = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
+Bias = Union[None, torch.Tensor, Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]
+LowLatencyHandle = Tuple[torch.Tensor, torch.Tensor, int, int, int]
+#: (dtype code, shape, CUDA device or -1) -> (tensor, data_ptr): how epcomm._C creates outputs.
+Allocate = Callable[[int, Tuple[int, ...], int], Tuple[torch.Tensor, int]]
+
+
+class DispatchHandle(NamedTuple):
+    """The handle ``dispatch`` returns: everything ``combine`` and cached dispatch need.
+
+    Element 0 is ``rank_prefix_matrix`` as in DeepEP; the other elements are epcomm's own.
+    """
+
+    rank_prefix_matrix: torch.Tensor  # [R, R] int32: [i][j] = tokens rank j receives from ranks 0..i
+    is_token_in_rank: torch.Tensor    # [T, R] bool: where this rank's tokens went
+    send_row: torch.Tensor            # [T, R] int32: row of token t in rank r's recv_x, or -1
+    recv_src_idx: torch.Tensor        # [num_recv] int32: each received row's token index on its source
+    native: _C.DispatchHandle         # the C++ handle (tied to the Buffer that made it)
+
+
+class Buffer:
+    """Communication memory of one rank and every dispatch / combine operation on it.
+
+    Attributes:
+        num_sms: SMs high-throughput kernels may occupy by default (``set_num_sms``).
+        rank: this rank in the group.
+        group_size: R, the number of ranks.
+        group: the group given at construction (or the mpi4py communicator).
+        num_nvl_bytes / num_rdma_bytes / low_latency_mode / explicitly_destroy / enable_shrink: as given.
+        backend: 'cpu' or 'cuda'.
+        device: the torch device every tensor of this buffer lives on.
+        runtime: the C++ buffer (``epcomm._C.Buffer``).
+    """
+
+    num_sms: int = 20
+
+    def __init__(self, group: Optional[Any], num_nvl_bytes: int = 0, num_rdma_bytes: int = 0,
+                 low_latency_mode: bool = False, num_qps_per_rank: int = 24,
+                 allow_nvlink_for_low_latency_mode: bool = True, allow_mnnvl: bool = False,
+                 use_fabric: bool = False, explicitly_destroy: bool = False, enable_shrink: bool = False,
+                 comm: Optional[Any] = None, *, backend: Optional[str] = None,
+                 ranks_per_node: Optional[int] = None, timeout_s: Optional[float] = None) -> None:
+        """Collective: every rank of the group constructs the buffer with the same arguments.
+
+        Arguments (DeepEP's):
+            group: a ``torch.distributed`` ProcessGroup (``None`` with ``comm``).
+            num_nvl_bytes: normal-mode memory inside a node (``Config.get_nvl_buffer_size_hint``).
+            num_rdma_bytes: low-latency memory (``get_low_latency_rdma_size_hint``), or normal mode
+                between nodes (``Config.get_rdma_buffer_size_hint``).
+            low_latency_mode: enable the low-latency calls.
+            num_qps_per_rank, allow_nvlink_for_low_latency_mode, allow_mnnvl, use_fabric: accepted for
+                compatibility (epcomm chooses its transports itself).
+            explicitly_destroy: accepted; ``destroy()`` may be called either way, and the memory is
+                otherwise released (locally, without talking to peers) when the buffer is collected.
+            enable_shrink: allow masking failed ranks in low-latency mode (mask functions).
+            comm: an ``mpi4py`` communicator, used when ``group`` is None.
+        Keyword-only arguments (epcomm's):
+            backend: 'cpu' (ranks are processes of one machine, CPU tensors) or 'cuda' (a GPU per
+                rank). Default: 'cpu' for a gloo group, 'cuda' for an NCCL group, else 'cuda' when
+                CUDA is available.
+            ranks_per_node: G, ranks per NVLink domain. Default: $EPCOMM_RANKS_PER_NODE, else
+                $LOCAL_WORLD_SIZE (capped at R), else min(R, 8).
+            timeout_s: bound of every wait for a peer. Default: $EPCOMM_TIMEOUT_S, else 100 s.
+        """
+        collectives = group_collectives(group, comm)
+        self.rank = collectives.rank
+        self.group_size = collectives.size
+        self.group = group if group is not None else comm
+        self.num_nvl_bytes = int(num_nvl_bytes)
+        self.num_rdma_bytes = int(num_rdma_bytes)
+        self.low_latency_mode = bool(low_latency_mode)
+        self.explicitly_destroy = bool(explicitly_destroy)
+        self.enable_shrink = bool(enable_shrink)
+        self.backend = choose_backend(group, backend)
+        self.device = backend_device(self.backend)
+        self.runtime = _C.Buffer(
+            collectives.rank, collectives.size, collectives.all_gather, collectives.barrier, backend=self.backend,
+            num_nvl_bytes=self.num_nvl_bytes, num_rdma_bytes=self.num_rdma_bytes,
+            low_latency_mode=self.low_latency_mode,
+            ranks_per_node=resolve_ranks_per_node(collectives.size, ranks_per_node),
+            device=self.device.index if self.device.type == "cuda" else -1,
+            timeout_s=float(timeout_s) if timeout_s is not None else 0.0, num_qps_per_rank=int(num_qps_per_rank),
+            allow_nvlink_for_low_latency_mode=bool(allow_nvlink_for_low_latency_mode), allow_mnnvl=bool(allow_mnnvl),
+            use_fabric=bool(use_fabric), explicitly_destroy=self.explicitly_destroy, enable_shrink=self.enable_shrink)
+        self._comm_stream: Optional[torch.cuda.Stream] = None
+        if self.device.type == "cuda":
+            self._comm_stream = torch.cuda.ExternalStream(self.runtime.comm_stream, device=self.device)
+        self._allocate_here = self._make_allocator(on_comm_stream=False)
+        self._allocate_on_comm = self._make_allocator(on_comm_stream=True)
+
+    # ---- lifecycle and static helpers ------------------------------------------------------------
+
+    def destroy(self) -> None:
+        """Collective: releases the communication memory. Idempotent; later calls raise.
+        Tensors viewing the buffer's memory (``get_local_buffer_tensor``, ...) must not be used after."""
+        self.runtime.destroy()
+
+    @staticmethod
+    def is_sm90_compiled() -> bool:
+        """True when libepcomm contains CUDA kernels for Hopper (sm_90 / sm_90a)."""
+        architectures = _C.cuda_architectures.replace(",", ";").split(";")
+        return _C.backend_available("cuda") and any(a.strip().startswith("90") for a in architectures)
+
+    @staticmethod
+    def set_num_sms(new_num_sms: int) -> None:
+        """Sets the SMs high-throughput kernels occupy when a call passes no ``config`` (even, >= 2)."""
+        _C.set_default_num_sms(int(new_num_sms))
+        Buffer.num_sms = int(new_num_sms)
+
+    @staticmethod
+    def capture() -> EventOverlap:
+        """An ``EventOverlap`` recorded on the current stream, to pass as ``previous_event``."""
+        return EventOverlap(EventHandle())
+
+    @staticmethod
+    def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
+                                       num_experts: int) -> int:
+        """Bytes of ``num_rdma_bytes`` always enough for low-latency calls with these sizes."""
+        return _C.low_latency_buffer_size_hint(int(num_max_dispatch_tokens_per_rank), int(hidden), int(num_ranks),
+                                               int(num_experts))
+
+    @staticmethod
+    def get_dispatch_config(num_ranks: int) -> Config:
+        """A good dispatch ``Config`` for R = ``num_ranks`` (any R), with ``num_sms = Buffer.num_sms``."""
+        config = Config._from_tuple(_C.default_dispatch_config(int(num_ranks)))
+        config.num_sms = Buffer.num_sms
+        return config
+
+    @staticmethod
+    def get_combine_config(num_ranks: int) -> Config:
+        """A good combine ``Config`` for R = ``num_ranks`` (any R), with ``num_sms = Buffer.num_sms``."""
+        config = Config._from_tuple(_C.default_combine_config(int(num_ranks)))
+        config.num_sms = Buffer.num_sms
+        return config
+
+    def get_comm_stream(self) -> Optional[torch.cuda.Stream]:
+        """The communication stream (a ``torch.cuda.Stream``); None on the CPU backend."""
+        return self._comm_stream
+
+    def get_local_buffer_tensor(self, dtype: torch.dtype, size: Optional[Union[torch.Size, Sequence[int], int]] = None,
+                                offset: int = 0, use_rdma_buffer: bool = False) -> torch.Tensor:
+        """A tensor viewing this rank's own communication memory (no copy; valid until ``destroy``).
+
+        Arguments:
+            dtype: any torch dtype.
+            size: the view's shape; default: 1-D, everything from ``offset`` to the end.
+            offset: start of the view in **bytes** (as DeepEP's implementation uses it), a multiple of
+                the dtype's size.
+            use_rdma_buffer: view the ``num_rdma_bytes`` memory instead of the ``num_nvl_bytes`` one.
+        """
+        op = "get_local_buffer_tensor"
+        element = torch.empty((), dtype=dtype).element_size()
+        offset = int(offset)
+        if offset % element != 0:
+            raise invalid_argument(op, "offset", f"expected a multiple of {element} (bytes of {dtype}), got {offset}")
+        total = self.num_rdma_bytes if use_rdma_buffer else self.num_nvl_bytes
+        if size is None:
+            shape = None
+            numel = max(total - offset, 0) // element
+        else:
+            shape = torch.Size([size]) if isinstance(size, int) else torch.Size(size)
+            numel = shape.numel()
+        raw = self.runtime.local_buffer_bytes(offset, numel * element, bool(use_rdma_buffer))
+        tensor = raw.view(dtype)
+        return tensor if shape is None else tensor.view(shape)
+
+    # ---- high-throughput mode --------------------------------------------------------------------
+
+    def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int,
+                            previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
+                            allocate_on_comm_stream: bool = False) -> \
+            Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor, EventOverlap]:
+        """Counts where this rank's tokens go (SPEC §3.1).
+
+        Arguments:
+            topk_idx: [T, K] int64 (``topk_idx_t``) or int32, expert per slot, -1 = none.
+            num_experts: E, a multiple of R.
+        Returns:
+            num_tokens_per_rank: [R] int32, tokens with at least one expert on rank r.
+            num_tokens_per_rdma_rank: [N] int32 per node, or None when N == 1.
+            num_tokens_per_expert: [E] int32, (token, slot) pairs per expert.
+            is_token_in_rank: [T, R] bool.
+            event: ``EventOverlap`` (an event only with ``async_finish``).
+        """
+        op = "get_dispatch_layout"
+        per_rank, per_rdma_rank, per_expert, in_rank, native_event = self.runtime.get_dispatch_layout(
+            describe(topk_idx, op, "topk_idx"), int(num_experts), self._stream(),
+            self._native_event(previous_event, op), bool(async_finish), bool(allocate_on_comm_stream),
+            self._allocator(allocate_on_comm_stream))
+        outputs = (per_rank, per_rdma_rank, per_expert, in_rank)
+        event = self._finish(native_event, async_finish, allocate_on_comm_stream, (topk_idx,), outputs)
+        return per_rank, per_rdma_rank, per_expert, in_rank, event
+
+    def dispatch(self, x: TokenTensor, handle: Optional[DispatchHandle] = None,
+                 num_tokens_per_rank: Optional[torch.Tensor] = None,
+                 num_tokens_per_rdma_rank: Optional[torch.Tensor] = None,
+                 is_token_in_rank: Optional[torch.Tensor] = None, num_tokens_per_expert: Optional[torch.Tensor] = None,
+                 topk_idx: Optional[torch.Tensor] = None, topk_weights: Optional[torch.Tensor] = None,
+                 expert_alignment: int = 1, num_worst_tokens: int = 0, config: Optional[Config] = None,
+                 previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
+                 allocate_on_comm_stream: bool = False) -> \
+            Tuple[TokenTensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[List[int]],
+                  Optional[DispatchHandle], EventOverlap]:
+        """Sends every token to the ranks holding its experts (SPEC §3.2).
+
+        Arguments:
+            x: [T, hidden] bf16, or a tuple (x [T, hidden] float8_e4m3fn, scales [T, S] float32 with any
+                strides).
+            handle: a handle from an earlier dispatch: cached dispatch with that routing (topk_idx,
+                topk_weights and the layout tensors must then be None).
+            num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank, num_tokens_per_expert: from
+                ``get_dispatch_layout``; those not given are computed. ``num_tokens_per_expert`` is
+                required with ``topk_idx`` (its length gives E).
+            topk_idx: [T, K] int64 / int32; topk_weights: [T, K] float32.
+            expert_alignment: per-expert counts are rounded up to a multiple of this.
+            num_worst_tokens: > 0: outputs have exactly this many rows, no host synchronisation (CUDA-graph
+                capturable); rows past the real count have recv_topk_idx == -1; the count list is empty.
+            config: ``Config``; default ``get_dispatch_config(R)``.
+        Returns:
+            recv_x: [num_recv, hidden] like ``x`` (a tuple (fp8, scales [num_recv, S]) for FP8 input; the
+                scales keep the input's majorness). Rows are grouped by source rank ascending, then by
+                the token's index on its source.
+            recv_topk_idx: [num_recv, K] int64, local expert index or -1 (None without topk_idx).
+            recv_topk_weights: [num_recv, K] float32, 0 where the index is -1 (None without topk_idx).
+            num_recv_tokens_per_expert_list: list of L ints (aligned); [] with num_worst_tokens.
+            handle: ``DispatchHandle`` (a tuple, element 0 = rank_prefix_matrix [R, R] int32).
+            event: ``EventOverlap``.
+            A cached dispatch returns (recv_x, None, None, None, None, event).
+        """
+        op = "dispatch"
+        x_data, x_scales = self._split_tokens(x, op)
+        native_handle = self._native_dispatch_handle(handle, op) if handle is not None else None
+        if native_handle is None and topk_idx is not None and num_tokens_per_expert is None:
+            raise invalid_argument(op, "num_tokens_per_expert", "required with topk_idx (get_dispatch_layout returns "
+                                                                "it): its length gives the number of experts")
+        config = config if config is not None else self.get_dispatch_config(self.group_size)
+        result = self.runtime.dispatch(
+            describe(x_data, op, "x"), describe_optional(x_scales, op, "x_scales"),
+            describe_optional(topk_idx, op, "topk_idx"), describe_optional(topk_weights, op, "topk_weights"),
+            describe_optional(num_tokens_per_rank, op, "num_tokens_per_rank"),
+            describe_optional(num_tokens_per_rdma_rank, op, "num_tokens_per_rdma_rank"),
+            describe_optional(is_token_in_rank, op, "is_token_in_rank"),
+            describe_optional(num_tokens_per_expert, op, "num_tokens_per_expert"), native_handle,
+            int(expert_alignment), int(num_worst_tokens), self._config_tuple(config, op), self._stream(),
+            self._native_event(previous_event, op), bool(async_finish), bool(allocate_on_comm_stream),
+            self._allocator(allocate_on_comm_stream))
+        recv_x, recv_scales, recv_topk_idx, recv_topk_weights, counts, new_native, handle_tensors, native_event = result
+        inputs = (x_data, x_scales, topk_idx, topk_weights, num_tokens_per_rank, num_tokens_per_rdma_rank,
+                  is_token_in_rank, num_tokens_per_expert) + (tuple(handle[:4]) if handle is not None else ())
+        outputs = (recv_x, recv_scales, recv_topk_idx, recv_topk_weights) + (handle_tensors or ())
+        event = self._finish(native_event, async_finish, allocate_on_comm_stream, inputs, outputs)
+        received = (recv_x, recv_scales) if x_scales is not None else recv_x
+        if native_handle is not None:
+            return received, None, None, None, None, event
+        new_handle = DispatchHandle(*handle_tensors, new_native)
+        return received, recv_topk_idx, recv_topk_weights, counts, new_handle, event
+
+    def combine(self, x: torch.Tensor, handle: DispatchHandle, topk_weights: Optional[torch.Tensor] = None,
+                bias: Bias = None, config: Optional[Config] = None, previous_event: Optional[EventOverlap] = None,
+                async_finish: bool = False, allocate_on_comm_stream: bool = False) -> \
+            Tuple[torch.Tensor, Optional[torch.Tensor], EventOverlap]:
+        """Brings every received row back to its token's rank and sums them (SPEC §3.3).
+
+        Arguments:
+            x: [num_recv, hidden] bf16 in the order dispatch returned.
+            handle: the ``DispatchHandle`` of that dispatch.
+            topk_weights: [num_recv, K] float32 (e.g. dispatch's recv_topk_weights), summed per token.
+            bias: None, a [T, hidden] bf16 tensor, or a pair of them, added to the result.
+            config: ``Config``; default ``get_combine_config(R)``.
+        Returns:
+            combined_x: [T, hidden] bf16, the unweighted sum over the ranks that received each token (float32
+                accumulation in ascending rank order, one rounding; plus the bias).
+            combined_topk_weights: [T, K] float32, or None without topk_weights.
+            event: ``EventOverlap``.
+        """
+        op = "combine"
+        native_handle = self._native_dispatch_handle(handle, op)
+        bias_0, bias_1 = Buffer._unpack_bias(bias)
+        config = config if config is not None else self.get_combine_config(self.group_size)
+        combined_x, combined_weights, native_event = self.runtime.combine(
+            describe(x, op, "x"), native_handle, describe_optional(topk_weights, op, "topk_weights"),
+            describe_optional(bias_0, op, "bias[0]"), describe_optional(bias_1, op, "bias[1]"),
+            self._config_tuple(config, op), self._stream(), self._native_event(previous_event, op), bool(async_finish),
+            bool(allocate_on_comm_stream), self._allocator(allocate_on_comm_stream))
+        inputs = (x, topk_weights, bias_0, bias_1) + tuple(handle[:4])
+        outputs = (combined_x, combined_weights)
+        event = self._finish(native_event, async_finish, allocate_on_comm_stream, inputs, outputs)
+        return combined_x, combined_weights, event
+
+    def internode_dispatch(self, x: TokenTensor, handle: Optional[DispatchHandle] = None,
+                           num_tokens_per_rank: Optional[torch.Tensor] = None,
+                           num_tokens_per_rdma_rank: Optional[torch.Tensor] = None,
+                           is_token_in_rank: Optional[torch.Tensor] = None,
+                           num_tokens_per_expert: Optional[torch.Tensor] = None,
+                           topk_idx: Optional[torch.Tensor] = None, topk_weights: Optional[torch.Tensor] = None,
+                           expert_alignment: int = 1, num_worst_tokens: int = 0, config: Optional[Config] = None,
+                           previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
+                           allocate_on_comm_stream: bool = False) -> \
+            Tuple[TokenTensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[List[int]],
+                  Optional[DispatchHandle], EventOverlap]:
+        """``dispatch`` (epcomm chooses the intra- or inter-node path itself; same results and handle)."""
+        return self.dispatch(x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
+                             num_tokens_per_expert, topk_idx, topk_weights, expert_alignment, num_worst_tokens, config,
+                             previous_event, async_finish, allocate_on_comm_stream)
+
+    def internode_combine(self, x: torch.Tensor, handle: DispatchHandle, topk_weights: Optional[torch.Tensor] = None,
+                          bias: Bias = None, config: Optional[Config] = None,
+                          previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
+                          allocate_on_comm_stream: bool = False) -> \
+            Tuple[torch.Tensor, Optional[torch.Tensor], EventOverlap]:
+        """``combine`` (epcomm chooses the intra- or inter-node path itself)."""
+        return self.combine(x, handle, topk_weights, bias, config, previous_event, async_finish,
+                            allocate_on_comm_stream)
+
+    # ---- low-latency mode ------------------------------------------------------------------------
+
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
+        """Collective: resets the low-latency state for calls with these sizes (SPEC §4.3)."""
+        self.runtime.clean_low_latency_buffer(int(num_max_dispatch_tokens_per_rank), int(hidden), int(num_experts),
+                                              self._stream())
+
+    def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
+                             num_experts: int, cumulative_local_expert_recv_stats: Optional[torch.Tensor] = None,
+                             dispatch_wait_recv_cost_stats: Optional[torch.Tensor] = None, use_fp8: bool = True,
+                             round_scale: bool = False, use_ue8m0: bool = False, async_finish: bool = False,
+                             return_recv_hook: bool = False) -> \
+            Tuple[TokenTensor, torch.Tensor, LowLatencyHandle, EventOverlap, Optional[Callable[[], None]]]:
+        """Low-latency dispatch into fixed-size per-expert slots (SPEC §4.1). No host synchronisation.
+
+        Arguments:
+            x: [T, hidden] bf16, T <= T_max, hidden a multiple of 128.
+            topk_idx: [T, K] int64 / int32, -1 = none.
+            num_max_dispatch_tokens_per_rank: T_max, the same on every rank.
+            num_experts: E.
+            cumulative_local_expert_recv_stats: [L] int32; recv_count is added to it.
+            dispatch_wait_recv_cost_stats: [R] int64; per source rank, the time spent waiting for it is
+                added, in **nanoseconds**.
+            use_fp8: cast to FP8 per token and 128 channels; round_scale: power-of-two scales;
+            use_ue8m0: scales packed as exponent bytes (needs round_scale).
+            async_finish: return an event instead of ordering the current stream.
+            return_recv_hook: only issue the sends; the returned hook runs the receive half.
+        Returns:
+            recv_x: [L, R*T_max, hidden] bf16, or with use_fp8 a tuple (float8_e4m3fn [L, R*T_max, hidden],
+                scales): float32 [L, R*T_max, S] or with use_ue8m0 int32 [L, R*T_max, hidden/512]; the
+                scales' last two dims are column-major. Rows of expert l past recv_count[l] are unspecified.
+            recv_count: [L] int32.
+            handle: (src_info [L, R*T_max] int32, layout_range [L, R] int64, T_max, hidden, num_experts).
+            event: ``EventOverlap`` (an event only with async_finish).
+            hook: a callable with return_recv_hook, else None.
+        """
+        op = "low_latency_dispatch"
+        recv_x, recv_scales, recv_count, src_info, layout_range, native_event, native_hook = \
+            self.runtime.low_latency_dispatch(
+                describe(x, op, "x"), describe(topk_idx, op, "topk_idx"), int(num_max_dispatch_tokens_per_rank),
+                int(num_experts), describe_optional(cumulative_local_expert_recv_stats, op,
+                                                    "cumulative_local_expert_recv_stats"),
+                describe_optional(dispatch_wait_recv_cost_stats, op, "dispatch_wait_recv_cost_stats"), bool(use_fp8),
+                bool(round_scale), bool(use_ue8m0), self._stream(), bool(async_finish), bool(return_recv_hook),
+                self._allocate_here)
+        handle = (src_info, layout_range, int(num_max_dispatch_tokens_per_rank), x.size(1), int(num_experts))
+        in_flight = (x, topk_idx, recv_x, recv_scales, recv_count, src_info, layout_range,
+                     cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats)
+        event = self._low_latency_event(native_event, async_finish, in_flight)
+        received = (recv_x, recv_scales) if use_fp8 else recv_x
+        return received, recv_count, handle, event, self._wrap_hook(native_hook, in_flight)
+
+    def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+                            handle: LowLatencyHandle, use_logfmt: bool = False, zero_copy: bool = False,
+                            async_finish: bool = False, return_recv_hook: bool = False,
+                            out: Optional[torch.Tensor] = None,
+                            combine_wait_recv_cost_stats: Optional[torch.Tensor] = None) -> \
+            Tuple[torch.Tensor, EventOverlap, Optional[Callable[[], None]]]:
+        """Low-latency weighted combine (SPEC §4.2).
+
+        Arguments:
+            x: [L, R*T_max, hidden] bf16 in low_latency_dispatch's layout.
+            topk_idx: [T, K] as given to that dispatch; topk_weights: [T, K] float32.
+            handle: the dispatch's handle tuple.
+            use_logfmt: not supported yet (raises ``UnsupportedError``).
+            zero_copy: x was already written into ``get_next_low_latency_combine_buffer(handle)``.
+            out: [T, hidden] bf16 to write the result into.
+            combine_wait_recv_cost_stats: [R] int64, wait time per source rank added in nanoseconds.
+        Returns:
+            combined_x: [T, hidden] bf16, sum over k of topk_weights[t, k] * row (float32 fused
+                multiply-add in ascending k, one rounding); ``out`` when given.
+            event: ``EventOverlap``; hook: a callable with return_recv_hook, else None.
+        """
+        op = "low_latency_combine"
+        src_info, layout_range, max_tokens, hidden, num_experts = self._unpack_low_latency_handle(handle, op)
+        combined_x, native_event, native_hook = self.runtime.low_latency_combine(
+            describe(x, op, "x"), describe(topk_idx, op, "topk_idx"), describe(topk_weights, op, "topk_weights"),
+            describe(src_info, op, "handle[0]"), describe(layout_range, op, "handle[1]"), max_tokens, hidden,
+            num_experts, bool(use_logfmt), bool(zero_copy), describe_optional(out, op, "out"),
+            describe_optional(combine_wait_recv_cost_stats, op, "combine_wait_recv_cost_stats"), self._stream(),
+            bool(async_finish), bool(return_recv_hook), self._allocate_here)
+        if out is not None:
+            combined_x = out
+        in_flight = (x, topk_idx, topk_weights, src_info, layout_range, combined_x, combine_wait_recv_cost_stats)
+        event = self._low_latency_event(native_event, async_finish, in_flight)
+        return combined_x, event, self._wrap_hook(native_hook, in_flight)
+
+    def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
+        """[L, R*T_max, hidden] bf16 view of the memory the next ``zero_copy`` combine reads."""
+        op = "get_next_low_latency_combine_buffer"
+        src_info, layout_range, max_tokens, hidden, num_experts = self._unpack_low_latency_handle(handle, op)
+        return self.runtime.next_low_latency_combine_buffer(describe(src_info, op, "handle[0]"),
+                                                            describe(layout_range, op, "handle[1]"), max_tokens,
+                                                            hidden, num_experts)
+
+    def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
+        """Masks (``mask=True``) or unmasks a rank: low-latency calls skip a masked rank instead of
+        waiting for it. Needs ``enable_shrink=True``."""
+        self.runtime.update_mask(int(rank_to_mask), bool(mask), self._stream())
+
+    def low_latency_query_mask_buffer(self, mask_status: torch.Tensor) -> None:
+        """Writes the mask into ``mask_status`` ([R] int32 on the buffer's device): 1 = masked."""
+        op = "low_latency_query_mask_buffer"
+        if not isinstance(mask_status, torch.Tensor) or mask_status.shape != (self.group_size,):
+            got = list(mask_status.shape) if isinstance(mask_status, torch.Tensor) else type(mask_status).__name__
+            raise invalid_argument(op, "mask_status", f"expected a [R] = [{self.group_size}] tensor, got {got}")
+        mask_status.copy_(self.runtime.query_mask())
+
+    def low_latency_clean_mask_buffer(self) -> None:
+        """Unmasks every rank. Needs ``enable_shrink=True``."""
+        self.runtime.clean_mask(self._stream())
+
+    # ---- helpers ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _unpack_bias(bias: Bias) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        if bias is None:
+            return None, None
+        if isinstance(bias, torch.Tensor):
+            return bias, None
+        if isinstance(bias, (tuple, list)) and len(bias) == 2:
+            return bias[0], bias[1]
+        raise invalid_argument("combine", "bias",
+                               f"expected None, a tensor or a pair of tensors, got {type(bias).__name__}")
+
+    @staticmethod
+    def _split_tokens(x: TokenTensor, op: str) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if isinstance(x, (tuple, list)):
+            if len(x) != 2:
+                raise invalid_argument(op, "x", f"expected a tensor or a pair (fp8 tokens, scales), got {len(x)} items")
+            return x[0], x[1]
+        return x, None
+
+    @staticmethod
+    def _native_dispatch_handle(handle: Any, op: str) -> _C.DispatchHandle:
+        if isinstance(handle, tuple) and len(handle) == 5 and isinstance(handle[-1], _C.DispatchHandle):
+            return handle[-1]
+        raise invalid_argument(op, "handle",
+                               f"expected the handle tuple returned by dispatch, got {type(handle).__name__}")
+
+    @staticmethod
+    def _unpack_low_latency_handle(handle: Any, op: str) -> Tuple[torch.Tensor, torch.Tensor, int, int, int]:
+        if not isinstance(handle, (tuple, list)) or len(handle) != 5:
+            raise invalid_argument(op, "handle", "expected the 5-tuple (src_info, layout_range, "
+                                                 "num_max_dispatch_tokens_per_rank, hidden, num_experts) returned by "
+                                                 "low_latency_dispatch")
+        src_info, layout_range, max_tokens, hidden, num_experts = handle
+        return src_info, layout_range, int(max_tokens), int(hidden), int(num_experts)
+
+    @staticmethod
+    def _native_event(previous_event: Any, op: str) -> Optional[_C.Event]:
+        if previous_event is None:
+            return None
+        if isinstance(previous_event, EventOverlap):
+            previous_event = previous_event.event
+            if previous_event is None:
+                return _C.Event()  # a synchronous call's event: already complete
+        if isinstance(previous_event, EventHandle):
+            return previous_event.native
+        if isinstance(previous_event, _C.Event):
+            return previous_event
+        raise invalid_argument(op, "previous_event", f"expected an EventOverlap, got {type(previous_event).__name__}")
+
+    @staticmethod
+    def _config_tuple(config: Any, op: str) -> Tuple[int, int, int, int, int]:
+        if not isinstance(config, Config):
+            raise invalid_argument(op, "config", f"expected an epcomm.Config, got {type(config).__name__}")
+        return config._as_tuple()
+
+    def _stream(self) -> int:
+        return current_stream_handle(self.device)
+
+    def _make_allocator(self, on_comm_stream: bool) -> Allocate:
+        """The callable epcomm._C creates outputs with: torch.empty on the device epcomm asks for
+        (``cuda_device`` = -1: the CPU), on the current stream or (``on_comm_stream``) on the
+        communication stream."""
+        comm_stream = self._comm_stream if on_comm_stream else None
+
+        def allocate(dtype_code: int, shape: Tuple[int, ...], cuda_device: int) -> Tuple[torch.Tensor, int]:
+            device = torch.device("cpu") if cuda_device < 0 else torch.device("cuda", cuda_device)
+            if comm_stream is None or device.type == "cpu":
+                tensor = torch.empty(shape, dtype=DTYPES_BY_CODE[dtype_code], device=device)
+            else:
+                with torch.cuda.stream(comm_stream):
+                    tensor = torch.empty(shape, dtype=DTYPES_BY_CODE[dtype_code], device=device)
+            return tensor, tensor.data_ptr()
+
+        return allocate
+
+    def _allocator(self, allocate_on_comm_stream: bool) -> Allocate:
+        return self._allocate_on_comm if allocate_on_comm_stream else self._allocate_here
+
+    def _finish(self, native_event: _C.Event, async_finish: bool, allocate_on_comm_stream: bool,
+                inputs: Sequence[Optional[torch.Tensor]], outputs: Sequence[Optional[torch.Tensor]]) -> EventOverlap:
+        """The EventOverlap of a normal-mode call, after telling torch's allocator which streams use what."""
+        inputs = tuple(t for t in inputs if isinstance(t, torch.Tensor))
+        outputs = tuple(t for t in outputs if isinstance(t, torch.Tensor))
+        if self._comm_stream is not None and not is_capturing(self.device):
+            current = torch.cuda.current_stream(self.device)
+            if async_finish:
+                for tensor in inputs + outputs:  # in use on the comm stream after we return
+                    tensor.record_stream(self._comm_stream)
+            if allocate_on_comm_stream:
+                for tensor in outputs:  # allocated for the comm stream, used on the current one
+                    tensor.record_stream(current)
+        if not async_finish:
+            return EventOverlap(None)
+        return EventOverlap(EventHandle(native_event), inputs + outputs)
+
+    @staticmethod
+    def _low_latency_event(native_event: _C.Event, async_finish: bool,
+                           in_flight: Sequence[Optional[torch.Tensor]]) -> EventOverlap:
+        if not async_finish:
+            return EventOverlap(None)
+        return EventOverlap(EventHandle(native_event), tuple(t for t in in_flight if isinstance(t, torch.Tensor)))
+
+    def _wrap_hook(self, native_hook: Optional[_C.RecvHook],
+                   in_flight: Sequence[Optional[torch.Tensor]]) -> Optional[Callable[[], None]]:
+        """The Python hook: runs the receive half on the current stream; keeps the call's tensors and
+        the buffer alive until then. A second call raises."""
+        if native_hook is None:
+            return None
+        kept = [self.runtime, tuple(t for t in in_flight if isinstance(t, torch.Tensor))]
+        stream = self._stream
+
+        def hook() -> None:
+            native_hook(stream())
+            kept.clear()
+
+        return hook
