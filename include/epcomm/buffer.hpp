@@ -2,7 +2,8 @@
 //
 //   auto bootstrap = epcomm::bootstrap_from_env();
 //   epcomm::BufferOptions options{.backend = epcomm::BackendKind::kCuda,
-//                                 .num_nvl_bytes = epcomm::default_dispatch_config(R).nvl_buffer_size_hint(hidden * 2, R)};
+//                                 .num_nvl_bytes = epcomm::default_dispatch_config(R).nvl_buffer_size_hint(hidden * 2,
+//                                 R)};
 //   epcomm::Buffer buffer(*bootstrap, options);
 //   auto layout = buffer.get_dispatch_layout(topk_idx, num_experts);
 //   auto dispatched = buffer.dispatch({.x = x, .topk_idx = topk_idx, .topk_weights = weights});
@@ -36,11 +37,11 @@ bool backend_available(BackendKind kind);
 
 struct BufferOptions {
   BackendKind backend = BackendKind::kCuda;
-  int64_t num_nvl_bytes = 0;    // normal-mode memory shared inside a node (see Config hints)
-  int64_t num_rdma_bytes = 0;   // low-latency memory (low_latency_buffer_size_hint), or inter-node
+  int64_t num_nvl_bytes = 0;   // normal-mode memory shared inside a node (see Config hints)
+  int64_t num_rdma_bytes = 0;  // low-latency memory (low_latency_buffer_size_hint), or inter-node
   bool low_latency_mode = false;
-  int ranks_per_node = 0;       // G; 0 = every rank of the group is in one node
-  int device = -1;              // CUDA device of this rank; -1 = the current device
+  int ranks_per_node = 0;  // G; 0 = every rank of the group is in one node
+  int device = -1;         // CUDA device of this rank; -1 = the current device
   // Longest any wait for a peer may take; 0 = $EPCOMM_TIMEOUT_S seconds, else 100 s.
   std::chrono::milliseconds timeout{0};
   // Accepted for DeepEP compatibility.
@@ -49,7 +50,7 @@ struct BufferOptions {
   bool allow_mnnvl = false;
   bool use_fabric = false;
   bool explicitly_destroy = false;
-  bool enable_shrink = false;   // mask failed ranks in low-latency mode instead of timing out
+  bool enable_shrink = false;  // mask failed ranks in low-latency mode instead of timing out
 };
 
 class Backend;  // internal

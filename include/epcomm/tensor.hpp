@@ -22,12 +22,12 @@ struct CUevent_st;
 namespace epcomm {
 
 enum class DType : uint8_t {
-  kBool,         // 1 byte, 0 or 1
+  kBool,  // 1 byte, 0 or 1
   kInt32,
   kInt64,
   kFloat32,
   kBFloat16,
-  kFloat8E4M3,   // float8_e4m3fn: finite only, max 448
+  kFloat8E4M3,  // float8_e4m3fn: finite only, max 448
 };
 
 size_t dtype_size(DType dtype);

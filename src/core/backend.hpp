@@ -34,30 +34,30 @@ struct DispatchArgs {
   bool fp8 = false;                        // x is float8_e4m3 with scales
   int num_tokens = 0;                      // T
   int hidden = 0;
-  int num_scales = 0;                      // S (fp8 only)
-  int num_topk = 0;                        // K, 0 when topk_idx is not given
-  int num_experts = 0;                     // E, 0 when unknown (no topk, no per-expert counts)
+  int num_scales = 0;   // S (fp8 only)
+  int num_topk = 0;     // K, 0 when topk_idx is not given
+  int num_experts = 0;  // E, 0 when unknown (no topk, no per-expert counts)
   Config config;
-  Allocator* allocator = nullptr;          // never null here
+  Allocator* allocator = nullptr;  // never null here
 };
 
 struct CombineArgs {
   const CombineInputs* inputs = nullptr;
-  int num_tokens = 0;      // T (from the handle)
-  int num_recv_tokens = 0; // rows of x
+  int num_tokens = 0;       // T (from the handle)
+  int num_recv_tokens = 0;  // rows of x
   int hidden = 0;
-  int num_topk = 0;        // K of topk_weights, 0 when not given
+  int num_topk = 0;  // K of topk_weights, 0 when not given
   Config config;
   Allocator* allocator = nullptr;
 };
 
 struct LowLatencyDispatchArgs {
   const LowLatencyDispatchInputs* inputs = nullptr;
-  int num_tokens = 0;   // T
+  int num_tokens = 0;  // T
   int hidden = 0;
-  int num_topk = 0;     // K
-  int num_experts = 0;  // E
-  int num_local_experts = 0;  // L
+  int num_topk = 0;             // K
+  int num_experts = 0;          // E
+  int num_local_experts = 0;    // L
   int max_tokens_per_rank = 0;  // T_max
   Allocator* allocator = nullptr;
 };

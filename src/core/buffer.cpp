@@ -24,7 +24,7 @@ struct CollectiveOptions {
 };
 
 void check_same_on_every_rank(Bootstrap& bootstrap, const BufferOptions& options) {
-  const CollectiveOptions mine{options.num_nvl_bytes, options.num_rdma_bytes, static_cast<int32_t>(options.backend),
+  const CollectiveOptions mine{options.num_nvl_bytes,    options.num_rdma_bytes, static_cast<int32_t>(options.backend),
                                options.low_latency_mode, options.ranks_per_node, options.enable_shrink};
   std::vector<CollectiveOptions> all(bootstrap.size());
   bootstrap.all_gather(&mine, all.data(), sizeof(mine));
@@ -72,7 +72,8 @@ bool backend_available(BackendKind kind) {
 
 Buffer::Buffer(Bootstrap& bootstrap, const BufferOptions& options) : options_(options) {
   require(options.num_nvl_bytes >= 0, "Buffer", "num_nvl_bytes", concat("expected >= 0, got ", options.num_nvl_bytes));
-  require(options.num_rdma_bytes >= 0, "Buffer", "num_rdma_bytes", concat("expected >= 0, got ", options.num_rdma_bytes));
+  require(options.num_rdma_bytes >= 0, "Buffer", "num_rdma_bytes",
+          concat("expected >= 0, got ", options.num_rdma_bytes));
   options_.timeout = resolve_timeout(options.timeout);
   const GroupGeometry geometry = make_geometry(bootstrap, options_);
   check_same_on_every_rank(bootstrap, options_);

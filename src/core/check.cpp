@@ -31,8 +31,8 @@ void check_device(const TensorView& t, const char* op, const char* arg, const De
 }
 
 void check_contiguous(const TensorView& t, const char* op, const char* arg) {
-  require(t.is_contiguous(), op, arg, concat("expected a contiguous tensor, got shape ", t.shape_string(),
-                                             " with non-row-major strides"));
+  require(t.is_contiguous(), op, arg,
+          concat("expected a contiguous tensor, got shape ", t.shape_string(), " with non-row-major strides"));
 }
 
 }  // namespace epcomm

@@ -18,7 +18,8 @@ void Config::validate() const {
   check_num_sms(num_sms, "Config");
   require(num_max_nvl_chunked_send_tokens > 0, "Config", "num_max_nvl_chunked_send_tokens",
           concat("expected > 0, got ", num_max_nvl_chunked_send_tokens));
-  require(num_max_nvl_chunked_recv_tokens >= num_max_nvl_chunked_send_tokens, "Config", "num_max_nvl_chunked_recv_tokens",
+  require(num_max_nvl_chunked_recv_tokens >= num_max_nvl_chunked_send_tokens, "Config",
+          "num_max_nvl_chunked_recv_tokens",
           concat("expected >= num_max_nvl_chunked_send_tokens (", num_max_nvl_chunked_send_tokens, "), got ",
                  num_max_nvl_chunked_recv_tokens));
   require(num_max_rdma_chunked_send_tokens > 0, "Config", "num_max_rdma_chunked_send_tokens",
@@ -31,7 +32,8 @@ void Config::validate() const {
 
 int64_t Config::nvl_buffer_size_hint(int64_t hidden_bytes, int num_ranks) const {
   validate();
-  require(hidden_bytes > 0, "Config.get_nvl_buffer_size_hint", "hidden_bytes", concat("expected > 0, got ", hidden_bytes));
+  require(hidden_bytes > 0, "Config.get_nvl_buffer_size_hint", "hidden_bytes",
+          concat("expected > 0, got ", hidden_bytes));
   require(num_ranks >= 1 && num_ranks <= kMaxRanks, "Config.get_nvl_buffer_size_hint", "num_ranks",
           concat("expected 1..", kMaxRanks, ", got ", num_ranks));
   return NormalLayout::for_config(*this, hidden_bytes, num_ranks).total_bytes();
@@ -72,10 +74,12 @@ Config default_combine_config(int num_ranks) {
 
 int64_t low_latency_buffer_size_hint(int max_tokens_per_rank, int hidden, int num_ranks, int num_experts) {
   const char* op = "get_low_latency_rdma_size_hint";
-  require(max_tokens_per_rank > 0, op, "num_max_dispatch_tokens_per_rank", concat("expected > 0, got ", max_tokens_per_rank));
+  require(max_tokens_per_rank > 0, op, "num_max_dispatch_tokens_per_rank",
+          concat("expected > 0, got ", max_tokens_per_rank));
   require(hidden > 0 && hidden % kFp8GroupSize == 0, op, "hidden",
           concat("expected a positive multiple of ", kFp8GroupSize, ", got ", hidden));
-  require(num_ranks >= 1 && num_ranks <= kMaxRanks, op, "num_ranks", concat("expected 1..", kMaxRanks, ", got ", num_ranks));
+  require(num_ranks >= 1 && num_ranks <= kMaxRanks, op, "num_ranks",
+          concat("expected 1..", kMaxRanks, ", got ", num_ranks));
   require(num_experts > 0 && num_experts % num_ranks == 0, op, "num_experts",
           concat("expected a positive multiple of num_ranks (", num_ranks, "), got ", num_experts));
   return LowLatencyLayout{max_tokens_per_rank, hidden, num_ranks, num_experts}.total_bytes();

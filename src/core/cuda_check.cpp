@@ -5,8 +5,8 @@
 namespace epcomm {
 
 void throw_cuda_error(cudaError_t status, const char* call, const char* file, int line) {
-  throw_error(ErrorCode::kInternal,
-              concat(call, " failed: ", cudaGetErrorName(status), " (", cudaGetErrorString(status), ") at ", file, ":", line));
+  throw_error(ErrorCode::kInternal, concat(call, " failed: ", cudaGetErrorName(status), " (",
+                                           cudaGetErrorString(status), ") at ", file, ":", line));
 }
 
 DeviceGuard::DeviceGuard(int device) {

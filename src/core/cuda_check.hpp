@@ -25,11 +25,10 @@ class DeviceGuard {
 
 }  // namespace epcomm
 
-#define EPCOMM_CUDA_CHECK(call)                                                   \
-  do {                                                                            \
-    cudaError_t epcomm_status_ = (call);                                          \
-    if (epcomm_status_ != cudaSuccess)                                            \
-      ::epcomm::throw_cuda_error(epcomm_status_, #call, __FILE__, __LINE__);      \
+#define EPCOMM_CUDA_CHECK(call)                                                                               \
+  do {                                                                                                        \
+    cudaError_t epcomm_status_ = (call);                                                                      \
+    if (epcomm_status_ != cudaSuccess) ::epcomm::throw_cuda_error(epcomm_status_, #call, __FILE__, __LINE__); \
   } while (0)
 
 #endif  // EPCOMM_WITH_CUDA

@@ -6,12 +6,18 @@ namespace epcomm {
 
 const char* to_string(ErrorCode code) {
   switch (code) {
-    case ErrorCode::kInvalidArgument: return "invalid argument";
-    case ErrorCode::kTimeout: return "timeout";
-    case ErrorCode::kPeerFailure: return "peer failure";
-    case ErrorCode::kOutOfCapacity: return "out of capacity";
-    case ErrorCode::kUnsupported: return "not supported";
-    case ErrorCode::kInternal: return "internal error";
+    case ErrorCode::kInvalidArgument:
+      return "invalid argument";
+    case ErrorCode::kTimeout:
+      return "timeout";
+    case ErrorCode::kPeerFailure:
+      return "peer failure";
+    case ErrorCode::kOutOfCapacity:
+      return "out of capacity";
+    case ErrorCode::kUnsupported:
+      return "not supported";
+    case ErrorCode::kInternal:
+      return "internal error";
   }
   return "unknown error";
 }

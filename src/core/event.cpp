@@ -52,7 +52,9 @@ CUevent_st* Event::native() const { return nullptr; }
 #endif
 
 void RecvHook::operator()(StreamHandle stream) {
-  if (!run_) throw_error(ErrorCode::kInvalidArgument, "recv hook: empty (the call did not ask for return_recv_hook, or the hook already ran)");
+  if (!run_)
+    throw_error(ErrorCode::kInvalidArgument,
+                "recv hook: empty (the call did not ask for return_recv_hook, or the hook already ran)");
   auto run = std::move(run_);
   run_ = nullptr;
   run(stream);

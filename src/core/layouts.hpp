@@ -44,7 +44,7 @@ namespace epcomm {
 constexpr int kMaxTopk = 32;            // K in normal mode
 constexpr int kMaxLowLatencyTopk = 16;  // K in low-latency mode
 constexpr int kMaxRanks = 1024;
-constexpr int kFp8GroupSize = 128;      // channels per FP8 scale
+constexpr int kFp8GroupSize = 128;  // channels per FP8 scale
 constexpr int64_t kNormalControlBytes = int64_t(1) << 20;
 constexpr int64_t kLowLatencyControlBytes = int64_t(1) << 20;
 
@@ -63,9 +63,7 @@ struct NormalLayout {
     return align_up(hidden_bytes + hidden_bytes / 64 + int64_t(kMaxTopk) * 8 + 16, 16);
   }
   int64_t queue_bytes() const { return int64_t(queue_tokens) * token_record_bytes(hidden_bytes); }
-  int64_t total_bytes() const {
-    return kNormalControlBytes + int64_t(num_ranks) * num_channels * queue_bytes();
-  }
+  int64_t total_bytes() const { return kNormalControlBytes + int64_t(num_ranks) * num_channels * queue_bytes(); }
 };
 
 struct LowLatencyLayout {

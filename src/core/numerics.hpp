@@ -54,7 +54,7 @@ EPCOMM_HOST_DEVICE float e4m3_to_float(uint8_t e4m3) {
   const uint32_t exponent = (e4m3 >> 3) & 0xFu;
   const uint32_t mantissa = e4m3 & 0x7u;
   if (exponent == 0xF && mantissa == 0x7) return bits_float(sign | 0x7FC00000u);  // NaN
-  if (exponent == 0) {                                                               // subnormal: m * 2^-9
+  if (exponent == 0) {                                                            // subnormal: m * 2^-9
     return bits_float(sign | float_bits(float(mantissa) * 0.001953125f));
   }
   return bits_float(sign | ((exponent + 120u) << 23) | (mantissa << 20));
@@ -64,11 +64,11 @@ EPCOMM_HOST_DEVICE uint8_t float_to_e4m3(float value) {
   const uint32_t bits = float_bits(value);
   const uint8_t sign = static_cast<uint8_t>((bits >> 31) << 7);
   const uint32_t magnitude = bits & 0x7FFFFFFFu;
-  if (magnitude > 0x7F800000u) return sign | 0x7F;                 // NaN stays NaN
-  if (magnitude >= float_bits(kFp8Max)) return sign | 0x7E;        // saturate (inf too)
+  if (magnitude > 0x7F800000u) return sign | 0x7F;           // NaN stays NaN
+  if (magnitude >= float_bits(kFp8Max)) return sign | 0x7E;  // saturate (inf too)
   uint32_t exponent = magnitude >> 23;
   if (exponent < 121) {  // below 2^-6: subnormal e4m3, a multiple of 2^-9 (8 * 2^-9 is the smallest normal)
-    const float scaled = bits_float(magnitude) * 512.0f;           // exact: a power-of-two scaling
+    const float scaled = bits_float(magnitude) * 512.0f;  // exact: a power-of-two scaling
 #if defined(__CUDA_ARCH__)
     const uint32_t m = static_cast<uint32_t>(__float2uint_rn(scaled));
 #else
@@ -97,8 +97,8 @@ EPCOMM_HOST_DEVICE float fp8_scale(float amax, bool round_scale) {
 #endif
   if (!round_scale) return scale;
   const uint32_t bits = float_bits(scale);
-  if ((bits & 0x7FFFFFu) == 0) return scale;      // already a power of two
-  return bits_float(((bits >> 23) + 1u) << 23);   // 2^ceil(log2(scale)); scale is positive and normal
+  if ((bits & 0x7FFFFFu) == 0) return scale;     // already a power of two
+  return bits_float(((bits >> 23) + 1u) << 23);  // 2^ceil(log2(scale)); scale is positive and normal
 }
 
 // One element's FP8 value given its block's scale: e4m3(x / s).

@@ -26,8 +26,8 @@ void check_topk_idx(const CheckContext& ctx, const TensorView& topk_idx, int64_t
           concat("expected 1 <= K <= ", max_topk, ", got K = ", topk_idx.size(1)));
 }
 
-void check_optional_vector(const CheckContext& ctx, const std::optional<TensorView>& t, const char* op,
-                           const char* arg, int64_t length, const char* dims_doc, DType dtype) {
+void check_optional_vector(const CheckContext& ctx, const std::optional<TensorView>& t, const char* op, const char* arg,
+                           int64_t length, const char* dims_doc, DType dtype) {
   if (!t) return;
   check_tensor(*t, op, arg, {length}, dims_doc, {dtype}, ctx.device);
   check_contiguous(*t, op, arg);
@@ -114,7 +114,8 @@ DispatchArgs check_dispatch(const CheckContext& ctx, const DispatchInputs& in) {
                  row_bytes, " bytes)"));
   if (args.fp8) {
     require(in.x_scales.has_value(), op, "x_scales", "required when x is float8_e4m3fn");
-    check_tensor(*in.x_scales, op, "x_scales", {args.num_tokens, -1}, "[T, hidden / 128]", {DType::kFloat32}, ctx.device);
+    check_tensor(*in.x_scales, op, "x_scales", {args.num_tokens, -1}, "[T, hidden / 128]", {DType::kFloat32},
+                 ctx.device);
     args.num_scales = checked_int(in.x_scales->size(1), op, "x_scales");
     require(args.num_scales >= 1, op, "x_scales", "expected at least one scale per token");
   } else {
@@ -171,9 +172,9 @@ void check_low_latency_buffer(const CheckContext& ctx, int max_tokens, int hidde
   const int64_t needed = low_latency_buffer_size_hint(max_tokens, hidden, ctx.geometry.num_ranks, num_experts);
   if (needed > ctx.options.num_rdma_bytes)
     throw_error(ErrorCode::kOutOfCapacity,
-                concat(op, ": num_rdma_bytes: the buffer has ", ctx.options.num_rdma_bytes, " bytes but T_max = ",
-                       max_tokens, ", hidden = ", hidden, ", num_experts = ", num_experts, " needs ", needed,
-                       " (get_low_latency_rdma_size_hint)"));
+                concat(op, ": num_rdma_bytes: the buffer has ", ctx.options.num_rdma_bytes,
+                       " bytes but T_max = ", max_tokens, ", hidden = ", hidden, ", num_experts = ", num_experts,
+                       " needs ", needed, " (get_low_latency_rdma_size_hint)"));
 }
 
 void check_stats(const CheckContext& ctx, const std::optional<TensorView>& t, const char* op, const char* arg,
@@ -205,8 +206,8 @@ LowLatencyDispatchArgs check_low_latency_dispatch(const CheckContext& ctx, const
   require(args.max_tokens_per_rank > 0, op, "num_max_dispatch_tokens_per_rank",
           concat("expected > 0, got ", args.max_tokens_per_rank));
   require(args.num_tokens <= args.max_tokens_per_rank, op, "x",
-          concat("has T = ", args.num_tokens, " tokens, more than num_max_dispatch_tokens_per_rank = ",
-                 args.max_tokens_per_rank));
+          concat("has T = ", args.num_tokens,
+                 " tokens, more than num_max_dispatch_tokens_per_rank = ", args.max_tokens_per_rank));
   check_topk_idx(ctx, in.topk_idx, args.num_tokens, kMaxLowLatencyTopk, op);
   args.num_topk = static_cast<int>(in.topk_idx.size(1));
   check_num_experts(g, in.num_experts, op, "num_experts");
@@ -246,8 +247,7 @@ LowLatencyCombineArgs check_low_latency_combine(const CheckContext& ctx, const L
   const GroupGeometry& g = ctx.geometry;
   check_low_latency_options(options, op);
   require(in.handle != nullptr, op, "handle", "expected the handle returned by low_latency_dispatch, got none");
-  if (in.use_logfmt)
-    throw_error(ErrorCode::kUnsupported, concat(op, ": use_logfmt=True is not supported yet"));
+  if (in.use_logfmt) throw_error(ErrorCode::kUnsupported, concat(op, ": use_logfmt=True is not supported yet"));
   const LowLatencyHandle& h = *in.handle;
   check_low_latency_handle(ctx, h, op);
   LowLatencyCombineArgs args;
@@ -256,8 +256,7 @@ LowLatencyCombineArgs check_low_latency_combine(const CheckContext& ctx, const L
   args.num_experts = h.num_experts;
   args.num_local_experts = h.num_experts / g.num_ranks;
   args.max_tokens_per_rank = h.num_max_dispatch_tokens_per_rank;
-  check_tensor(in.x, op, "x",
-               {args.num_local_experts, int64_t(g.num_ranks) * args.max_tokens_per_rank, args.hidden},
+  check_tensor(in.x, op, "x", {args.num_local_experts, int64_t(g.num_ranks) * args.max_tokens_per_rank, args.hidden},
                "[L, R * T_max, hidden]", {DType::kBFloat16}, ctx.device);
   check_contiguous(in.x, op, "x");
   check_topk_idx(ctx, in.topk_idx, -1, kMaxLowLatencyTopk, op);

@@ -8,8 +8,8 @@ namespace epcomm {
 
 struct CheckContext {
   const GroupGeometry& geometry;
-  Device device;             // where tensors must live
-  const void* owner;         // the backend whose handles are accepted
+  Device device;      // where tensors must live
+  const void* owner;  // the backend whose handles are accepted
   const BufferOptions& options;
 };
 

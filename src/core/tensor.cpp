@@ -10,24 +10,36 @@ namespace epcomm {
 
 size_t dtype_size(DType dtype) {
   switch (dtype) {
-    case DType::kBool: return 1;
-    case DType::kInt32: return 4;
-    case DType::kInt64: return 8;
-    case DType::kFloat32: return 4;
-    case DType::kBFloat16: return 2;
-    case DType::kFloat8E4M3: return 1;
+    case DType::kBool:
+      return 1;
+    case DType::kInt32:
+      return 4;
+    case DType::kInt64:
+      return 8;
+    case DType::kFloat32:
+      return 4;
+    case DType::kBFloat16:
+      return 2;
+    case DType::kFloat8E4M3:
+      return 1;
   }
   return 0;
 }
 
 const char* to_string(DType dtype) {
   switch (dtype) {
-    case DType::kBool: return "bool";
-    case DType::kInt32: return "int32";
-    case DType::kInt64: return "int64";
-    case DType::kFloat32: return "float32";
-    case DType::kBFloat16: return "bfloat16";
-    case DType::kFloat8E4M3: return "float8_e4m3fn";
+    case DType::kBool:
+      return "bool";
+    case DType::kInt32:
+      return "int32";
+    case DType::kInt64:
+      return "int64";
+    case DType::kFloat32:
+      return "float32";
+    case DType::kBFloat16:
+      return "bfloat16";
+    case DType::kFloat8E4M3:
+      return "float8_e4m3fn";
   }
   return "?";
 }
@@ -38,7 +50,8 @@ std::string to_string(const Device& device) {
 
 TensorView TensorView::contiguous(void* data, DType dtype, std::span<const int64_t> shape, Device device) {
   if (shape.size() > static_cast<size_t>(kMaxDims))
-    throw_error(ErrorCode::kInvalidArgument, concat("tensor: at most ", kMaxDims, " dims supported, got ", shape.size()));
+    throw_error(ErrorCode::kInvalidArgument,
+                concat("tensor: at most ", kMaxDims, " dims supported, got ", shape.size()));
   TensorView view;
   view.data = data;
   view.dtype = dtype;
@@ -91,7 +104,8 @@ class DefaultAllocator final : public Allocator {
     const size_t bytes = std::max<size_t>(view.nbytes(), 16);
     if (!device.is_cuda()) {
       void* data = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
-      if (data == nullptr) throw_error(ErrorCode::kOutOfCapacity, concat("host allocation of ", bytes, " bytes failed"));
+      if (data == nullptr)
+        throw_error(ErrorCode::kOutOfCapacity, concat("host allocation of ", bytes, " bytes failed"));
       view.data = data;
       return Tensor(view, std::shared_ptr<void>(data, [](void* p) { std::free(p); }));
     }

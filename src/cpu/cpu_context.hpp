@@ -12,9 +12,9 @@
 
 namespace epcomm::cpu {
 
-constexpr int kNormalChannel = 0;            // normal mode: channels 0..7
-constexpr int kLowLatencyFirstChannel = 8;   // low-latency mode: channels 8..15
-constexpr int kLifecycleChannel = 15;        // construction / destroy
+constexpr int kNormalChannel = 0;           // normal mode: channels 0..7
+constexpr int kLowLatencyFirstChannel = 8;  // low-latency mode: channels 8..15
+constexpr int kLifecycleChannel = 15;       // construction / destroy
 
 // One mode's window into every rank's segment.
 struct Area {

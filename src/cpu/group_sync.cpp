@@ -42,8 +42,8 @@ std::chrono::nanoseconds GroupSync::wait_for(int peer, int channel, uint64_t seq
   int spins = 0;
   while (counter(peer, channel).load(std::memory_order_acquire) < sequence) {
     if (deadline.passed())
-      throw_error(ErrorCode::kTimeout, concat(op, ": rank ", rank_, " timed out after ", timeout_.count(),
-                                              " ms waiting for rank ", peer));
+      throw_error(ErrorCode::kTimeout,
+                  concat(op, ": rank ", rank_, " timed out after ", timeout_.count(), " ms waiting for rank ", peer));
     pause(spins);
   }
   return std::chrono::steady_clock::now() - start;

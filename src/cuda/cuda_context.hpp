@@ -33,7 +33,7 @@ class DeviceErrors {
 
 struct CudaContext {
   GroupGeometry geometry;
-  Bootstrap* bootstrap = nullptr;   // valid during construction and collective destroy only
+  Bootstrap* bootstrap = nullptr;  // valid during construction and collective destroy only
   const BufferOptions* options = nullptr;
   int device = 0;
   int num_device_sms = 0;
