@@ -71,7 +71,7 @@ struct LowLatencyLayout {
   int hidden = 0;
   int num_ranks = 1;
   int num_experts = 1;
-  int64_t buffer_bytes = 0;     // size of the buffer (num_rdma_bytes); 0: exactly total_bytes()
+  int64_t buffer_bytes = 0;  // size of the buffer (num_rdma_bytes); 0: exactly total_bytes()
 
   int num_local_experts() const { return num_experts / num_ranks; }
   int64_t num_rows() const { return int64_t(num_ranks) * max_tokens_per_rank; }  // R x T_max

@@ -10,7 +10,6 @@
 // ascending, row(t, k) read from the slot of the token's first k with the same expert.
 #include <algorithm>
 
-#include "core/cuda_check.hpp"
 #include "core/numerics.hpp"
 #include "cuda/low_latency/device/primitives.cuh"
 
@@ -83,9 +82,10 @@ __global__ void __launch_bounds__(kSendThreads) combine_send_kernel(const __grid
   extern __shared__ __align__(16) int32_t send_smem[];
   const int R = p.c.num_ranks, L = p.num_local_experts;
   const int64_t num_rows = int64_t(R) * p.max_tokens;
-  int32_t* first = send_smem;          // [L][R] first row of (expert, source)
-  int32_t* count = first + L * R;      // [L][R] rows of (expert, source)
+  int32_t* first = send_smem;             // [L][R] first row of (expert, source)
+  int32_t* count = first + L * R;         // [L][R] rows of (expert, source)
   int32_t* expert_start = count + L * R;  // [L + 1] flattened index of each expert's first row
+  allow_dependent_launch();
   if (aborted(p.c)) return;
   for (int i = threadIdx.x; i < L * R; i += blockDim.x) {
     const int64_t range = __ldg(p.layout_range + i);
@@ -139,7 +139,8 @@ __device__ __forceinline__ void accumulate(const uint4& v, float weight, float* 
 }
 
 template <class Index>
-__global__ void __launch_bounds__(kRecvThreads, kRecvBlocksPerSm) combine_recv_kernel(const __grid_constant__ CombineParams p) {
+__global__ void __launch_bounds__(kRecvThreads, kRecvBlocksPerSm)
+    combine_recv_kernel(const __grid_constant__ CombineParams p) {
   __shared__ int32_t slot_of[kMaxLowLatencyTopk];  // receive slot that holds slot k's row; -1: k adds nothing
   __shared__ float weight_of[kMaxLowLatencyTopk];
   if (!wait_for_sources(p.c, kCombineFlags0 + p.parity, DevicePhase::kLowLatencyCombineRecv, p.wait_stats,
@@ -186,15 +187,17 @@ __global__ void __launch_bounds__(kRecvThreads, kRecvBlocksPerSm) combine_recv_k
       uint32_t packed[4];
 #pragma unroll
       for (int i = 0; i < 4; ++i)
-        packed[i] = uint32_t(numerics::float_to_bf16(acc[2 * i])) | (uint32_t(numerics::float_to_bf16(acc[2 * i + 1])) << 16);
-      *reinterpret_cast<uint4*>(p.out + int64_t(t) * p.hidden + 8 * v) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+        packed[i] =
+            uint32_t(numerics::float_to_bf16(acc[2 * i])) | (uint32_t(numerics::float_to_bf16(acc[2 * i + 1])) << 16);
+      *reinterpret_cast<uint4*>(p.out + int64_t(t) * p.hidden + 8 * v) =
+          make_uint4(packed[0], packed[1], packed[2], packed[3]);
     }
     __syncthreads();
   }
   if (finish_block(p.c.counters + kCombineRecvDone + p.parity)) {
     for (int s = threadIdx.x; s < p.c.num_ranks; s += blockDim.x) *local_flag(p.c, kCombineFlags0 + p.parity, s) = 0;
     if (threadIdx.x == 0) p.c.counters[kCombineGate + p.parity] = 0;
-  }
+  }  wait_for_preceding_grid();
 }
 
 size_t send_smem_bytes(const CombineParams& p) {
@@ -204,25 +207,23 @@ size_t send_smem_bytes(const CombineParams& p) {
 }  // namespace
 
 void launch_combine_send(const CombineParams& p, int num_sms, cudaStream_t stream) {
-  combine_send_kernel<<<std::max(1, num_sms), kSendThreads, send_smem_bytes(p), stream>>>(p);
-  EPCOMM_CUDA_CHECK(cudaGetLastError());
+  launch_kernel(combine_send_kernel, std::max(1, num_sms), kSendThreads, send_smem_bytes(p), stream, false, p);
 }
 
-void launch_combine_recv(const CombineParams& p, int num_sms, cudaStream_t stream) {
+void launch_combine_recv(const CombineParams& p, int num_sms, cudaStream_t stream, bool overlap_send) {
   const int chunks = (p.hidden / 8 + kRecvThreads - 1) / kRecvThreads;
   const int64_t items = int64_t(p.num_tokens) * chunks;
-  const int grid = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(items, int64_t(num_sms) * 8)));
+  const int grid = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(items, int64_t(num_sms) * kRecvBlocksPerSm)));
   if (p.topk_is_int64) {
-    combine_recv_kernel<int64_t><<<grid, kRecvThreads, 0, stream>>>(p);
+    launch_kernel(combine_recv_kernel<int64_t>, grid, kRecvThreads, 0, stream, overlap_send, p);
   } else {
-    combine_recv_kernel<int32_t><<<grid, kRecvThreads, 0, stream>>>(p);
+    launch_kernel(combine_recv_kernel<int32_t>, grid, kRecvThreads, 0, stream, overlap_send, p);
   }
-  EPCOMM_CUDA_CHECK(cudaGetLastError());
 }
 
 void prepare_combine_kernels(int max_dynamic_smem) {
-  EPCOMM_CUDA_CHECK(
-      cudaFuncSetAttribute(combine_send_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_dynamic_smem));
+  launch_check(cudaFuncSetAttribute(combine_send_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_dynamic_smem),
+               "cudaFuncSetAttribute");
 }
 
 }  // namespace epcomm::cuda::ll

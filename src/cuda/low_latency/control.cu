@@ -1,5 +1,4 @@
 // Small control kernels of low-latency mode (stream-ordered, so CUDA-graph capturable).
-#include "core/cuda_check.hpp"
 #include "cuda/low_latency/ll_params.hpp"
 
 namespace epcomm::cuda::ll {
@@ -11,7 +10,7 @@ __global__ void set_mask_kernel(int32_t* mask, int rank, int value) { mask[rank]
 
 void launch_set_mask(int32_t* mask, int rank, int value, cudaStream_t stream) {
   set_mask_kernel<<<1, 1, 0, stream>>>(mask, rank, value);
-  EPCOMM_CUDA_CHECK(cudaGetLastError());
+  launch_check(cudaGetLastError(), "set_mask_kernel");
 }
 
 }  // namespace epcomm::cuda::ll

@@ -13,7 +13,6 @@
 // slot into recv_x at row = first row + offset, for each of its local experts.
 #include <algorithm>
 
-#include "core/cuda_check.hpp"
 #include "core/numerics.hpp"
 #include "cuda/low_latency/device/primitives.cuh"
 
@@ -23,9 +22,9 @@ namespace {
 constexpr int kSendThreads = 512;
 constexpr int kRecvThreads = 256;
 constexpr int kHeaderBytes = static_cast<int>(LowLatencyLayout::kSlotHeaderBytes);
-constexpr int kIdsAt = 4;                             // header int32 index of the expert ids
-constexpr int kOffsetsAt = 4 + kMaxLowLatencyTopk;    // header int32 index of the row offsets
-constexpr int kCopyUnroll = 8;                        // 16-byte vectors in flight per lane
+constexpr int kIdsAt = 4;                           // header int32 index of the expert ids
+constexpr int kOffsetsAt = 4 + kMaxLowLatencyTopk;  // header int32 index of the row offsets
+constexpr int kCopyUnroll = 8;                      // 16-byte vectors in flight per lane
 static_assert(kSendThreads / 32 >= kMaxLowLatencyTopk, "one warp per top-k slot");
 static_assert(kHeaderBytes % 16 == 0, "the payload starts 16-byte aligned");
 
@@ -203,7 +202,8 @@ __device__ void send_fp8_payload(const DispatchParams& p, const uint16_t* row, c
     uint32_t packed[4] = {0, 0, 0, 0};
 #pragma unroll
     for (int c = 0; c < 16; ++c) packed[c / 4] |= uint32_t(numerics::fp8_quantize(v[c], scale)) << (8 * (c % 4));
-    store_everywhere(s, staging_slot, kHeaderBytes + 16 * int64_t(i), make_uint4(packed[0], packed[1], packed[2], packed[3]));
+    store_everywhere(s, staging_slot, kHeaderBytes + 16 * int64_t(i),
+                     make_uint4(packed[0], packed[1], packed[2], packed[3]));
     if ((i & 7) == 0) store_scale_everywhere(s, staging_slot, kHeaderBytes + p.hidden + 4 * int64_t(i / 8), scale);
   }
 }
@@ -240,10 +240,11 @@ template <class Index>
 __global__ void __launch_bounds__(kSendThreads) dispatch_send_kernel(const __grid_constant__ DispatchParams p) {
   extern __shared__ __align__(16) int32_t send_smem[];
   __shared__ TokenState token;
+  allow_dependent_launch();
   if (aborted(p.c)) return;
-  int32_t* ids = send_smem;                                                            // [K][T]
-  int32_t* counts = ids + p.num_topk * p.num_tokens;                                   // [L]
-  uint32_t* words = reinterpret_cast<uint32_t*>(counts + p.num_local_experts);         // [ceil(T_max / 32)]
+  int32_t* ids = send_smem;                                                     // [K][T]
+  int32_t* counts = ids + p.num_topk * p.num_tokens;                            // [L]
+  uint32_t* words = reinterpret_cast<uint32_t*>(counts + p.num_local_experts);  // [ceil(T_max / 32)]
   load_routing<Index>(p, ids);
   __syncthreads();
   for (int d = blockIdx.x; d < p.c.num_ranks; d += gridDim.x) send_message(p, ids, counts, words, d);
@@ -306,8 +307,7 @@ __device__ void copy_scales(const DispatchParams& p, const uint8_t* scales, uint
       const int k = __ffs(todo) - 1;
       const int lk = __shfl_sync(0xffffffffu, l, k);
       const int rk = __shfl_sync(0xffffffffu, row, k);
-      if (c < columns)
-        static_cast<uint32_t*>(p.recv_scales)[(int64_t(lk) * columns + c) * num_rows + rk] = value;
+      if (c < columns) static_cast<uint32_t*>(p.recv_scales)[(int64_t(lk) * columns + c) * num_rows + rk] = value;
     }
   }
 }
@@ -348,7 +348,7 @@ __device__ void receive_slot(const DispatchParams& p, int s, int t, const int32_
 __global__ void __launch_bounds__(kRecvThreads) dispatch_recv_kernel(const __grid_constant__ DispatchParams p) {
   extern __shared__ __align__(16) int32_t recv_smem[];
   const int R = p.c.num_ranks, L = p.num_local_experts;
-  int32_t* first_rows = recv_smem;      // [L][R]: first row of (local expert, source) in recv_x
+  int32_t* first_rows = recv_smem;       // [L][R]: first row of (local expert, source) in recv_x
   int32_t* tokens = first_rows + L * R;  // [R]: tokens of each source, 0 when masked
   if (!wait_for_sources(p.c, kDispatchFlags0 + p.parity, DevicePhase::kLowLatencyDispatchRecv, p.wait_stats,
                         p.c.counters + kDispatchGate + p.parity))
@@ -360,7 +360,8 @@ __global__ void __launch_bounds__(kRecvThreads) dispatch_recv_kernel(const __gri
   __syncthreads();
   for (int i = threadIdx.x; i < L * R; i += blockDim.x) {
     const int l = i / R, s = i % R;
-    first_rows[i] = tokens[s] < 0 ? 0 : __ldcg(reinterpret_cast<const int32_t*>(messages + s * p.message_bytes) + 4 + l);
+    first_rows[i] =
+        tokens[s] < 0 ? 0 : __ldcg(reinterpret_cast<const int32_t*>(messages + s * p.message_bytes) + 4 + l);
   }
   __syncthreads();
   for (int l = threadIdx.x; l < L; l += blockDim.x) {
@@ -386,8 +387,7 @@ __global__ void __launch_bounds__(kRecvThreads) dispatch_recv_kernel(const __gri
        item += int64_t(gridDim.x) * warps) {
     const int s = static_cast<int>(item / p.max_tokens), t = static_cast<int>(item % p.max_tokens);
     if (t >= tokens[s]) continue;
-    const uint32_t* words =
-        reinterpret_cast<const uint32_t*>(messages + s * p.message_bytes + 16 + 4 * int64_t(L));
+    const uint32_t* words = reinterpret_cast<const uint32_t*>(messages + s * p.message_bytes + 16 + 4 * int64_t(L));
     if (((__ldcg(words + (t >> 5)) >> (t & 31)) & 1u) == 0) continue;
     receive_slot(p, s, t, first_rows, meta);
   }
@@ -396,6 +396,7 @@ __global__ void __launch_bounds__(kRecvThreads) dispatch_recv_kernel(const __gri
     for (int s = threadIdx.x; s < R; s += blockDim.x) *local_flag(p.c, kDispatchFlags0 + p.parity, s) = 0;
     if (threadIdx.x == 0) p.c.counters[kDispatchGate + p.parity] = 0;
   }
+  wait_for_preceding_grid();
 }
 
 size_t send_smem_bytes(const DispatchParams& p) {
@@ -411,28 +412,24 @@ size_t recv_smem_bytes(const DispatchParams& p) {
 void launch_dispatch_send(const DispatchParams& p, int num_sms, cudaStream_t stream) {
   const int grid = std::max(1, std::min(p.num_tokens, num_sms));
   if (p.topk_is_int64) {
-    dispatch_send_kernel<int64_t><<<grid, kSendThreads, send_smem_bytes(p), stream>>>(p);
+    launch_kernel(dispatch_send_kernel<int64_t>, grid, kSendThreads, send_smem_bytes(p), stream, false, p);
   } else {
-    dispatch_send_kernel<int32_t><<<grid, kSendThreads, send_smem_bytes(p), stream>>>(p);
+    launch_kernel(dispatch_send_kernel<int32_t>, grid, kSendThreads, send_smem_bytes(p), stream, false, p);
   }
-  EPCOMM_CUDA_CHECK(cudaGetLastError());
 }
 
-void launch_dispatch_recv(const DispatchParams& p, int num_sms, cudaStream_t stream) {
+void launch_dispatch_recv(const DispatchParams& p, int num_sms, cudaStream_t stream, bool overlap_send) {
   const int64_t items = int64_t(p.c.num_ranks) * p.max_tokens;
   const int warps = kRecvThreads / 32;
   const int grid = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((items + warps - 1) / warps, num_sms)));
-  dispatch_recv_kernel<<<grid, kRecvThreads, recv_smem_bytes(p), stream>>>(p);
-  EPCOMM_CUDA_CHECK(cudaGetLastError());
+  launch_kernel(dispatch_recv_kernel, grid, kRecvThreads, recv_smem_bytes(p), stream, overlap_send, p);
 }
 
 void prepare_dispatch_kernels(int max_dynamic_smem) {
-  EPCOMM_CUDA_CHECK(cudaFuncSetAttribute(dispatch_send_kernel<int64_t>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         max_dynamic_smem));
-  EPCOMM_CUDA_CHECK(cudaFuncSetAttribute(dispatch_send_kernel<int32_t>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         max_dynamic_smem));
-  EPCOMM_CUDA_CHECK(
-      cudaFuncSetAttribute(dispatch_recv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_dynamic_smem));
+  const auto attribute = cudaFuncAttributeMaxDynamicSharedMemorySize;
+  launch_check(cudaFuncSetAttribute(dispatch_send_kernel<int64_t>, attribute, max_dynamic_smem), "cudaFuncSetAttribute");
+  launch_check(cudaFuncSetAttribute(dispatch_send_kernel<int32_t>, attribute, max_dynamic_smem), "cudaFuncSetAttribute");
+  launch_check(cudaFuncSetAttribute(dispatch_recv_kernel, attribute, max_dynamic_smem), "cudaFuncSetAttribute");
 }
 
 }  // namespace epcomm::cuda::ll

@@ -8,6 +8,8 @@
 #include "cuda/low_latency/low_latency_mode.hpp"
 
 #include <array>
+#include <cstdlib>
+#include <string>
 #include <functional>
 #include <memory>
 #include <vector>
@@ -85,6 +87,7 @@ class NvshmemLowLatencyMode final : public LowLatencyMode {
   int num_sms_ = 0;
   uint64_t timeout_ns_ = 0;
   bool shrink_ = false;
+  bool overlap_send_ = true;  // receive kernels as programmatic dependents ($EPCOMM_LL_PDL=0: off)
   DeviceErrors* errors_ = nullptr;
 
   uint8_t* symmetric_ = nullptr;
@@ -115,6 +118,8 @@ NvshmemLowLatencyMode::NvshmemLowLatencyMode(const CudaContext& ctx)
   require(bytes >= kLowLatencyControlBytes, "Buffer", "num_rdma_bytes",
           concat("low-latency mode needs at least ", kLowLatencyControlBytes,
                  " bytes (see get_low_latency_rdma_size_hint), got ", bytes));
+  const char* pdl = std::getenv("EPCOMM_LL_PDL");
+  overlap_send_ = pdl == nullptr || std::string(pdl) != "0";
   DeviceGuard guard(device_);
   ll::ensure_nvshmem(*ctx.bootstrap, device_, bytes);
   symmetric_ = static_cast<uint8_t*>(ll::allocate_symmetric(bytes));
@@ -163,17 +168,17 @@ void NvshmemLowLatencyMode::check_usable(const char* op, cudaStream_t stream) {
 
 void NvshmemLowLatencyMode::check_limits(int max_tokens, int hidden, int num_experts, const char* op) const {
   if (max_tokens > ll::kMaxTokensPerRank)
-    throw_error(ErrorCode::kUnsupported, concat(op, ": num_max_dispatch_tokens_per_rank = ", max_tokens,
-                                                " is not supported yet by the CUDA backend (at most ",
-                                                ll::kMaxTokensPerRank, ")"));
+    throw_error(ErrorCode::kUnsupported,
+                concat(op, ": num_max_dispatch_tokens_per_rank = ", max_tokens,
+                       " is not supported yet by the CUDA backend (at most ", ll::kMaxTokensPerRank, ")"));
   if (num_experts > ll::kMaxExperts)
-    throw_error(ErrorCode::kUnsupported, concat(op, ": num_experts = ", num_experts,
-                                                " is not supported yet by the CUDA backend (at most ",
-                                                ll::kMaxExperts, ")"));
+    throw_error(ErrorCode::kUnsupported,
+                concat(op, ": num_experts = ", num_experts, " is not supported yet by the CUDA backend (at most ",
+                       ll::kMaxExperts, ")"));
   const int64_t needed = layout(max_tokens, hidden, num_experts).total_bytes();
   if (needed > symmetric_bytes_)
-    throw_error(ErrorCode::kOutOfCapacity, concat(op, ": num_rdma_bytes: the buffer has ", symmetric_bytes_,
-                                                  " bytes, these sizes need ", needed));
+    throw_error(ErrorCode::kOutOfCapacity,
+                concat(op, ": num_rdma_bytes: the buffer has ", symmetric_bytes_, " bytes, these sizes need ", needed));
 }
 
 LowLatencyDispatchResult NvshmemLowLatencyMode::dispatch(const LowLatencyDispatchArgs& args,
@@ -194,13 +199,15 @@ LowLatencyDispatchResult NvshmemLowLatencyMode::dispatch(const LowLatencyDispatc
   const Device device = Device::cuda(device_);
 
   LowLatencyDispatchResult result;
-  result.recv_x = allocate(allocator, in.use_fp8 ? DType::kFloat8E4M3 : DType::kBFloat16, {L, N, hidden}, device, stream);
+  result.recv_x =
+      allocate(allocator, in.use_fp8 ? DType::kFloat8E4M3 : DType::kBFloat16, {L, N, hidden}, device, stream);
   ll::Format format = ll::Format::kBf16;
   if (in.use_fp8) {
     format = in.use_ue8m0 ? ll::Format::kFp8Ue8m0 : in.round_scale ? ll::Format::kFp8RoundScale : ll::Format::kFp8;
     const int64_t columns = in.use_ue8m0 ? hidden / 512 : hidden / 128;
     // Column-major in the last two dimensions: allocated [L, S, N], returned as its transpose.
-    Tensor scales = allocate(allocator, in.use_ue8m0 ? DType::kInt32 : DType::kFloat32, {L, columns, N}, device, stream);
+    Tensor scales =
+        allocate(allocator, in.use_ue8m0 ? DType::kInt32 : DType::kFloat32, {L, columns, N}, device, stream);
     result.recv_x_scales = scales.with_view(scales.transposed(1, 2));
   }
   result.recv_count = allocate(allocator, DType::kInt32, {L}, device, stream);
@@ -246,10 +253,10 @@ LowLatencyDispatchResult NvshmemLowLatencyMode::dispatch(const LowLatencyDispatc
     result.hook = RecvHook([alive = alive_, p, num_sms, device_index, keep](StreamHandle hook_stream) {
       if (!*alive) throw_error(ErrorCode::kInvalidArgument, "low_latency_dispatch recv hook: the Buffer was destroyed");
       DeviceGuard hook_guard(device_index);
-      ll::launch_dispatch_recv(p, num_sms, hook_stream);
+      ll::launch_dispatch_recv(p, num_sms, hook_stream, /*overlap_send=*/false);
     });
   } else {
-    ll::launch_dispatch_recv(p, num_sms_, stream);
+    ll::launch_dispatch_recv(p, num_sms_, stream, overlap_send_);
     if (options.async_finish) result.event = Event::record(stream);
   }
   dispatches_[parity] = DispatchRecord{result.handle.src_info.data, T_max, hidden, args.num_experts};
@@ -262,8 +269,9 @@ int NvshmemLowLatencyMode::find_dispatch(const LowLatencyHandle& handle) const {
   const int newest = dispatch_parity_ ^ 1;
   for (int parity : {newest, newest ^ 1}) {
     const DispatchRecord& d = dispatches_[parity];
-    if (d.src_info != nullptr && d.src_info == handle.src_info.data && d.max_tokens == handle.num_max_dispatch_tokens_per_rank &&
-        d.hidden == handle.hidden && d.num_experts == handle.num_experts)
+    if (d.src_info != nullptr && d.src_info == handle.src_info.data &&
+        d.max_tokens == handle.num_max_dispatch_tokens_per_rank && d.hidden == handle.hidden &&
+        d.num_experts == handle.num_experts)
       return parity;
   }
   throw_error(ErrorCode::kInvalidArgument,
@@ -330,10 +338,10 @@ LowLatencyCombineResult NvshmemLowLatencyMode::combine(const LowLatencyCombineAr
     result.hook = RecvHook([alive = alive_, p, num_sms, device_index, keep](StreamHandle hook_stream) {
       if (!*alive) throw_error(ErrorCode::kInvalidArgument, "low_latency_combine recv hook: the Buffer was destroyed");
       DeviceGuard hook_guard(device_index);
-      ll::launch_combine_recv(p, num_sms, hook_stream);
+      ll::launch_combine_recv(p, num_sms, hook_stream, /*overlap_send=*/false);
     });
   } else {
-    ll::launch_combine_recv(p, num_sms_, stream);
+    ll::launch_combine_recv(p, num_sms_, stream, overlap_send_);
     if (options.async_finish) result.event = Event::record(stream);
   }
   combine_parity_ ^= 1;
@@ -364,7 +372,8 @@ TensorView NvshmemLowLatencyMode::next_combine_buffer(const LowLatencyHandle& ha
   DeviceGuard guard(device_);
   const LowLatencyLayout lay = layout(handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts);
   void* region = ensure_zero_copy(lay.zero_copy_bytes());
-  return TensorView::contiguous(region, DType::kBFloat16, {lay.num_local_experts(), lay.num_rows(), int64_t(handle.hidden)},
+  return TensorView::contiguous(region, DType::kBFloat16,
+                                {lay.num_local_experts(), lay.num_rows(), int64_t(handle.hidden)},
                                 Device::cuda(device_));
 }
 
@@ -429,6 +438,12 @@ void NvshmemLowLatencyMode::destroy(bool collective) {
 }
 
 }  // namespace
+
+namespace ll {
+void launch_check(cudaError_t status, const char* what) {
+  if (status != cudaSuccess) throw_cuda_error(status, what, __FILE__, __LINE__);
+}
+}  // namespace ll
 
 std::unique_ptr<LowLatencyMode> make_low_latency_mode(const CudaContext& ctx) {
   return std::make_unique<NvshmemLowLatencyMode>(ctx);

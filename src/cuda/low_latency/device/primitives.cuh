@@ -129,6 +129,13 @@ __device__ __forceinline__ void signal_destinations(const Common& c, int set) {
   }
 }
 
+// Programmatic dependent launch (sm_90): a send kernel lets the receive kernel queued behind it
+// start at once (the receive kernel synchronises through the flags, not through kernel order), and
+// the receive kernel waits for the send kernel's completion only at its very end, so that work
+// queued after the call still runs after both kernels.
+__device__ __forceinline__ void allow_dependent_launch() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
+__device__ __forceinline__ void wait_for_preceding_grid() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+
 enum class WaitResult { kArrived, kTimedOut, kAborted };
 
 // Polls `flag` (ld.acquire.sys) until it is non-zero, the deadline passes or the rank aborts.
@@ -195,6 +202,24 @@ __device__ __forceinline__ bool wait_for_sources(const Common& c, int set, Devic
     __syncthreads();
   }
   return failed == 0;
+}
+
+// Host: launches `kernel` (a __global__ function taking one params struct) on `stream`; with
+// `overlap_previous`, as a programmatic dependent of the kernel before it on the stream.
+template <class Params>
+void launch_kernel(void (*kernel)(Params), int grid, int block, size_t smem, cudaStream_t stream,
+                   bool overlap_previous, const Params& params) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(grid);
+  config.blockDim = dim3(block);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attribute = {};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = &attribute;
+  config.numAttrs = overlap_previous ? 1 : 0;
+  launch_check(cudaLaunchKernelEx(&config, kernel, params), "cudaLaunchKernelEx");
 }
 
 }  // namespace epcomm::cuda::ll
