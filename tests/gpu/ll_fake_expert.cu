@@ -15,7 +15,20 @@ __global__ void fake_expert_kernel(const uint16_t* in, uint16_t* out, const int3
     out[base + i] = l % 2 ? uint16_t(in[base + i] ^ 0x8000u) : in[base + i];
 }
 
+__global__ void sleep_kernel(uint64_t nanoseconds) {
+  uint64_t start, now;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+  do {
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+  } while (now - start < nanoseconds);
+}
+
 }  // namespace
+
+void launch_gpu_sleep(uint64_t nanoseconds, cudaStream_t stream) {
+  sleep_kernel<<<1, 1, 0, stream>>>(nanoseconds);
+  cuda_check(cudaGetLastError(), "sleep_kernel");
+}
 
 void launch_fake_expert(const uint16_t* in, uint16_t* out, const int32_t* counts, int num_local_experts,
                         int64_t rows_per_expert, int hidden, cudaStream_t stream) {

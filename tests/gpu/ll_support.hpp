@@ -112,6 +112,9 @@ inline uint16_t fake_expert_value(uint16_t value, int expert) { return expert % 
 void launch_fake_expert(const uint16_t* in, uint16_t* out, const int32_t* counts, int num_local_experts,
                         int64_t rows_per_expert, int hidden, cudaStream_t stream);
 
+// Keeps the GPU busy for `nanoseconds` (lets the host queue the timed work behind it).
+void launch_gpu_sleep(uint64_t nanoseconds, cudaStream_t stream);
+
 // What a dispatch returned, on the host, valid rows only.
 struct DispatchOut {
   std::vector<int32_t> recv_count;             // [L]
