@@ -25,8 +25,9 @@ class Bootstrap {
 
 // The bootstrap of a process started by `epcomm-run` (reads EPCOMM_RANK, EPCOMM_WORLD_SIZE and
 // EPCOMM_BOOTSTRAP from the environment). Throws epcomm::Error(kInvalidArgument) when they are
-// missing. Collectives that do not complete within `timeout` throw epcomm::Error(kTimeout).
-std::unique_ptr<Bootstrap> bootstrap_from_env(std::chrono::milliseconds timeout = std::chrono::seconds(100));
+// missing. Collectives that do not complete within `timeout` (0: $EPCOMM_TIMEOUT_S, else 100 s)
+// throw epcomm::Error(kTimeout).
+std::unique_ptr<Bootstrap> bootstrap_from_env(std::chrono::milliseconds timeout = std::chrono::milliseconds(0));
 
 // A one-rank group (rank 0 of 1): handy for single-process use and tests.
 std::unique_ptr<Bootstrap> single_rank_bootstrap();

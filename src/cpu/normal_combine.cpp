@@ -1,0 +1,116 @@
+#include "cpu/normal_combine.hpp"
+
+#include <algorithm>
+#include <cstring>
+#include <string>
+
+#include "core/check.hpp"
+#include "core/layouts.hpp"
+#include "core/numerics.hpp"
+#include "cpu/normal_handle.hpp"
+
+namespace epcomm::cpu {
+namespace {
+
+// Where, in a publishing rank's area, the rows it received from one source rank lie this round.
+struct Slice {
+  int32_t first_row = 0;  // row of recv_x of the first published row
+  int32_t num_rows = 0;
+  int64_t offset = 0;  // bytes from the start of the area
+};
+
+// The area during a combine round:
+//   | Slice [R] (one per source rank) | rows: bf16 x [hidden], float32 topk_weights [K] |
+struct RoundLayout {
+  size_t table_bytes = 0;
+  size_t row_bytes = 0;
+  size_t x_bytes = 0;
+
+  RoundLayout(int num_ranks, int hidden, int num_topk)
+      : table_bytes(static_cast<size_t>(align_up(int64_t(num_ranks) * sizeof(Slice), 64))),
+        row_bytes(static_cast<size_t>(align_up(int64_t(hidden) * 2 + int64_t(num_topk) * 4, 16))),
+        x_bytes(size_t(hidden) * 2) {}
+};
+
+// Publishes, for every source rank, this rank's received rows whose source token is in [begin, end).
+void publish_window(std::byte* own, const RoundLayout& layout, const CombineWork& work, int rank, int begin, int end) {
+  const DispatchHandle& handle = *work.handle;
+  const int32_t* src_idx = handle.recv_src_idx.data_as<const int32_t>();
+  auto* slices = reinterpret_cast<Slice*>(own);
+  int64_t offset = static_cast<int64_t>(layout.table_bytes);
+  for (int source = 0; source < handle.num_ranks; ++source) {
+    // Rows from one source are sorted by source token, so the window is one contiguous run.
+    const int32_t* rows_begin = src_idx + first_row_from(handle, source, rank);
+    const int32_t* rows_end = src_idx + first_row_from(handle, source + 1, rank);
+    const int32_t first = static_cast<int32_t>(std::lower_bound(rows_begin, rows_end, begin) - src_idx);
+    const int32_t last = static_cast<int32_t>(std::lower_bound(rows_begin, rows_end, end) - src_idx);
+    slices[source] = Slice{first, last - first, offset};
+    for (int32_t row = first; row < last; ++row, offset += layout.row_bytes) {
+      std::memcpy(own + offset, work.x + int64_t(row) * work.hidden, layout.x_bytes);
+      if (work.num_topk > 0)
+        std::memcpy(own + offset + layout.x_bytes, work.topk_weights + int64_t(row) * work.num_topk,
+                    work.num_topk * sizeof(float));
+    }
+  }
+}
+
+void add_bf16_row(float* acc, const uint16_t* row, int hidden) {
+  for (int h = 0; h < hidden; ++h) acc[h] += numerics::bf16_to_float(row[h]);
+}
+
+// Reduces this rank's tokens in [begin, end) from the rows the receiving ranks published.
+void reduce_window(const Area& area, const RoundLayout& layout, const CombineWork& work, int rank, int begin, int end,
+                   std::vector<float>& acc, std::vector<float>& weight_acc) {
+  const DispatchHandle& handle = *work.handle;
+  const int num_ranks = handle.num_ranks;
+  const int32_t* send_row = handle.send_row.data_as<const int32_t>();
+  for (int t = begin; t < end; ++t) {
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    std::fill(weight_acc.begin(), weight_acc.end(), 0.0f);
+    for (int r = 0; r < num_ranks; ++r) {  // ascending receiving rank: the order SPEC fixes
+      const int32_t row = send_row[int64_t(t) * num_ranks + r];
+      if (row < 0) continue;
+      const std::byte* theirs = area.of(r);
+      const Slice slice = reinterpret_cast<const Slice*>(theirs)[rank];
+      const std::byte* published = theirs + slice.offset + size_t(row - slice.first_row) * layout.row_bytes;
+      add_bf16_row(acc.data(), reinterpret_cast<const uint16_t*>(published), work.hidden);
+      const auto* weights = reinterpret_cast<const float*>(published + layout.x_bytes);
+      for (int k = 0; k < work.num_topk; ++k) weight_acc[k] += weights[k];
+    }
+    for (const uint16_t* bias : work.bias)
+      if (bias) add_bf16_row(acc.data(), bias + int64_t(t) * work.hidden, work.hidden);
+    uint16_t* out = work.combined_x + int64_t(t) * work.hidden;
+    for (int h = 0; h < work.hidden; ++h) out[h] = numerics::float_to_bf16(acc[h]);
+    if (work.combined_weights)
+      std::copy(weight_acc.begin(), weight_acc.end(), work.combined_weights + int64_t(t) * work.num_topk);
+  }
+}
+
+}  // namespace
+
+size_t combine_min_bytes(int num_ranks, int hidden, int num_topk) {
+  const RoundLayout layout(num_ranks, hidden, num_topk);
+  return layout.table_bytes + size_t(num_ranks) * layout.row_bytes;
+}
+
+void combine_rows(const Area& area, GroupSync& sync, int rank, const CombineWork& work, const char* op) {
+  const DispatchHandle& handle = *work.handle;
+  const RoundLayout layout(handle.num_ranks, work.hidden, work.num_topk);
+  // A window of W source tokens publishes at most W rows per source rank.
+  const size_t window_bytes = size_t(handle.num_ranks) * layout.row_bytes;
+  const int window = static_cast<int>(std::min<size_t>((area.bytes - layout.table_bytes) / window_bytes, INT32_MAX));
+  const std::vector<int32_t>& num_tokens = handle_state(handle).num_tokens;
+  const int max_tokens = *std::max_element(num_tokens.begin(), num_tokens.end());
+  const std::string step = concat(op, " (token rounds)");
+  std::vector<float> acc(work.hidden), weight_acc(work.num_topk);
+
+  for (int begin = 0; begin < max_tokens; begin += window) {
+    const int end = begin + std::min(window, max_tokens - begin);
+    publish_window(area.of(rank), layout, work, rank, begin, end);
+    sync.barrier(kNormalChannel, step.c_str());
+    reduce_window(area, layout, work, rank, begin, std::min(end, handle.num_tokens), acc, weight_acc);
+    sync.barrier(kNormalChannel, step.c_str());
+  }
+}
+
+}  // namespace epcomm::cpu

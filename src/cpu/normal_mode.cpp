@@ -1,0 +1,281 @@
+#include "cpu/normal_mode.hpp"
+
+#include <cstring>
+
+#include "core/check.hpp"
+#include "cpu/normal_combine.hpp"
+#include "cpu/normal_dispatch.hpp"
+#include "cpu/normal_exchange.hpp"
+#include "cpu/normal_handle.hpp"
+#include "cpu/normal_routing.hpp"
+
+namespace epcomm::cpu {
+namespace {
+
+Tensor allocate(Allocator& allocator, DType dtype, std::initializer_list<int64_t> shape, StreamHandle stream) {
+  return allocator.allocate(dtype, std::span<const int64_t>(shape.begin(), shape.size()), Device::cpu(), stream);
+}
+
+// A new tensor holding a copy of `values` (bytes in row-major order).
+template <class T>
+Tensor tensor_of(Allocator& allocator, DType dtype, std::initializer_list<int64_t> shape, const std::vector<T>& values,
+                 StreamHandle stream) {
+  Tensor t = allocate(allocator, dtype, shape, stream);
+  if (!values.empty()) std::memcpy(t.data, values.data(), values.size() * sizeof(T));
+  return t;
+}
+
+Tensor int32_tensor(Allocator& allocator, const std::vector<int32_t>& values, StreamHandle stream) {
+  return tensor_of(allocator, DType::kInt32, {int64_t(values.size())}, values, stream);
+}
+
+Tensor flags_tensor(Allocator& allocator, const Routing& routing, StreamHandle stream) {
+  return tensor_of(allocator, DType::kBool, {routing.num_tokens, routing.num_ranks}, routing.in_rank, stream);
+}
+
+// recv_x_scales keeps the majorness of x_scales: row-major in -> [rows, S] contiguous; otherwise
+// allocated [S, rows] contiguous and returned transposed.
+Tensor allocate_scales(Allocator& allocator, const TensorView& x_scales, int rows, int num_scales,
+                       StreamHandle stream) {
+  if (x_scales.stride(1) == 1) return allocate(allocator, DType::kFloat32, {rows, num_scales}, stream);
+  const Tensor column_major = allocate(allocator, DType::kFloat32, {num_scales, rows}, stream);
+  return column_major.with_view(column_major.transposed(0, 1));
+}
+
+// The header every dispatch publishes; `kind`-specific fields are filled by the caller.
+CallHeader dispatch_header(const DispatchArgs& args, CallKind kind) {
+  CallHeader header;
+  header.kind = kind;
+  header.num_tokens = args.num_tokens;
+  header.hidden = args.hidden;
+  header.x_dtype = static_cast<int32_t>(args.inputs->x.dtype);
+  header.num_scales = args.num_scales;
+  return header;
+}
+
+TokenRecord token_record(const DispatchArgs& args, int num_ranks, bool with_topk) {
+  TokenRecord record;
+  record.x_bytes = size_t(args.hidden) * dtype_size(args.inputs->x.dtype);
+  record.num_scales = args.num_scales;
+  record.num_topk = with_topk ? args.num_topk : 0;
+  record.has_weights = with_topk && args.inputs->topk_weights.has_value();
+  record.num_ranks = num_ranks;
+  return record;
+}
+
+std::vector<int32_t> tokens_of_every_rank(const std::vector<PeerCall>& calls) {
+  std::vector<int32_t> num_tokens;
+  for (const PeerCall& call : calls) num_tokens.push_back(call.header.num_tokens);
+  return num_tokens;
+}
+
+// [i][j] = tokens rank j receives from ranks 0..i (SPEC §3.2); counts[j] of rank i's call.
+std::vector<int32_t> rank_prefix_matrix(const std::vector<PeerCall>& calls) {
+  const int R = static_cast<int>(calls.size());
+  std::vector<int32_t> prefix(size_t(R) * R);
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < R; ++j) prefix[i * R + j] = (i == 0 ? 0 : prefix[(i - 1) * R + j]) + calls[i].counts[j];
+  return prefix;
+}
+
+// Every rank checks every receiver, so all raise together when one receives too many tokens.
+void check_worst_tokens(const std::vector<PeerCall>& calls, const std::vector<int32_t>& prefix, int rank) {
+  const int R = static_cast<int>(calls.size());
+  for (int offset = 0; offset < R; ++offset) {
+    const int r = (rank + offset) % R;  // our own rank first: its message is the most useful
+    const int worst = calls[r].header.num_worst_tokens;
+    const int received = prefix[(R - 1) * R + r];
+    if (worst > 0 && received > worst)
+      throw_error(ErrorCode::kOutOfCapacity,
+                  concat("dispatch: num_worst_tokens: ", r == rank ? "this rank" : "rank", " (", r, ") receives ",
+                         received, " tokens, more than its num_worst_tokens = ", worst));
+  }
+}
+
+// send_row[t][r] = row of token t in rank r's recv_x, or -1.
+std::vector<int32_t> send_rows(const Routing& routing, const std::vector<int32_t>& prefix, int rank) {
+  const int R = routing.num_ranks;
+  std::vector<int32_t> next(R);
+  for (int r = 0; r < R; ++r) next[r] = rank == 0 ? 0 : prefix[(rank - 1) * R + r];
+  std::vector<int32_t> rows(size_t(routing.num_tokens) * R);
+  for (int t = 0; t < routing.num_tokens; ++t)
+    for (int r = 0; r < R; ++r) rows[size_t(t) * R + r] = routing.goes_to(t, r) ? next[r]++ : -1;
+  return rows;
+}
+
+// Entry l: (token, slot) pairs received for local expert l, rounded up to `alignment`.
+std::vector<int> recv_tokens_per_expert(const std::vector<PeerCall>& calls, int rank, int num_local_experts,
+                                        int alignment) {
+  const int R = static_cast<int>(calls.size());
+  std::vector<int> per_expert(num_local_experts, 0);
+  for (const PeerCall& call : calls)
+    for (int l = 0; l < num_local_experts; ++l) per_expert[l] += call.counts[R + rank * num_local_experts + l];
+  for (int& count : per_expert) count = static_cast<int>(align_up(count, alignment));
+  return per_expert;
+}
+
+// The handle of a fresh dispatch whose outputs have `rows` rows.
+std::shared_ptr<DispatchHandle> make_handle(const DispatchArgs& args, const Routing& routing,
+                                            const std::vector<PeerCall>& calls, const std::vector<int32_t>& prefix,
+                                            int rank, int rows, uint64_t dispatch_step, const void* owner,
+                                            StreamHandle stream) {
+  Allocator& allocator = *args.allocator;
+  const int R = routing.num_ranks;
+  auto handle = std::make_shared<DispatchHandle>();
+  handle->num_ranks = R;
+  handle->num_tokens = args.num_tokens;
+  handle->num_recv_tokens = rows;
+  handle->num_topk = args.num_topk;
+  handle->rank_prefix_matrix = tensor_of(allocator, DType::kInt32, {R, R}, prefix, stream);
+  handle->is_token_in_rank = flags_tensor(allocator, routing, stream);
+  handle->send_row =
+      tensor_of(allocator, DType::kInt32, {args.num_tokens, R}, send_rows(routing, prefix, rank), stream);
+  handle->recv_src_idx = allocate(allocator, DType::kInt32, {rows}, stream);  // written by move_tokens
+  handle->backend_state =
+      std::make_shared<NormalHandleState>(NormalHandleState{dispatch_step, tokens_of_every_rank(calls)});
+  handle->owner = owner;
+  return handle;
+}
+
+// Outputs of a dispatch with the handle's rows and routing; `record` says which travel.
+DispatchReceive allocate_receive(const DispatchArgs& args, const TokenRecord& record, const DispatchHandle& handle,
+                                 int rank, DispatchResult& result, StreamHandle stream) {
+  Allocator& allocator = *args.allocator;
+  const int rows = handle.num_recv_tokens;
+  DispatchReceive receive;
+  receive.num_rows = rows;
+  for (int s = 0; s < handle.num_ranks; ++s) receive.first_row.push_back(first_row_from(handle, s, rank));
+  result.recv_x = allocate(allocator, args.inputs->x.dtype, {rows, args.hidden}, stream);
+  receive.x = static_cast<std::byte*>(result.recv_x.data);
+  if (args.fp8) {
+    result.recv_x_scales = allocate_scales(allocator, *args.inputs->x_scales, rows, args.num_scales, stream);
+    receive.scales = *result.recv_x_scales;
+  }
+  if (record.num_topk > 0) {
+    result.recv_topk_idx = allocate(allocator, DType::kInt64, {rows, record.num_topk}, stream);
+    receive.topk_idx = result.recv_topk_idx->data_as<int64_t>();
+    const int L = args.num_experts / handle.num_ranks;
+    receive.first_local_expert = rank * L;
+    receive.num_local_experts = L;
+  }
+  if (record.has_weights) {
+    result.recv_topk_weights = allocate(allocator, DType::kFloat32, {rows, record.num_topk}, stream);
+    receive.topk_weights = result.recv_topk_weights->data_as<float>();
+  }
+  return receive;
+}
+
+}  // namespace
+
+LayoutResult NormalMode::layout(const LayoutArgs& args, Allocator& allocator, StreamHandle stream) const {
+  const GroupGeometry& g = ctx_.geometry;
+  const Routing routing = route_by_topk(args.topk_idx, g.num_ranks, args.num_experts, "get_dispatch_layout");
+  LayoutResult result;
+  result.num_tokens_per_rank = int32_tensor(allocator, routing.per_rank, stream);
+  if (g.num_nodes() > 1) result.num_tokens_per_rdma_rank = int32_tensor(allocator, tokens_per_node(routing, g), stream);
+  result.num_tokens_per_expert = int32_tensor(allocator, routing.per_expert, stream);
+  result.is_token_in_rank = flags_tensor(allocator, routing, stream);
+  return result;
+}
+
+DispatchResult NormalMode::dispatch(const DispatchArgs& args, StreamHandle stream) {
+  return args.cached ? cached_dispatch(args, stream) : fresh_dispatch(args, stream);
+}
+
+DispatchResult NormalMode::fresh_dispatch(const DispatchArgs& args, StreamHandle stream) {
+  const char* op = "dispatch";
+  const int R = ctx_.geometry.num_ranks, rank = ctx_.geometry.rank;
+  const DispatchInputs& in = *args.inputs;
+  // Local checks first: a bad input raises here, on its own rank, before any peer is involved.
+  const Routing routing = route_for_dispatch(args, ctx_.geometry);
+  const TokenRecord record = token_record(args, R, /*with_topk=*/true);
+  check_area_fits(area_, record.bytes(), op, "one token record");
+
+  CallHeader header = dispatch_header(args, CallKind::kDispatch);
+  header.num_topk = args.num_topk;
+  header.has_weights = in.topk_weights.has_value();
+  header.num_experts = args.num_experts;
+  header.num_expert_counts = static_cast<int32_t>(routing.per_expert.size());
+  header.num_worst_tokens = in.num_worst_tokens;
+  std::vector<int32_t> counts = routing.per_rank;
+  counts.insert(counts.end(), routing.per_expert.begin(), routing.per_expert.end());
+  const std::vector<PeerCall> calls = exchange_calls(area_, *ctx_.sync, rank, header, counts, op);
+  const uint64_t dispatch_step = ctx_.sync->sequence(kNormalChannel);
+  check_same_call(calls, rank, op);
+  const std::vector<int32_t> prefix = rank_prefix_matrix(calls);
+  check_worst_tokens(calls, prefix, rank);
+
+  const int num_recv = prefix[(R - 1) * R + rank];
+  const int rows = in.num_worst_tokens > 0 ? in.num_worst_tokens : num_recv;
+  std::shared_ptr<DispatchHandle> handle =
+      make_handle(args, routing, calls, prefix, rank, rows, dispatch_step, ctx_.owner, stream);
+  DispatchResult result;
+  DispatchReceive receive = allocate_receive(args, record, *handle, rank, result, stream);
+  receive.src_idx = handle->recv_src_idx.data_as<int32_t>();
+  const DispatchSend send{&in, routing.in_rank.data(), args.num_tokens};
+  move_tokens(area_, *ctx_.sync, rank, record, send, receive, handle_state(*handle).num_tokens, op);
+
+  if (in.num_worst_tokens == 0 && !routing.per_expert.empty())
+    result.num_recv_tokens_per_expert = recv_tokens_per_expert(calls, rank, args.num_experts / R, in.expert_alignment);
+  result.handle = std::move(handle);
+  return result;
+}
+
+DispatchResult NormalMode::cached_dispatch(const DispatchArgs& args, StreamHandle stream) {
+  const char* op = "dispatch";
+  const int R = ctx_.geometry.num_ranks, rank = ctx_.geometry.rank;
+  const DispatchHandle& handle = *args.inputs->handle;
+  const TokenRecord record = token_record(args, R, /*with_topk=*/false);
+  check_area_fits(area_, record.bytes(), op, "one token record");
+
+  CallHeader header = dispatch_header(args, CallKind::kCachedDispatch);
+  header.handle_step = handle_state(handle).dispatch_step;
+  const std::vector<PeerCall> calls = exchange_calls(area_, *ctx_.sync, rank, header, {}, op);
+  check_same_call(calls, rank, op);
+
+  DispatchResult result;
+  DispatchReceive receive = allocate_receive(args, record, handle, rank, result, stream);
+  std::vector<int32_t> src_idx(handle.num_recv_tokens);
+  receive.src_idx = src_idx.data();
+  const DispatchSend send{args.inputs, handle.is_token_in_rank.data_as<const uint8_t>(), args.num_tokens};
+  move_tokens(area_, *ctx_.sync, rank, record, send, receive, handle_state(handle).num_tokens, op);
+  return result;
+}
+
+CombineResult NormalMode::combine(const CombineArgs& args, StreamHandle stream) {
+  const char* op = "combine";
+  const int R = ctx_.geometry.num_ranks, rank = ctx_.geometry.rank;
+  const CombineInputs& in = *args.inputs;
+  const DispatchHandle& handle = *in.handle;
+  check_area_fits(area_, combine_min_bytes(R, args.hidden, args.num_topk), op, "one combined token");
+
+  CallHeader header;
+  header.kind = CallKind::kCombine;
+  header.num_tokens = args.num_tokens;
+  header.hidden = args.hidden;
+  header.x_dtype = static_cast<int32_t>(in.x.dtype);
+  header.num_topk = args.num_topk;
+  header.handle_step = handle_state(handle).dispatch_step;
+  const std::vector<PeerCall> calls = exchange_calls(area_, *ctx_.sync, rank, header, {}, op);
+  check_same_call(calls, rank, op);
+
+  CombineResult result;
+  result.combined_x = allocate(*args.allocator, DType::kBFloat16, {args.num_tokens, args.hidden}, stream);
+  CombineWork work;
+  work.handle = &handle;
+  work.x = in.x.data_as<const uint16_t>();
+  work.hidden = args.hidden;
+  work.num_topk = args.num_topk;
+  work.combined_x = result.combined_x.data_as<uint16_t>();
+  if (in.topk_weights) {
+    result.combined_topk_weights = allocate(*args.allocator, DType::kFloat32, {args.num_tokens, args.num_topk}, stream);
+    work.topk_weights = in.topk_weights->data_as<const float>();
+    work.combined_weights = result.combined_topk_weights->data_as<float>();
+  }
+  if (in.bias_0) work.bias[0] = in.bias_0->data_as<const uint16_t>();
+  if (in.bias_1) work.bias[1] = in.bias_1->data_as<const uint16_t>();
+  combine_rows(area_, *ctx_.sync, rank, work, op);
+  return result;
+}
+
+}  // namespace epcomm::cpu

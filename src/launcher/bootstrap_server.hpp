@@ -1,0 +1,123 @@
+// The bootstrap server: the other end of bootstrap_from_env (protocol in bootstrap/wire.hpp).
+//
+// It never blocks and owns no thread: the caller's poll loop (launcher.cpp) asks it for the
+// descriptors to watch and hands back what poll() reported. That keeps it safe to run inside a
+// process that forks (the gtest harness) and lets one loop also watch the ranks' output and exits.
+//
+// It gathers each collective's contributions, answers every rank with the concatenation, and fails
+// a collective for everyone as soon as a rank it still waits for is known to be gone (its
+// connection closed or the launcher saw it exit): no rank waits for a dead peer until its timeout.
+#pragma once
+
+#include <poll.h>
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "bootstrap/wire.hpp"
+#include "epcomm/error.hpp"
+
+namespace epcomm::launch {
+
+class BootstrapServer {
+ public:
+  // Listens on a new unix socket at `socket_path` (which must not exist yet) for `world_size` ranks.
+  // Throws std::runtime_error when the socket cannot be created.
+  BootstrapServer(int world_size, std::string socket_path);
+  ~BootstrapServer();
+  BootstrapServer(const BootstrapServer&) = delete;
+  BootstrapServer& operator=(const BootstrapServer&) = delete;
+
+  // The value for EPCOMM_BOOTSTRAP: "unix:<socket path>".
+  std::string address() const { return "unix:" + path_; }
+
+  // One turn of the caller's poll loop: append our descriptors, poll, then pass the whole array
+  // back (entries that are not ours are skipped).
+  void add_poll_fds(std::vector<pollfd>& fds) const;
+  void handle(std::span<const pollfd> fds);
+
+  // The launcher saw `rank` end; `how` reads like "exited with code 1". Fails any collective that
+  // still waits for it.
+  void rank_ended(int rank, const std::string& how);
+
+  // For timeout reports: "barrier #3: waiting for ranks 1, 3 (rank 3 never connected)", or "" when
+  // no collective is in progress.
+  std::string waiting_summary() const;
+
+  // For a forked child: close our descriptors without touching the socket file.
+  void close_fds_in_child() const;
+
+ private:
+  struct OutMessage {
+    unsigned char header[wire::kHeaderBytes];
+    std::shared_ptr<const std::vector<char>> payload;  // shared by every rank receiving a result
+    size_t sent = 0;                                   // bytes of header + payload already written
+  };
+  struct Client {
+    int fd = -1;
+    int rank = -1;  // -1 until its hello was accepted
+    unsigned char header[wire::kHeaderBytes];
+    size_t header_got = 0;
+    wire::Header incoming;
+    // Where the payload of the message being read goes: into `payload_buffer` at `payload_offset`
+    // (a contribution), or dropped when the buffer is null. The buffer is shared with the collective
+    // so that it outlives a collective that fails while the payload is still arriving.
+    std::shared_ptr<std::vector<char>> payload_buffer;
+    size_t payload_offset = 0;
+    uint64_t payload_got = 0;
+    bool contributing = false;       // the message being read is an accepted contribution
+    std::vector<OutMessage> out;     // in order; front first
+    bool close_after_flush = false;  // refused or misbehaving: input is dropped, closed once answered
+    std::string close_reason;
+    bool closed = false;
+  };
+  struct Collective {
+    uint64_t sequence = 0;
+    wire::CollectiveOp op = wire::CollectiveOp::kAllGather;
+    uint64_t bytes = 0;                         // the first contribution's size; the one expected
+    std::shared_ptr<std::vector<char>> result;  // world * bytes
+    std::vector<uint64_t> sizes;                // per rank, once arrived
+    std::vector<bool> arrived;
+    bool done = false;
+    ErrorCode failure_code = ErrorCode::kInternal;
+    std::string failure;  // empty when it succeeded (or is not done)
+  };
+
+  void accept_clients();
+  void read_from(Client& c);
+  void on_header(Client& c);
+  void on_message(Client& c);
+  void on_hello(Client& c);
+  void on_collective_header(Client& c);
+  void on_query(Client& c);
+  Collective* collective_for(Client& c, uint64_t sequence);
+  void contribution_done(Client& c);
+  void evaluate();
+  void fail(Collective& col, ErrorCode code, const std::string& text);
+  void flush(Client& c);
+  void disconnect(Client& c, const std::string& why);
+  void send(Client& c, wire::Header h, std::shared_ptr<const std::vector<char>> payload);
+  void send_text(Client& c, wire::MessageKind kind, uint64_t sequence, int32_t aux, const std::string& text);
+  void protocol_error(Client& c, const std::string& text);
+  std::vector<int> missing_ranks(const Collective& col) const;
+  std::string describe_missing(const Collective& col) const;
+  std::string name(const Collective& col) const;
+  std::string departure_text(const std::vector<int>& ranks) const;
+
+  int world_size_;
+  std::string path_;
+  int listen_fd_ = -1;
+  std::map<int, Client> clients_;  // by descriptor
+  std::vector<int> fd_of_rank_;    // -1 while the rank has no connection
+  std::vector<bool> ever_connected_;
+  std::map<int, std::string> departed_;  // rank -> how it ended
+  std::optional<Collective> current_;    // the collective in progress, or the last one
+  std::vector<char> discard_;            // where dropped payloads are read to
+};
+
+}  // namespace epcomm::launch

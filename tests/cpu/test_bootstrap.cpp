@@ -1,0 +1,403 @@
+// The bootstrap (bootstrap_from_env over the launcher's server, and single_rank_bootstrap):
+// all_gather and barrier results, and that every failure surfaces as the right epcomm::Error
+// quickly instead of a hang.
+#include <gtest/gtest.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <csignal>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "epcomm/bootstrap.hpp"
+#include "epcomm/error.hpp"
+#include "launcher/launcher.hpp"
+#include "support/multirank.hpp"
+
+namespace epcomm {
+namespace {
+
+using std::chrono::milliseconds;
+using Clock = std::chrono::steady_clock;
+using testing::run_ranks;
+using testing::run_ranks_unchecked;
+using testing::RunRanksOptions;
+
+uint64_t fresh_seed() { return std::random_device{}() * 0x100000001ull + std::random_device{}(); }
+
+// Byte `i` of rank `rank`'s contribution in round `round`: a hash of all four, so that a byte in the
+// wrong place (other rank, other offset, stale round) is detected.
+uint8_t pattern(uint64_t seed, int round, int rank, size_t i) {
+  uint64_t x = seed ^ (uint64_t(round) << 48) ^ (uint64_t(rank) << 40) ^ i;
+  x ^= x >> 33;
+  x *= 0xff51afd7ed558ccdull;
+  x ^= x >> 33;
+  return static_cast<uint8_t>(x);
+}
+
+constexpr uint8_t kPoison = 0xA5;
+
+// Gathers `bytes` from every rank and checks every byte; returns false (after one gtest failure
+// naming the first wrong byte) when the result is wrong.
+void check_all_gather(Bootstrap& group, uint64_t seed, int round, size_t bytes) {
+  std::vector<uint8_t> send(bytes), recv(bytes * group.size() + 16, kPoison);
+  for (size_t i = 0; i < bytes; ++i) send[i] = pattern(seed, round, group.rank(), i);
+  group.all_gather(send.data(), recv.data(), bytes);
+  for (int r = 0; r < group.size(); ++r) {
+    for (size_t i = 0; i < bytes; ++i) {
+      const uint8_t got = recv[r * bytes + i], want = pattern(seed, round, r, i);
+      if (got != want) {
+        ADD_FAILURE() << "round " << round << " (" << bytes << " bytes): rank " << group.rank() << " got byte " << i
+                      << " of rank " << r << "'s contribution = " << int(got) << ", expected " << int(want);
+        return;
+      }
+    }
+  }
+  for (size_t i = bytes * group.size(); i < recv.size(); ++i)
+    ASSERT_EQ(recv[i], kPoison) << "all_gather wrote past size() * bytes at offset " << i;
+}
+
+int64_t ms_since(Clock::time_point start) {
+  return std::chrono::duration_cast<milliseconds>(Clock::now() - start).count();
+}
+
+// ---- single rank ---------------------------------------------------------------------------------
+
+TEST(SingleRankBootstrap, IsRankZeroOfOneAndCopiesItsContribution) {
+  auto group = single_rank_bootstrap();
+  EXPECT_EQ(group->rank(), 0);
+  EXPECT_EQ(group->size(), 1);
+  const uint64_t seed = fresh_seed();
+  check_all_gather(*group, seed, 0, 1000);
+  check_all_gather(*group, seed, 1, 0);
+  std::vector<uint8_t> in_place(64);
+  for (size_t i = 0; i < in_place.size(); ++i) in_place[i] = pattern(seed, 2, 0, i);
+  const std::vector<uint8_t> expected = in_place;
+  group->all_gather(in_place.data(), in_place.data(), in_place.size());
+  EXPECT_EQ(in_place, expected);
+  group->barrier();
+}
+
+// ---- all_gather and barrier over the launcher ----------------------------------------------------
+
+class AllGather : public ::testing::TestWithParam<int> {};
+
+TEST_P(AllGather, EveryRankReceivesEveryContributionInRankOrder) {
+  const int num_ranks = GetParam();
+  const uint64_t seed = fresh_seed();
+  run_ranks(num_ranks, [&](Bootstrap& group) {
+    ASSERT_EQ(group.size(), num_ranks);
+    const size_t sizes[] = {8, 0, 1, 13, 4096, 65537, 3 << 20, 4};
+    int round = 0;
+    for (size_t bytes : sizes) check_all_gather(group, seed, round++, bytes);
+  });
+}
+
+INSTANTIATE_TEST_SUITE_P(Ranks, AllGather, ::testing::Values(1, 2, 3, 4, 5, 8),
+                         [](const auto& info) { return std::to_string(info.param) + "ranks"; });
+
+TEST(AllGather, TensOfMegabytesPerRank) {
+  const uint64_t seed = fresh_seed();
+  run_ranks(4, [&](Bootstrap& group) { check_all_gather(group, seed, 0, (24 << 20) + 3); });
+}
+
+TEST(AllGather, ManySmallRoundsWithRandomSizes) {
+  const uint64_t seed = fresh_seed();
+  run_ranks(8, [&](Bootstrap& group) {
+    std::mt19937_64 sizes(seed);  // the same sequence of sizes on every rank
+    for (int round = 0; round < 200; ++round) check_all_gather(group, seed, round, sizes() % 300);
+  });
+}
+
+TEST(Barrier, NoRankLeavesBeforeTheLastOneArrives) {
+  run_ranks(4, [](Bootstrap& group) {
+    const auto start = Clock::now();
+    if (group.rank() == 2) std::this_thread::sleep_for(milliseconds(400));
+    group.barrier();
+    EXPECT_GE(ms_since(start), 350) << "rank " << group.rank() << " left the barrier before rank 2 arrived";
+    for (int i = 0; i < 100; ++i) group.barrier();
+  });
+}
+
+// ---- failures --------------------------------------------------------------------------------------
+
+// Lets a rank that stays out of the bootstrap wait until the others are done with it, instead of
+// sleeping for a guessed time (the ranks are processes; files are the simplest state they share).
+// Made in the parent; its destructor runs there only (the ranks leave with _exit).
+class FileLatch {
+ public:
+  FileLatch() {
+    std::string pattern = "/tmp/epcomm-latch-XXXXXX";
+    if (::mkdtemp(pattern.data()) == nullptr) throw std::runtime_error("mkdtemp failed");
+    dir_ = pattern;
+  }
+  ~FileLatch() {
+    for (int r = 0; r < 64; ++r) ::unlink(file(r).c_str());
+    ::rmdir(dir_.c_str());
+  }
+  void arrive(int rank) const { std::fclose(std::fopen(file(rank).c_str(), "w")); }
+  // True once `count` ranks arrived; false after `timeout`.
+  bool wait(int count, milliseconds timeout) const {
+    const auto end = Clock::now() + timeout;
+    while (Clock::now() < end) {
+      int arrived = 0;
+      for (int r = 0; r < 64; ++r) arrived += ::access(file(r).c_str(), F_OK) == 0 ? 1 : 0;
+      if (arrived >= count) return true;
+      std::this_thread::sleep_for(milliseconds(10));
+    }
+    return false;
+  }
+
+ private:
+  std::string file(int rank) const { return dir_ + "/" + std::to_string(rank); }
+  std::string dir_;
+};
+
+TEST(BootstrapFailure, ARankThatNeverJoinsIsNamedInTheTimeout) {
+  RunRanksOptions options;
+  options.bootstrap_timeout = milliseconds(500);
+  const FileLatch others_done;
+  run_ranks(
+      3,
+      [&](Bootstrap& group) {
+        if (group.rank() == 1) {  // connected, but never enters the barrier; alive until the others gave up
+          EXPECT_TRUE(others_done.wait(2, std::chrono::seconds(60)));
+          return;
+        }
+        const auto start = Clock::now();
+        try {
+          group.barrier();
+          ADD_FAILURE() << "the barrier completed without rank 1";
+        } catch (const Error& e) {
+          EXPECT_EQ(e.code(), ErrorCode::kTimeout) << e.what();
+          EXPECT_NE(std::string(e.what()).find("barrier #0"), std::string::npos) << e.what();
+          EXPECT_NE(std::string(e.what()).find("waiting for rank 1"), std::string::npos) << e.what();
+        }
+        const int64_t waited = ms_since(start);
+        EXPECT_GE(waited, 450);
+        EXPECT_LT(waited, 4000) << "the timeout is not bounded";
+        // After a timeout the bootstrap refuses further collectives at once.
+        EXPECT_THROW(group.barrier(), Error);
+        others_done.arrive(group.rank());
+      },
+      options);
+}
+
+TEST(BootstrapFailure, ARankThatNeverConnectsIsNamedInTheTimeout) {
+  launch::LaunchOptions options;
+  options.num_ranks = 3;
+  options.timeout = std::chrono::seconds(30);
+  options.tail_lines = 20;
+  const FileLatch others_done;
+  const auto run = launch::launch_functions(options, [&](int rank) {
+    if (rank == 2) {  // never calls bootstrap_from_env; alive until the others gave up
+      return others_done.wait(2, std::chrono::seconds(60)) ? 0 : 22;
+    }
+    auto group = bootstrap_from_env(milliseconds(400));
+    int status = 21;
+    try {
+      group->all_gather(&rank, nullptr, 0);
+    } catch (const Error& e) {
+      std::printf("caught: %s\n", e.what());
+      const bool named =
+          std::string(e.what()).find("waiting for rank 2 (rank 2 has not connected yet)") != std::string::npos;
+      status = e.code() == ErrorCode::kTimeout && named ? 0 : 20;
+    }
+    others_done.arrive(rank);
+    return status;
+  });
+  for (const auto& r : run.ranks) EXPECT_TRUE(r.ok()) << r.how() << "\n" << testing::format_output(r);
+}
+
+// Rank 3 dies (SIGKILL) either before the others reach the barrier or while they wait in it; they
+// must get kPeerFailure naming rank 3 well before their (long) timeout.
+void expect_peer_failure_after_crash(bool others_wait_first) {
+  RunRanksOptions options;
+  options.bootstrap_timeout = std::chrono::seconds(30);
+  const auto run = run_ranks_unchecked(
+      4,
+      [&](Bootstrap& group) {
+        group.barrier();
+        if (group.rank() == 3) {
+          if (others_wait_first) std::this_thread::sleep_for(milliseconds(300));
+          std::raise(SIGKILL);
+        }
+        if (!others_wait_first) std::this_thread::sleep_for(milliseconds(300));
+        const auto start = Clock::now();
+        try {
+          group.barrier();
+          ADD_FAILURE() << "the barrier completed without rank 3";
+        } catch (const Error& e) {
+          EXPECT_EQ(e.code(), ErrorCode::kPeerFailure) << e.what();
+          EXPECT_NE(std::string(e.what()).find("rank 3 exited"), std::string::npos) << e.what();
+          std::printf("rank %d: %s\n", group.rank(), e.what());
+        }
+        EXPECT_LT(ms_since(start), 5000) << "the peer failure was noticed late";
+        // The group stays broken.
+        try {
+          std::this_thread::sleep_for(milliseconds(100));
+          group.barrier();
+          ADD_FAILURE() << "a barrier completed after rank 3 died";
+        } catch (const Error& e) {
+          EXPECT_EQ(e.code(), ErrorCode::kPeerFailure) << e.what();
+        }
+      },
+      options);
+  ASSERT_EQ(run.ranks.size(), 4u);
+  EXPECT_TRUE(run.ranks[3].signaled && run.ranks[3].signal == SIGKILL) << run.ranks[3].how();
+  EXPECT_EQ(run.first_failure, 3);
+  EXPECT_FALSE(run.timed_out);
+  for (int r = 0; r < 3; ++r)
+    EXPECT_TRUE(run.ranks[r].ok()) << "rank " << r << " " << run.ranks[r].how() << "\n"
+                                   << testing::format_output(run.ranks[r]);
+}
+
+TEST(BootstrapFailure, ACrashWhileOthersWaitGivesPeerFailure) { expect_peer_failure_after_crash(true); }
+TEST(BootstrapFailure, ACrashBeforeOthersArriveGivesPeerFailure) { expect_peer_failure_after_crash(false); }
+
+TEST(BootstrapFailure, ARankThatLeftNormallyCannotBeWaitedFor) {
+  // Rank 1 makes one collective fewer than the others and exits with 0.
+  run_ranks(3, [](Bootstrap& group) {
+    group.barrier();
+    if (group.rank() == 1) return;
+    try {
+      group.barrier();
+      ADD_FAILURE() << "the barrier completed without rank 1";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), ErrorCode::kPeerFailure) << e.what();
+      EXPECT_NE(std::string(e.what()).find("rank 1 exited"), std::string::npos) << e.what();
+    }
+  });
+}
+
+TEST(BootstrapFailure, AStrangerWritingGarbageToTheSocketDoesNotDisturbTheGroup) {
+  const uint64_t seed = fresh_seed();
+  run_ranks(2, [&](Bootstrap& group) {
+    if (group.rank() == 0) {
+      const std::string path = std::string(std::getenv("EPCOMM_BOOTSTRAP")).substr(5);
+      const int fd = ::socket(AF_UNIX, SOCK_STREAM, 0);
+      sockaddr_un addr{};
+      addr.sun_family = AF_UNIX;
+      std::strncpy(addr.sun_path, path.c_str(), sizeof(addr.sun_path) - 1);
+      ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+      std::vector<char> garbage(100);
+      for (size_t i = 0; i < garbage.size(); ++i) garbage[i] = static_cast<char>(pattern(seed, 0, 9, i));
+      ASSERT_EQ(::write(fd, garbage.data(), garbage.size()), ssize_t(garbage.size()));
+      char reply[256];
+      EXPECT_GT(::read(fd, reply, sizeof(reply)), 0) << "the server did not answer the bad message";
+      ::close(fd);
+    }
+    check_all_gather(group, seed, 1, 333);
+  });
+}
+
+TEST(BootstrapFailure, DifferentSizesFailEveryRankAndNameThem) {
+  run_ranks(4, [](Bootstrap& group) {
+    const size_t bytes = group.rank() == 1 ? 16 : 8;
+    std::vector<char> send(bytes, 'x'), recv(16 * group.size());
+    try {
+      group.all_gather(send.data(), recv.data(), bytes);
+      ADD_FAILURE() << "all_gather accepted different sizes";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument) << e.what();
+      const std::string text = e.what();
+      EXPECT_NE(text.find("8 bytes from ranks 0, 2, 3"), std::string::npos) << text;
+      EXPECT_NE(text.find("16 bytes from rank 1"), std::string::npos) << text;
+    }
+    // A usage error leaves the group usable.
+    check_all_gather(group, 42, 7, 100);
+  });
+}
+
+// ---- bootstrap_from_env arguments ------------------------------------------------------------------
+
+// Sets environment variables for one test and restores them after.
+class ScopedEnv {
+ public:
+  void set(const char* name, const char* value) {
+    const char* old = std::getenv(name);
+    saved_.push_back({name, old ? std::optional<std::string>(old) : std::nullopt});
+    if (value)
+      ::setenv(name, value, 1);
+    else
+      ::unsetenv(name);
+  }
+  ~ScopedEnv() {
+    for (auto it = saved_.rbegin(); it != saved_.rend(); ++it) {
+      if (it->second)
+        ::setenv(it->first.c_str(), it->second->c_str(), 1);
+      else
+        ::unsetenv(it->first.c_str());
+    }
+  }
+
+ private:
+  std::vector<std::pair<std::string, std::optional<std::string>>> saved_;
+};
+
+void expect_error(ErrorCode code, const std::string& fragment, milliseconds timeout = milliseconds(300)) {
+  try {
+    bootstrap_from_env(timeout);
+    ADD_FAILURE() << "bootstrap_from_env succeeded; expected an error containing '" << fragment << "'";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), code) << e.what();
+    EXPECT_NE(std::string(e.what()).find(fragment), std::string::npos) << e.what();
+  }
+}
+
+TEST(BootstrapFromEnv, MissingOrBadVariablesAreNamed) {
+  ScopedEnv env;
+  env.set("EPCOMM_WORLD_SIZE", nullptr);
+  env.set("EPCOMM_RANK", nullptr);
+  env.set("EPCOMM_BOOTSTRAP", nullptr);
+  expect_error(ErrorCode::kInvalidArgument, "EPCOMM_WORLD_SIZE: not set");
+  env.set("EPCOMM_WORLD_SIZE", "4");
+  expect_error(ErrorCode::kInvalidArgument, "EPCOMM_RANK: not set");
+  env.set("EPCOMM_RANK", "4");
+  expect_error(ErrorCode::kInvalidArgument, "EPCOMM_RANK: expected an integer in [0, 3], got '4'");
+  env.set("EPCOMM_RANK", "1x");
+  expect_error(ErrorCode::kInvalidArgument, "got '1x'");
+  env.set("EPCOMM_RANK", "1");
+  expect_error(ErrorCode::kInvalidArgument, "EPCOMM_BOOTSTRAP: not set");
+  env.set("EPCOMM_BOOTSTRAP", "/tmp/x.sock");
+  expect_error(ErrorCode::kInvalidArgument, "expected 'unix:<socket path>', got '/tmp/x.sock'");
+  env.set("EPCOMM_BOOTSTRAP", "tcp:node0:29500");
+  expect_error(ErrorCode::kUnsupported, "not supported yet");
+}
+
+TEST(BootstrapFromEnv, NoServerIsATimeoutNamingTheSocket) {
+  ScopedEnv env;
+  env.set("EPCOMM_WORLD_SIZE", "2");
+  env.set("EPCOMM_RANK", "0");
+  env.set("EPCOMM_BOOTSTRAP", "unix:/tmp/epcomm-no-such-dir/bootstrap.sock");
+  const auto start = Clock::now();
+  expect_error(ErrorCode::kTimeout,
+               "could not connect to the bootstrap server at '/tmp/epcomm-no-such-dir/bootstrap.sock'");
+  EXPECT_LT(ms_since(start), 2000);
+}
+
+TEST(BootstrapFromEnv, ARankConnectingTwiceIsRefused) {
+  run_ranks(2, [](Bootstrap& group) {
+    if (group.rank() == 0) {
+      try {
+        bootstrap_from_env(milliseconds(2000));  // same EPCOMM_RANK as `group`
+        ADD_FAILURE() << "a second connection as rank 0 was accepted";
+      } catch (const Error& e) {
+        EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument) << e.what();
+        EXPECT_NE(std::string(e.what()).find("rank 0 is already connected"), std::string::npos) << e.what();
+      }
+    }
+    group.barrier();  // the refused connection does not disturb the group
+  });
+}
+
+}  // namespace
+}  // namespace epcomm

@@ -1,0 +1,163 @@
+// The core's pure pieces: configs and size hints, the buffer layouts, tensor views, timeouts, and the
+// bf16 rounding every backend shares.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <random>
+
+#include "core/layouts.hpp"
+#include "core/numerics.hpp"
+#include "core/timeout.hpp"
+#include "epcomm/epcomm.hpp"
+
+namespace epcomm {
+namespace {
+
+template <class Fn>
+std::string error_message(Fn&& fn, ErrorCode expected_code) {
+  try {
+    fn();
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), expected_code) << e.what();
+    return e.what();
+  }
+  ADD_FAILURE() << "no epcomm::Error thrown";
+  return {};
+}
+
+TEST(Config, RejectsOddSmCountNamingIt) {
+  Config config;
+  config.num_sms = 7;
+  const std::string message = error_message([&] { config.validate(); }, ErrorCode::kInvalidArgument);
+  EXPECT_NE(message.find("num_sms"), std::string::npos) << message;
+  EXPECT_NE(message.find("7"), std::string::npos) << message;
+}
+
+TEST(Config, RejectsRecvChunkSmallerThanSendChunk) {
+  Config config;
+  config.num_max_nvl_chunked_send_tokens = 16;
+  config.num_max_nvl_chunked_recv_tokens = 8;
+  const std::string message = error_message([&] { config.validate(); }, ErrorCode::kInvalidArgument);
+  EXPECT_NE(message.find("num_max_nvl_chunked_recv_tokens"), std::string::npos) << message;
+}
+
+TEST(Config, NvlHintCoversEveryQueueAndGrowsWithSmsRanksAndHidden) {
+  Config config;
+  const int64_t base = config.nvl_buffer_size_hint(7168 * 2, 8);
+  EXPECT_GE(base, kNormalControlBytes + int64_t(8) * (config.num_sms / 2) * config.num_max_nvl_chunked_recv_tokens *
+                                            7168 * 2);
+  Config more_sms = config;
+  more_sms.num_sms = 24;
+  EXPECT_GT(more_sms.nvl_buffer_size_hint(7168 * 2, 8), base);
+  EXPECT_GT(config.nvl_buffer_size_hint(7168 * 2, 9), base);
+  EXPECT_GT(config.nvl_buffer_size_hint(8192 * 2, 8), base);
+}
+
+TEST(Config, RdmaHintIsZeroOnOneNode) {
+  Config config;
+  EXPECT_EQ(config.rdma_buffer_size_hint(7168 * 2, 8, 8), 0);
+  EXPECT_GT(config.rdma_buffer_size_hint(7168 * 2, 16, 8), 0);
+}
+
+TEST(Config, DefaultSmCountIsSettableAndChecked) {
+  const int before = default_num_sms();
+  set_default_num_sms(24);
+  EXPECT_EQ(default_dispatch_config(8).num_sms, 24);
+  EXPECT_EQ(default_combine_config(8).num_sms, 24);
+  error_message([] { set_default_num_sms(3); }, ErrorCode::kInvalidArgument);
+  set_default_num_sms(before);
+}
+
+TEST(LowLatencyLayout, RegionsAreDisjointAlignedAndWithinTheHint) {
+  std::mt19937 rng(7);
+  for (int trial = 0; trial < 200; ++trial) {
+    const int R = 1 + rng() % 16;
+    const int E = R * (1 + rng() % 16);
+    const int T_max = 1 + rng() % 300;
+    const int hidden = 128 * (1 + rng() % 64);
+    const LowLatencyLayout layout{T_max, hidden, R, E};
+    for (int parity = 0; parity < 2; ++parity) {
+      EXPECT_EQ(layout.dispatch_recv_offset(parity) % 16, 0);
+      EXPECT_EQ(layout.dispatch_meta_offset(parity) % 16, 0);
+      EXPECT_EQ(layout.combine_recv_offset(parity) % 16, 0);
+      EXPECT_LE(layout.combine_recv_offset(parity) + layout.combine_recv_bytes(), layout.parity_offset(parity + 1));
+    }
+    EXPECT_GE(layout.combine_send_offset(), layout.parity_offset(1) + layout.parity_bytes());
+    EXPECT_EQ(layout.total_bytes(), low_latency_buffer_size_hint(T_max, hidden, R, E));
+  }
+}
+
+TEST(LowLatencyLayout, BenchmarkShapeNeedsFarLessThanDeepEP) {
+  // T_max = 128, hidden = 7168, 8 ranks, 256 experts: DeepEP V1 needs 1.9 GB.
+  const int64_t bytes = low_latency_buffer_size_hint(128, 7168, 8, 256);
+  EXPECT_LT(bytes, int64_t(600) << 20) << bytes;
+}
+
+TEST(LowLatencyHint, NamesTheBadArgument) {
+  std::string message =
+      error_message([] { low_latency_buffer_size_hint(128, 7000, 8, 256); }, ErrorCode::kInvalidArgument);
+  EXPECT_NE(message.find("hidden"), std::string::npos) << message;
+  message = error_message([] { low_latency_buffer_size_hint(128, 7168, 8, 250); }, ErrorCode::kInvalidArgument);
+  EXPECT_NE(message.find("num_experts"), std::string::npos) << message;
+}
+
+TEST(TensorView, ContiguousTransposedAndStrings) {
+  int64_t storage[24];
+  const TensorView view = TensorView::contiguous(storage, DType::kInt64, {2, 3, 4}, Device::cpu());
+  EXPECT_EQ(view.numel(), 24);
+  EXPECT_EQ(view.nbytes(), 24u * 8u);
+  EXPECT_TRUE(view.is_contiguous());
+  EXPECT_EQ(view.stride(0), 12);
+  EXPECT_EQ(view.shape_string(), "[2, 3, 4]");
+  const TensorView t = view.transposed(1, 2);
+  EXPECT_FALSE(t.is_contiguous());
+  EXPECT_EQ(t.size(1), 4);
+  EXPECT_EQ(t.stride(1), 1);
+  EXPECT_EQ(t.stride(2), 4);
+}
+
+TEST(DefaultAllocator, AllocatesWritableHostMemory) {
+  const int64_t shape[] = {3, 5};
+  Tensor t = default_allocator().allocate(DType::kFloat32, shape, Device::cpu(), nullptr);
+  ASSERT_NE(t.data, nullptr);
+  EXPECT_TRUE(t.is_contiguous());
+  for (int i = 0; i < 15; ++i) t.data_as<float>()[i] = float(i);
+  Tensor copy = t;  // shares the storage
+  EXPECT_EQ(copy.data_as<float>()[14], 14.0f);
+}
+
+TEST(Timeout, EnvironmentVariableIsParsedAndChecked) {
+  setenv("EPCOMM_TIMEOUT_S", "1.5", 1);
+  EXPECT_EQ(resolve_timeout(std::chrono::milliseconds(0)).count(), 1500);
+  EXPECT_EQ(resolve_timeout(std::chrono::milliseconds(20)).count(), 20);
+  setenv("EPCOMM_TIMEOUT_S", "soon", 1);
+  const std::string message =
+      error_message([] { resolve_timeout(std::chrono::milliseconds(0)); }, ErrorCode::kInvalidArgument);
+  EXPECT_NE(message.find("EPCOMM_TIMEOUT_S"), std::string::npos) << message;
+  unsetenv("EPCOMM_TIMEOUT_S");
+  EXPECT_EQ(resolve_timeout(std::chrono::milliseconds(0)), kDefaultTimeout);
+}
+
+// bf16 round-to-nearest-even, checked against a reference computed in double: the nearest of the
+// two bf16 neighbours, ties to the even one.
+TEST(Numerics, Bf16RoundingMatchesNearestEven) {
+  std::mt19937 rng(11);
+  for (int i = 0; i < 200000; ++i) {
+    const uint32_t bits = rng();
+    const float value = numerics::bits_float(bits);
+    if (std::isnan(value) || (bits & 0x7FFFFFFFu) >= 0x7F7F0000u) continue;  // NaN, inf, or may round to inf
+    const uint16_t low = static_cast<uint16_t>(bits >> 16);
+    const uint16_t high = static_cast<uint16_t>(low + 1);
+    const double d_low = numerics::bf16_to_float(low);
+    const double d_high = numerics::bf16_to_float(high);
+    const double error_low = std::fabs(double(value) - d_low);
+    const double error_high = std::fabs(double(value) - d_high);
+    uint16_t expected = error_low < error_high ? low : error_high < error_low ? high : ((low & 1) ? high : low);
+    ASSERT_EQ(numerics::float_to_bf16(value), expected) << "bits 0x" << std::hex << bits;
+  }
+  EXPECT_EQ(numerics::float_to_bf16(std::nanf("")), 0x7FFF);
+}
+
+}  // namespace
+}  // namespace epcomm
