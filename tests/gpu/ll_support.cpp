@@ -11,6 +11,7 @@
 #include <stdexcept>
 
 #include "core/numerics.hpp"
+#include "support/gpu.hpp"
 
 namespace epcomm::testing::ll {
 namespace {
@@ -423,13 +424,18 @@ int visible_gpus() {
   return count;
 }
 
-std::vector<int> rank_counts() {
+bool rank_count_runs_here(int num_ranks) {
   int max_ranks = 8;
   if (const char* env = std::getenv("EPCOMM_TEST_MAX_RANKS")) max_ranks = std::atoi(env);
   const bool share = std::getenv("EPCOMM_TEST_SHARE_GPUS") != nullptr;
+  // Asked of a child process: the parent of the ranks must not create a CUDA context.
+  return num_ranks <= max_ranks && (share || num_ranks <= visible_gpu_count());
+}
+
+std::vector<int> rank_counts() {
   std::vector<int> out;
   for (int r : {2, 3, 4, 8})
-    if (r <= max_ranks && (share || r <= visible_gpus())) out.push_back(r);
+    if (rank_count_runs_here(r)) out.push_back(r);
   return out;
 }
 

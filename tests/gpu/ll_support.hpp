@@ -171,8 +171,10 @@ Side gpu_side(Buffers& b);
 bool check_case(Buffers& b, const Case& c, int rank, int num_ranks, uint64_t seed);
 
 // Ranks to test: {2, 3, 4, 8} limited by $EPCOMM_TEST_MAX_RANKS (default 8) and by the GPUs present
-// (one GPU per rank unless $EPCOMM_TEST_SHARE_GPUS=1).
+// (one GPU per rank unless $EPCOMM_TEST_SHARE_GPUS=1). Safe in the parent process.
 std::vector<int> rank_counts();
+bool rank_count_runs_here(int num_ranks);
+// cudaGetDeviceCount: for the ranks (children) only.
 int visible_gpus();
 
 }  // namespace epcomm::testing::ll
