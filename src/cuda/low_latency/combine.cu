@@ -22,21 +22,36 @@ constexpr int kCopyUnroll = 8;
 constexpr int kRecvBlocksPerSm = 4;  // register budget of the receive kernel: 64 per thread
 constexpr int kLoadBatch = 4;        // rows in flight per thread in the receive kernel
 
-// Copies one bf16 row (num_vectors x 16 bytes) with the lanes of one warp.
-__device__ __forceinline__ void copy_row(uint8_t* dst, const uint8_t* src, int num_vectors) {
+// A warp moves a bf16 row in chunks of 32 lanes x kCopyUnroll 16-byte vectors.
+struct Chunk {
+  uint4 v[kCopyUnroll];
+};
+
+__device__ __forceinline__ void load_chunk(const uint8_t* src, int base, int num_vectors, Chunk& chunk) {
   const int lane = threadIdx.x % 32;
-  for (int base = 0; base < num_vectors; base += 32 * kCopyUnroll) {
-    uint4 buffer[kCopyUnroll];
 #pragma unroll
-    for (int u = 0; u < kCopyUnroll; ++u) {
-      const int v = base + u * 32 + lane;
-      if (v < num_vectors) buffer[u] = ld_input(src + 16 * int64_t(v));
-    }
+  for (int u = 0; u < kCopyUnroll; ++u) {
+    const int v = base + u * 32 + lane;
+    if (v < num_vectors) chunk.v[u] = ld_input(src + 16 * int64_t(v));
+  }
+}
+
+__device__ __forceinline__ void store_chunk(uint8_t* dst, int base, int num_vectors, const Chunk& chunk) {
+  const int lane = threadIdx.x % 32;
 #pragma unroll
-    for (int u = 0; u < kCopyUnroll; ++u) {
-      const int v = base + u * 32 + lane;
-      if (v < num_vectors) st_data(dst + 16 * int64_t(v), buffer[u]);
-    }
+  for (int u = 0; u < kCopyUnroll; ++u) {
+    const int v = base + u * 32 + lane;
+    if (v < num_vectors) st_data(dst + 16 * int64_t(v), chunk.v[u]);
+  }
+}
+
+// Copies one bf16 row (num_vectors x 16 bytes) with the lanes of one warp; `first` already holds
+// the first chunk of `src`.
+__device__ __forceinline__ void copy_row(uint8_t* dst, const uint8_t* src, int num_vectors, Chunk& first) {
+  store_chunk(dst, 0, num_vectors, first);
+  for (int base = 32 * kCopyUnroll; base < num_vectors; base += 32 * kCopyUnroll) {
+    load_chunk(src, base, num_vectors, first);
+    store_chunk(dst, base, num_vectors, first);
   }
 }
 
@@ -56,22 +71,25 @@ __device__ __forceinline__ int last_not_above(const int32_t* keys, int n, int va
 
 __device__ void send_row(const CombineParams& p, int l, int j, int s, int64_t num_rows) {
   const int64_t row = int64_t(l) * num_rows + j;
+  const int64_t row_bytes = int64_t(p.hidden) * 2;
+  const int num_vectors = p.hidden / 8;
+  const uint8_t* src = reinterpret_cast<const uint8_t*>(p.x + row * p.hidden);
+  // The row's first chunk does not depend on where it goes: load it with the destination.
+  Chunk chunk;
+  load_chunk(src, 0, num_vectors, chunk);
   const int t = __ldg(p.src_info + row);
   const int k = p.meta[row];
   if (t < 0 || t >= p.max_tokens || k >= kMaxLowLatencyTopk) return;  // not a handle of this buffer's dispatch
-  const int64_t row_bytes = int64_t(p.hidden) * 2;
-  const int num_vectors = p.hidden / 8;
   const int64_t dst_offset = p.recv_offset + (int64_t(t) * kMaxLowLatencyTopk + k) * row_bytes;
-  const uint8_t* src = reinterpret_cast<const uint8_t*>(p.x + row * p.hidden);
   uint8_t* base = peer_base(p.c, s);
   if (base != nullptr) {
-    copy_row(base + dst_offset, src, num_vectors);
+    copy_row(base + dst_offset, src, num_vectors, chunk);
     return;
   }
   const uint8_t* staged = src;
   if (!p.x_is_staging) {
     uint8_t* staging_row = reinterpret_cast<uint8_t*>(p.staging + row * p.hidden);
-    copy_row(staging_row, src, num_vectors);
+    copy_row(staging_row, src, num_vectors, chunk);
     staged = staging_row;
     __syncwarp();
   }
@@ -197,7 +215,8 @@ __global__ void __launch_bounds__(kRecvThreads, kRecvBlocksPerSm)
   if (finish_block(p.c.counters + kCombineRecvDone + p.parity)) {
     for (int s = threadIdx.x; s < p.c.num_ranks; s += blockDim.x) *local_flag(p.c, kCombineFlags0 + p.parity, s) = 0;
     if (threadIdx.x == 0) p.c.counters[kCombineGate + p.parity] = 0;
-  }  wait_for_preceding_grid();
+  }
+  wait_for_preceding_grid();
 }
 
 size_t send_smem_bytes(const CombineParams& p) {
@@ -213,7 +232,8 @@ void launch_combine_send(const CombineParams& p, int num_sms, cudaStream_t strea
 void launch_combine_recv(const CombineParams& p, int num_sms, cudaStream_t stream, bool overlap_send) {
   const int chunks = (p.hidden / 8 + kRecvThreads - 1) / kRecvThreads;
   const int64_t items = int64_t(p.num_tokens) * chunks;
-  const int grid = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(items, int64_t(num_sms) * kRecvBlocksPerSm)));
+  const int grid =
+      static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(items, int64_t(num_sms) * kRecvBlocksPerSm)));
   if (p.topk_is_int64) {
     launch_kernel(combine_recv_kernel<int64_t>, grid, kRecvThreads, 0, stream, overlap_send, p);
   } else {

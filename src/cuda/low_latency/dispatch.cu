@@ -182,16 +182,38 @@ __device__ __forceinline__ void unpack_bf16(const uint4& v, float* out) {
   }
 }
 
+// The first two 16-byte vectors a thread reads of a token, loaded early so that their latency
+// overlaps the routing work (FP8: channels [16 i, 16 i + 16); bf16: vectors i and i + blockDim).
+struct RowPrefetch {
+  uint4 v[2];
+};
+
+__device__ __forceinline__ RowPrefetch prefetch_row(const DispatchParams& p, int t) {
+  RowPrefetch r = {};
+  if (t >= p.num_tokens) return r;
+  const uint16_t* row = p.x + int64_t(t) * p.hidden;
+  const int i = threadIdx.x;
+  if (p.format == Format::kBf16) {
+    if (i < p.hidden / 8) r.v[0] = ld_input(row + 8 * i);
+    if (i + int(blockDim.x) < p.hidden / 8) r.v[1] = ld_input(row + 8 * (i + blockDim.x));
+  } else if (i < p.hidden / 16) {
+    r.v[0] = ld_input(row + 16 * i);
+    r.v[1] = ld_input(row + 16 * i + 8);
+  }
+  return r;
+}
+
 // FP8: thread i casts channels [16 i, 16 i + 16); the 8 threads of a 128-channel block share its amax.
 __device__ void send_fp8_payload(const DispatchParams& p, const uint16_t* row, const TokenState& s,
-                                 uint8_t* staging_slot) {
+                                 uint8_t* staging_slot, const RowPrefetch& prefetched) {
   const bool round_scale = p.format != Format::kFp8;
   const int num_groups = p.hidden / 16;
   const unsigned block_lanes = 0xFFu << (threadIdx.x & 24u);
   for (int i = threadIdx.x; i < num_groups; i += blockDim.x) {
+    const bool first = i == int(threadIdx.x);
     float v[16];
-    unpack_bf16(ld_input(row + 16 * i), v);
-    unpack_bf16(ld_input(row + 16 * i + 8), v + 8);
+    unpack_bf16(first ? prefetched.v[0] : ld_input(row + 16 * i), v);
+    unpack_bf16(first ? prefetched.v[1] : ld_input(row + 16 * i + 8), v + 8);
     float amax = 0.0f;
 #pragma unroll
     for (int c = 0; c < 16; ++c) amax = fmaxf(amax, fabsf(v[c]));
@@ -209,21 +231,22 @@ __device__ void send_fp8_payload(const DispatchParams& p, const uint16_t* row, c
 }
 
 __device__ void send_bf16_payload(const DispatchParams& p, const uint16_t* row, const TokenState& s,
-                                  uint8_t* staging_slot) {
-  for (int i = threadIdx.x; i < p.hidden / 8; i += blockDim.x)
-    store_everywhere(s, staging_slot, kHeaderBytes + 16 * int64_t(i), ld_input(row + 8 * i));
+                                  uint8_t* staging_slot, const RowPrefetch& prefetched) {
+  for (int i = threadIdx.x, n = 0; i < p.hidden / 8; i += blockDim.x, ++n)
+    store_everywhere(s, staging_slot, kHeaderBytes + 16 * int64_t(i), n < 2 ? prefetched.v[n] : ld_input(row + 8 * i));
 }
 
-__device__ void send_token(const DispatchParams& p, const int32_t* ids, int t, TokenState& s) {
+__device__ void send_token(const DispatchParams& p, const int32_t* ids, int t, TokenState& s,
+                           const RowPrefetch& prefetched) {
   prepare_token(p, ids, t, s);
   uint8_t* staging_slot = s.needs_staging ? p.c.local + p.staging_offset + int64_t(t) * p.slot_bytes : nullptr;
   if (threadIdx.x < kHeaderBytes / 16)
     store_everywhere(s, staging_slot, 16 * threadIdx.x, reinterpret_cast<const uint4*>(s.header)[threadIdx.x]);
   const uint16_t* row = p.x + int64_t(t) * p.hidden;
   if (p.format == Format::kBf16) {
-    send_bf16_payload(p, row, s, staging_slot);
+    send_bf16_payload(p, row, s, staging_slot, prefetched);
   } else {
-    send_fp8_payload(p, row, s, staging_slot);
+    send_fp8_payload(p, row, s, staging_slot, prefetched);
   }
   __syncthreads();
   if (s.needs_staging) {
@@ -245,10 +268,12 @@ __global__ void __launch_bounds__(kSendThreads) dispatch_send_kernel(const __gri
   int32_t* ids = send_smem;                                                     // [K][T]
   int32_t* counts = ids + p.num_topk * p.num_tokens;                            // [L]
   uint32_t* words = reinterpret_cast<uint32_t*>(counts + p.num_local_experts);  // [ceil(T_max / 32)]
+  const RowPrefetch first_row = prefetch_row(p, blockIdx.x);
   load_routing<Index>(p, ids);
   __syncthreads();
   for (int d = blockIdx.x; d < p.c.num_ranks; d += gridDim.x) send_message(p, ids, counts, words, d);
-  for (int t = blockIdx.x; t < p.num_tokens; t += gridDim.x) send_token(p, ids, t, token);
+  for (int t = blockIdx.x; t < p.num_tokens; t += gridDim.x)
+    send_token(p, ids, t, token, t == int(blockIdx.x) ? first_row : prefetch_row(p, t));
   if (p.c.has_put_peers) {
     __syncthreads();
     if (threadIdx.x == 0) nvshmem_quiet();  // puts delivered before the flags go out
@@ -258,27 +283,33 @@ __global__ void __launch_bounds__(kSendThreads) dispatch_send_kernel(const __gri
 
 // ---- receive ----------------------------------------------------------------------------------
 
-// Copies `num_vectors` 16-byte vectors from `src` to the rows of the warp's local experts:
-// lane k of `mine` holds (expert l, row) when bit k is set; row_bytes = bytes of one recv_x row.
-__device__ void copy_to_rows(const uint8_t* src, int num_vectors, uint32_t mine, int l, int row, uint8_t* recv_x,
-                             int64_t num_rows, int64_t row_bytes) {
+// A warp copies a received payload in chunks of 32 lanes x kCopyUnroll 16-byte vectors.
+struct Chunk {
+  uint4 v[kCopyUnroll];
+};
+
+__device__ __forceinline__ void load_chunk(const uint8_t* src, int base, int num_vectors, Chunk& chunk) {
   const int lane = threadIdx.x % 32;
-  for (int base = 0; base < num_vectors; base += 32 * kCopyUnroll) {
-    uint4 buffer[kCopyUnroll];
+#pragma unroll
+  for (int u = 0; u < kCopyUnroll; ++u) {
+    const int v = base + u * 32 + lane;
+    if (v < num_vectors) chunk.v[u] = ld_shared_data(src + 16 * int64_t(v));
+  }
+}
+
+// Stores the chunk into the row of every local expert of the slot: lane k holds (expert l, row)
+// when bit k of `mine` is set.
+__device__ __forceinline__ void store_chunk(const Chunk& chunk, int base, int num_vectors, uint32_t mine, int l,
+                                            int row, uint8_t* recv_x, int64_t num_rows, int64_t row_bytes) {
+  const int lane = threadIdx.x % 32;
+  for (uint32_t todo = mine; todo != 0; todo &= todo - 1) {
+    const int k = __ffs(todo) - 1;
+    const int64_t dst_row = int64_t(__shfl_sync(0xffffffffu, l, k)) * num_rows + __shfl_sync(0xffffffffu, row, k);
+    uint8_t* dst = recv_x + dst_row * row_bytes;
 #pragma unroll
     for (int u = 0; u < kCopyUnroll; ++u) {
       const int v = base + u * 32 + lane;
-      if (v < num_vectors) buffer[u] = ld_shared_data(src + 16 * int64_t(v));
-    }
-    for (uint32_t todo = mine; todo != 0; todo &= todo - 1) {
-      const int k = __ffs(todo) - 1;
-      const int64_t dst_row = int64_t(__shfl_sync(0xffffffffu, l, k)) * num_rows + __shfl_sync(0xffffffffu, row, k);
-      uint8_t* dst = recv_x + dst_row * row_bytes;
-#pragma unroll
-      for (int u = 0; u < kCopyUnroll; ++u) {
-        const int v = base + u * 32 + lane;
-        if (v < num_vectors) st_data(dst + 16 * int64_t(v), buffer[u]);
-      }
+      if (v < num_vectors) st_data(dst + 16 * int64_t(v), chunk.v[u]);
     }
   }
 }
@@ -318,11 +349,18 @@ __device__ void receive_slot(const DispatchParams& p, int s, int t, const int32_
   const int R = p.c.num_ranks, L = p.num_local_experts;
   const int64_t num_rows = int64_t(R) * p.max_tokens;
   const uint8_t* slot = p.c.local + p.recv_offset + (int64_t(s) * p.max_tokens + t) * p.slot_bytes;
+  const uint8_t* payload = slot + kHeaderBytes;
+  const bool bf16 = p.format == Format::kBf16;
+  const int num_vectors = bf16 ? p.hidden / 8 : p.hidden / 16;
+  const int64_t row_bytes = bf16 ? int64_t(p.hidden) * 2 : p.hidden;
+  // The header and the first chunk of the payload are independent loads: issue them together.
   int e = -1, row = 0;
   if (lane < kMaxLowLatencyTopk) {
     e = __ldcg(reinterpret_cast<const int32_t*>(slot) + kIdsAt + lane);
     row = __ldcg(reinterpret_cast<const int32_t*>(slot) + kOffsetsAt + lane);
   }
+  Chunk chunk;
+  load_chunk(payload, 0, num_vectors, chunk);
   const int l = e - p.c.rank * L;
   bool mine = e >= 0 && l >= 0 && l < L;
   if (mine) {
@@ -331,14 +369,13 @@ __device__ void receive_slot(const DispatchParams& p, int s, int t, const int32_
   }
   const uint32_t mine_mask = __ballot_sync(0xffffffffu, mine);
   if (mine_mask == 0) return;
-  const uint8_t* payload = slot + kHeaderBytes;
-  if (p.format == Format::kBf16) {
-    copy_to_rows(payload, p.hidden / 8, mine_mask, l, row, static_cast<uint8_t*>(p.recv_x), num_rows,
-                 int64_t(p.hidden) * 2);
-  } else {
-    copy_to_rows(payload, p.hidden / 16, mine_mask, l, row, static_cast<uint8_t*>(p.recv_x), num_rows, p.hidden);
-    copy_scales(p, payload + p.hidden, mine_mask, l, row, num_rows);
+  uint8_t* recv_x = static_cast<uint8_t*>(p.recv_x);
+  store_chunk(chunk, 0, num_vectors, mine_mask, l, row, recv_x, num_rows, row_bytes);
+  for (int base = 32 * kCopyUnroll; base < num_vectors; base += 32 * kCopyUnroll) {
+    load_chunk(payload, base, num_vectors, chunk);
+    store_chunk(chunk, base, num_vectors, mine_mask, l, row, recv_x, num_rows, row_bytes);
   }
+  if (!bf16) copy_scales(p, payload + p.hidden, mine_mask, l, row, num_rows);
   if (mine) {
     p.src_info[int64_t(l) * num_rows + row] = t;
     meta[int64_t(l) * num_rows + row] = static_cast<uint8_t>(lane);  // the token's first slot with this expert
@@ -348,26 +385,26 @@ __device__ void receive_slot(const DispatchParams& p, int s, int t, const int32_
 __global__ void __launch_bounds__(kRecvThreads) dispatch_recv_kernel(const __grid_constant__ DispatchParams p) {
   extern __shared__ __align__(16) int32_t recv_smem[];
   const int R = p.c.num_ranks, L = p.num_local_experts;
-  int32_t* first_rows = recv_smem;       // [L][R]: first row of (local expert, source) in recv_x
-  int32_t* tokens = first_rows + L * R;  // [R]: tokens of each source, 0 when masked
+  const int num_words = (p.max_tokens + 31) / 32;
+  int32_t* first_rows = recv_smem;                                 // [L][R]: first row of (expert, source)
+  int32_t* tokens = first_rows + L * R;                            // [R]: tokens of each source, -1 masked
+  uint32_t* token_bits = reinterpret_cast<uint32_t*>(tokens + R);  // [R][words]: which tokens came
   if (!wait_for_sources(p.c, kDispatchFlags0 + p.parity, DevicePhase::kLowLatencyDispatchRecv, p.wait_stats,
                         p.c.counters + kDispatchGate + p.parity))
     return;
 
+  // Every message field in one pass of independent loads.
   const uint8_t* messages = p.c.local + p.messages_offset;
-  for (int s = threadIdx.x; s < R; s += blockDim.x)
-    tokens[s] = is_masked(p.c, s) ? -1 : __ldcg(reinterpret_cast<const int32_t*>(messages + s * p.message_bytes));
-  __syncthreads();
-  for (int i = threadIdx.x; i < L * R; i += blockDim.x) {
-    const int l = i / R, s = i % R;
-    first_rows[i] =
-        tokens[s] < 0 ? 0 : __ldcg(reinterpret_cast<const int32_t*>(messages + s * p.message_bytes) + 4 + l);
-  }
+  auto message = [&](int s) { return reinterpret_cast<const int32_t*>(messages + s * p.message_bytes); };
+  for (int s = threadIdx.x; s < R; s += blockDim.x) tokens[s] = is_masked(p.c, s) ? -1 : __ldcg(message(s));
+  for (int i = threadIdx.x; i < L * R; i += blockDim.x) first_rows[i] = __ldcg(message(i % R) + 4 + i / R);
+  for (int i = threadIdx.x; i < R * num_words; i += blockDim.x)
+    token_bits[i] = __ldcg(reinterpret_cast<const uint32_t*>(message(i / num_words) + 4 + L) + i % num_words);
   __syncthreads();
   for (int l = threadIdx.x; l < L; l += blockDim.x) {
     int next = 0;
     for (int s = 0; s < R; ++s) {
-      const int count = first_rows[l * R + s];
+      const int count = tokens[s] < 0 ? 0 : first_rows[l * R + s];
       first_rows[l * R + s] = next;
       if (blockIdx.x == 0) p.layout_range[int64_t(l) * R + s] = (int64_t(next) << 32) | int64_t(uint32_t(count));
       next += count;
@@ -386,9 +423,7 @@ __global__ void __launch_bounds__(kRecvThreads) dispatch_recv_kernel(const __gri
   for (int64_t item = int64_t(blockIdx.x) * warps + threadIdx.x / 32; item < num_items;
        item += int64_t(gridDim.x) * warps) {
     const int s = static_cast<int>(item / p.max_tokens), t = static_cast<int>(item % p.max_tokens);
-    if (t >= tokens[s]) continue;
-    const uint32_t* words = reinterpret_cast<const uint32_t*>(messages + s * p.message_bytes + 16 + 4 * int64_t(L));
-    if (((__ldcg(words + (t >> 5)) >> (t & 31)) & 1u) == 0) continue;
+    if (t >= tokens[s] || ((token_bits[s * num_words + (t >> 5)] >> (t & 31)) & 1u) == 0) continue;
     receive_slot(p, s, t, first_rows, meta);
   }
 
@@ -404,7 +439,8 @@ size_t send_smem_bytes(const DispatchParams& p) {
 }
 
 size_t recv_smem_bytes(const DispatchParams& p) {
-  return sizeof(int32_t) * (size_t(p.num_local_experts) * p.c.num_ranks + p.c.num_ranks);
+  const size_t words = (p.max_tokens + 31) / 32;
+  return sizeof(int32_t) * (size_t(p.num_local_experts) * p.c.num_ranks + p.c.num_ranks * (1 + words));
 }
 
 }  // namespace
@@ -427,8 +463,10 @@ void launch_dispatch_recv(const DispatchParams& p, int num_sms, cudaStream_t str
 
 void prepare_dispatch_kernels(int max_dynamic_smem) {
   const auto attribute = cudaFuncAttributeMaxDynamicSharedMemorySize;
-  launch_check(cudaFuncSetAttribute(dispatch_send_kernel<int64_t>, attribute, max_dynamic_smem), "cudaFuncSetAttribute");
-  launch_check(cudaFuncSetAttribute(dispatch_send_kernel<int32_t>, attribute, max_dynamic_smem), "cudaFuncSetAttribute");
+  launch_check(cudaFuncSetAttribute(dispatch_send_kernel<int64_t>, attribute, max_dynamic_smem),
+               "cudaFuncSetAttribute");
+  launch_check(cudaFuncSetAttribute(dispatch_send_kernel<int32_t>, attribute, max_dynamic_smem),
+               "cudaFuncSetAttribute");
   launch_check(cudaFuncSetAttribute(dispatch_recv_kernel, attribute, max_dynamic_smem), "cudaFuncSetAttribute");
 }
 
