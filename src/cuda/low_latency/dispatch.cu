@@ -233,7 +233,10 @@ __device__ void send_fp8_payload(const DispatchParams& p, const uint16_t* row, c
 __device__ void send_bf16_payload(const DispatchParams& p, const uint16_t* row, const TokenState& s,
                                   uint8_t* staging_slot, const RowPrefetch& prefetched) {
   for (int i = threadIdx.x, n = 0; i < p.hidden / 8; i += blockDim.x, ++n)
-    store_everywhere(s, staging_slot, kHeaderBytes + 16 * int64_t(i), n < 2 ? prefetched.v[n] : ld_input(row + 8 * i));
+    store_everywhere(s, staging_slot, kHeaderBytes + 16 * int64_t(i),
+                     n == 0   ? prefetched.v[0]
+                     : n == 1 ? prefetched.v[1]
+                              : ld_input(row + 8 * i));
 }
 
 __device__ void send_token(const DispatchParams& p, const int32_t* ids, int t, TokenState& s,
