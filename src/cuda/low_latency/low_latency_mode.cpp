@@ -121,7 +121,7 @@ NvshmemLowLatencyMode::NvshmemLowLatencyMode(const CudaContext& ctx)
   const char* pdl = std::getenv("EPCOMM_LL_PDL");
   overlap_send_ = pdl == nullptr || std::string(pdl) != "0";
   DeviceGuard guard(device_);
-  ll::ensure_nvshmem(*ctx.bootstrap, device_, bytes);
+  ll::ensure_nvshmem(*ctx.bootstrap, device_, bytes, geometry_.num_nodes() == 1);
   symmetric_ = static_cast<uint8_t*>(ll::allocate_symmetric(bytes));
   symmetric_bytes_ = bytes;
   EPCOMM_CUDA_CHECK(cudaMemset(symmetric_, 0, static_cast<size_t>(bytes)));

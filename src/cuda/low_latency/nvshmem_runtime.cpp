@@ -25,9 +25,10 @@ struct InitMessage {
 
 std::mutex g_mutex;
 
-void set_environment(int64_t symmetric_bytes) {
+void set_environment(int64_t symmetric_bytes, bool single_node) {
   // Multicast objects can take a shared host's GPUs out of service: never let NVSHMEM create one.
   setenv("NVSHMEM_DISABLE_NVLS", "1", 1);
+  if (single_node) setenv("NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME", "lo", 0);
   if (std::getenv("NVSHMEM_SYMMETRIC_SIZE") == nullptr) {
     const int64_t heap = align_up(symmetric_bytes, int64_t(2) << 20) + kHeapMargin;
     setenv("NVSHMEM_SYMMETRIC_SIZE", std::to_string(heap).c_str(), 1);
@@ -56,8 +57,8 @@ void check_group(Bootstrap& bootstrap) {
                        ": low-latency Buffers of one process must use the same group"));
 }
 
-void initialize(Bootstrap& bootstrap, int64_t symmetric_bytes) {
-  set_environment(symmetric_bytes);
+void initialize(Bootstrap& bootstrap, int64_t symmetric_bytes, bool single_node) {
+  set_environment(symmetric_bytes, single_node);
   InitMessage mine;
   if (bootstrap.rank() == 0) mine.ok = nvshmemx_get_uniqueid(&mine.id) == 0 ? 1 : 0;
   std::vector<InitMessage> all(bootstrap.size());
@@ -82,10 +83,10 @@ void initialize(Bootstrap& bootstrap, int64_t symmetric_bytes) {
 
 }  // namespace
 
-void ensure_nvshmem(Bootstrap& bootstrap, int device, int64_t symmetric_bytes) {
+void ensure_nvshmem(Bootstrap& bootstrap, int device, int64_t symmetric_bytes, bool single_node) {
   std::lock_guard<std::mutex> lock(g_mutex);
   DeviceGuard guard(device);
-  if (!already_initialized_everywhere(bootstrap)) initialize(bootstrap, symmetric_bytes);
+  if (!already_initialized_everywhere(bootstrap)) initialize(bootstrap, symmetric_bytes, single_node);
   check_group(bootstrap);
 }
 

@@ -16,8 +16,10 @@
 namespace epcomm::cuda::ll {
 
 // Collective over `bootstrap`: makes sure NVSHMEM runs on `device` with this group. Always sets
-// NVSHMEM_DISABLE_NVLS=1 before initialising (NVLink multicast is not allowed on our machines).
-void ensure_nvshmem(Bootstrap& bootstrap, int device, int64_t symmetric_bytes);
+// NVSHMEM_DISABLE_NVLS=1 before initialising (NVLink multicast is not allowed on our machines);
+// for a group inside one node, the unique-id bootstrap talks over the loopback interface unless
+// NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME says otherwise.
+void ensure_nvshmem(Bootstrap& bootstrap, int device, int64_t symmetric_bytes, bool single_node);
 
 // Collective (nvshmem_malloc / nvshmem_free synchronise all PEs).
 void* allocate_symmetric(int64_t bytes);
