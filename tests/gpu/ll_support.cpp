@@ -75,7 +75,7 @@ std::vector<T> read_all(const TensorView& t) {
 
 std::vector<int64_t> make_routing(const Case& c, int rank, uint64_t seed) {
   std::mt19937_64 rng(mix(seed, 0x70b1c, rank));
-  const int T = c.tokens, K = c.topk, E = c.experts;
+  const int T = c.tokens_of(rank), K = c.topk, E = c.experts;
   std::uniform_int_distribution<int> any_expert(0, E - 1);
   std::uniform_real_distribution<double> u01(0.0, 1.0);
   const int64_t one_expert = int64_t(mix(seed, 0xe) % uint64_t(E));
@@ -110,7 +110,8 @@ std::string Case::name() const {
   std::ostringstream s;
   s << "T_max=" << max_tokens << " T=" << tokens << " hidden=" << hidden << " K=" << topk << " E=" << experts << " "
     << formats[int(format)] << " " << routings[int(routing)] << (hook ? " hook" : "") << (zero_copy ? " zero-copy" : "")
-    << (out ? " out=" : "") << (stats ? " stats" : "") << (int32_index ? " int32-idx" : "");
+    << (out ? " out=" : "") << (stats ? " stats" : "") << (int32_index ? " int32-idx" : "")
+    << (ragged ? " ragged" : "");
   return s.str();
 }
 
@@ -146,8 +147,8 @@ Tensor ArenaAllocator::allocate(DType dtype, std::span<const int64_t> shape, Dev
 
 Inputs make_inputs(const Case& c, int rank, int /*num_ranks*/, uint64_t seed) {
   Inputs in;
-  in.tokens = c.tokens;
-  const int T = c.tokens, H = c.hidden, K = c.topk;
+  in.tokens = c.tokens_of(rank);
+  const int T = in.tokens, H = c.hidden, K = c.topk;
   in.x.resize(size_t(T) * H);
   for (int t = 0; t < T; ++t) {
     for (int h = 0; h < H; ++h) {
@@ -172,16 +173,20 @@ Inputs make_inputs(const Case& c, int rank, int /*num_ranks*/, uint64_t seed) {
 
 Views host_views(Inputs& in, const Case& c) {
   Views v;
+  const int64_t T = in.tokens;
+  v.tokens = in.tokens;
   const Device cpu = Device::cpu();
-  v.x = TensorView::contiguous(in.x.data(), DType::kBFloat16, {c.tokens, c.hidden}, cpu);
-  v.topk = c.int32_index ? TensorView::contiguous(in.topk32.data(), DType::kInt32, {c.tokens, c.topk}, cpu)
-                         : TensorView::contiguous(in.topk.data(), DType::kInt64, {c.tokens, c.topk}, cpu);
-  v.weights = TensorView::contiguous(in.weights.data(), DType::kFloat32, {c.tokens, c.topk}, cpu);
+  v.x = TensorView::contiguous(in.x.data(), DType::kBFloat16, {T, c.hidden}, cpu);
+  v.topk = c.int32_index ? TensorView::contiguous(in.topk32.data(), DType::kInt32, {T, c.topk}, cpu)
+                         : TensorView::contiguous(in.topk.data(), DType::kInt64, {T, c.topk}, cpu);
+  v.weights = TensorView::contiguous(in.weights.data(), DType::kFloat32, {T, c.topk}, cpu);
   return v;
 }
 
 Views device_views(const Inputs& in, const Case& c, cudaStream_t stream) {
   Views v;
+  const int64_t T = in.tokens;
+  v.tokens = in.tokens;
   int device = 0;
   cuda_check(cudaGetDevice(&device), "cudaGetDevice");
   const Device gpu = Device::cuda(device);
@@ -191,13 +196,12 @@ Views device_views(const Inputs& in, const Case& c, cudaStream_t stream) {
     v.keep.push_back(m);
     return m.get();
   };
-  v.x = TensorView::contiguous(upload(in.x.data(), in.x.size() * 2), DType::kBFloat16, {c.tokens, c.hidden}, gpu);
-  v.topk = c.int32_index ? TensorView::contiguous(upload(in.topk32.data(), in.topk32.size() * 4), DType::kInt32,
-                                                  {c.tokens, c.topk}, gpu)
-                         : TensorView::contiguous(upload(in.topk.data(), in.topk.size() * 8), DType::kInt64,
-                                                  {c.tokens, c.topk}, gpu);
-  v.weights = TensorView::contiguous(upload(in.weights.data(), in.weights.size() * 4), DType::kFloat32,
-                                     {c.tokens, c.topk}, gpu);
+  v.x = TensorView::contiguous(upload(in.x.data(), in.x.size() * 2), DType::kBFloat16, {T, c.hidden}, gpu);
+  v.topk = c.int32_index
+               ? TensorView::contiguous(upload(in.topk32.data(), in.topk32.size() * 4), DType::kInt32, {T, c.topk}, gpu)
+               : TensorView::contiguous(upload(in.topk.data(), in.topk.size() * 8), DType::kInt64, {T, c.topk}, gpu);
+  v.weights =
+      TensorView::contiguous(upload(in.weights.data(), in.weights.size() * 4), DType::kFloat32, {T, c.topk}, gpu);
   cuda_check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
   return v;
 }
@@ -381,9 +385,9 @@ LowLatencyCombineResult combine(const Side& side, const Views& v, const Case& c,
   if (!side.cuda) {
     in.x = experts.host_view();
     if (c.out) {
-      auto host = std::shared_ptr<void>(std::malloc(size_t(c.tokens) * c.hidden * 2 + 16), std::free);
+      auto host = std::shared_ptr<void>(std::malloc(size_t(v.tokens) * c.hidden * 2 + 16), std::free);
       keep.push_back(DeviceMemory{host});
-      in.out = TensorView::contiguous(host.get(), DType::kBFloat16, {c.tokens, c.hidden}, Device::cpu());
+      in.out = TensorView::contiguous(host.get(), DType::kBFloat16, {v.tokens, c.hidden}, Device::cpu());
     }
   } else {
     int device = 0;
@@ -400,10 +404,10 @@ LowLatencyCombineResult combine(const Side& side, const Views& v, const Case& c,
     }
     experts.copy_to_device(in.x.data, side.stream);
     if (c.out) {
-      DeviceMemory out = DeviceMemory::allocate(size_t(c.tokens) * c.hidden * 2);
-      cuda_check(cudaMemset(out.get(), kPoison, size_t(c.tokens) * c.hidden * 2), "cudaMemset");
+      DeviceMemory out = DeviceMemory::allocate(size_t(v.tokens) * c.hidden * 2);
+      cuda_check(cudaMemset(out.get(), kPoison, size_t(v.tokens) * c.hidden * 2), "cudaMemset");
       keep.push_back(out);
-      in.out = TensorView::contiguous(out.get(), DType::kBFloat16, {c.tokens, c.hidden}, gpu);
+      in.out = TensorView::contiguous(out.get(), DType::kBFloat16, {v.tokens, c.hidden}, gpu);
     }
   }
   LowLatencyOptions options;

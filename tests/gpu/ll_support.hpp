@@ -8,6 +8,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <memory>
@@ -40,6 +41,8 @@ struct Case {
   bool out = false;          // combine writes into a given (poisoned) tensor
   bool stats = false;        // pass both stats tensors
   bool int32_index = false;  // topk_idx as int32
+  bool ragged = false;       // rank r has max(0, tokens - 5 r) tokens instead of `tokens`
+  int tokens_of(int rank) const { return ragged ? std::max(0, tokens - 5 * rank) : tokens; }
   std::string name() const;
 };
 
@@ -85,6 +88,7 @@ Inputs make_inputs(const Case& c, int rank, int num_ranks, uint64_t seed);
 
 // Views of the inputs: on the host (vectors above) or copies on the GPU.
 struct Views {
+  int tokens = 0;
   TensorView x, topk, weights;
   std::vector<DeviceMemory> keep;
 };

@@ -56,6 +56,7 @@ std::vector<Case> case_matrix(int R) {
     c.topk = 9, c.hidden = 4096, c.routing = Routing::kOneExpert, c.format = Format::kBf16, c.stats = true;
   });
   add([](Case& c) { c.tokens = 0; });
+  add([](Case& c) { c.ragged = true, c.tokens = 20, c.format = Format::kFp8RoundScale, c.hook = true, c.out = true; });
   return cases;
 }
 
@@ -233,6 +234,7 @@ TEST(LowLatencyGpu, CudaGraphReplaysWithNewInputsAndRouting) {
                      weights = DeviceMemory::allocate(in.weights.size() * 4),
                      expert_out = DeviceMemory::allocate(size_t(L) * N * c.hidden * 2);
         Views dv;
+        dv.tokens = c.tokens;
         dv.x = TensorView::contiguous(x.get(), DType::kBFloat16, {c.tokens, c.hidden}, gpu_device);
         dv.topk = TensorView::contiguous(topk.get(), DType::kInt64, {c.tokens, c.topk}, gpu_device);
         dv.weights = TensorView::contiguous(weights.get(), DType::kFloat32, {c.tokens, c.topk}, gpu_device);
