@@ -8,14 +8,17 @@ if(NOT EPCOMM_WITH_CUDA STREQUAL "OFF")
     if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES)
       set(CMAKE_CUDA_ARCHITECTURES 90a)  # Hopper with its architecture-specific instructions
     endif()
+    # One CUDA runtime in the process: libepcomm and its users link the shared libcudart.
+    set(CMAKE_CUDA_RUNTIME_LIBRARY Shared)
     enable_language(CUDA)
-    if(DEFINED CMAKE_CUDA20_STANDARD_COMPILE_OPTION)
-      set(CMAKE_CUDA_STANDARD 20)
-      set(CMAKE_CUDA_STANDARD_REQUIRED ON)
-    else()
-      # CMake before 3.26 does not know nvcc's C++20 flag: pass it ourselves.
-      add_compile_options($<$<COMPILE_LANGUAGE:CUDA>:-std=c++20>)
+    # CMake < 3.26 does not know how nvcc spells C++20: tell it.
+    if(CMAKE_VERSION VERSION_LESS 3.26)
+      set(CMAKE_CUDA20_STANDARD_COMPILE_OPTION "-std=c++20")
+      set(CMAKE_CUDA20_EXTENSION_COMPILE_OPTION "-std=c++20")
+      list(APPEND CMAKE_CUDA_COMPILE_FEATURES cuda_std_20)
     endif()
+    set(CMAKE_CUDA_STANDARD 20)
+    set(CMAKE_CUDA_STANDARD_REQUIRED ON)
     find_package(CUDAToolkit REQUIRED)
     set(EPCOMM_HAS_CUDA ON)
   elseif(EPCOMM_WITH_CUDA STREQUAL "ON")

@@ -74,8 +74,8 @@ do_build() {
     say "FAIL configure (build.log)"
     return 1
   fi
-  cmake --build "$build" -j "$(nproc)" --target test_low_latency test_low_latency_faults \
-    test_low_latency_coexistence test_low_latency_timing >>"$log" 2>&1
+  cmake --build "$build" -j "$(nproc)" --target test_gpu_low_latency test_gpu_low_latency_faults \
+    test_gpu_low_latency_coexistence perf_gpu_low_latency >>"$log" 2>&1
   local status=$?
   # ptxas -v of the low-latency kernels: one line per kernel with registers and spills.
   awk '/Compiling entry function/ { name = "" }
@@ -90,7 +90,7 @@ do_build() {
 
 do_test() {
   local status=0
-  for t in test_low_latency test_low_latency_faults test_low_latency_coexistence; do
+  for t in test_gpu_low_latency test_gpu_low_latency_faults test_gpu_low_latency_coexistence; do
     local bin="$build/tests/gpu/$t"
     [ -x "$bin" ] || { say "FAIL $t: not built"; status=1; continue; }
     say "run $t"
@@ -106,7 +106,7 @@ do_test() {
 }
 
 do_timing() {
-  local bin="$build/tests/gpu/test_low_latency_timing"
+  local bin="$build/tests/gpu/perf_gpu_low_latency"
   [ -x "$bin" ] || { say "FAIL timing: not built"; return 1; }
   say "timing (programmatic dependent launch on)"
   EPCOMM_LL_TIMING=1 "$bin" --gtest_color=no >>"$out/timing.log" 2>&1

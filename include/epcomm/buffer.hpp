@@ -80,6 +80,13 @@ class Buffer {
   DispatchResult dispatch(const DispatchInputs& inputs, const StreamOptions& stream = {});
   CombineResult combine(const CombineInputs& inputs, const StreamOptions& stream = {});
 
+  // Errors of asynchronous GPU work (a peer that timed out, topk_idx values outside [-1, E), a
+  // num_worst_tokens dispatch that overflowed, ranks making different calls) are recorded by the
+  // kernels and thrown by the next call of this buffer. check_errors() throws them now instead: it
+  // waits for the work queued on the comm stream (synchronise the stream of a CUDA-graph replay
+  // first), then throws the first recorded error. The CPU backend throws from the call itself.
+  void check_errors();
+
   // ---- low-latency mode (SPEC §4) ----
   LowLatencyDispatchResult low_latency_dispatch(const LowLatencyDispatchInputs& inputs,
                                                 const LowLatencyOptions& options = {});

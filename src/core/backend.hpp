@@ -99,6 +99,10 @@ class Backend {
   virtual TensorView local_buffer(DType dtype, int64_t offset_bytes, std::optional<int64_t> num_elements,
                                   bool rdma_memory) const = 0;
 
+  // Throws the first error that asynchronous work of this buffer recorded (waiting for that work to
+  // finish first). Backends whose calls report every error before returning do nothing.
+  virtual void check_errors() {}
+
   // collective = true: synchronises with the peers before releasing (Buffer::destroy);
   // false: releases local resources only (destructor). Idempotent, never throws when !collective.
   virtual void destroy(bool collective) = 0;

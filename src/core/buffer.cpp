@@ -129,6 +129,8 @@ CombineResult Buffer::combine(const CombineInputs& inputs, const StreamOptions& 
   return backend.combine(args, stream);
 }
 
+void Buffer::check_errors() { live_backend("check_errors").check_errors(); }
+
 LowLatencyDispatchResult Buffer::low_latency_dispatch(const LowLatencyDispatchInputs& inputs,
                                                       const LowLatencyOptions& options) {
   Backend& backend = live_backend("low_latency_dispatch");

@@ -6,8 +6,10 @@
 //   |---------------|---------------------------------------------------|
 //   | control       | kNormalControlBytes (counters, flags, counts)     |
 //   | queues        | R x channels x queue_tokens x token_record_bytes  |
-// A queue (one per source rank and channel) holds whole token records:
-//   payload (hidden_bytes) | scales (hidden_bytes / 64) | topk idx + weights (kMaxTopk x 8) | 16 B tag
+// A queue (one per source rank and channel) holds whole token records (src/cuda/normal/protocol.hpp):
+//   16 B header | payload | scales | topk idx + weights (K x 8)
+// The largest record is a bf16 token with K = kMaxTopk (an fp8 token with hidden / 128 scales is
+// smaller), so token_record_bytes(bf16 size) bounds every record of a call with that hidden size.
 //
 // Low-latency mode (num_rdma_bytes, symmetric memory: every rank has the same layout):
 //   | region                    | size                                              | written by
@@ -60,7 +62,7 @@ struct NormalLayout {
     return {num_ranks, config.num_sms / 2, config.num_max_nvl_chunked_recv_tokens, hidden_bytes};
   }
   static int64_t token_record_bytes(int64_t hidden_bytes) {
-    return align_up(hidden_bytes + hidden_bytes / 64 + int64_t(kMaxTopk) * 8 + 16, 16);
+    return align_up(16 + hidden_bytes + int64_t(kMaxTopk) * 8, 16);
   }
   int64_t queue_bytes() const { return int64_t(queue_tokens) * token_record_bytes(hidden_bytes); }
   int64_t total_bytes() const { return kNormalControlBytes + int64_t(num_ranks) * num_channels * queue_bytes(); }

@@ -1,22 +1,29 @@
 #include "cpu/cpu_backend.hpp"
 
 #include "core/check.hpp"
+#include "core/layouts.hpp"
 #include "core/timeout.hpp"
 
 namespace epcomm {
 namespace cpu {
 
+namespace {
+// | sync counters | normal-mode area | padding to a page | low-latency area |
+size_t rdma_area_offset(const BufferOptions& options) {
+  return kSyncBlockBytes + size_t(align_up(options.num_nvl_bytes, 4096));
+}
+}  // namespace
+
 CpuBackend::CpuBackend(Bootstrap& bootstrap, const BufferOptions& options, const GroupGeometry& geometry)
     : geometry_(geometry),
       options_(options),
-      memory_(bootstrap, kSyncBlockBytes + size_t(options.num_nvl_bytes) + size_t(options.num_rdma_bytes)),
+      memory_(bootstrap, rdma_area_offset(options) + size_t(options.num_rdma_bytes)),
+      nvl_area_{&memory_, kSyncBlockBytes, size_t(options.num_nvl_bytes)},
+      rdma_area_{&memory_, rdma_area_offset(options), size_t(options.num_rdma_bytes)},
       sync_(memory_, geometry.rank, resolve_timeout(options.timeout)),
       context_{geometry_, &options_, &sync_, this} {
-  const size_t nvl_bytes = size_t(options.num_nvl_bytes);
-  normal_ = std::make_unique<NormalMode>(context_, Area{&memory_, kSyncBlockBytes, nvl_bytes});
-  if (options.low_latency_mode)
-    low_latency_ = std::make_unique<LowLatencyMode>(
-        context_, Area{&memory_, kSyncBlockBytes + nvl_bytes, size_t(options.num_rdma_bytes)});
+  normal_ = std::make_unique<NormalMode>(context_, nvl_area_);
+  if (options.low_latency_mode) low_latency_ = std::make_unique<LowLatencyMode>(context_, rdma_area_);
 }
 
 CpuBackend::~CpuBackend() { release(); }
@@ -68,10 +75,10 @@ void CpuBackend::clean_mask(StreamHandle) { low_latency("low_latency_clean_mask_
 
 TensorView CpuBackend::local_buffer(DType dtype, int64_t offset_bytes, std::optional<int64_t> num_elements,
                                     bool rdma_memory) const {
-  const int64_t area_offset = int64_t(kSyncBlockBytes) + (rdma_memory ? options_.num_nvl_bytes : 0);
-  const int64_t area_bytes = rdma_memory ? options_.num_rdma_bytes : options_.num_nvl_bytes;
-  const int64_t count = num_elements ? *num_elements : (area_bytes - offset_bytes) / int64_t(dtype_size(dtype));
-  return TensorView::contiguous(memory_.local() + area_offset + offset_bytes, dtype, {count}, Device::cpu());
+  const Area& area = rdma_memory ? rdma_area_ : nvl_area_;
+  const int64_t count =
+      num_elements ? *num_elements : (int64_t(area.bytes) - offset_bytes) / int64_t(dtype_size(dtype));
+  return TensorView::contiguous(area.of(geometry_.rank) + offset_bytes, dtype, {count}, Device::cpu());
 }
 
 void CpuBackend::release() noexcept {

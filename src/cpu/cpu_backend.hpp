@@ -48,6 +48,8 @@ class CpuBackend final : public Backend {
   GroupGeometry geometry_;
   BufferOptions options_;
   PeerMemory memory_;
+  Area nvl_area_;   // normal mode
+  Area rdma_area_;  // low-latency mode, page-aligned so that views of it suit any dtype
   GroupSync sync_;
   CpuContext context_;
   std::unique_ptr<NormalMode> normal_;

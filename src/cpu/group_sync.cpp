@@ -11,9 +11,15 @@ namespace {
 static_assert(sizeof(std::atomic<uint64_t>) == sizeof(uint64_t) && std::atomic<uint64_t>::is_always_lock_free,
               "counters in shared memory must be lock-free 64-bit words");
 
-// Spin briefly, then yield: ranks are processes that may share few cores (CI has two).
+// Spin briefly, then yield, then sleep: ranks are processes that may outnumber the cores (CI has
+// two), and a waiter that keeps spinning steals the time the late rank needs to arrive.
 void pause(int& spins) {
-  if (++spins > 64) std::this_thread::yield();
+  ++spins;
+  if (spins > 1024) {
+    std::this_thread::sleep_for(std::chrono::microseconds(20));
+  } else if (spins > 64) {
+    std::this_thread::yield();
+  }
 }
 
 }  // namespace

@@ -15,20 +15,33 @@ namespace epcomm::cuda {
 // Host side of the error word kernels write (pinned, mapped memory). A kernel that gives up
 // (timeout, bad index, capacity) records the first error here and returns; the host turns it into
 // epcomm::Error at its next check.
+//
+// A timeout is sticky: the group's protocol state is lost, so every later check throws it again
+// (only destroy() is guaranteed to work). Any other error is cleared when thrown: the kernels that
+// record it still complete their protocol, so the buffer stays usable.
 class DeviceErrors {
  public:
-  DeviceErrors();
+  // `reset_stream`: where the device-side claim flag is re-armed after a cleared error (the stream
+  // all of this buffer's kernels run on, so the reset is ordered after them).
+  explicit DeviceErrors(cudaStream_t reset_stream);
   ~DeviceErrors();
   DeviceErrors(const DeviceErrors&) = delete;
   DeviceErrors& operator=(const DeviceErrors&) = delete;
 
-  DeviceErrorWord* device_word() const { return word_; }
-  // Throws the recorded error, if any, as epcomm::Error (and clears it). Cheap: reads host memory.
+  DeviceErrorWord* device_word() const { return device_word_; }
+  // What kernels receive to report errors (cuda/device/errors.cuh).
+  DeviceErrorSink sink() const { return {device_word_, flags_, flags_ + 1}; }
+  // Throws the recorded error, if any, as epcomm::Error (and clears it unless it is a timeout).
+  // Cheap: reads host memory.
   void throw_if_set();
   bool is_set() const;
+  bool is_timeout() const;
 
  private:
-  DeviceErrorWord* word_ = nullptr;
+  DeviceErrorWord* word_ = nullptr;         // host address
+  DeviceErrorWord* device_word_ = nullptr;  // the same memory as the device sees it
+  int32_t* flags_ = nullptr;                // device memory: [0] claim, [1] abort
+  cudaStream_t reset_stream_ = nullptr;
 };
 
 struct CudaContext {

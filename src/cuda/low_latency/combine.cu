@@ -176,7 +176,9 @@ __global__ void __launch_bounds__(kRecvThreads, kRecvBlocksPerSm)
       const int64_t e = static_cast<int64_t>(topk[int64_t(t) * K + k]);
       int slot = -1;
       if (e < -1 || e >= p.num_experts) {
-        if (chunk == 0) record_error(p.c, DeviceErrorKind::kBadIndex, DevicePhase::kLowLatencyCombineRecv, t, e, false);
+        if (chunk == 0)
+          record_error(p.c, DeviceErrorKind::kBadIndex, DevicePhase::kLowLatencyCombineRecv, t, e,
+                       p.num_experts * 32 + k);
       } else if (e >= 0 && !is_masked(p.c, static_cast<int>(e / L))) {
         slot = k;
         for (int k2 = k - 1; k2 >= 0; --k2)

@@ -56,7 +56,8 @@ __device__ void load_routing(const DispatchParams& p, int32_t* ids) {
       int64_t e = raw[k];
       if (e < -1 || e >= p.num_experts) {
         if (blockIdx.x == 0)
-          record_error(p.c, DeviceErrorKind::kBadIndex, DevicePhase::kLowLatencyDispatchSend, j, e, false);
+          record_error(p.c, DeviceErrorKind::kBadIndex, DevicePhase::kLowLatencyDispatchSend, j, e,
+                       p.num_experts * 32 + k);
         e = -1;
       }
 #pragma unroll

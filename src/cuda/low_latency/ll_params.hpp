@@ -19,7 +19,7 @@ namespace epcomm::cuda::ll {
 
 // The control region at offset 0 of the symmetric memory (kLowLatencyControlBytes).
 //   | flags        | u64 [4][kMaxRanks]: dispatch parity 0/1, combine parity 0/1; [.][s] set by source s |
-//   | counters     | u32 [kNumCounters]: block-completion counters, gates, abort, error claim    |
+//   | counters     | u32 [kNumCounters]: block-completion counters, gates    |
 //   | peer bases   | u64 [kMaxRanks]: rank r's symmetric memory as mapped here; 0 = use puts       |
 //   | mask         | i32 [kMaxRanks]: 1 = rank is masked (enable_shrink)                           |
 // Flags and counters return to zero after every call (the receiver clears what it consumed), so
@@ -31,8 +31,7 @@ enum Counter : int {
   kCombineRecvDone = 6,
   kDispatchGate = 8,  // enable_shrink: block 0 has settled who is masked for this call
   kCombineGate = 10,
-  kAbort = 12,       // a wait of this rank timed out: every later wait gives up at once
-  kErrorClaim = 13,  // first error wins the DeviceErrorWord
+
   kNumCounters = 16,
 };
 
@@ -57,11 +56,11 @@ enum class Format : int32_t { kBf16 = 0, kFp8 = 1, kFp8RoundScale = 2, kFp8Ue8m0
 
 // What every kernel of a call needs to talk to the peers and report errors.
 struct Common {
-  uint8_t* local = nullptr;               // this rank's symmetric memory
-  const uint64_t* peer_bases = nullptr;   // [R] (control region)
-  int32_t* mask = nullptr;                // [R] (control region)
-  uint32_t* counters = nullptr;           // [kNumCounters] (control region)
-  DeviceErrorWord* error_word = nullptr;  // host-mapped; may be null
+  uint8_t* local = nullptr;              // this rank's symmetric memory
+  const uint64_t* peer_bases = nullptr;  // [R] (control region)
+  int32_t* mask = nullptr;               // [R] (control region)
+  uint32_t* counters = nullptr;          // [kNumCounters] (control region)
+  DeviceErrorSink errors;                // the Buffer's error word, claim and abort flag (DeviceErrors::sink)
   uint64_t timeout_ns = 0;
   int32_t rank = 0;
   int32_t num_ranks = 1;

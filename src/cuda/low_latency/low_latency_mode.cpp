@@ -9,9 +9,9 @@
 
 #include <array>
 #include <cstdlib>
-#include <string>
 #include <functional>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "core/check.hpp"
@@ -77,7 +77,7 @@ class NvshmemLowLatencyMode final : public LowLatencyMode {
   uint8_t* control(int64_t offset) const { return symmetric_ + offset; }
   int32_t* mask() const { return reinterpret_cast<int32_t*>(control(ControlLayout::kMask)); }
   ll::Common common() const;
-  void check_usable(const char* op, cudaStream_t stream);
+  void check_usable(const char* op);
   void check_limits(int max_tokens, int hidden, int num_experts, const char* op) const;
   int find_dispatch(const LowLatencyHandle& handle) const;
   uint16_t* ensure_zero_copy(int64_t bytes);
@@ -147,7 +147,7 @@ ll::Common NvshmemLowLatencyMode::common() const {
   c.peer_bases = reinterpret_cast<const uint64_t*>(control(ControlLayout::kPeerBases));
   c.mask = mask();
   c.counters = reinterpret_cast<uint32_t*>(control(ControlLayout::kCounters));
-  c.error_word = errors_ != nullptr ? errors_->device_word() : nullptr;
+  c.errors = errors_->sink();
   c.timeout_ns = timeout_ns_;
   c.rank = geometry_.rank;
   c.num_ranks = geometry_.num_ranks;
@@ -157,13 +157,9 @@ ll::Common NvshmemLowLatencyMode::common() const {
 }
 
 // Reports an error a kernel of an earlier call recorded (the word is host memory: no sync).
-void NvshmemLowLatencyMode::check_usable(const char* op, cudaStream_t stream) {
+void NvshmemLowLatencyMode::check_usable(const char* op) {
   if (destroyed_) throw_error(ErrorCode::kInvalidArgument, concat(op, ": the Buffer was destroyed"));
-  if (errors_ == nullptr || !errors_->is_set()) return;
-  // Let the kernels record the next error; the abort flag stays until clean_low_latency_buffer.
-  DeviceGuard guard(device_);
-  EPCOMM_CUDA_CHECK(cudaMemsetAsync(control(ControlLayout::kCounters + 4 * ll::kErrorClaim), 0, 4, stream));
-  errors_->throw_if_set();
+  errors_->throw_if_set();  // timeouts stay set; other errors are re-armed by DeviceErrors
 }
 
 void NvshmemLowLatencyMode::check_limits(int max_tokens, int hidden, int num_experts, const char* op) const {
@@ -184,7 +180,7 @@ void NvshmemLowLatencyMode::check_limits(int max_tokens, int hidden, int num_exp
 LowLatencyDispatchResult NvshmemLowLatencyMode::dispatch(const LowLatencyDispatchArgs& args,
                                                          const LowLatencyOptions& options) {
   const char* op = "low_latency_dispatch";
-  check_usable(op, options.stream);
+  check_usable(op);
   DeviceGuard guard(device_);
   const LowLatencyDispatchInputs& in = *args.inputs;
   const int T = args.num_tokens, T_max = args.max_tokens_per_rank, hidden = args.hidden;
@@ -282,7 +278,7 @@ int NvshmemLowLatencyMode::find_dispatch(const LowLatencyHandle& handle) const {
 LowLatencyCombineResult NvshmemLowLatencyMode::combine(const LowLatencyCombineArgs& args,
                                                        const LowLatencyOptions& options) {
   const char* op = "low_latency_combine";
-  check_usable(op, options.stream);
+  check_usable(op);
   DeviceGuard guard(device_);
   const LowLatencyCombineInputs& in = *args.inputs;
   const LowLatencyHandle& handle = *in.handle;
@@ -368,7 +364,7 @@ uint16_t* NvshmemLowLatencyMode::ensure_zero_copy(int64_t bytes) {
 }
 
 TensorView NvshmemLowLatencyMode::next_combine_buffer(const LowLatencyHandle& handle) {
-  check_usable("get_next_low_latency_combine_buffer", nullptr);
+  check_usable("get_next_low_latency_combine_buffer");
   DeviceGuard guard(device_);
   const LowLatencyLayout lay = layout(handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts);
   void* region = ensure_zero_copy(lay.zero_copy_bytes());
@@ -379,7 +375,7 @@ TensorView NvshmemLowLatencyMode::next_combine_buffer(const LowLatencyHandle& ha
 
 // Collective and host-synchronous: after it no flag, counter or parity remembers earlier calls.
 void NvshmemLowLatencyMode::clean(int max_tokens_per_rank, int hidden, int num_experts, cudaStream_t stream) {
-  check_usable("clean_low_latency_buffer", stream);
+  check_usable("clean_low_latency_buffer");
   check_limits(max_tokens_per_rank, hidden, num_experts, "clean_low_latency_buffer");
   DeviceGuard guard(device_);
   EPCOMM_CUDA_CHECK(cudaStreamSynchronize(stream));
@@ -394,18 +390,18 @@ void NvshmemLowLatencyMode::clean(int max_tokens_per_rank, int hidden, int num_e
 }
 
 void NvshmemLowLatencyMode::update_mask(int rank, bool value, cudaStream_t stream) {
-  check_usable("low_latency_update_mask_buffer", stream);
+  check_usable("low_latency_update_mask_buffer");
   DeviceGuard guard(device_);
   ll::launch_set_mask(mask(), rank, value ? 1 : 0, stream);
 }
 
 TensorView NvshmemLowLatencyMode::query_mask() {
-  check_usable("low_latency_query_mask_buffer", nullptr);
+  check_usable("low_latency_query_mask_buffer");
   return TensorView::contiguous(mask(), DType::kInt32, {int64_t(geometry_.num_ranks)}, Device::cuda(device_));
 }
 
 void NvshmemLowLatencyMode::clean_mask(cudaStream_t stream) {
-  check_usable("low_latency_clean_mask_buffer", stream);
+  check_usable("low_latency_clean_mask_buffer");
   DeviceGuard guard(device_);
   EPCOMM_CUDA_CHECK(cudaMemsetAsync(mask(), 0, sizeof(int32_t) * geometry_.num_ranks, stream));
 }

@@ -17,6 +17,7 @@
 
 #include <cstdint>
 
+#include "cuda/device/errors.cuh"
 #include "cuda/low_latency/ll_params.hpp"
 
 namespace epcomm::cuda::ll {
@@ -65,25 +66,14 @@ __device__ __forceinline__ uint4 ld_input(const void* p) {
 __device__ __forceinline__ uint4 ld_shared_data(const void* p) { return __ldcg(static_cast<const uint4*>(p)); }
 __device__ __forceinline__ void st_data(void* p, const uint4& v) { __stcg(static_cast<uint4*>(p), v); }
 
-__device__ __forceinline__ bool aborted(const Common& c) {
-  return ld_relaxed(reinterpret_cast<const int32_t*>(c.counters + kAbort)) != 0;
-}
+// A timeout anywhere in this Buffer (cuda/device/errors.cuh): every wait gives up at once.
+__device__ __forceinline__ bool aborted(const Common& c) { return device::aborted(c.errors); }
 
-// Records the first error of this rank in the host-visible word (the claim lives in device
-// memory: PCIe hosts have no atomics on host memory). `abort` makes every wait give up.
+// Records the first error of this Buffer in its host-visible word (cuda/device/errors.cuh); a
+// timeout also raises the abort flag.
 __device__ __forceinline__ void record_error(const Common& c, DeviceErrorKind kind, DevicePhase phase, int peer,
-                                             int64_t value, bool abort) {
-  if (abort) atomicExch(c.counters + kAbort, 1u);
-  if (atomicCAS(c.counters + kErrorClaim, 0u, 1u) != 0u) return;
-  if (c.error_word == nullptr) return;
-  volatile DeviceErrorWord* w = c.error_word;
-  w->kind = static_cast<int32_t>(kind);
-  w->phase = static_cast<int32_t>(phase);
-  w->peer = peer;
-  w->value = value;
-  w->abort = abort ? 1 : 0;
-  __threadfence_system();
-  w->set = 1;
+                                             int64_t value, int32_t detail = 0) {
+  device::report_error(c.errors, kind, phase, peer, value, detail);
 }
 
 // Address of rank r's symmetric memory as seen from here, or null when r is reached with puts.
@@ -133,7 +123,9 @@ __device__ __forceinline__ void signal_destinations(const Common& c, int set) {
 // start at once (the receive kernel synchronises through the flags, not through kernel order), and
 // the receive kernel waits for the send kernel's completion only at its very end, so that work
 // queued after the call still runs after both kernels.
-__device__ __forceinline__ void allow_dependent_launch() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
+__device__ __forceinline__ void allow_dependent_launch() {
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}
 __device__ __forceinline__ void wait_for_preceding_grid() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 
 enum class WaitResult { kArrived, kTimedOut, kAborted };
@@ -170,7 +162,7 @@ __device__ __forceinline__ bool wait_for_sources(const Common& c, int set, Devic
       if (result == WaitResult::kTimedOut && c.shrink) {
         atomicExch(reinterpret_cast<uint32_t*>(c.mask + s), 1u);  // SPEC §6: skip the late rank from now on
       } else if (result == WaitResult::kTimedOut) {
-        record_error(c, DeviceErrorKind::kTimeout, phase, s, static_cast<int64_t>(c.timeout_ns), true);
+        record_error(c, DeviceErrorKind::kTimeout, phase, s, static_cast<int64_t>(c.timeout_ns));
         failed = 1;
       } else if (result == WaitResult::kAborted) {
         failed = 1;
@@ -193,7 +185,7 @@ __device__ __forceinline__ bool wait_for_sources(const Common& c, int set, Devic
       uint32_t spins = 0;
       while (ld_acquire_gpu(gate) == 0) {
         if ((++spins & 63u) == 0 && (aborted(c) || global_timer_ns() > gate_deadline)) {
-          if (!aborted(c)) record_error(c, DeviceErrorKind::kTimeout, phase, c.rank, int64_t(c.timeout_ns), true);
+          if (!aborted(c)) record_error(c, DeviceErrorKind::kTimeout, phase, c.rank, int64_t(c.timeout_ns));
           failed = 1;
           break;
         }
@@ -207,8 +199,8 @@ __device__ __forceinline__ bool wait_for_sources(const Common& c, int set, Devic
 // Host: launches `kernel` (a __global__ function taking one params struct) on `stream`; with
 // `overlap_previous`, as a programmatic dependent of the kernel before it on the stream.
 template <class Params>
-void launch_kernel(void (*kernel)(Params), int grid, int block, size_t smem, cudaStream_t stream,
-                   bool overlap_previous, const Params& params) {
+void launch_kernel(void (*kernel)(Params), int grid, int block, size_t smem, cudaStream_t stream, bool overlap_previous,
+                   const Params& params) {
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(grid);
   config.blockDim = dim3(block);

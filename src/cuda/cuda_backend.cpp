@@ -1,0 +1,159 @@
+#include "cuda/cuda_backend.hpp"
+
+#include "core/check.hpp"
+#include "core/cuda_check.hpp"
+
+namespace epcomm {
+
+std::unique_ptr<Backend> make_cuda_backend(Bootstrap& bootstrap, const BufferOptions& options,
+                                           const GroupGeometry& geometry) {
+  return std::make_unique<cuda::CudaBackend>(bootstrap, options, geometry);
+}
+
+namespace cuda {
+namespace {
+
+int resolve_device(int requested) {
+  int count = 0;
+  EPCOMM_CUDA_CHECK(cudaGetDeviceCount(&count));
+  if (requested < 0) {
+    int current = 0;
+    EPCOMM_CUDA_CHECK(cudaGetDevice(&current));
+    return current;
+  }
+  require(requested < count, "Buffer", "device", concat("expected 0..", count - 1, ", got ", requested));
+  return requested;
+}
+
+}  // namespace
+
+CudaBackend::CudaBackend(Bootstrap& bootstrap, const BufferOptions& options, const GroupGeometry& geometry)
+    : options_(options) {
+  ctx_.geometry = geometry;
+  ctx_.bootstrap = &bootstrap;
+  ctx_.options = &options_;
+  ctx_.device = resolve_device(options.device);
+  ctx_.timeout = options.timeout;
+  DeviceGuard guard(ctx_.device);
+  EPCOMM_CUDA_CHECK(cudaDeviceGetAttribute(&ctx_.num_device_sms, cudaDevAttrMultiProcessorCount, ctx_.device));
+  EPCOMM_CUDA_CHECK(cudaStreamCreateWithFlags(&ctx_.comm_stream, cudaStreamNonBlocking));
+  try {
+    errors_ = std::make_unique<DeviceErrors>(ctx_.comm_stream);
+    ctx_.errors = errors_.get();
+    if (options.num_nvl_bytes > 0)
+      normal_memory_ = std::make_unique<NormalMemory>(bootstrap, geometry, options.num_nvl_bytes);
+    normal_ = std::make_unique<NormalMode>(ctx_, normal_memory_.get(), static_cast<const Backend*>(this));
+    if (options.low_latency_mode) low_latency_ = make_low_latency_mode(ctx_);
+  } catch (...) {
+    destroy(/*collective=*/false);
+    throw;
+  }
+}
+
+CudaBackend::~CudaBackend() { destroy(/*collective=*/false); }
+
+void CudaBackend::begin_call() const { errors_->throw_if_set(); }
+
+LayoutResult CudaBackend::layout(const LayoutArgs& args, const StreamOptions& stream) {
+  DeviceGuard guard(ctx_.device);
+  begin_call();
+  return normal_->layout(args, stream);
+}
+
+DispatchResult CudaBackend::dispatch(const DispatchArgs& args, const StreamOptions& stream) {
+  DeviceGuard guard(ctx_.device);
+  begin_call();
+  return normal_->dispatch(args, stream);
+}
+
+CombineResult CudaBackend::combine(const CombineArgs& args, const StreamOptions& stream) {
+  DeviceGuard guard(ctx_.device);
+  begin_call();
+  return normal_->combine(args, stream);
+}
+
+LowLatencyMode& CudaBackend::low_latency(const char* op) const {
+  if (!low_latency_)
+    throw_error(ErrorCode::kInvalidArgument, concat(op, ": Buffer: was not created with low_latency_mode=True"));
+  return *low_latency_;
+}
+
+LowLatencyDispatchResult CudaBackend::low_latency_dispatch(const LowLatencyDispatchArgs& args,
+                                                           const LowLatencyOptions& options) {
+  DeviceGuard guard(ctx_.device);
+  begin_call();
+  return low_latency("low_latency_dispatch").dispatch(args, options);
+}
+
+LowLatencyCombineResult CudaBackend::low_latency_combine(const LowLatencyCombineArgs& args,
+                                                         const LowLatencyOptions& options) {
+  DeviceGuard guard(ctx_.device);
+  begin_call();
+  return low_latency("low_latency_combine").combine(args, options);
+}
+
+TensorView CudaBackend::next_low_latency_combine_buffer(const LowLatencyHandle& handle) {
+  DeviceGuard guard(ctx_.device);
+  return low_latency("get_next_low_latency_combine_buffer").next_combine_buffer(handle);
+}
+
+void CudaBackend::clean_low_latency_buffer(int max_tokens_per_rank, int hidden, int num_experts, StreamHandle stream) {
+  DeviceGuard guard(ctx_.device);
+  begin_call();
+  low_latency("clean_low_latency_buffer")
+      .clean(max_tokens_per_rank, hidden, num_experts, reinterpret_cast<cudaStream_t>(stream));
+}
+
+void CudaBackend::update_mask(int rank, bool mask, StreamHandle stream) {
+  DeviceGuard guard(ctx_.device);
+  low_latency("low_latency_update_mask_buffer").update_mask(rank, mask, reinterpret_cast<cudaStream_t>(stream));
+}
+
+TensorView CudaBackend::query_mask() {
+  DeviceGuard guard(ctx_.device);
+  return low_latency("low_latency_query_mask_buffer").query_mask();
+}
+
+void CudaBackend::clean_mask(StreamHandle stream) {
+  DeviceGuard guard(ctx_.device);
+  low_latency("low_latency_clean_mask_buffer").clean_mask(reinterpret_cast<cudaStream_t>(stream));
+}
+
+TensorView CudaBackend::local_buffer(DType dtype, int64_t offset_bytes, std::optional<int64_t> num_elements,
+                                     bool rdma_memory) const {
+  char* base = rdma_memory ? static_cast<char*>(low_latency("get_local_buffer_tensor").local_memory())
+                           : (normal_memory_ ? normal_memory_->local() : nullptr);
+  const int64_t count = num_elements.value_or(0);
+  return TensorView::contiguous(base == nullptr ? nullptr : base + offset_bytes, dtype, {count}, ctx_.tensor_device());
+}
+
+void CudaBackend::check_errors() {
+  DeviceGuard guard(ctx_.device);
+  EPCOMM_CUDA_CHECK(cudaStreamSynchronize(ctx_.comm_stream));
+  errors_->throw_if_set();
+}
+
+void CudaBackend::destroy(bool collective) {
+  if (destroyed_) return;
+  destroyed_ = true;
+  int previous_device = -1;  // no DeviceGuard: this runs in the destructor and must not throw
+  (void)cudaGetDevice(&previous_device);
+  (void)cudaSetDevice(ctx_.device);
+  // Our kernels end on their own (every wait is bounded), so this returns.
+  if (ctx_.comm_stream != nullptr) (void)cudaStreamSynchronize(ctx_.comm_stream);
+  Bootstrap* bootstrap = collective ? ctx_.bootstrap : nullptr;
+  if (low_latency_) low_latency_->destroy(collective);
+  low_latency_.reset();
+  normal_.reset();
+  if (normal_memory_) normal_memory_->release(bootstrap);
+  normal_memory_.reset();
+  errors_.reset();
+  ctx_.errors = nullptr;
+  if (ctx_.comm_stream != nullptr) cudaStreamDestroy(ctx_.comm_stream);
+  ctx_.comm_stream = nullptr;
+  if (previous_device >= 0) (void)cudaSetDevice(previous_device);
+  (void)cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace epcomm
