@@ -10,6 +10,8 @@
 #   EPCOMM_LL_FILTER=...    gtest filter for the test stage (default: everything)
 #   EPCOMM_TEST_MAX_RANKS=N at most N ranks (default 8; never more than the GPUs present)
 #   EPCOMM_BUILD_DIR        build folder (default: build-gpu-ll)
+#   EPCOMM_TIMEOUT_S        timeout of every wait (default here: 60 s)
+# The stages can run as separate commands (the build folder stays): build, then test, then timing.
 # Needs on the machine: nvcc, cmake >= 3.24, ninja, a python3 with the pip package
 # nvidia-nvshmem-cu13, and GoogleTest. Without network, GoogleTest can come along as Debian
 # packages: here `mkdir -p .deps && (cd .deps && apt-get download libgtest-dev libgmock-dev googletest)`,
@@ -26,6 +28,8 @@ say() { echo "== $*" | tee -a "$summary"; }
 
 # NVLink multicast must stay off on these machines (shared host).
 export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+# A broken protocol fails in a minute, naming the phase and the peer, instead of 100 s per wait.
+export EPCOMM_TIMEOUT_S="${EPCOMM_TIMEOUT_S:-60}"
 
 find_nvshmem() {
   if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
