@@ -117,7 +117,7 @@ do_timing() {
   say "timing (EPCOMM_LL_PDL=0)"
   echo "---- EPCOMM_LL_PDL=0 ----" >>"$out/timing.log"
   EPCOMM_LL_TIMING=1 EPCOMM_LL_PDL=0 "$bin" --gtest_color=no >>"$out/timing.log" 2>&1
-  grep -h "\[ll-timing\]\|\[ll-memory\]\|----" "$out/timing.log" "$out/tests.log" 2>/dev/null >>"$summary"
+  grep -h -e "\[ll-timing\]" -e "\[ll-memory\]" -e "^---- EPCOMM" "$out/timing.log" "$out/tests.log" 2>/dev/null >>"$summary"
 }
 
 rc=0
