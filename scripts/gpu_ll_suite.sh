@@ -112,12 +112,14 @@ do_test() {
 do_timing() {
   local bin="$build/tests/gpu/perf_gpu_low_latency"
   [ -x "$bin" ] || { say "FAIL timing: not built"; return 1; }
+    local status=0
   say "timing (programmatic dependent launch on)"
-  EPCOMM_LL_TIMING=1 "$bin" --gtest_color=no >>"$out/timing.log" 2>&1
+  EPCOMM_LL_TIMING=1 "$bin" --gtest_color=no >>"$out/timing.log" 2>&1 || status=1
   say "timing (EPCOMM_LL_PDL=0)"
   echo "---- EPCOMM_LL_PDL=0 ----" >>"$out/timing.log"
-  EPCOMM_LL_TIMING=1 EPCOMM_LL_PDL=0 "$bin" --gtest_color=no >>"$out/timing.log" 2>&1
+  EPCOMM_LL_TIMING=1 EPCOMM_LL_PDL=0 "$bin" --gtest_color=no >>"$out/timing.log" 2>&1 || status=1
   grep -h -e "\[ll-timing\]" -e "\[ll-memory\]" -e "^---- EPCOMM" "$out/timing.log" "$out/tests.log" 2>/dev/null >>"$summary"
+  return $status
 }
 
 rc=0
