@@ -1,0 +1,83 @@
+// Where the bench's tensors live and how it takes time: the CPU (host memory, steady_clock) or one
+// CUDA device per rank (device memory, CUDA events, an L2 flush and an NCCL barrier before each
+// timed call). Everything the measurement code does goes through this interface.
+#pragma once
+
+#include <initializer_list>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "epcomm/bootstrap.hpp"
+#include "epcomm/buffer.hpp"
+#include "epcomm/tensor.hpp"
+
+namespace epcomm::bench {
+
+// Start / stop marks of `segments` timed sections per iteration, for `iterations` iterations.
+class Stopwatch {
+ public:
+  virtual ~Stopwatch() = default;
+  virtual void start(int iteration, int segment) = 0;
+  virtual void stop(int iteration, int segment) = 0;
+  // Microseconds of `segment` in every iteration (waits for outstanding GPU work).
+  virtual std::vector<double> microseconds(int segment) = 0;
+};
+
+class Platform {
+ public:
+  virtual ~Platform() = default;
+
+  virtual BackendKind backend() const = 0;
+  virtual Device device() const = 0;
+  virtual StreamHandle stream() const = 0;  // the caller stream every call runs on
+  // Reuses freed blocks of the same size, so outputs of repeated calls cost no allocation.
+  virtual Allocator& allocator() = 0;
+  virtual Bootstrap& bootstrap() = 0;
+
+  // A contiguous tensor on this platform's device, filled from host memory (`bytes` = its nbytes).
+  Tensor upload(DType dtype, std::initializer_list<int64_t> shape, const void* host);
+  // A host copy of `tensor` with the same shape and strides (waits for the stream first).
+  virtual Tensor download(const TensorView& tensor) = 0;
+  // A new contiguous tensor on this platform's device holding a copy of contiguous `tensor`.
+  Tensor clone(const TensorView& tensor);
+  virtual void synchronize() = 0;
+
+  virtual std::unique_ptr<Stopwatch> stopwatch(int iterations, int segments) = 0;
+  // Evicts the GPU L2 cache by writing a large buffer (no-op on the CPU).
+  virtual void flush_cache() = 0;
+  // Returns (GPU: the stream proceeds) once every rank has reached this point.
+  virtual void align() = 0;
+  // "8x NVIDIA H200" / "AMD EPYC 7B13 (2 cores)".
+  virtual std::string machine() const = 0;
+
+ protected:
+  virtual void copy_to_device(void* device_dst, const void* host_src, size_t bytes) = 0;
+  virtual void copy_on_device(void* device_dst, const void* device_src, size_t bytes) = 0;
+};
+
+std::unique_ptr<Platform> make_cpu_platform(Bootstrap& bootstrap);
+// One GPU per rank (rank % visible devices); sets up NCCL through the bootstrap. Throws
+// Error(kUnsupported) in a build without the CUDA parts of the bench.
+std::unique_ptr<Platform> make_cuda_platform(Bootstrap& bootstrap, int64_t flush_bytes);
+// Visible CUDA devices; 0 without CUDA (build or driver).
+int cuda_device_count();
+
+// Elements spanned by a strided view (what a copy of its memory must cover).
+int64_t storage_extent(const TensorView& view);
+
+// Element (i, j, ...) of a host tensor through its strides.
+template <class T>
+T element(const TensorView& view, int64_t i) {
+  return static_cast<const T*>(view.data)[i * view.strides[0]];
+}
+template <class T>
+T element(const TensorView& view, int64_t i, int64_t j) {
+  return static_cast<const T*>(view.data)[i * view.strides[0] + j * view.strides[1]];
+}
+template <class T>
+T element(const TensorView& view, int64_t i, int64_t j, int64_t k) {
+  return static_cast<const T*>(view.data)[i * view.strides[0] + j * view.strides[1] + k * view.strides[2]];
+}
+
+}  // namespace epcomm::bench
