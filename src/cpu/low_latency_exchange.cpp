@@ -87,7 +87,6 @@ Regions Regions::for_sizes(int max_tokens_per_rank, int hidden, int num_ranks, i
   r.combine_routing = layout.dispatch_recv_offset(1);
   r.combine_tags = r.combine_routing + r.num_combine_slots() * 4;
   r.combine_rows = layout.combine_recv_offset(0);
-  r.zero_copy = layout.combine_send_offset();
   r.end = layout.total_bytes();
 
   require_fits(sizeof(CallHeader) <= kLowLatencyControlBytes, "call header", layout);
@@ -96,7 +95,6 @@ Regions Regions::for_sizes(int max_tokens_per_rank, int hidden, int num_ranks, i
   require_fits(r.combine_tags + r.num_combine_slots() * 8 <= layout.dispatch_meta_offset(1), "combine routing and tags",
                layout);
   require_fits(r.combine_rows + r.num_combine_slots() * hidden * 2 <= layout.parity_offset(1), "combine rows", layout);
-  require_fits(r.zero_copy + r.zero_copy_bytes() == r.end, "zero-copy x", layout);
   return r;
 }
 

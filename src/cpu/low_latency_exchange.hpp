@@ -64,7 +64,6 @@ struct Regions {
   int64_t combine_routing = 0;
   int64_t combine_tags = 0;
   int64_t combine_rows = 0;
-  int64_t zero_copy = 0;
   int64_t end = 0;  // LowLatencyLayout::total_bytes()
 
   // The table above for these sizes. Throws kInternal if a region would not fit in its place of

@@ -18,6 +18,9 @@ struct LowLatencyCore {
   LowLatencyExchange exchange;
   uint64_t last_call_id = 0;  // counted by send halves, so the same on every rank for the same call
   uint64_t epoch = 0;         // bumped by clean: calls sent before it can no longer receive
+  // The zero-copy region (get_next_low_latency_combine_buffer): read by this rank only, so it lives
+  // in private memory, not in num_rdma_bytes (LowLatencyLayout::zero_copy_bytes). Grown on demand.
+  std::vector<std::byte> zero_copy;
 
   LowLatencyCore(const CpuContext& ctx, Area area) : geometry(ctx.geometry), exchange(ctx, area) {}
 };
@@ -75,7 +78,9 @@ LowLatencyCombineResult LowLatencyMode::combine(const LowLatencyCombineArgs& arg
   const std::byte* zero_copy_x = nullptr;
   if (args.inputs->zero_copy) {
     const Regions regions = core.exchange.regions(args.max_tokens_per_rank, args.hidden, args.num_experts, op);
-    zero_copy_x = core.exchange.area_of(core.geometry.rank) + regions.zero_copy;
+    require(int64_t(core.zero_copy.size()) >= regions.zero_copy_bytes(), op, "zero_copy",
+            "is True but get_next_low_latency_combine_buffer(handle) was not called for a dispatch of this shape");
+    zero_copy_x = core.zero_copy.data();
   }
   auto call = std::make_shared<LowLatencyCombineCall>(args, options, core.last_call_id + 1, core.geometry, zero_copy_x);
   ++core.last_call_id;
@@ -95,7 +100,8 @@ TensorView LowLatencyMode::next_combine_buffer(const LowLatencyHandle& handle) {
   const Regions regions = core.exchange.regions(handle.num_max_dispatch_tokens_per_rank, handle.hidden,
                                                 handle.num_experts, "get_next_low_latency_combine_buffer");
   const int64_t rows = int64_t(core.geometry.num_ranks) * handle.num_max_dispatch_tokens_per_rank;
-  return TensorView::contiguous(core.exchange.area_of(core.geometry.rank) + regions.zero_copy, DType::kBFloat16,
+  if (int64_t(core.zero_copy.size()) < regions.zero_copy_bytes()) core.zero_copy.resize(regions.zero_copy_bytes());
+  return TensorView::contiguous(core.zero_copy.data(), DType::kBFloat16,
                                 {int64_t(regions.num_local_experts), rows, int64_t(handle.hidden)}, Device::cpu());
 }
 

@@ -1,0 +1,251 @@
+// Low-latency combine (SPEC §4.2) over symmetric memory.
+//
+// Send kernel (16 warps per block, one row per warp): the rows of every local expert, flattened;
+// for row j of expert l the handle gives the source rank s (layout_range) and the token t
+// (src_info), the dispatch's row meta the top-k slot k. The bf16 row goes to slot [t][k] of the
+// combine receive region of rank s: straight from `x` with 16-byte stores when s is mapped over
+// NVLink, else staged in local registered memory and put. The last block sets every flag.
+// Receive kernel (256 threads, 8 channels each, blocks over (token, channel chunk)): waits for
+// every unmasked source, then out[t] = bf16(acc), acc = fmaf(w[t][k], row(t, k), acc) over k
+// ascending, row(t, k) read from the slot of the token's first k with the same expert.
+#include <algorithm>
+
+#include "core/numerics.hpp"
+#include "cuda/low_latency/device/primitives.cuh"
+
+namespace epcomm::cuda::ll {
+namespace {
+
+constexpr int kSendThreads = 512;
+constexpr int kRecvThreads = 256;
+constexpr int kCopyUnroll = 8;
+constexpr int kRecvBlocksPerSm = 4;  // register budget of the receive kernel: 64 per thread
+constexpr int kLoadBatch = 4;        // rows in flight per thread in the receive kernel
+
+// A warp moves a bf16 row in chunks of 32 lanes x kCopyUnroll 16-byte vectors.
+struct Chunk {
+  uint4 v[kCopyUnroll];
+};
+
+__device__ __forceinline__ void load_chunk(const uint8_t* src, int base, int num_vectors, Chunk& chunk) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int u = 0; u < kCopyUnroll; ++u) {
+    const int v = base + u * 32 + lane;
+    if (v < num_vectors) chunk.v[u] = ld_input(src + 16 * int64_t(v));
+  }
+}
+
+__device__ __forceinline__ void store_chunk(uint8_t* dst, int base, int num_vectors, const Chunk& chunk) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int u = 0; u < kCopyUnroll; ++u) {
+    const int v = base + u * 32 + lane;
+    if (v < num_vectors) st_data(dst + 16 * int64_t(v), chunk.v[u]);
+  }
+}
+
+// Copies one bf16 row (num_vectors x 16 bytes) with the lanes of one warp; `first` already holds
+// the first chunk of `src`.
+__device__ __forceinline__ void copy_row(uint8_t* dst, const uint8_t* src, int num_vectors, Chunk& first) {
+  store_chunk(dst, 0, num_vectors, first);
+  for (int base = 32 * kCopyUnroll; base < num_vectors; base += 32 * kCopyUnroll) {
+    load_chunk(src, base, num_vectors, first);
+    store_chunk(dst, base, num_vectors, first);
+  }
+}
+
+// Last index i in [0, n) with keys[i] <= value (keys non-decreasing, keys[0] <= value).
+__device__ __forceinline__ int last_not_above(const int32_t* keys, int n, int value, int stride) {
+  int lo = 0, hi = n - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (keys[mid * stride] <= value) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return lo;
+}
+
+__device__ void send_row(const CombineParams& p, int l, int j, int s, int64_t num_rows) {
+  const int64_t row = int64_t(l) * num_rows + j;
+  const int64_t row_bytes = int64_t(p.hidden) * 2;
+  const int num_vectors = p.hidden / 8;
+  const uint8_t* src = reinterpret_cast<const uint8_t*>(p.x + row * p.hidden);
+  // The row's first chunk does not depend on where it goes: load it with the destination.
+  Chunk chunk;
+  load_chunk(src, 0, num_vectors, chunk);
+  const int t = __ldg(p.src_info + row);
+  const int k = p.meta[row];
+  if (t < 0 || t >= p.max_tokens || k >= kMaxLowLatencyTopk) return;  // not a handle of this buffer's dispatch
+  const int64_t dst_offset = p.recv_offset + (int64_t(t) * kMaxLowLatencyTopk + k) * row_bytes;
+  uint8_t* base = peer_base(p.c, s);
+  if (base != nullptr) {
+    copy_row(base + dst_offset, src, num_vectors, chunk);
+    return;
+  }
+  const uint8_t* staged = src;
+  if (!p.x_is_staging) {
+    uint8_t* staging_row = reinterpret_cast<uint8_t*>(p.staging + row * p.hidden);
+    copy_row(staging_row, src, num_vectors, chunk);
+    staged = staging_row;
+    __syncwarp();
+  }
+  nvshmemx_putmem_nbi_warp(p.c.local + dst_offset, staged, row_bytes, s);
+}
+
+__global__ void __launch_bounds__(kSendThreads) combine_send_kernel(const __grid_constant__ CombineParams p) {
+  extern __shared__ __align__(16) int32_t send_smem[];
+  const int R = p.c.num_ranks, L = p.num_local_experts;
+  const int64_t num_rows = int64_t(R) * p.max_tokens;
+  int32_t* first = send_smem;             // [L][R] first row of (expert, source)
+  int32_t* count = first + L * R;         // [L][R] rows of (expert, source)
+  int32_t* expert_start = count + L * R;  // [L + 1] flattened index of each expert's first row
+  allow_dependent_launch();
+  if (aborted(p.c)) return;
+  for (int i = threadIdx.x; i < L * R; i += blockDim.x) {
+    const int64_t range = __ldg(p.layout_range + i);
+    first[i] = static_cast<int32_t>(range >> 32);
+    count[i] = static_cast<int32_t>(range & 0xFFFFFFFF);
+  }
+  __syncthreads();
+  if (threadIdx.x < 32) {  // exclusive scan of the experts' row counts
+    const int lane = threadIdx.x;
+    int carry = 0;
+    for (int base = 0; base < L; base += 32) {
+      const int l = base + lane;
+      const int rows = l < L ? first[l * R + R - 1] + count[l * R + R - 1] : 0;
+      int inclusive = rows;
+#pragma unroll
+      for (int d = 1; d < 32; d *= 2) {
+        const int other = __shfl_up_sync(0xffffffffu, inclusive, d);
+        if (lane >= d) inclusive += other;
+      }
+      if (l < L) expert_start[l] = carry + inclusive - rows;
+      carry += __shfl_sync(0xffffffffu, inclusive, 31);
+    }
+    if (lane == 0) expert_start[L] = carry;
+  }
+  __syncthreads();
+
+  const int total = expert_start[L];
+  const int warps = blockDim.x / 32;
+  for (int f = blockIdx.x * warps + threadIdx.x / 32; f < total; f += gridDim.x * warps) {
+    const int l = last_not_above(expert_start, L, f, 1);
+    const int j = f - expert_start[l];
+    const int s = last_not_above(first + l * R, R, j, 1);
+    if (j >= first[l * R + s] + count[l * R + s] || j >= num_rows) continue;
+    if (is_masked(p.c, s)) continue;
+    send_row(p, l, j, s, num_rows);
+  }
+  if (p.c.has_put_peers) {
+    __syncthreads();
+    if (threadIdx.x == 0) nvshmem_quiet();
+  }
+  if (finish_block(p.c.counters + kCombineSendDone + p.parity)) signal_destinations(p.c, kCombineFlags0 + p.parity);
+}
+
+__device__ __forceinline__ void accumulate(const uint4& v, float weight, float* acc) {
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    acc[2 * i] = __fmaf_rn(weight, numerics::bf16_to_float(static_cast<uint16_t>(w[i] & 0xFFFFu)), acc[2 * i]);
+    acc[2 * i + 1] = __fmaf_rn(weight, numerics::bf16_to_float(static_cast<uint16_t>(w[i] >> 16)), acc[2 * i + 1]);
+  }
+}
+
+template <class Index>
+__global__ void __launch_bounds__(kRecvThreads, kRecvBlocksPerSm)
+    combine_recv_kernel(const __grid_constant__ CombineParams p) {
+  __shared__ int32_t slot_of[kMaxLowLatencyTopk];  // receive slot that holds slot k's row; -1: k adds nothing
+  __shared__ float weight_of[kMaxLowLatencyTopk];
+  if (!wait_for_sources(p.c, kCombineFlags0 + p.parity, DevicePhase::kLowLatencyCombineRecv, p.wait_stats,
+                        p.c.counters + kCombineGate + p.parity))
+    return;
+  const int K = p.num_topk, L = p.num_local_experts;
+  const int num_vectors = p.hidden / 8;
+  const int chunks = (num_vectors + blockDim.x - 1) / blockDim.x;
+  const int64_t row_bytes = int64_t(p.hidden) * 2;
+  const Index* topk = static_cast<const Index*>(p.topk_idx);
+  for (int item = blockIdx.x; item < p.num_tokens * chunks; item += gridDim.x) {
+    const int t = item / chunks, chunk = item % chunks;
+    if (threadIdx.x < K) {
+      const int k = threadIdx.x;
+      const int64_t e = static_cast<int64_t>(topk[int64_t(t) * K + k]);
+      int slot = -1;
+      if (e < -1 || e >= p.num_experts) {
+        if (chunk == 0)
+          record_error(p.c, DeviceErrorKind::kBadIndex, DevicePhase::kLowLatencyCombineRecv, t, e,
+                       p.num_experts * 32 + k);
+      } else if (e >= 0 && !is_masked(p.c, static_cast<int>(e / L))) {
+        slot = k;
+        for (int k2 = k - 1; k2 >= 0; --k2)
+          if (static_cast<int64_t>(topk[int64_t(t) * K + k2]) == e) slot = k2;
+      }
+      slot_of[k] = slot;
+      weight_of[k] = p.topk_weights[int64_t(t) * K + k];
+    }
+    __syncthreads();
+    const int v = chunk * blockDim.x + threadIdx.x;
+    if (v < num_vectors) {
+      const uint8_t* rows = p.c.local + p.recv_offset + int64_t(t) * kMaxLowLatencyTopk * row_bytes + 16 * int64_t(v);
+      float acc[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
+      // Loads in batches (several rows in flight), accumulation strictly in ascending k.
+      for (int k0 = 0; k0 < K; k0 += kLoadBatch) {
+        uint4 data[kLoadBatch];
+#pragma unroll
+        for (int b = 0; b < kLoadBatch; ++b)
+          if (k0 + b < K && slot_of[k0 + b] >= 0) data[b] = ld_shared_data(rows + slot_of[k0 + b] * row_bytes);
+#pragma unroll
+        for (int b = 0; b < kLoadBatch; ++b)
+          if (k0 + b < K && slot_of[k0 + b] >= 0) accumulate(data[b], weight_of[k0 + b], acc);
+      }
+      uint32_t packed[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        packed[i] =
+            uint32_t(numerics::float_to_bf16(acc[2 * i])) | (uint32_t(numerics::float_to_bf16(acc[2 * i + 1])) << 16);
+      *reinterpret_cast<uint4*>(p.out + int64_t(t) * p.hidden + 8 * v) =
+          make_uint4(packed[0], packed[1], packed[2], packed[3]);
+    }
+    __syncthreads();
+  }
+  if (finish_block(p.c.counters + kCombineRecvDone + p.parity)) {
+    for (int s = threadIdx.x; s < p.c.num_ranks; s += blockDim.x) *local_flag(p.c, kCombineFlags0 + p.parity, s) = 0;
+    if (threadIdx.x == 0) p.c.counters[kCombineGate + p.parity] = 0;
+  }
+  wait_for_preceding_grid();
+}
+
+size_t send_smem_bytes(const CombineParams& p) {
+  return sizeof(int32_t) * (2 * size_t(p.num_local_experts) * p.c.num_ranks + p.num_local_experts + 1);
+}
+
+}  // namespace
+
+void launch_combine_send(const CombineParams& p, int num_sms, cudaStream_t stream) {
+  launch_kernel(combine_send_kernel, std::max(1, num_sms), kSendThreads, send_smem_bytes(p), stream, false, p);
+}
+
+void launch_combine_recv(const CombineParams& p, int num_sms, cudaStream_t stream, bool overlap_send) {
+  const int chunks = (p.hidden / 8 + kRecvThreads - 1) / kRecvThreads;
+  const int64_t items = int64_t(p.num_tokens) * chunks;
+  const int grid =
+      static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(items, int64_t(num_sms) * kRecvBlocksPerSm)));
+  if (p.topk_is_int64) {
+    launch_kernel(combine_recv_kernel<int64_t>, grid, kRecvThreads, 0, stream, overlap_send, p);
+  } else {
+    launch_kernel(combine_recv_kernel<int32_t>, grid, kRecvThreads, 0, stream, overlap_send, p);
+  }
+}
+
+void prepare_combine_kernels(int max_dynamic_smem) {
+  launch_check(cudaFuncSetAttribute(combine_send_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_dynamic_smem),
+               "cudaFuncSetAttribute");
+}
+
+}  // namespace epcomm::cuda::ll

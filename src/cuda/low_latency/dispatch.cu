@@ -1,0 +1,477 @@
+// Low-latency dispatch (SPEC §4.1) over symmetric memory.
+//
+// Send kernel (one block per token, 512 threads):
+//   1. every block copies the whole routing into shared memory (duplicates and bad ids -> -1);
+//   2. block b writes the message for destinations d = b, b + grid, ...: the source's T, one count
+//      per local expert of d, one bit per token that goes to d;
+//   3. per token: warp k counts the earlier tokens that chose expert k (the token's row offset in
+//      that expert's rows from this source), the token is cast once (FP8: 8 threads per 128-channel
+//      block) and stored once per destination rank into slot [source][token] of that rank;
+//   4. the block that finishes last sets every destination's flag (release, system scope).
+// Receive kernel (8 warps per block, one slot per warp): waits for every unmasked source, turns
+// the messages into the first row of each (local expert, source), then copies every received
+// slot into recv_x at row = first row + offset, for each of its local experts.
+#include <algorithm>
+
+#include "core/numerics.hpp"
+#include "cuda/low_latency/device/primitives.cuh"
+
+namespace epcomm::cuda::ll {
+namespace {
+
+constexpr int kSendThreads = 512;
+constexpr int kRecvThreads = 256;
+constexpr int kHeaderBytes = static_cast<int>(LowLatencyLayout::kSlotHeaderBytes);
+constexpr int kIdsAt = 4;                           // header int32 index of the expert ids
+constexpr int kOffsetsAt = 4 + kMaxLowLatencyTopk;  // header int32 index of the row offsets
+constexpr int kCopyUnroll = 8;                      // 16-byte vectors in flight per lane
+static_assert(kSendThreads / 32 >= kMaxLowLatencyTopk, "one warp per top-k slot");
+static_assert(kHeaderBytes % 16 == 0, "the payload starts 16-byte aligned");
+
+// Per-token state of a send block.
+struct TokenState {
+  int32_t header[kHeaderBytes / 4];
+  uint8_t* dest_slots[kMaxLowLatencyTopk];  // the token's slot at each destination; null: via puts
+  int32_t dest_ranks[kMaxLowLatencyTopk];
+  int32_t num_dests;
+  int32_t needs_staging;
+};
+
+__device__ __forceinline__ int64_t payload_bytes(const DispatchParams& p) {
+  return p.format == Format::kBf16 ? int64_t(p.hidden) * 2 : int64_t(p.hidden) + int64_t(p.hidden / 128) * 4;
+}
+
+// ids[k * T + j] = token j's k-th expert, -1 for empty slots, repeats of an earlier slot and bad ids.
+template <class Index>
+__device__ void load_routing(const DispatchParams& p, int32_t* ids) {
+  const int T = p.num_tokens, K = p.num_topk;
+  const Index* topk = static_cast<const Index*>(p.topk_idx);
+  for (int j = threadIdx.x; j < T; j += blockDim.x) {
+    int64_t raw[kMaxLowLatencyTopk];
+#pragma unroll
+    for (int k = 0; k < kMaxLowLatencyTopk; ++k) raw[k] = k < K ? static_cast<int64_t>(topk[int64_t(j) * K + k]) : -1;
+#pragma unroll
+    for (int k = 0; k < kMaxLowLatencyTopk; ++k) {
+      if (k >= K) break;
+      int64_t e = raw[k];
+      if (e < -1 || e >= p.num_experts) {
+        if (blockIdx.x == 0)
+          record_error(p.c, DeviceErrorKind::kBadIndex, DevicePhase::kLowLatencyDispatchSend, j, e,
+                       p.num_experts * 32 + k);
+        e = -1;
+      }
+#pragma unroll
+      for (int k2 = 0; k2 < kMaxLowLatencyTopk; ++k2)
+        if (k2 < k && raw[k2] == e) e = -1;
+      ids[k * T + j] = static_cast<int32_t>(e);
+    }
+  }
+}
+
+// The message of this source for destination d (see LowLatencyLayout::dispatch_message_bytes).
+__device__ void send_message(const DispatchParams& p, const int32_t* ids, int32_t* counts, uint32_t* words, int d) {
+  __shared__ int skip;
+  const int T = p.num_tokens, K = p.num_topk, L = p.num_local_experts;
+  const int num_words = (p.max_tokens + 31) / 32;
+  for (int i = threadIdx.x; i < L; i += blockDim.x) counts[i] = 0;
+  for (int i = threadIdx.x; i < num_words; i += blockDim.x) words[i] = 0;
+  if (threadIdx.x == 0) skip = is_masked(p.c, d);
+  __syncthreads();
+  const int first = d * L;
+  for (int j = threadIdx.x; j < T; j += blockDim.x) {
+    bool hit = false;
+    for (int k = 0; k < K; ++k) {
+      const int e = ids[k * T + j];
+      if (e >= first && e < first + L) {
+        atomicAdd(&counts[e - first], 1);
+        hit = true;
+      }
+    }
+    if (hit) atomicOr(&words[j >> 5], 1u << (j & 31));
+  }
+  __syncthreads();
+  if (!skip) {
+    uint8_t* base = peer_base(p.c, d);
+    const int64_t remote_offset = p.messages_offset + int64_t(p.c.rank) * p.message_bytes;
+    uint8_t* message = base != nullptr ? base + remote_offset
+                                       : p.c.local + p.staging_offset + int64_t(p.max_tokens) * p.slot_bytes +
+                                             int64_t(d) * p.message_bytes;
+    int32_t* m = reinterpret_cast<int32_t*>(message);
+    if (threadIdx.x < 4) m[threadIdx.x] = threadIdx.x == 0 ? T : 0;
+    for (int i = threadIdx.x; i < L; i += blockDim.x) m[4 + i] = counts[i];
+    uint32_t* m_words = reinterpret_cast<uint32_t*>(m + 4 + L);
+    for (int i = threadIdx.x; i < num_words; i += blockDim.x) m_words[i] = words[i];
+    if (base == nullptr) {
+      __syncthreads();
+      nvshmemx_putmem_nbi_block(p.c.local + remote_offset, message, p.message_bytes, d);
+    }
+  }
+  __syncthreads();
+}
+
+// Header of token t and the list of ranks it goes to.
+__device__ void prepare_token(const DispatchParams& p, const int32_t* ids, int t, TokenState& s) {
+  const int T = p.num_tokens, K = p.num_topk, L = p.num_local_experts;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (warp < kMaxLowLatencyTopk) {
+    // Rows of an expert are in token order, so the token's row offset among this source's rows of
+    // expert e is the number of earlier tokens that chose e.
+    const int k = warp;
+    const int e = k < K ? ids[k * T + t] : -1;
+    int earlier = 0;
+    if (e >= 0) {
+      for (int base = 0; base < t; base += 32) {
+        const int j = base + lane;
+        bool same = false;
+        if (j < t)
+          for (int k2 = 0; k2 < K; ++k2) same |= ids[k2 * T + j] == e;
+        earlier += __popc(__ballot_sync(0xffffffffu, same));
+      }
+    }
+    if (lane == 0) {
+      s.header[kIdsAt + k] = e;
+      s.header[kOffsetsAt + k] = earlier;
+    }
+  }
+  if (threadIdx.x == 0) {
+    s.header[0] = t;
+    s.header[1] = K;
+    s.header[2] = 0;
+    s.header[3] = 0;
+    int n = 0, staging = 0;
+    for (int k = 0; k < K; ++k) {
+      const int e = ids[k * T + t];
+      if (e < 0) continue;
+      const int r = e / L;
+      bool seen = false;
+      for (int i = 0; i < n; ++i) seen |= s.dest_ranks[i] == r;
+      if (seen || is_masked(p.c, r)) continue;
+      uint8_t* base = peer_base(p.c, r);
+      s.dest_ranks[n] = r;
+      s.dest_slots[n] =
+          base != nullptr ? base + p.recv_offset + (int64_t(p.c.rank) * p.max_tokens + t) * p.slot_bytes : nullptr;
+      staging |= base == nullptr;
+      ++n;
+    }
+    s.num_dests = n;
+    s.needs_staging = staging;
+  }
+  __syncthreads();
+}
+
+// Stores 16 bytes at `offset` of the token's slot at every destination (and the staging slot).
+__device__ __forceinline__ void store_everywhere(const TokenState& s, uint8_t* staging_slot, int64_t offset,
+                                                 const uint4& v) {
+  for (int i = 0; i < s.num_dests; ++i)
+    if (s.dest_slots[i] != nullptr) st_data(s.dest_slots[i] + offset, v);
+  if (staging_slot != nullptr) st_data(staging_slot + offset, v);
+}
+
+__device__ __forceinline__ void store_scale_everywhere(const TokenState& s, uint8_t* staging_slot, int64_t offset,
+                                                       float scale) {
+  for (int i = 0; i < s.num_dests; ++i)
+    if (s.dest_slots[i] != nullptr) *reinterpret_cast<float*>(s.dest_slots[i] + offset) = scale;
+  if (staging_slot != nullptr) *reinterpret_cast<float*>(staging_slot + offset) = scale;
+}
+
+__device__ __forceinline__ void unpack_bf16(const uint4& v, float* out) {
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    out[2 * i] = numerics::bf16_to_float(static_cast<uint16_t>(w[i] & 0xFFFFu));
+    out[2 * i + 1] = numerics::bf16_to_float(static_cast<uint16_t>(w[i] >> 16));
+  }
+}
+
+// The first two 16-byte vectors a thread reads of a token, loaded early so that their latency
+// overlaps the routing work (FP8: channels [16 i, 16 i + 16); bf16: vectors i and i + blockDim).
+struct RowPrefetch {
+  uint4 v[2];
+};
+
+__device__ __forceinline__ RowPrefetch prefetch_row(const DispatchParams& p, int t) {
+  RowPrefetch r = {};
+  if (t >= p.num_tokens) return r;
+  const uint16_t* row = p.x + int64_t(t) * p.hidden;
+  const int i = threadIdx.x;
+  if (p.format == Format::kBf16) {
+    if (i < p.hidden / 8) r.v[0] = ld_input(row + 8 * i);
+    if (i + int(blockDim.x) < p.hidden / 8) r.v[1] = ld_input(row + 8 * (i + blockDim.x));
+  } else if (i < p.hidden / 16) {
+    r.v[0] = ld_input(row + 16 * i);
+    r.v[1] = ld_input(row + 16 * i + 8);
+  }
+  return r;
+}
+
+// FP8: thread i casts channels [16 i, 16 i + 16); the 8 threads of a 128-channel block share its amax.
+__device__ void send_fp8_payload(const DispatchParams& p, const uint16_t* row, const TokenState& s,
+                                 uint8_t* staging_slot, const RowPrefetch& prefetched) {
+  const bool round_scale = p.format != Format::kFp8;
+  const int num_groups = p.hidden / 16;
+  const unsigned block_lanes = 0xFFu << (threadIdx.x & 24u);
+  for (int i = threadIdx.x; i < num_groups; i += blockDim.x) {
+    const bool first = i == int(threadIdx.x);
+    float v[16];
+    unpack_bf16(first ? prefetched.v[0] : ld_input(row + 16 * i), v);
+    unpack_bf16(first ? prefetched.v[1] : ld_input(row + 16 * i + 8), v + 8);
+    float amax = 0.0f;
+#pragma unroll
+    for (int c = 0; c < 16; ++c) amax = fmaxf(amax, fabsf(v[c]));
+    amax = fmaxf(amax, __shfl_xor_sync(block_lanes, amax, 1));
+    amax = fmaxf(amax, __shfl_xor_sync(block_lanes, amax, 2));
+    amax = fmaxf(amax, __shfl_xor_sync(block_lanes, amax, 4));
+    const float scale = numerics::fp8_scale(amax, round_scale);
+    uint32_t packed[4] = {0, 0, 0, 0};
+#pragma unroll
+    for (int c = 0; c < 16; ++c) packed[c / 4] |= uint32_t(numerics::fp8_quantize(v[c], scale)) << (8 * (c % 4));
+    store_everywhere(s, staging_slot, kHeaderBytes + 16 * int64_t(i),
+                     make_uint4(packed[0], packed[1], packed[2], packed[3]));
+    if ((i & 7) == 0) store_scale_everywhere(s, staging_slot, kHeaderBytes + p.hidden + 4 * int64_t(i / 8), scale);
+  }
+}
+
+__device__ void send_bf16_payload(const DispatchParams& p, const uint16_t* row, const TokenState& s,
+                                  uint8_t* staging_slot, const RowPrefetch& prefetched) {
+  for (int i = threadIdx.x, n = 0; i < p.hidden / 8; i += blockDim.x, ++n)
+    store_everywhere(s, staging_slot, kHeaderBytes + 16 * int64_t(i),
+                     n == 0   ? prefetched.v[0]
+                     : n == 1 ? prefetched.v[1]
+                              : ld_input(row + 8 * i));
+}
+
+__device__ void send_token(const DispatchParams& p, const int32_t* ids, int t, TokenState& s,
+                           const RowPrefetch& prefetched) {
+  prepare_token(p, ids, t, s);
+  uint8_t* staging_slot = s.needs_staging ? p.c.local + p.staging_offset + int64_t(t) * p.slot_bytes : nullptr;
+  if (threadIdx.x < kHeaderBytes / 16)
+    store_everywhere(s, staging_slot, 16 * threadIdx.x, reinterpret_cast<const uint4*>(s.header)[threadIdx.x]);
+  const uint16_t* row = p.x + int64_t(t) * p.hidden;
+  if (p.format == Format::kBf16) {
+    send_bf16_payload(p, row, s, staging_slot, prefetched);
+  } else {
+    send_fp8_payload(p, row, s, staging_slot, prefetched);
+  }
+  __syncthreads();
+  if (s.needs_staging) {
+    const int64_t slot_offset = p.recv_offset + (int64_t(p.c.rank) * p.max_tokens + t) * p.slot_bytes;
+    for (int i = 0; i < s.num_dests; ++i)
+      if (s.dest_slots[i] == nullptr)
+        nvshmemx_putmem_nbi_block(p.c.local + slot_offset, staging_slot, kHeaderBytes + payload_bytes(p),
+                                  s.dest_ranks[i]);
+    __syncthreads();
+  }
+}
+
+template <class Index>
+__global__ void __launch_bounds__(kSendThreads) dispatch_send_kernel(const __grid_constant__ DispatchParams p) {
+  extern __shared__ __align__(16) int32_t send_smem[];
+  __shared__ TokenState token;
+  allow_dependent_launch();
+  if (aborted(p.c)) return;
+  int32_t* ids = send_smem;                                                     // [K][T]
+  int32_t* counts = ids + p.num_topk * p.num_tokens;                            // [L]
+  uint32_t* words = reinterpret_cast<uint32_t*>(counts + p.num_local_experts);  // [ceil(T_max / 32)]
+  const RowPrefetch first_row = prefetch_row(p, blockIdx.x);
+  load_routing<Index>(p, ids);
+  __syncthreads();
+  for (int d = blockIdx.x; d < p.c.num_ranks; d += gridDim.x) send_message(p, ids, counts, words, d);
+  for (int t = blockIdx.x; t < p.num_tokens; t += gridDim.x)
+    send_token(p, ids, t, token, t == int(blockIdx.x) ? first_row : prefetch_row(p, t));
+  if (p.c.has_put_peers) {
+    __syncthreads();
+    if (threadIdx.x == 0) nvshmem_quiet();  // puts delivered before the flags go out
+  }
+  if (finish_block(p.c.counters + kDispatchSendDone + p.parity)) signal_destinations(p.c, kDispatchFlags0 + p.parity);
+}
+
+// ---- receive ----------------------------------------------------------------------------------
+
+// A warp copies a received payload in chunks of 32 lanes x kCopyUnroll 16-byte vectors.
+struct Chunk {
+  uint4 v[kCopyUnroll];
+};
+
+__device__ __forceinline__ void load_chunk(const uint8_t* src, int base, int num_vectors, Chunk& chunk) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int u = 0; u < kCopyUnroll; ++u) {
+    const int v = base + u * 32 + lane;
+    if (v < num_vectors) chunk.v[u] = ld_shared_data(src + 16 * int64_t(v));
+  }
+}
+
+// Stores the chunk into the row of every local expert of the slot: lane k holds (expert l, row)
+// when bit k of `mine` is set.
+__device__ __forceinline__ void store_chunk(const Chunk& chunk, int base, int num_vectors, uint32_t mine, int l,
+                                            int row, uint8_t* recv_x, int64_t num_rows, int64_t row_bytes) {
+  const int lane = threadIdx.x % 32;
+  for (uint32_t todo = mine; todo != 0; todo &= todo - 1) {
+    const int k = __ffs(todo) - 1;
+    const int64_t dst_row = int64_t(__shfl_sync(0xffffffffu, l, k)) * num_rows + __shfl_sync(0xffffffffu, row, k);
+    uint8_t* dst = recv_x + dst_row * row_bytes;
+#pragma unroll
+    for (int u = 0; u < kCopyUnroll; ++u) {
+      const int v = base + u * 32 + lane;
+      if (v < num_vectors) st_data(dst + 16 * int64_t(v), chunk.v[u]);
+    }
+  }
+}
+
+// FP8 scales into the column-major [L, S, N] (float) or [L, S / 4, N] (packed UE8M0) outputs.
+__device__ void copy_scales(const DispatchParams& p, const uint8_t* scales, uint32_t mine, int l, int row,
+                            int64_t num_rows) {
+  const int lane = threadIdx.x % 32;
+  const int num_scales = p.hidden / 128;
+  const bool packed = p.format == Format::kFp8Ue8m0;
+  const int columns = packed ? num_scales / 4 : num_scales;
+  for (int base = 0; base < columns; base += 32) {
+    const int c = base + lane;
+    uint32_t value = 0;
+    if (c < columns) {
+      if (packed) {
+        const uint4 four = ld_shared_data(scales + 16 * int64_t(c));
+        const uint32_t w[4] = {four.x, four.y, four.z, four.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) value |= uint32_t(numerics::ue8m0_byte(__uint_as_float(w[i]))) << (8 * i);
+      } else {
+        value = __ldcg(reinterpret_cast<const uint32_t*>(scales) + c);
+      }
+    }
+    for (uint32_t todo = mine; todo != 0; todo &= todo - 1) {
+      const int k = __ffs(todo) - 1;
+      const int lk = __shfl_sync(0xffffffffu, l, k);
+      const int rk = __shfl_sync(0xffffffffu, row, k);
+      if (c < columns) static_cast<uint32_t*>(p.recv_scales)[(int64_t(lk) * columns + c) * num_rows + rk] = value;
+    }
+  }
+}
+
+// One received token (source s, token t): every local expert it chose gets a row.
+__device__ void receive_slot(const DispatchParams& p, int s, int t, const int32_t* first_rows, uint8_t* meta) {
+  const int lane = threadIdx.x % 32;
+  const int R = p.c.num_ranks, L = p.num_local_experts;
+  const int64_t num_rows = int64_t(R) * p.max_tokens;
+  const uint8_t* slot = p.c.local + p.recv_offset + (int64_t(s) * p.max_tokens + t) * p.slot_bytes;
+  const uint8_t* payload = slot + kHeaderBytes;
+  const bool bf16 = p.format == Format::kBf16;
+  const int num_vectors = bf16 ? p.hidden / 8 : p.hidden / 16;
+  const int64_t row_bytes = bf16 ? int64_t(p.hidden) * 2 : p.hidden;
+  // The header and the first chunk of the payload are independent loads: issue them together.
+  int e = -1, row = 0;
+  if (lane < kMaxLowLatencyTopk) {
+    e = __ldcg(reinterpret_cast<const int32_t*>(slot) + kIdsAt + lane);
+    row = __ldcg(reinterpret_cast<const int32_t*>(slot) + kOffsetsAt + lane);
+  }
+  Chunk chunk;
+  load_chunk(payload, 0, num_vectors, chunk);
+  const int l = e - p.c.rank * L;
+  bool mine = e >= 0 && l >= 0 && l < L;
+  if (mine) {
+    row += first_rows[l * R + s];
+    mine = row >= 0 && row < num_rows;  // always true for messages of this library
+  }
+  const uint32_t mine_mask = __ballot_sync(0xffffffffu, mine);
+  if (mine_mask == 0) return;
+  uint8_t* recv_x = static_cast<uint8_t*>(p.recv_x);
+  store_chunk(chunk, 0, num_vectors, mine_mask, l, row, recv_x, num_rows, row_bytes);
+  for (int base = 32 * kCopyUnroll; base < num_vectors; base += 32 * kCopyUnroll) {
+    load_chunk(payload, base, num_vectors, chunk);
+    store_chunk(chunk, base, num_vectors, mine_mask, l, row, recv_x, num_rows, row_bytes);
+  }
+  if (!bf16) copy_scales(p, payload + p.hidden, mine_mask, l, row, num_rows);
+  if (mine) {
+    p.src_info[int64_t(l) * num_rows + row] = t;
+    meta[int64_t(l) * num_rows + row] = static_cast<uint8_t>(lane);  // the token's first slot with this expert
+  }
+}
+
+__global__ void __launch_bounds__(kRecvThreads) dispatch_recv_kernel(const __grid_constant__ DispatchParams p) {
+  extern __shared__ __align__(16) int32_t recv_smem[];
+  const int R = p.c.num_ranks, L = p.num_local_experts;
+  const int num_words = (p.max_tokens + 31) / 32;
+  int32_t* first_rows = recv_smem;                                 // [L][R]: first row of (expert, source)
+  int32_t* tokens = first_rows + L * R;                            // [R]: tokens of each source, -1 masked
+  uint32_t* token_bits = reinterpret_cast<uint32_t*>(tokens + R);  // [R][words]: which tokens came
+  if (!wait_for_sources(p.c, kDispatchFlags0 + p.parity, DevicePhase::kLowLatencyDispatchRecv, p.wait_stats,
+                        p.c.counters + kDispatchGate + p.parity))
+    return;
+
+  // Every message field in one pass of independent loads.
+  const uint8_t* messages = p.c.local + p.messages_offset;
+  auto message = [&](int s) { return reinterpret_cast<const int32_t*>(messages + s * p.message_bytes); };
+  for (int s = threadIdx.x; s < R; s += blockDim.x) tokens[s] = is_masked(p.c, s) ? -1 : __ldcg(message(s));
+  for (int i = threadIdx.x; i < L * R; i += blockDim.x) first_rows[i] = __ldcg(message(i % R) + 4 + i / R);
+  for (int i = threadIdx.x; i < R * num_words; i += blockDim.x)
+    token_bits[i] = __ldcg(reinterpret_cast<const uint32_t*>(message(i / num_words) + 4 + L) + i % num_words);
+  __syncthreads();
+  for (int l = threadIdx.x; l < L; l += blockDim.x) {
+    int next = 0;
+    for (int s = 0; s < R; ++s) {
+      const int count = tokens[s] < 0 ? 0 : first_rows[l * R + s];
+      first_rows[l * R + s] = next;
+      if (blockIdx.x == 0) p.layout_range[int64_t(l) * R + s] = (int64_t(next) << 32) | int64_t(uint32_t(count));
+      next += count;
+    }
+    if (blockIdx.x == 0) {
+      p.recv_count[l] = next;
+      if (p.cumulative_recv_stats != nullptr) p.cumulative_recv_stats[l] += next;
+    }
+  }
+  __syncthreads();
+
+  // Work items are (source, token) slots; a warp takes one at a time.
+  uint8_t* meta = p.c.local + p.meta_offset;
+  const int warps = blockDim.x / 32;
+  const int64_t num_items = int64_t(R) * p.max_tokens;
+  for (int64_t item = int64_t(blockIdx.x) * warps + threadIdx.x / 32; item < num_items;
+       item += int64_t(gridDim.x) * warps) {
+    const int s = static_cast<int>(item / p.max_tokens), t = static_cast<int>(item % p.max_tokens);
+    if (t >= tokens[s] || ((token_bits[s * num_words + (t >> 5)] >> (t & 31)) & 1u) == 0) continue;
+    receive_slot(p, s, t, first_rows, meta);
+  }
+
+  if (finish_block(p.c.counters + kDispatchRecvDone + p.parity)) {
+    for (int s = threadIdx.x; s < R; s += blockDim.x) *local_flag(p.c, kDispatchFlags0 + p.parity, s) = 0;
+    if (threadIdx.x == 0) p.c.counters[kDispatchGate + p.parity] = 0;
+  }
+  wait_for_preceding_grid();
+}
+
+size_t send_smem_bytes(const DispatchParams& p) {
+  return sizeof(int32_t) * (size_t(p.num_topk) * p.num_tokens + p.num_local_experts + (p.max_tokens + 31) / 32);
+}
+
+size_t recv_smem_bytes(const DispatchParams& p) {
+  const size_t words = (p.max_tokens + 31) / 32;
+  return sizeof(int32_t) * (size_t(p.num_local_experts) * p.c.num_ranks + p.c.num_ranks * (1 + words));
+}
+
+}  // namespace
+
+void launch_dispatch_send(const DispatchParams& p, int num_sms, cudaStream_t stream) {
+  const int grid = std::max(1, std::min(p.num_tokens, num_sms));
+  if (p.topk_is_int64) {
+    launch_kernel(dispatch_send_kernel<int64_t>, grid, kSendThreads, send_smem_bytes(p), stream, false, p);
+  } else {
+    launch_kernel(dispatch_send_kernel<int32_t>, grid, kSendThreads, send_smem_bytes(p), stream, false, p);
+  }
+}
+
+void launch_dispatch_recv(const DispatchParams& p, int num_sms, cudaStream_t stream, bool overlap_send) {
+  const int64_t items = int64_t(p.c.num_ranks) * p.max_tokens;
+  const int warps = kRecvThreads / 32;
+  const int grid = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((items + warps - 1) / warps, num_sms)));
+  launch_kernel(dispatch_recv_kernel, grid, kRecvThreads, recv_smem_bytes(p), stream, overlap_send, p);
+}
+
+void prepare_dispatch_kernels(int max_dynamic_smem) {
+  const auto attribute = cudaFuncAttributeMaxDynamicSharedMemorySize;
+  launch_check(cudaFuncSetAttribute(dispatch_send_kernel<int64_t>, attribute, max_dynamic_smem),
+               "cudaFuncSetAttribute");
+  launch_check(cudaFuncSetAttribute(dispatch_send_kernel<int32_t>, attribute, max_dynamic_smem),
+               "cudaFuncSetAttribute");
+  launch_check(cudaFuncSetAttribute(dispatch_recv_kernel, attribute, max_dynamic_smem), "cudaFuncSetAttribute");
+}
+
+}  // namespace epcomm::cuda::ll
