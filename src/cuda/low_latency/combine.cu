@@ -243,9 +243,6 @@ void launch_combine_recv(const CombineParams& p, int num_sms, cudaStream_t strea
   }
 }
 
-void prepare_combine_kernels(int max_dynamic_smem) {
-  launch_check(cudaFuncSetAttribute(combine_send_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_dynamic_smem),
-               "cudaFuncSetAttribute");
-}
+void prepare_combine_kernels(int max_dynamic_smem) { allow_dynamic_smem(combine_send_kernel, max_dynamic_smem); }
 
 }  // namespace epcomm::cuda::ll

@@ -466,12 +466,9 @@ void launch_dispatch_recv(const DispatchParams& p, int num_sms, cudaStream_t str
 }
 
 void prepare_dispatch_kernels(int max_dynamic_smem) {
-  const auto attribute = cudaFuncAttributeMaxDynamicSharedMemorySize;
-  launch_check(cudaFuncSetAttribute(dispatch_send_kernel<int64_t>, attribute, max_dynamic_smem),
-               "cudaFuncSetAttribute");
-  launch_check(cudaFuncSetAttribute(dispatch_send_kernel<int32_t>, attribute, max_dynamic_smem),
-               "cudaFuncSetAttribute");
-  launch_check(cudaFuncSetAttribute(dispatch_recv_kernel, attribute, max_dynamic_smem), "cudaFuncSetAttribute");
+  allow_dynamic_smem(dispatch_send_kernel<int64_t>, max_dynamic_smem);
+  allow_dynamic_smem(dispatch_send_kernel<int32_t>, max_dynamic_smem);
+  allow_dynamic_smem(dispatch_recv_kernel, max_dynamic_smem);
 }
 
 }  // namespace epcomm::cuda::ll

@@ -214,4 +214,15 @@ void launch_kernel(void (*kernel)(Params), int grid, int block, size_t smem, cud
   launch_check(cudaLaunchKernelEx(&config, kernel, params), "cudaLaunchKernelEx");
 }
 
+// Host: lets `kernel` take up to `max_block_smem` bytes of shared memory per block in total (the
+// device's opt-in limit): the dynamic part may use what the kernel's static shared memory leaves.
+template <class Params>
+void allow_dynamic_smem(void (*kernel)(Params), int max_block_smem) {
+  cudaFuncAttributes attributes = {};
+  launch_check(cudaFuncGetAttributes(&attributes, kernel), "cudaFuncGetAttributes");
+  const int dynamic_bytes = max_block_smem - static_cast<int>(attributes.sharedSizeBytes);
+  launch_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, dynamic_bytes),
+               "cudaFuncSetAttribute");
+}
+
 }  // namespace epcomm::cuda::ll
