@@ -29,7 +29,7 @@ static_assert(kSendThreads / 32 >= kMaxLowLatencyTopk, "one warp per top-k slot"
 static_assert(kHeaderBytes % 16 == 0, "the payload starts 16-byte aligned");
 
 // Per-token state of a send block.
-struct TokenState {
+struct alignas(16) TokenState {  // header is read as 16-byte vectors
   int32_t header[kHeaderBytes / 4];
   uint8_t* dest_slots[kMaxLowLatencyTopk];  // the token's slot at each destination; null: via puts
   int32_t dest_ranks[kMaxLowLatencyTopk];
