@@ -7,6 +7,12 @@ source "$root/scripts/setup.sh"
 build_dir="${EPCOMM_BUILD_DIR:-build}"
 echo "== C++ CPU suite"
 ctest --test-dir "$build_dir" -L cpu --output-on-failure -j "$(nproc)" --timeout 900
+echo "== cmake --install, then a project using find_package(epcomm)"
+prefix="$root/$build_dir/install"
+cmake --install "$build_dir" --prefix "$prefix" > /dev/null
+cmake -S examples/consumer -B "$build_dir/consumer" -G Ninja -DCMAKE_PREFIX_PATH="$prefix" > /dev/null
+cmake --build "$build_dir/consumer" > /dev/null
+"$prefix/bin/epcomm-run" -n 2 "$build_dir/consumer/round_trip"
 echo "== Python suite (CPU backend)"
 python3 -m pip install -q --no-build-isolation -C cmake.define.EPCOMM_WITH_CUDA=OFF -C build-dir="$build_dir/python" .
 python3 -m pytest python/tests -q
