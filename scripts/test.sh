@@ -8,7 +8,7 @@ build_dir="${EPCOMM_BUILD_DIR:-build}"
 echo "== C++ CPU suite"
 ctest --test-dir "$build_dir" -L cpu --output-on-failure -j "$(nproc)" --timeout 900
 echo "== cmake --install, then a project using find_package(epcomm)"
-prefix="$root/$build_dir/install"
+prefix="$(cd "$build_dir" && pwd)/install"
 cmake --install "$build_dir" --prefix "$prefix" > /dev/null
 cmake -S examples/consumer -B "$build_dir/consumer" -G Ninja -DCMAKE_PREFIX_PATH="$prefix" > /dev/null
 cmake --build "$build_dir/consumer" > /dev/null
