@@ -32,8 +32,8 @@ int default_ranks(BackendKind backend) {
 
 void check_workloads(const std::vector<Workload>& workloads, int ranks) {
   for (const Workload& w : workloads)
-    require(w.experts % ranks == 0, "epcomm-bench", "-n",
-            concat("workload ", w.name, " has ", w.experts, " experts, which ", ranks, " ranks do not divide"));
+    require(w.experts % ranks == 0, "epcomm-bench", "-n", "workload ", w.name, " has ", w.experts, " experts, which ",
+            ranks, " ranks do not divide");
 }
 
 // A mode this build or backend does not provide (e.g. low-latency mode without NVSHMEM) is noted
@@ -61,8 +61,8 @@ int run_rank(const Options& given, Bootstrap& bootstrap) {
   const BackendKind backend = resolve_backend(given.backend);
   Options options = given;
   if (options.warmup < 0) options.warmup = backend == BackendKind::kCuda ? 10 : 3;
-  require(options.ranks == 0 || options.ranks == bootstrap.size(), "epcomm-bench", "-n",
-          concat(options.ranks, " ranks asked, but the launcher started ", bootstrap.size()));
+  require(options.ranks == 0 || options.ranks == bootstrap.size(), "epcomm-bench", "-n", options.ranks,
+          " ranks asked, but the launcher started ", bootstrap.size());
   const std::vector<Workload> workloads = resolve_workloads(options.workloads, backend == BackendKind::kCuda);
   check_workloads(workloads, bootstrap.size());
   std::unique_ptr<Platform> platform =

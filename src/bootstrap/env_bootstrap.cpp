@@ -76,8 +76,8 @@ class SocketBootstrap final : public Bootstrap {
   void connect_to(const std::string& path) {
     sockaddr_un addr{};
     addr.sun_family = AF_UNIX;
-    require(path.size() < sizeof(addr.sun_path), "bootstrap_from_env", "EPCOMM_BOOTSTRAP",
-            concat("socket path longer than ", sizeof(addr.sun_path) - 1, " bytes: '", path, "'"));
+    require(path.size() < sizeof(addr.sun_path), "bootstrap_from_env", "EPCOMM_BOOTSTRAP", "socket path longer than ",
+            sizeof(addr.sun_path) - 1, " bytes: '", path, "'");
     std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
     const auto start = Clock::now();
     for (;;) {
@@ -119,8 +119,8 @@ class SocketBootstrap final : public Bootstrap {
     const uint64_t sequence = next_sequence_++;
     const std::string what =
         concat("bootstrap ", wire::to_string(op), " #", sequence, " (rank ", rank_, " of ", size_, ")");
-    require(bytes <= wire::kMaxContributionBytes, what.c_str(), "bytes",
-            concat("expected at most ", wire::kMaxContributionBytes, ", got ", bytes));
+    require(bytes <= wire::kMaxContributionBytes, what.c_str(), "bytes", "expected at most ",
+            wire::kMaxContributionBytes, ", got ", bytes);
     const auto start = Clock::now();
     auto deadline = start + timeout_;
     bool sent = false, queried = false;
@@ -234,7 +234,7 @@ int env_int(const char* name, int min, int max) {
   errno = 0;
   const long value = std::strtol(text, &end, 10);
   require(errno == 0 && end != text && *end == '\0' && value >= min && value <= max, "bootstrap_from_env", name,
-          concat("expected an integer in [", min, ", ", max, "], got '", text, "'"));
+          "expected an integer in [", min, ", ", max, "], got '", text, "'");
   return static_cast<int>(value);
 }
 
@@ -248,7 +248,7 @@ std::unique_ptr<Bootstrap> bootstrap_from_env(std::chrono::milliseconds timeout)
           "not set (start the program with `epcomm-run -n N program ...`)");
   wire::Address address;
   require(wire::parse_address(address_text, address), "bootstrap_from_env", "EPCOMM_BOOTSTRAP",
-          concat("expected 'unix:<socket path>', got '", address_text, "'"));
+          "expected 'unix:<socket path>', got '", address_text, "'");
   if (address.transport != wire::Address::Transport::kUnix)
     throw_error(ErrorCode::kUnsupported,
                 concat("bootstrap_from_env: EPCOMM_BOOTSTRAP: tcp addresses (multi-node) are not supported yet, got '",

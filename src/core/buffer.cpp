@@ -31,9 +31,8 @@ void check_same_on_every_rank(Bootstrap& bootstrap, const BufferOptions& options
   for (int r = 0; r < bootstrap.size(); ++r) {
     const CollectiveOptions& o = all[r];
     auto differs = [&](const char* name, int64_t theirs, int64_t ours) {
-      require(theirs == ours, "Buffer", name,
-              concat("must be the same on every rank: rank ", r, " passed ", theirs, ", rank ", bootstrap.rank(),
-                     " passed ", ours));
+      require(theirs == ours, "Buffer", name, "must be the same on every rank: rank ", r, " passed ", theirs, ", rank ",
+              bootstrap.rank(), " passed ", ours);
     };
     differs("num_nvl_bytes", o.num_nvl_bytes, mine.num_nvl_bytes);
     differs("num_rdma_bytes", o.num_rdma_bytes, mine.num_rdma_bytes);
@@ -48,12 +47,11 @@ GroupGeometry make_geometry(const Bootstrap& bootstrap, const BufferOptions& opt
   GroupGeometry g;
   g.rank = bootstrap.rank();
   g.num_ranks = bootstrap.size();
-  require(g.num_ranks >= 1 && g.num_ranks <= kMaxRanks, "Buffer", "group",
-          concat("expected 1..", kMaxRanks, " ranks, got ", g.num_ranks));
+  require(g.num_ranks >= 1 && g.num_ranks <= kMaxRanks, "Buffer", "group", "expected 1..", kMaxRanks, " ranks, got ",
+          g.num_ranks);
   g.ranks_per_node = options.ranks_per_node == 0 ? g.num_ranks : options.ranks_per_node;
   require(g.ranks_per_node >= 1 && g.ranks_per_node <= 8 && g.num_ranks % g.ranks_per_node == 0, "Buffer",
-          "ranks_per_node",
-          concat("expected 1..8 dividing the group size ", g.num_ranks, ", got ", options.ranks_per_node));
+          "ranks_per_node", "expected 1..8 dividing the group size ", g.num_ranks, ", got ", options.ranks_per_node);
   return g;
 }
 
@@ -71,9 +69,8 @@ bool backend_available(BackendKind kind) {
 }
 
 Buffer::Buffer(Bootstrap& bootstrap, const BufferOptions& options) : options_(options) {
-  require(options.num_nvl_bytes >= 0, "Buffer", "num_nvl_bytes", concat("expected >= 0, got ", options.num_nvl_bytes));
-  require(options.num_rdma_bytes >= 0, "Buffer", "num_rdma_bytes",
-          concat("expected >= 0, got ", options.num_rdma_bytes));
+  require(options.num_nvl_bytes >= 0, "Buffer", "num_nvl_bytes", "expected >= 0, got ", options.num_nvl_bytes);
+  require(options.num_rdma_bytes >= 0, "Buffer", "num_rdma_bytes", "expected >= 0, got ", options.num_rdma_bytes);
   options_.timeout = resolve_timeout(options.timeout);
   const GroupGeometry geometry = make_geometry(bootstrap, options_);
   check_same_on_every_rank(bootstrap, options_);
@@ -171,7 +168,7 @@ void Buffer::low_latency_update_mask_buffer(int rank, bool mask, StreamHandle st
   Backend& backend = live_backend("low_latency_update_mask_buffer");
   const char* op = "low_latency_update_mask_buffer";
   require(options_.enable_shrink, op, "Buffer", "was not created with enable_shrink=True");
-  require(rank >= 0 && rank < num_ranks(), op, "rank", concat("expected 0..", num_ranks() - 1, ", got ", rank));
+  require(rank >= 0 && rank < num_ranks(), op, "rank", "expected 0..", num_ranks() - 1, ", got ", rank);
   backend.update_mask(rank, mask, stream);
 }
 
@@ -193,12 +190,11 @@ TensorView Buffer::local_buffer(DType dtype, int64_t offset_bytes, std::optional
   const char* op = "get_local_buffer_tensor";
   const int64_t total = rdma_memory ? options_.num_rdma_bytes : options_.num_nvl_bytes;
   const int64_t elem = static_cast<int64_t>(dtype_size(dtype));
-  require(offset_bytes >= 0 && offset_bytes <= total && offset_bytes % elem == 0, op, "offset",
-          concat("expected 0..", total, " and a multiple of ", elem, ", got ", offset_bytes));
+  require(offset_bytes >= 0 && offset_bytes <= total && offset_bytes % elem == 0, op, "offset", "expected 0..", total,
+          " and a multiple of ", elem, ", got ", offset_bytes);
   const int64_t count = num_elements ? *num_elements : (total - offset_bytes) / elem;
-  require(count >= 0 && offset_bytes + count * elem <= total, op, "size",
-          concat(count, " elements at offset ", offset_bytes, " exceed the ", total, "-byte ",
-                 rdma_memory ? "rdma" : "nvl", " buffer"));
+  require(count >= 0 && offset_bytes + count * elem <= total, op, "size", count, " elements at offset ", offset_bytes,
+          " exceed the ", total, "-byte ", rdma_memory ? "rdma" : "nvl", " buffer");
   return backend.local_buffer(dtype, offset_bytes, count, rdma_memory);
 }
 

@@ -22,9 +22,12 @@ std::string concat(const Parts&... parts) {
 
 [[noreturn]] void throw_error(ErrorCode code, const std::string& message);
 
-// Throws kInvalidArgument "<op>: <arg>: <message>" unless `condition` holds.
-inline void require(bool condition, const char* op, const char* arg, const std::string& message) {
-  if (!condition) throw_error(ErrorCode::kInvalidArgument, concat(op, ": ", arg, ": ", message));
+// Throws kInvalidArgument "<op>: <arg>: <message parts...>" unless `condition` holds. The message is
+// built only on failure: checks sit on every call's path.
+template <class... Parts>
+inline void require(bool condition, const char* op, const char* arg, const Parts&... message) {
+  if (!condition) [[unlikely]]
+    throw_error(ErrorCode::kInvalidArgument, concat(op, ": ", arg, ": ", message...));
 }
 
 // Tensor checks. `dims_doc` names the expected dimensions, e.g. "[T, hidden]".

@@ -9,21 +9,21 @@ namespace {
 constexpr std::initializer_list<DType> kIndexTypes = {DType::kInt64, DType::kInt32};
 
 int checked_int(int64_t value, const char* op, const char* arg) {
-  require(value >= 0 && value <= INT32_MAX, op, arg, concat("size ", value, " does not fit in int32"));
+  require(value >= 0 && value <= INT32_MAX, op, arg, "size ", value, " does not fit in int32");
   return static_cast<int>(value);
 }
 
 void check_num_experts(const GroupGeometry& g, int num_experts, const char* op, const char* arg) {
   require(num_experts > 0 && num_experts % g.num_ranks == 0, op, arg,
-          concat("expected a positive multiple of the number of ranks (", g.num_ranks, "), got ", num_experts));
+          "expected a positive multiple of the number of ranks (", g.num_ranks, "), got ", num_experts);
 }
 
 void check_topk_idx(const CheckContext& ctx, const TensorView& topk_idx, int64_t num_tokens, int max_topk,
                     const char* op) {
   check_tensor(topk_idx, op, "topk_idx", {num_tokens, -1}, "[T, K]", kIndexTypes, ctx.device);
   check_contiguous(topk_idx, op, "topk_idx");
-  require(topk_idx.size(1) >= 1 && topk_idx.size(1) <= max_topk, op, "topk_idx",
-          concat("expected 1 <= K <= ", max_topk, ", got K = ", topk_idx.size(1)));
+  require(topk_idx.size(1) >= 1 && topk_idx.size(1) <= max_topk, op, "topk_idx", "expected 1 <= K <= ", max_topk,
+          ", got K = ", topk_idx.size(1));
 }
 
 void check_optional_vector(const CheckContext& ctx, const std::optional<TensorView>& t, const char* op, const char* arg,
@@ -65,8 +65,8 @@ void check_fresh_routing(const CheckContext& ctx, const DispatchInputs& in, Disp
     check_contiguous(*in.num_tokens_per_expert, op, "num_tokens_per_expert");
     const int64_t E = in.num_tokens_per_expert->size(0);
     check_num_experts(g, checked_int(E, op, "num_tokens_per_expert"), op, "num_tokens_per_expert");
-    require(in.num_experts == 0 || in.num_experts == E, op, "num_experts",
-            concat("is ", in.num_experts, " but num_tokens_per_expert has ", E, " entries"));
+    require(in.num_experts == 0 || in.num_experts == E, op, "num_experts", "is ", in.num_experts,
+            " but num_tokens_per_expert has ", E, " entries");
     args.num_experts = static_cast<int>(E);
   } else if (in.num_experts != 0 || in.topk_idx) {
     check_num_experts(g, in.num_experts, op, "num_experts");
@@ -81,8 +81,8 @@ void check_cached_routing(const CheckContext& ctx, const DispatchInputs& in, Dis
                            in.is_token_in_rank || in.num_tokens_per_expert;
   require(!any_routing, op, "handle",
           "a cached dispatch takes its routing from the handle: pass topk_idx, topk_weights and the layout as None");
-  require(args.num_tokens == in.handle->num_tokens, op, "x",
-          concat("has ", args.num_tokens, " tokens but the handle was made for ", in.handle->num_tokens));
+  require(args.num_tokens == in.handle->num_tokens, op, "x", "has ", args.num_tokens,
+          " tokens but the handle was made for ", in.handle->num_tokens);
 }
 
 }  // namespace
@@ -109,9 +109,8 @@ DispatchArgs check_dispatch(const CheckContext& ctx, const DispatchInputs& in) {
   args.hidden = checked_int(in.x.size(1), op, "x");
   args.fp8 = in.x.dtype == DType::kFloat8E4M3;
   const int64_t row_bytes = int64_t(args.hidden) * dtype_size(in.x.dtype);
-  require(args.hidden > 0 && row_bytes % 16 == 0, op, "x",
-          concat("hidden = ", args.hidden, " is not supported: a row must be a positive multiple of 16 bytes (got ",
-                 row_bytes, " bytes)"));
+  require(args.hidden > 0 && row_bytes % 16 == 0, op, "x", "hidden = ", args.hidden,
+          " is not supported: a row must be a positive multiple of 16 bytes (got ", row_bytes, " bytes)");
   if (args.fp8) {
     require(in.x_scales.has_value(), op, "x_scales", "required when x is float8_e4m3fn");
     check_tensor(*in.x_scales, op, "x_scales", {args.num_tokens, -1}, "[T, hidden / 128]", {DType::kFloat32},
@@ -121,8 +120,8 @@ DispatchArgs check_dispatch(const CheckContext& ctx, const DispatchInputs& in) {
   } else {
     require(!in.x_scales.has_value(), op, "x_scales", "given but x is bfloat16 (scales go with float8_e4m3fn x)");
   }
-  require(in.expert_alignment >= 1, op, "expert_alignment", concat("expected >= 1, got ", in.expert_alignment));
-  require(in.num_worst_tokens >= 0, op, "num_worst_tokens", concat("expected >= 0, got ", in.num_worst_tokens));
+  require(in.expert_alignment >= 1, op, "expert_alignment", "expected >= 1, got ", in.expert_alignment);
+  require(in.num_worst_tokens >= 0, op, "num_worst_tokens", "expected >= 0, got ", in.num_worst_tokens);
   args.config = in.config ? *in.config : default_dispatch_config(ctx.geometry.num_ranks);
   args.config.validate();
 
@@ -145,15 +144,15 @@ CombineArgs check_combine(const CheckContext& ctx, const CombineInputs& in) {
   check_tensor(in.x, op, "x", {args.num_recv_tokens, -1}, "[num_recv_tokens, hidden]", {DType::kBFloat16}, ctx.device);
   check_contiguous(in.x, op, "x");
   args.hidden = checked_int(in.x.size(1), op, "x");
-  require(args.hidden > 0 && args.hidden * 2 % 16 == 0, op, "x",
-          concat("hidden = ", args.hidden, " is not supported: a row must be a positive multiple of 16 bytes"));
+  require(args.hidden > 0 && args.hidden * 2 % 16 == 0, op, "x", "hidden = ", args.hidden,
+          " is not supported: a row must be a positive multiple of 16 bytes");
   if (in.topk_weights) {
     check_tensor(*in.topk_weights, op, "topk_weights", {args.num_recv_tokens, -1}, "[num_recv_tokens, K]",
                  {DType::kFloat32}, ctx.device);
     check_contiguous(*in.topk_weights, op, "topk_weights");
     args.num_topk = checked_int(in.topk_weights->size(1), op, "topk_weights");
-    require(args.num_topk >= 1 && args.num_topk <= kMaxTopk, op, "topk_weights",
-            concat("expected 1 <= K <= ", kMaxTopk, ", got K = ", args.num_topk));
+    require(args.num_topk >= 1 && args.num_topk <= kMaxTopk, op, "topk_weights", "expected 1 <= K <= ", kMaxTopk,
+            ", got K = ", args.num_topk);
   }
   for (auto [bias, name] : {std::pair{&in.bias_0, "bias_0"}, std::pair{&in.bias_1, "bias_1"}}) {
     if (!*bias) continue;
@@ -200,14 +199,13 @@ LowLatencyDispatchArgs check_low_latency_dispatch(const CheckContext& ctx, const
   check_contiguous(in.x, op, "x");
   args.num_tokens = checked_int(in.x.size(0), op, "x");
   args.hidden = checked_int(in.x.size(1), op, "x");
-  require(args.hidden > 0 && args.hidden % kFp8GroupSize == 0, op, "x",
-          concat("hidden = ", args.hidden, " is not supported: expected a positive multiple of ", kFp8GroupSize));
+  require(args.hidden > 0 && args.hidden % kFp8GroupSize == 0, op, "x", "hidden = ", args.hidden,
+          " is not supported: expected a positive multiple of ", kFp8GroupSize);
   args.max_tokens_per_rank = in.num_max_dispatch_tokens_per_rank;
-  require(args.max_tokens_per_rank > 0, op, "num_max_dispatch_tokens_per_rank",
-          concat("expected > 0, got ", args.max_tokens_per_rank));
-  require(args.num_tokens <= args.max_tokens_per_rank, op, "x",
-          concat("has T = ", args.num_tokens,
-                 " tokens, more than num_max_dispatch_tokens_per_rank = ", args.max_tokens_per_rank));
+  require(args.max_tokens_per_rank > 0, op, "num_max_dispatch_tokens_per_rank", "expected > 0, got ",
+          args.max_tokens_per_rank);
+  require(args.num_tokens <= args.max_tokens_per_rank, op, "x", "has T = ", args.num_tokens,
+          " tokens, more than num_max_dispatch_tokens_per_rank = ", args.max_tokens_per_rank);
   check_topk_idx(ctx, in.topk_idx, args.num_tokens, kMaxLowLatencyTopk, op);
   args.num_topk = static_cast<int>(in.topk_idx.size(1));
   check_num_experts(g, in.num_experts, op, "num_experts");
@@ -216,7 +214,7 @@ LowLatencyDispatchArgs check_low_latency_dispatch(const CheckContext& ctx, const
   if (in.use_ue8m0) {
     require(in.use_fp8 && in.round_scale, op, "use_ue8m0", "requires use_fp8=True and round_scale=True");
     require(args.hidden % (4 * kFp8GroupSize) == 0, op, "use_ue8m0",
-            concat("packs four scales per int32: hidden must be a multiple of 512, got ", args.hidden));
+            "packs four scales per int32: hidden must be a multiple of 512, got ", args.hidden);
   }
   require(!in.round_scale || in.use_fp8, op, "round_scale", "requires use_fp8=True");
   check_stats(ctx, in.cumulative_local_expert_recv_stats, op, "cumulative_local_expert_recv_stats",
@@ -230,8 +228,8 @@ LowLatencyDispatchArgs check_low_latency_dispatch(const CheckContext& ctx, const
 void check_low_latency_handle(const CheckContext& ctx, const LowLatencyHandle& h, const char* op) {
   const GroupGeometry& g = ctx.geometry;
   require(h.num_max_dispatch_tokens_per_rank > 0, op, "handle",
-          concat("num_max_dispatch_tokens_per_rank = ", h.num_max_dispatch_tokens_per_rank, " is not > 0"));
-  require(h.hidden > 0 && h.hidden % kFp8GroupSize == 0, op, "handle", concat("hidden = ", h.hidden, " is invalid"));
+          "num_max_dispatch_tokens_per_rank = ", h.num_max_dispatch_tokens_per_rank, " is not > 0");
+  require(h.hidden > 0 && h.hidden % kFp8GroupSize == 0, op, "handle", "hidden = ", h.hidden, " is invalid");
   check_num_experts(g, h.num_experts, op, "handle.num_experts");
   const int64_t L = h.num_experts / g.num_ranks;
   check_tensor(h.src_info, op, "handle.src_info", {L, int64_t(g.num_ranks) * h.num_max_dispatch_tokens_per_rank},
@@ -262,8 +260,8 @@ LowLatencyCombineArgs check_low_latency_combine(const CheckContext& ctx, const L
   check_topk_idx(ctx, in.topk_idx, -1, kMaxLowLatencyTopk, op);
   args.num_tokens = checked_int(in.topk_idx.size(0), op, "topk_idx");
   args.num_topk = static_cast<int>(in.topk_idx.size(1));
-  require(args.num_tokens <= args.max_tokens_per_rank, op, "topk_idx",
-          concat("has T = ", args.num_tokens, " tokens, more than the handle's T_max = ", args.max_tokens_per_rank));
+  require(args.num_tokens <= args.max_tokens_per_rank, op, "topk_idx", "has T = ", args.num_tokens,
+          " tokens, more than the handle's T_max = ", args.max_tokens_per_rank);
   check_tensor(in.topk_weights, op, "topk_weights", {args.num_tokens, args.num_topk}, "[T, K]", {DType::kFloat32},
                ctx.device);
   check_contiguous(in.topk_weights, op, "topk_weights");

@@ -50,13 +50,12 @@ void LowLatencyCombineCall::snapshot_rows(const LowLatencyHandle& handle, const 
     for (int source = 0; source < num_ranks_; ++source) {
       const int64_t packed = layout_range[l * num_ranks_ + source];
       const int64_t begin = packed >> 32, count = packed & 0xFFFFFFFF;
-      require(begin >= 0 && begin + count <= rows_per_expert, kOp, "handle.layout_range",
-              concat("[", l, ", ", source, "] = (begin ", begin, ", count ", count,
-                     ") exceeds R * T_max = ", rows_per_expert, " rows"));
+      require(begin >= 0 && begin + count <= rows_per_expert, kOp, "handle.layout_range", "[", l, ", ", source,
+              "] = (begin ", begin, ", count ", count, ") exceeds R * T_max = ", rows_per_expert, " rows");
       for (int64_t row = begin; row < begin + count; ++row) {
         const int32_t token = src_info[l * rows_per_expert + row];
-        require(token >= 0 && token < max_tokens_per_rank_, kOp, "handle.src_info",
-                concat("[", l, ", ", row, "] = ", token, " is not a token index below T_max = ", max_tokens_per_rank_));
+        require(token >= 0 && token < max_tokens_per_rank_, kOp, "handle.src_info", "[", l, ", ", row, "] = ", token,
+                " is not a token index below T_max = ", max_tokens_per_rank_);
         rows_.push_back({l, source, token});
         const std::byte* data = x + (l * rows_per_expert + row) * hidden_ * int64_t(sizeof(uint16_t));
         const size_t offset = row_data_.size();

@@ -55,9 +55,8 @@ std::vector<int32_t> checked_expert_ids(const TensorView& topk_idx, int num_expe
   for (int64_t i = 0; i < count; ++i) {
     const int64_t value =
         topk_idx.dtype == DType::kInt64 ? topk_idx.data_as<int64_t>()[i] : topk_idx.data_as<int32_t>()[i];
-    require(value >= -1 && value < num_experts, op, "topk_idx",
-            concat("value ", value, " at [", i / num_topk, ", ", i % num_topk,
-                   "] is outside [-1, num_experts = ", num_experts, ")"));
+    require(value >= -1 && value < num_experts, op, "topk_idx", "value ", value, " at [", i / num_topk, ", ",
+            i % num_topk, "] is outside [-1, num_experts = ", num_experts, ")");
     ids[i] = static_cast<int32_t>(value);
   }
   return ids;

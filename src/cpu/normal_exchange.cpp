@@ -57,9 +57,8 @@ namespace {
 // One agreed field: `arg` is the argument the user should look at.
 void check_field(int64_t ours, int64_t theirs, int their_rank, int rank, const char* op, const char* arg,
                  const char* field) {
-  require(ours == theirs, op, arg,
-          concat(field, " = ", ours, " on this rank (", rank, ") but ", theirs, " on rank ", their_rank,
-                 ": every rank must pass the same"));
+  require(ours == theirs, op, arg, field, " = ", ours, " on this rank (", rank, ") but ", theirs, " on rank ",
+          their_rank, ": every rank must pass the same");
 }
 
 }  // namespace
@@ -69,14 +68,13 @@ void check_same_call(const std::vector<PeerCall>& calls, int rank, const char* o
   const bool combine = ours.kind == CallKind::kCombine;
   for (int r = 0; r < static_cast<int>(calls.size()); ++r) {
     const CallHeader& theirs = calls[r].header;
-    require(theirs.kind == ours.kind, op, "call order",
-            concat("rank ", r, " is in ", to_string(theirs.kind), " while this rank (", rank, ") is in ",
-                   to_string(ours.kind), ": every rank must make the same normal-mode calls in the same order"));
+    require(theirs.kind == ours.kind, op, "call order", "rank ", r, " is in ", to_string(theirs.kind),
+            " while this rank (", rank, ") is in ", to_string(ours.kind),
+            ": every rank must make the same normal-mode calls in the same order");
     check_field(ours.hidden, theirs.hidden, r, rank, op, "x", "hidden");
     if (theirs.x_dtype != ours.x_dtype)
-      require(false, op, "x",
-              concat("dtype ", to_string(DType(ours.x_dtype)), " on this rank (", rank, ") but ",
-                     to_string(DType(theirs.x_dtype)), " on rank ", r, ": every rank must pass the same"));
+      require(false, op, "x", "dtype ", to_string(DType(ours.x_dtype)), " on this rank (", rank, ") but ",
+              to_string(DType(theirs.x_dtype)), " on rank ", r, ": every rank must pass the same");
     check_field(ours.num_scales, theirs.num_scales, r, rank, op, "x_scales", "S");
     check_field(ours.num_topk, theirs.num_topk, r, rank, op, combine ? "topk_weights" : "topk_idx",
                 "K (0 = not given)");
@@ -84,9 +82,8 @@ void check_same_call(const std::vector<PeerCall>& calls, int rank, const char* o
     check_field(ours.num_experts, theirs.num_experts, r, rank, op, "num_experts", "E (0 = unknown)");
     check_field(ours.num_expert_counts, theirs.num_expert_counts, r, rank, op, "num_tokens_per_expert",
                 "per-expert counts known (E) or not (0)");
-    require(ours.handle_step == theirs.handle_step, op, "handle",
-            concat("this rank's (", rank, ") handle and rank ", r,
-                   "'s come from different dispatch calls: every rank must pass the handle of the same dispatch"));
+    require(ours.handle_step == theirs.handle_step, op, "handle", "this rank's (", rank, ") handle and rank ", r,
+            "'s come from different dispatch calls: every rank must pass the handle of the same dispatch");
   }
 }
 

@@ -35,9 +35,8 @@ void check_given_counts(const std::optional<TensorView>& given, std::span<const 
   if (!given) return;
   const auto* values = given->data_as<const int32_t>();
   for (size_t i = 0; i < expected.size(); ++i)
-    require(values[i] == expected[i], "dispatch", arg,
-            concat("entry ", i, " is ", values[i], " but ", derived_from, " gives ", expected[i],
-                   " (pass the tensors get_dispatch_layout returned for this routing)"));
+    require(values[i] == expected[i], "dispatch", arg, "entry ", i, " is ", values[i], " but ", derived_from, " gives ",
+            expected[i], " (pass the tensors get_dispatch_layout returned for this routing)");
 }
 
 }  // namespace
@@ -59,8 +58,8 @@ Routing route_by_topk(const TensorView& topk_idx, int num_ranks, int num_experts
     for (int k = 0; k < num_topk; ++k) {
       const int64_t expert = topk_at(topk_idx, t, k);
       if (expert == -1) continue;
-      require(expert >= 0 && expert < num_experts, op, "topk_idx",
-              concat("value ", expert, " at [", t, ", ", k, "] is outside [-1, ", num_experts, ")"));
+      require(expert >= 0 && expert < num_experts, op, "topk_idx", "value ", expert, " at [", t, ", ", k,
+              "] is outside [-1, ", num_experts, ")");
       routing.per_expert[expert] += 1;
       row[expert / experts_per_rank] = 1;
     }

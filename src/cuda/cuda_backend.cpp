@@ -21,7 +21,7 @@ int resolve_device(int requested) {
     EPCOMM_CUDA_CHECK(cudaGetDevice(&current));
     return current;
   }
-  require(requested < count, "Buffer", "device", concat("expected 0..", count - 1, ", got ", requested));
+  require(requested < count, "Buffer", "device", "expected 0..", count - 1, ", got ", requested);
   return requested;
 }
 

@@ -40,7 +40,7 @@ Tensor allocate(Allocator& allocator, DType dtype, std::initializer_list<int64_t
 
 void require_aligned(const void* pointer, const char* op, const char* arg) {
   require(reinterpret_cast<uintptr_t>(pointer) % 16 == 0, op, arg,
-          concat("data must be 16-byte aligned for vector access, got address ", pointer));
+          "data must be 16-byte aligned for vector access, got address ", pointer);
 }
 
 // cudaMalloc that also works while the calling thread captures a CUDA graph (the allocation is not
@@ -115,9 +115,8 @@ NvshmemLowLatencyMode::NvshmemLowLatencyMode(const CudaContext& ctx)
       shrink_(ctx.options->enable_shrink),
       errors_(ctx.errors) {
   const int64_t bytes = ctx.options->num_rdma_bytes;
-  require(bytes >= kLowLatencyControlBytes, "Buffer", "num_rdma_bytes",
-          concat("low-latency mode needs at least ", kLowLatencyControlBytes,
-                 " bytes (see get_low_latency_rdma_size_hint), got ", bytes));
+  require(bytes >= kLowLatencyControlBytes, "Buffer", "num_rdma_bytes", "low-latency mode needs at least ",
+          kLowLatencyControlBytes, " bytes (see get_low_latency_rdma_size_hint), got ", bytes);
   const char* pdl = std::getenv("EPCOMM_LL_PDL");
   overlap_send_ = pdl == nullptr || std::string(pdl) != "0";
   DeviceGuard guard(device_);

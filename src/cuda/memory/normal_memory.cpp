@@ -27,7 +27,7 @@ NormalMemory::NormalMemory(Bootstrap& bootstrap, const GroupGeometry& geometry, 
   const int G = geometry.ranks_per_node;
   const int node = geometry.node_of(geometry.rank);
   node_rank_ = geometry.rank - node * G;
-  require(G <= kMaxNvlRanks, "Buffer", "ranks_per_node", concat("at most ", kMaxNvlRanks, ", got ", G));
+  require(G <= kMaxNvlRanks, "Buffer", "ranks_per_node", "at most ", kMaxNvlRanks, ", got ", G);
 
   Announcement mine{};
   if (bytes > 0) {

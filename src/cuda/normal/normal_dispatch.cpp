@@ -58,8 +58,8 @@ DispatchResult NormalMode::fresh_dispatch(const DispatchArgs& args, const Stream
   const int L = have_expert_counts ? E / R : 0;
   const bool worst = in.num_worst_tokens > 0;
   if (have_expert_counts)
-    require(L <= kMaxLocalExperts, op, "num_experts",
-            concat("at most ", kMaxLocalExperts, " experts per rank supported, got ", L));
+    require(L <= kMaxLocalExperts, op, "num_experts", "at most ", kMaxLocalExperts, " experts per rank supported, got ",
+            L);
 
   require_vector_aligned(in.x, op, "x");
   const RecordLayout record = dispatch_record(args, K);

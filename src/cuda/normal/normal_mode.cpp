@@ -33,9 +33,8 @@ Event CallStreams::finish() const {
 void require_vector_aligned(const TensorView& tensor, const char* op, const char* arg) {
   if (tensor.numel() == 0) return;
   const auto address = reinterpret_cast<uintptr_t>(tensor.data);
-  require(address % 16 == 0, op, arg,
-          concat("data must start on a 16-byte boundary, got address 0x", std::hex, address, std::dec, " (offset ",
-                 address % 16, ")"));
+  require(address % 16 == 0, op, arg, "data must start on a 16-byte boundary, got address 0x", std::hex, address,
+          std::dec, " (offset ", address % 16, ")");
 }
 
 void fill_bytes(void* data, int value, size_t bytes, cudaStream_t stream) {
@@ -74,10 +73,10 @@ NormalCommon NormalMode::common_params(const Config& config, const RecordLayout&
                 concat(op, ": high-throughput mode across ", g.num_nodes(),
                        " nodes is not supported by the CUDA backend yet (one NVLink domain of up to ", kMaxNvlRanks,
                        " ranks is)"));
-  require(config.num_sms <= ctx_.num_device_sms, op, "config.num_sms",
-          concat(config.num_sms, " exceeds the ", ctx_.num_device_sms, " SMs of GPU ", ctx_.device));
-  require(config.num_sms / 2 <= kMaxChannels, op, "config.num_sms",
-          concat("at most ", 2 * kMaxChannels, " supported, got ", config.num_sms));
+  require(config.num_sms <= ctx_.num_device_sms, op, "config.num_sms", config.num_sms, " exceeds the ",
+          ctx_.num_device_sms, " SMs of GPU ", ctx_.device);
+  require(config.num_sms / 2 <= kMaxChannels, op, "config.num_sms", "at most ", 2 * kMaxChannels, " supported, got ",
+          config.num_sms);
 
   NormalCommon c{};
   for (int r = 0; r < kMaxNvlRanks; ++r) c.peers[r] = memory_ != nullptr ? memory_->peer(r) : nullptr;
