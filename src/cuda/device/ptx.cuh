@@ -3,11 +3,12 @@
 // memory), `.gpu` for state only this device touches.
 //
 // Conventions used throughout src/cuda/kernels:
-//   - data travels with weak 16-byte stores; a counter that publishes it is written by ONE thread
-//     after a barrier over every thread that wrote the data, with release_fence_sys() followed by a
+//   - data travels with bulk copies (below) and a few weak 16-byte / 4-byte stores; a counter that
+//     publishes it is written by the thread that waited for the bulk copies to complete, after a warp
+//     barrier over the threads that made the plain stores, with release_fence_sys() followed by a
 //     relaxed store (the PTX "release pattern": the fence is cumulative over what the barrier ordered);
-//   - a reader loads the counter with an acquire, then a barrier/__syncwarp, then reads the data with
-//     L1-bypassing loads (ld.global.cg): queue slots are rewritten every lap and L1 is not coherent.
+//   - a reader loads the counter with an acquire, then __syncwarp and fence.proxy.async.global, then
+//     reads the data with bulk copies (never through L1, which is not coherent).
 #pragma once
 
 #include <cstdint>
@@ -44,7 +45,7 @@ __device__ __forceinline__ int32_t load_volatile(const int32_t* address) {
 }
 
 // 16-byte loads. `nc`: read-only data of the call (inputs), through the non-coherent path without
-// allocating in L1. `cg`: data another GPU wrote (queue slots), cached in L2 only.
+// allocating in L1. `cg`: data another GPU wrote, cached in L2 only.
 __device__ __forceinline__ int4 load_nc_16(const void* address) {
   int4 v;
   asm volatile("ld.global.nc.L1::no_allocate.v4.s32 {%0, %1, %2, %3}, [%4];"

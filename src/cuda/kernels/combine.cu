@@ -88,7 +88,10 @@ class RowSender {
         const int32_t token = next_token;
         const float weight = next_weight;
         if (row + 1 < num_rows_) load_meta(row + 1, next_token, next_weight);
-        if (row >= freed_ + Q && !(ok = wait_for_space(row))) break;
+        if (row >= freed_ + Q) {
+          ok = wait_for_space(row);
+          if (!ok) break;
+        }
         slot = queue_ + int64_t(row % Q) * c_.queues.record_bytes;
         if (lane_ == 0) device::store_16(slot, make_int4(token, begin_ + static_cast<int32_t>(row), 0, 0));
         if (lane_ < layout.num_topk) reinterpret_cast<float*>(slot + layout.weights_offset())[lane_] = weight;
@@ -232,6 +235,8 @@ class UnitLoader {
   // Until every source in `from` published its record for the next token (polling our tails),
   // retiring landed units and returning heads meanwhile. False when it gave up.
   __device__ bool wait_for_records(uint32_t from) {
+    retire(/*block=*/false);  // heads go back whether or not we have to wait
+    return_heads();
     IdleClock idle;
     while (true) {
       const bool missing = ((from >> lane_) & 1u) && published_ <= next_;
@@ -248,10 +253,12 @@ class UnitLoader {
       retire(/*block=*/false);
       return_heads();
       if (__any_sync(~0u, moved)) {
-        idle.reset();
-      } else if (warp_aborted(c_)) {
-        return false;
-      } else if (idle.expired(c_.timeout_ns)) {
+        idle.progress();
+        continue;
+      }
+      const IdleClock::Verdict verdict = idle.idle(c_);
+      if (verdict == IdleClock::kAborted) return false;
+      if (verdict == IdleClock::kTimedOut) {
         if (lane_ == 0)
           device::report_error(c_.errors, DeviceErrorKind::kTimeout, DevicePhase::kCombineRecv, __ffs(waiting) - 1,
                                static_cast<int64_t>(c_.timeout_ns));

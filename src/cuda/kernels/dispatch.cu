@@ -342,10 +342,12 @@ class RecordLoader {
       return_heads();
       if (__all_sync(~0u, done_ && loaded_ == published_)) break;
       if (poll_tails()) {
-        idle.reset();
-      } else if (warp_aborted(c_)) {
-        return;
-      } else if (idle.expired(c_.timeout_ns)) {
+        idle.progress();
+        continue;
+      }
+      const IdleClock::Verdict verdict = idle.idle(c_);
+      if (verdict == IdleClock::kAborted) return;
+      if (verdict == IdleClock::kTimedOut) {
         const uint32_t waiting = __ballot_sync(~0u, !done_);
         if (lane_ == 0)
           device::report_error(c_.errors, DeviceErrorKind::kTimeout, DevicePhase::kDispatchRecv, __ffs(waiting) - 1,

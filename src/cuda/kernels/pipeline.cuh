@@ -39,9 +39,23 @@ __device__ __forceinline__ uint32_t use_parity(uint32_t sequence, uint32_t stage
 // naming `site`) or another block aborted. Local waits allow twice the timeout: what they wait for
 // is a worker of this block, which gives up (and raises the abort flag) on its own timeout first when
 // it waits for a peer, so a timeout names the peer, not this rank.
-__device__ __forceinline__ bool wait_phase(uint64_t* barrier, uint32_t parity, const NormalCommon& c, WaitSite site) {
-  return device::wait_until([&] { return device::mbarrier_try_wait(barrier, parity); }, 2 * c.timeout_ns, c.errors,
-                            site);
+// try_wait suspends the thread until the phase completes or a hardware time limit passes, so the
+// loop wakes as soon as the phase completes; the abort flag (a load from device memory) and the clock
+// are only looked at every kChecksEvery rounds, so as not to add their latency to the wake-up.
+static __device__ __noinline__ bool wait_phase(uint64_t* barrier, uint32_t parity, const NormalCommon& c, WaitSite site) {
+  constexpr uint32_t kChecksEvery = 8;
+  if (device::mbarrier_try_wait(barrier, parity)) return true;
+  const uint64_t start = device::global_timer_ns();
+  for (uint32_t round = 1;; ++round) {
+    if (device::mbarrier_try_wait(barrier, parity)) return true;
+    if (round % kChecksEvery != 0) continue;
+    if (device::aborted(c.errors)) return false;
+    if (device::global_timer_ns() - start > 2 * c.timeout_ns) {
+      device::report_error(c.errors, DeviceErrorKind::kTimeout, site.phase, site.peer,
+                           static_cast<int64_t>(c.timeout_ns));
+      return false;
+    }
+  }
 }
 
 // The whole warp waits: lane 0 spins (bounded), then every lane observes the completed phase itself,
@@ -55,28 +69,36 @@ __device__ __forceinline__ bool warp_wait_phase(uint64_t* barrier, uint32_t pari
   return ok;
 }
 
-// Bounds a warp-uniform polling loop: reset() whenever the loop made progress; expired() turns true
-// (on every lane alike) once it made none for the timeout.
-class IdleClock {
- public:
-  __device__ void reset() { since_ = 0; }
-  __device__ bool expired(uint64_t timeout_ns) {
-    const uint64_t now = __shfl_sync(~0u, device::global_timer_ns(), 0);
-    if (since_ == 0) {
-      since_ = now;
-      return false;
-    }
-    return now - since_ > timeout_ns;
-  }
-
- private:
-  uint64_t since_ = 0;
-};
-
 // Whether another block gave up (read by lane 0, the same answer on every lane).
 __device__ __forceinline__ bool warp_aborted(const NormalCommon& c) {
   return __shfl_sync(~0u, static_cast<int>(device::aborted(c.errors)), 0) != 0;
 }
+
+// Bounds a warp-uniform polling loop. progress() whenever the loop saw something new; idle() after
+// a round that saw nothing: kStop once another block aborted or nothing came for the timeout (the
+// flag and the clock are looked at every few idle rounds only), else kGoOn. Same answer on every lane.
+class IdleClock {
+ public:
+  enum Verdict { kGoOn, kAborted, kTimedOut };
+  __device__ void progress() {
+    since_ = 0;
+    rounds_ = 0;
+  }
+  __device__ Verdict idle(const NormalCommon& c) {
+    if (++rounds_ % 8 != 0) return kGoOn;
+    if (warp_aborted(c)) return kAborted;
+    const uint64_t now = __shfl_sync(~0u, device::global_timer_ns(), 0);
+    if (since_ == 0) {
+      since_ = now;
+      return kGoOn;
+    }
+    return now - since_ > c.timeout_ns ? kTimedOut : kGoOn;
+  }
+
+ private:
+  uint64_t since_ = 0;
+  uint32_t rounds_ = 0;
+};
 
 // Thread 0, after the block synchronised at its end: the block must not exit while a bulk load it
 // started may still write its shared memory. On a normal run every started phase completed already;
