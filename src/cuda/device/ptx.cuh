@@ -3,12 +3,11 @@
 // memory), `.gpu` for state only this device touches.
 //
 // Conventions used throughout src/cuda/kernels:
-//   - data travels with bulk copies (below) and a few weak 16-byte / 4-byte stores; a counter that
-//     publishes it is written by the thread that waited for the bulk copies to complete, after a warp
-//     barrier over the threads that made the plain stores, with release_fence_sys() followed by a
+//   - data travels with weak 16-byte stores; a counter that publishes it is written by ONE thread
+//     after a barrier over every thread that wrote the data, with release_fence_sys() followed by a
 //     relaxed store (the PTX "release pattern": the fence is cumulative over what the barrier ordered);
-//   - a reader loads the counter with an acquire, then __syncwarp and fence.proxy.async.global, then
-//     reads the data with bulk copies (never through L1, which is not coherent).
+//   - a reader loads the counter with an acquire, then a barrier/__syncwarp, then reads the data with
+//     L1-bypassing loads (ld.global.cg): queue slots are rewritten every lap and L1 is not coherent.
 #pragma once
 
 #include <cstdint>
@@ -45,7 +44,7 @@ __device__ __forceinline__ int32_t load_volatile(const int32_t* address) {
 }
 
 // 16-byte loads. `nc`: read-only data of the call (inputs), through the non-coherent path without
-// allocating in L1. `cg`: data another GPU wrote, cached in L2 only.
+// allocating in L1. `cg`: data another GPU wrote (queue slots), cached in L2 only.
 __device__ __forceinline__ int4 load_nc_16(const void* address) {
   int4 v;
   asm volatile("ld.global.nc.L1::no_allocate.v4.s32 {%0, %1, %2, %3}, [%4];"
@@ -75,133 +74,5 @@ __device__ __forceinline__ void store_streaming_16(void* address, const int4& v)
 __device__ __forceinline__ void named_barrier(int id, int num_threads) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(num_threads) : "memory");
 }
-
-// ---- Bulk copies (TMA) and the mbarriers that track them (sm_90) -------------------------------
-//
-// Facts from the PTX ISA these wrappers rely on (the protocol's use of them is argued in
-// docs/CUDA_NORMAL_MODE.md, "Memory ordering"):
-//   - cp.async.bulk runs in the async proxy. Generic-proxy writes to shared memory that a bulk
-//     store will read need fence.proxy.async.shared::cta by the writing threads before the thread
-//     that issues the copy synchronises with them.
-//   - A bulk load completes on an mbarrier (complete-tx of its byte count). A thread that observes
-//     the phase complete (try_wait, acquire at CTA scope) sees the bytes in shared memory.
-//   - A bulk store belongs to the issuing thread's bulk async-group once committed.
-//     wait_group.read N returns when all but the newest N groups finished READING shared memory
-//     (the source may be overwritten); wait_group N (no .read) when they COMPLETED, their writes
-//     made visible to the executing thread. Only after the latter may that thread publish them
-//     (release at system scope, preceded by fence.proxy.async.global).
-//   - An mbarrier phase: try_wait.parity(P) is true iff the phase with parity P completed, where P
-//     must be the parity of the current or the immediately preceding phase. A waiter may therefore
-//     never be more than one phase ahead: every stage's barrier is waited on by one fixed thread or
-//     warp that handles every use of the stage in order (see kernels/pipeline.cuh).
-
-__device__ __forceinline__ uint32_t shared_address(const void* pointer) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(pointer));
-}
-
-__device__ __forceinline__ uint64_t global_address(const void* pointer) {
-  uint64_t address;
-  asm("cvta.to.global.u64 %0, %1;" : "=l"(address) : "l"(pointer));
-  return address;
-}
-
-__device__ __forceinline__ void mbarrier_init(uint64_t* barrier, uint32_t arrivals) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(shared_address(barrier)), "r"(arrivals) : "memory");
-}
-
-// Makes initialised mbarriers visible to the async proxy (the bulk copies that complete on them).
-__device__ __forceinline__ void fence_mbarrier_init() {
-  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-}
-
-// Arrive (release at CTA scope): the writes this thread made before are seen by whoever observes
-// the phase complete.
-__device__ __forceinline__ void mbarrier_arrive(uint64_t* barrier) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(shared_address(barrier)) : "memory");
-}
-
-// Arrive and announce `bytes` of bulk loads that will complete on this phase.
-__device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* barrier, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(shared_address(barrier)), "r"(bytes)
-               : "memory");
-}
-
-// Announce `bytes` of bulk loads without arriving (the arrival comes later, after other writes).
-__device__ __forceinline__ void mbarrier_expect_tx(uint64_t* barrier, uint32_t bytes) {
-  asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;" ::"r"(shared_address(barrier)),
-               "r"(bytes)
-               : "memory");
-}
-
-// Whether the phase of parity `parity` completed (may suspend the thread briefly; acquire at CTA scope).
-__device__ __forceinline__ bool mbarrier_try_wait(uint64_t* barrier, uint32_t parity) {
-  uint32_t done;
-  asm volatile(
-      "{\n"
-      ".reg .pred complete;\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 complete, [%1], %2;\n"
-      "selp.u32 %0, 1, 0, complete;\n"
-      "}\n"
-      : "=r"(done)
-      : "r"(shared_address(barrier)), "r"(parity)
-      : "memory");
-  return done != 0;
-}
-
-// Same without suspending: one look.
-__device__ __forceinline__ bool mbarrier_test_wait(uint64_t* barrier, uint32_t parity) {
-  uint32_t done;
-  asm volatile(
-      "{\n"
-      ".reg .pred complete;\n"
-      "mbarrier.test_wait.parity.shared::cta.b64 complete, [%1], %2;\n"
-      "selp.u32 %0, 1, 0, complete;\n"
-      "}\n"
-      : "=r"(done)
-      : "r"(shared_address(barrier)), "r"(parity)
-      : "memory");
-  return done != 0;
-}
-
-// Global -> shared bulk copy of `bytes` (a multiple of 16, both addresses 16-byte aligned) that
-// completes on `barrier`.
-__device__ __forceinline__ void bulk_load(void* shared_destination, const void* global_source, uint32_t bytes,
-                                          uint64_t* barrier) {
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-                   shared_address(shared_destination)),
-               "l"(global_address(global_source)), "r"(bytes), "r"(shared_address(barrier))
-               : "memory");
-}
-
-// Shared -> global bulk copy (the destination may be a peer GPU's memory), in this thread's current
-// bulk async-group.
-__device__ __forceinline__ void bulk_store(void* global_destination, const void* shared_source, uint32_t bytes) {
-  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(global_address(global_destination)),
-               "r"(shared_address(shared_source)), "r"(bytes)
-               : "memory");
-}
-
-__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
-
-// All but the newest kPending bulk groups of this thread completed (writes visible to this thread).
-template <int kPending>
-__device__ __forceinline__ void bulk_wait() {
-  asm volatile("cp.async.bulk.wait_group %0;" ::"n"(kPending) : "memory");
-}
-
-// All but the newest kPending bulk groups of this thread finished reading their shared memory.
-template <int kPending>
-__device__ __forceinline__ void bulk_wait_read() {
-  asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(kPending) : "memory");
-}
-
-// Orders this thread's generic-proxy accesses to shared memory with later async-proxy ones.
-__device__ __forceinline__ void fence_proxy_async_shared() {
-  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-}
-
-// Same for global memory (both directions).
-__device__ __forceinline__ void fence_proxy_async_global() { asm volatile("fence.proxy.async.global;" ::: "memory"); }
 
 }  // namespace epcomm::cuda::device

@@ -1,5 +1,5 @@
 // Pieces every normal-mode kernel shares: entering and leaving a call (the entry barrier and the
-// device-side call counter) and small warp algorithms.
+// device-side call counter), warp-wide copies, and small warp algorithms.
 #pragma once
 
 #include <cstdint>
@@ -95,6 +95,38 @@ __device__ __forceinline__ void finish_call(const NormalCommon& c, uint64_t epoc
       __threadfence();
     }
   }
+}
+
+// Warp-wide copy of `num_vectors` 16-byte vectors, kUnroll loads in flight per lane before their
+// stores (lane l moves vectors l, l + 32, ...; one base address per lane, immediate offsets).
+// kFromQueue: the source is a queue slot a peer wrote (read from L2, never L1); otherwise it is an
+// input of the call, read once through the non-coherent path.
+template <int kUnroll, bool kFromQueue>
+__device__ __forceinline__ void warp_copy(char* dst, const char* src, int num_vectors, int lane) {
+  src += lane * 16;
+  dst += lane * 16;
+  for (int remaining = num_vectors - lane; remaining > 0; remaining -= kUnroll * kWarpSize) {
+    int4 v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+      if (u * kWarpSize < remaining)
+        v[u] = kFromQueue ? device::load_cg_16(src + u * kWarpSize * 16) : device::load_nc_16(src + u * kWarpSize * 16);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+      if (u * kWarpSize < remaining) device::store_16(dst + u * kWarpSize * 16, v[u]);
+    src += kUnroll * kWarpSize * 16;
+    dst += kUnroll * kWarpSize * 16;
+  }
+}
+
+template <int kUnroll>
+__device__ __forceinline__ void warp_copy_from_input(char* dst, const char* src, int num_vectors, int lane) {
+  warp_copy<kUnroll, false>(dst, src, num_vectors, lane);
+}
+
+template <int kUnroll>
+__device__ __forceinline__ void warp_copy_from_queue(char* dst, const char* src, int num_vectors, int lane) {
+  warp_copy<kUnroll, true>(dst, src, num_vectors, lane);
 }
 
 // First index i in [lo, hi) with sorted[i] >= key, or hi; the whole warp calls it. 32 probes per

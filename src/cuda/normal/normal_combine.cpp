@@ -22,12 +22,9 @@ CombineResult NormalMode::combine(const CombineArgs& args, const StreamOptions& 
   record.num_topk = K;
   CombineParams p{};
   p.common = common_params(args.config, record, op);
-  // The bias rows present, in order (bias_0 before bias_1 in the sum).
-  const TensorView* biases[2] = {nullptr, nullptr};
-  int num_bias = 0;
-  if (in.bias_0) biases[num_bias++] = &*in.bias_0;
-  if (in.bias_1) biases[num_bias++] = &*in.bias_1;
-  p.pipeline = combine_pipeline(record, num_bias, op);
+  const int Q = p.common.queues.queue_tokens;
+  // A window must fit in what the senders can publish ahead of it (see kernels/combine.cu).
+  p.window_tokens = std::clamp((Q - p.common.chunk_tokens + 1) / 2, 1, 128);
   CallStreams streams(ctx_.comm_stream, stream, events_);
   const Device device = ctx_.tensor_device();
 
@@ -44,8 +41,8 @@ CombineResult NormalMode::combine(const CombineArgs& args, const StreamOptions& 
   p.num_tokens = T;
   p.hidden = args.hidden;
   p.in_rank = handle.is_token_in_rank.data_as<const uint8_t>();
-  p.bias0 = biases[0] != nullptr ? biases[0]->data_as<const uint16_t>() : nullptr;
-  p.bias1 = biases[1] != nullptr ? biases[1]->data_as<const uint16_t>() : nullptr;
+  p.bias0 = in.bias_0 ? in.bias_0->data_as<const uint16_t>() : nullptr;
+  p.bias1 = in.bias_1 ? in.bias_1->data_as<const uint16_t>() : nullptr;
 
   CombineResult result;
   result.combined_x =

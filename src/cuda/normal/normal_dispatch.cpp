@@ -141,7 +141,6 @@ DispatchResult NormalMode::fresh_dispatch(const DispatchArgs& args, const Stream
   // 4. Move the tokens.
   DispatchParams p{};
   p.common = common;
-  p.pipeline = dispatch_pipeline(record, op);
   p.num_tokens = T;
   p.x = static_cast<const uint8_t*>(in.x.data);
   if (have_topk) {
@@ -197,7 +196,6 @@ DispatchResult NormalMode::cached_dispatch(const DispatchArgs& args, const Strea
   const RecordLayout record = dispatch_record(args, /*num_topk=*/0);
   DispatchParams p{};
   p.common = common_params(args.config, record, op);
-  p.pipeline = dispatch_pipeline(record, op);
   CallStreams streams(ctx_.comm_stream, stream, events_);
 
   p.cached = 1;

@@ -56,9 +56,6 @@ NormalMode::NormalMode(const CudaContext& ctx, NormalMemory* memory, const void*
   EPCOMM_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&host_counts_device_), host_counts_, 0));
   EPCOMM_CUDA_CHECK(cudaEventCreateWithFlags(&events_.caller_ready, cudaEventDisableTiming));
   EPCOMM_CUDA_CHECK(cudaEventCreateWithFlags(&events_.work_done, cudaEventDisableTiming));
-  int max_shared = 0;
-  EPCOMM_CUDA_CHECK(cudaDeviceGetAttribute(&max_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, ctx_.device));
-  smem_budget_ = std::min(prepare_dispatch_kernel(max_shared), prepare_combine_kernel(max_shared));
   EPCOMM_CUDA_CHECK(cudaDeviceSynchronize());
 }
 
@@ -103,25 +100,6 @@ NormalCommon NormalMode::common_params(const Config& config, const RecordLayout&
                " ranks x ", c.queues.num_channels, " channels x ", c.queues.queue_tokens, " tokens x ",
                c.queues.record_bytes, "-byte records + control); size it with Config.get_nvl_buffer_size_hint"));
   return c;
-}
-
-DispatchPipeline NormalMode::dispatch_pipeline(const RecordLayout& record, const char* op) const {
-  const DispatchPipeline pipeline = plan_dispatch(record, ctx_.geometry.num_ranks, smem_budget_);
-  if (!pipeline.valid())
-    throw_error(ErrorCode::kUnsupported,
-                concat(op, ": x: rows of ", record.payload_bytes, " bytes (records of ", record.bytes(),
-                       " bytes) do not fit the ", smem_budget_, " bytes of shared memory a block of GPU ", ctx_.device,
-                       " may use; smaller hidden sizes are supported"));
-  return pipeline;
-}
-
-CombinePipeline NormalMode::combine_pipeline(const RecordLayout& record, int num_bias, const char* op) const {
-  const CombinePipeline pipeline = plan_combine(record, ctx_.geometry.num_ranks, num_bias, smem_budget_);
-  if (!pipeline.valid())
-    throw_error(ErrorCode::kUnsupported,
-                concat(op, ": x: records of ", record.bytes(), " bytes with ", num_bias, " bias rows do not fit the ",
-                       smem_budget_, " bytes of shared memory a block of GPU ", ctx_.device, " may use"));
-  return pipeline;
 }
 
 void NormalMode::wait_for_counts(int32_t sequence, const char* op) const {

@@ -46,10 +46,6 @@ class NormalMode {
   // Checks what a call needs (one node, SMs, buffer size) and fills the part of the kernel params
   // shared by every kernel of the call.
   NormalCommon common_params(const Config& config, const RecordLayout& record, const char* op) const;
-  // The shared-memory stages of a call (normal/pipelines.hpp); throws kUnsupported when a record is
-  // too large for them.
-  DispatchPipeline dispatch_pipeline(const RecordLayout& record, const char* op) const;
-  CombinePipeline combine_pipeline(const RecordLayout& record, int num_bias, const char* op) const;
   // Waits until notify published the counts of the dispatch numbered `sequence`.
   void wait_for_counts(int32_t sequence, const char* op) const;
 
@@ -61,7 +57,6 @@ class NormalMode {
   HostCounts* host_counts_device_ = nullptr;  // the same, as the device sees it
   int32_t host_sequence_ = 0;
   OrderingEvents events_;
-  int64_t smem_budget_ = 0;  // dynamic shared memory the dispatch and combine kernels may use
 };
 
 }  // namespace epcomm::cuda

@@ -6,7 +6,6 @@
 #include <cstdint>
 
 #include "cuda/device/error_word.cuh"
-#include "cuda/normal/pipelines.hpp"
 #include "cuda/normal/protocol.hpp"
 
 namespace epcomm::cuda {
@@ -85,7 +84,6 @@ struct NotifyParams {
 // Dispatch, fresh or cached (2 C blocks: even = sender of channel c, odd = receiver).
 struct DispatchParams {
   NormalCommon common;
-  DispatchPipeline pipeline;   // shared-memory stages of both roles
   int32_t cached;              // 1: entry barrier here; rows from send_row
   uint64_t signature;          // cached only (fresh: notify compared them)
   const int32_t* handle_meta;  // cached only: the handle's dispatch epoch
@@ -118,7 +116,6 @@ struct DispatchParams {
 // Combine (2 C blocks: even = sender of channel c, odd = receiver).
 struct CombineParams {
   NormalCommon common;
-  CombinePipeline pipeline;           // shared-memory stages of both roles
   uint64_t signature;
   const int32_t* handle_meta;         // [R + 2]: T of every rank, dispatch epoch
   const int32_t* rank_prefix_matrix;  // [R, R]
@@ -131,10 +128,11 @@ struct CombineParams {
   int32_t num_tokens;  // T
   int32_t hidden;
   const uint8_t* in_rank;   // [T, R]
-  const uint16_t* bias0;    // [T, hidden]: the first bias given (bias_0, or bias_1 alone), or null
-  const uint16_t* bias1;    // [T, hidden]: bias_1 when both are given, else null
+  const uint16_t* bias0;    // [T, hidden] or null
+  const uint16_t* bias1;    // [T, hidden] or null
   uint16_t* combined_x;     // [T, hidden]
   float* combined_weights;  // [T, K] or null
+  int32_t window_tokens;    // tokens a receiver block handles between head updates (<= Q)
 };
 
 }  // namespace epcomm::cuda

@@ -23,11 +23,9 @@
 // - expert counts [parity][source][L]: a fresh dispatch's per-expert counts for the receiver's experts.
 // - queue (source, channel) in the receiver's memory: Q record slots used as a ring, slot = index % Q.
 //
-// Records (one token):  | header 16 B | scales (4 S, padded to 16) | idx (4 K) | weights (4 K) | pad to 16 | payload |
+// Records (one token):  | header 16 B | payload | scales (4 S, padded to 16) | idx (4 K) | weights (4 K) | pad |
 //   dispatch header = {row in the receiver's recv_x, source token index, 0, 0}; combine header = {token
-//   index on the receiver, row on the sender, 0, 0}. The payload comes last so that the "meta" part
-//   (header to padding) and the payload are each one contiguous, 16-byte aligned run: a bulk copy
-//   can move the meta part with the first piece of the payload, or the payload alone.
+//   index on the receiver, row on the sender, 0, 0}.
 #pragma once
 
 #include <cstdint>
@@ -102,13 +100,11 @@ struct RecordLayout {
   int32_t num_scales = 0;
   int32_t num_topk = 0;
 
-  EPCOMM_PROTOCOL_FN int64_t scales_offset() const { return 16; }
+  EPCOMM_PROTOCOL_FN int64_t payload_offset() const { return 16; }
+  EPCOMM_PROTOCOL_FN int64_t scales_offset() const { return 16 + int64_t(payload_bytes); }
   EPCOMM_PROTOCOL_FN int64_t idx_offset() const { return scales_offset() + (int64_t(num_scales) * 4 + 15) / 16 * 16; }
   EPCOMM_PROTOCOL_FN int64_t weights_offset() const { return idx_offset() + int64_t(num_topk) * 4; }
-  // Header, scales, idx and weights: a multiple of 16.
-  EPCOMM_PROTOCOL_FN int64_t meta_bytes() const { return (weights_offset() + int64_t(num_topk) * 4 + 15) / 16 * 16; }
-  EPCOMM_PROTOCOL_FN int64_t payload_offset() const { return meta_bytes(); }
-  EPCOMM_PROTOCOL_FN int64_t bytes() const { return meta_bytes() + payload_bytes; }
+  EPCOMM_PROTOCOL_FN int64_t bytes() const { return (weights_offset() + int64_t(num_topk) * 4 + 15) / 16 * 16; }
 };
 
 // The queues of one call: C channels of Q slots per source rank.
