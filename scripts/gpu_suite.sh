@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU test suite in one command, for a GPU machine (no network needed): configure + build with
-# every core, print the kernels' register / spill report, run every test labelled `gpu`, then the
-# high-throughput throughput probe. Logs go to $OUT (or ./gpu_suite_logs).
+# every core, print the kernels' register / spill report, run every test labelled `gpu` (normal and
+# low-latency mode against the CPU reference), the high-throughput throughput probe, then the Python
+# front end's GPU tests. Logs go to $OUT (or ./gpu_suite_logs).
 #
 #   scripts/gpu_suite.sh                        # all GPUs: R = 2, 3, 4, 8 ranks on distinct GPUs
 #   CUDA_VISIBLE_DEVICES=0 scripts/gpu_suite.sh # all ranks time-slice one GPU (small tests only)
@@ -12,6 +13,7 @@
 #   EPCOMM_TEST_MAX_RANKS     largest R the tests use (default 8)
 #   EPCOMM_GPU_TESTS          ctest -R regex of the tests to run (default: all `gpu` tests)
 #   EPCOMM_SKIP_PERF=1        skip the throughput probe (it needs >= 2 GPUs anyway)
+#   EPCOMM_SKIP_PYTHON=1      skip the Python front end's GPU tests (python/tests/run_gpu.sh)
 #   EPCOMM_PERF_RANKS         ranks of the probe (default: min(GPUs, 8))
 #   EPCOMM_TIMEOUT_S          timeout of every wait (default here: 60 s, so a broken protocol fails
 #                             fast and names the phase and peer instead of waiting 100 s per call)
@@ -60,5 +62,10 @@ if [ "${EPCOMM_SKIP_PERF:-0}" != "1" ]; then
     > "$out/perf.log" 2>&1 || status=1
   grep -E "^(op|dispatch|combine)|SKIPPED|FAILED|PASSED" "$out/perf.log" | head -80
 fi
+if [ "${EPCOMM_SKIP_PYTHON:-0}" != "1" ]; then
+  echo "== Python front end on the GPUs (logs: $out/python)"
+  OUT="$out/python" python/tests/run_gpu.sh || status=1
+fi
+
 echo "== done (status $status); logs in $out"
 exit $status
