@@ -5,6 +5,8 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$root/scripts/setup.sh"
 build_dir="${EPCOMM_BUILD_DIR:-build}"
+echo "== clang-format check (scripts/format.sh fixes)"
+"$root/scripts/format.sh" --check
 echo "== C++ CPU suite"
 ctest --test-dir "$build_dir" -L cpu --output-on-failure -j "$(nproc)" --timeout 900
 echo "== cmake --install, then a project using find_package(epcomm)"

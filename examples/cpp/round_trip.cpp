@@ -4,12 +4,11 @@
 //
 // Every token goes to the ranks of its top-k experts; each rank sends the rows back unchanged, so
 // combine must return x times the number of ranks the token went to. Prints one line per rank.
-#include <epcomm/epcomm.hpp>
-
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <epcomm/epcomm.hpp>
 #include <random>
 #include <vector>
 
@@ -75,8 +74,7 @@ int main() {
     int copies = 0;
     for (int r = 0; r < R; ++r) copies += in_rank[t * R + r];
     const float expected = float(rank + t % 16) * float(copies);
-    for (int h = 0; h < hidden; ++h)
-      wrong += from_bf16(c.combined_x.data_as<uint16_t>()[t * hidden + h]) != expected;
+    for (int h = 0; h < hidden; ++h) wrong += from_bf16(c.combined_x.data_as<uint16_t>()[t * hidden + h]) != expected;
   }
   std::printf("rank %d of %d: received %d tokens, per local expert:", rank, R, d.handle->num_recv_tokens);
   for (int count : d.num_recv_tokens_per_expert) std::printf(" %d", count);

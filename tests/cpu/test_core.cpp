@@ -45,8 +45,8 @@ TEST(Config, RejectsRecvChunkSmallerThanSendChunk) {
 TEST(Config, NvlHintCoversEveryQueueAndGrowsWithSmsRanksAndHidden) {
   Config config;
   const int64_t base = config.nvl_buffer_size_hint(7168 * 2, 8);
-  EXPECT_GE(base, kNormalControlBytes + int64_t(8) * (config.num_sms / 2) * config.num_max_nvl_chunked_recv_tokens *
-                                            7168 * 2);
+  EXPECT_GE(base, kNormalControlBytes +
+                      int64_t(8) * (config.num_sms / 2) * config.num_max_nvl_chunked_recv_tokens * 7168 * 2);
   Config more_sms = config;
   more_sms.num_sms = 24;
   EXPECT_GT(more_sms.nvl_buffer_size_hint(7168 * 2, 8), base);
@@ -83,7 +83,8 @@ TEST(LowLatencyLayout, RegionsAreDisjointAlignedAndWithinTheHint) {
       EXPECT_EQ(layout.combine_recv_offset(parity) % 16, 0);
       EXPECT_EQ(layout.dispatch_messages_offset(parity) % 16, 0);
       EXPECT_EQ(layout.staging_offset(parity) % 16, 0);
-      EXPECT_LE(layout.staging_offset(parity) + layout.staging_bytes(), layout.parity_offset(parity) + layout.parity_bytes());
+      EXPECT_LE(layout.staging_offset(parity) + layout.staging_bytes(),
+                layout.parity_offset(parity) + layout.parity_bytes());
     }
     EXPECT_LE(layout.parity_offset(0) + layout.parity_bytes(), layout.parity_offset(1));
     EXPECT_EQ(layout.parity_offset(1) + layout.parity_bytes(), layout.total_bytes());
