@@ -331,15 +331,18 @@ TEST(NormalModeErrors, RanksThatDisagreeAllRaise) {
   });
 }
 
+// Three ranks with different token counts: small enough for the timeout tests.
+NormalCase three_rank_case() {
+  NormalCase c = good_case();
+  c.num_ranks = 3;
+  c.num_tokens = {10, 11, 12};
+  c.num_experts = 6;
+  return c;
+}
+
 // A rank that skips a call: its peers time out naming it, and everyone can still destroy the buffer.
 TEST(NormalModeErrors, SkippedCallTimesOutNamingTheRank) {
-  const NormalCase c = [] {
-    NormalCase c = good_case();
-    c.num_ranks = 3;
-    c.num_tokens = {10, 11, 12};
-    c.num_experts = 6;
-    return c;
-  }();
+  const NormalCase c = three_rank_case();
   run_ranks(c.num_ranks, [&](Bootstrap& bootstrap) {
     Buffer buffer(bootstrap, cpu_buffer_options(small_nvl_bytes(c), 1000ms));
     RankCall call;
@@ -353,13 +356,7 @@ TEST(NormalModeErrors, SkippedCallTimesOutNamingTheRank) {
 
 // Bad input on one rank only: it raises at once (before any communication); its peers time out naming it.
 TEST(NormalModeErrors, BadInputOnOneRankTimesOutItsPeers) {
-  const NormalCase c = [] {
-    NormalCase c = good_case();
-    c.num_ranks = 3;
-    c.num_tokens = {10, 11, 12};
-    c.num_experts = 6;
-    return c;
-  }();
+  const NormalCase c = three_rank_case();
   run_ranks(c.num_ranks, [&](Bootstrap& bootstrap) {
     Buffer buffer(bootstrap, cpu_buffer_options(small_nvl_bytes(c), 1000ms));
     RankCall call;
