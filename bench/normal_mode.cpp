@@ -44,8 +44,11 @@ std::vector<std::optional<int>> sm_counts(const BenchContext& ctx) {
   return counts;
 }
 
-Config with_sms(Config config, std::optional<int> num_sms) {
+// The default Config with the SM count and the --nvl-chunk / --nvl-queue overrides.
+Config with_sms(const BenchContext& ctx, Config config, std::optional<int> num_sms) {
   if (num_sms) config.num_sms = *num_sms;
+  if (ctx.options.nvl_chunk_tokens > 0) config.num_max_nvl_chunked_send_tokens = ctx.options.nvl_chunk_tokens;
+  if (ctx.options.nvl_queue_tokens > 0) config.num_max_nvl_chunked_recv_tokens = ctx.options.nvl_queue_tokens;
   return config;
 }
 
@@ -54,9 +57,9 @@ int64_t buffer_bytes(const BenchContext& ctx, const Workload& w) {
   for (const std::optional<int> sms : sm_counts(ctx)) {
     const int64_t hidden_bytes = int64_t(w.hidden) * 2;  // the BF16 size, for FP8 too
     bytes = std::max(bytes,
-                     with_sms(default_dispatch_config(ctx.ranks), sms).nvl_buffer_size_hint(hidden_bytes, ctx.ranks));
+                     with_sms(ctx, default_dispatch_config(ctx.ranks), sms).nvl_buffer_size_hint(hidden_bytes, ctx.ranks));
     bytes =
-        std::max(bytes, with_sms(default_combine_config(ctx.ranks), sms).nvl_buffer_size_hint(hidden_bytes, ctx.ranks));
+        std::max(bytes, with_sms(ctx, default_combine_config(ctx.ranks), sms).nvl_buffer_size_hint(hidden_bytes, ctx.ranks));
   }
   return bytes;
 }
@@ -168,8 +171,8 @@ Mismatch NormalModeBench::check_combine(const DispatchResult& fresh, const Confi
 }
 
 void NormalModeBench::at_sms(std::optional<int> num_sms) {
-  const Config dispatch_config = with_sms(default_dispatch_config(ctx_.ranks), num_sms);
-  const Config combine_config = with_sms(default_combine_config(ctx_.ranks), num_sms);
+  const Config dispatch_config = with_sms(ctx_, default_dispatch_config(ctx_.ranks), num_sms);
+  const Config combine_config = with_sms(ctx_, default_combine_config(ctx_.ranks), num_sms);
   if (num_sms) progress(ctx_, concat(w_.label(), ": normal mode, ", *num_sms, " SMs"));
 
   for (const bool fp8 : {false, true}) {

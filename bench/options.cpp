@@ -12,7 +12,7 @@ const char* const kUsage = R"(epcomm-bench: dispatch / combine speed of epcomm a
 
 usage: epcomm-bench [-n RANKS] [--backend cpu|cuda|auto] [--workload W[,W...]] [--num-sms 8,16,24]
                     [--iters N] [--warmup N] [--json FILE] [--routing uniform|skewed|both] [--skewed]
-                    [--no-check] [--no-baseline] [--seed N] [--flush-mb MB]
+                    [--no-check] [--no-baseline] [--seed N] [--flush-mb MB] [--nvl-chunk N] [--nvl-queue N]
 
   -n RANKS          launch RANKS local ranks (processes). Default: one per GPU (cuda), 4 (cpu).
                     Under epcomm-run (EPCOMM_RANK set) the process is one rank and -n must match.
@@ -31,6 +31,8 @@ usage: epcomm-bench [-n RANKS] [--backend cpu|cuda|auto] [--workload W[,W...]] [
   --no-baseline     skip the NCCL all_to_all baseline.
   --seed N          base seed of the inputs (default 1).
   --flush-mb MB     size of the buffer written to flush the GPU L2 before each timed call (default 256).
+  --nvl-chunk N     normal mode: Config.num_max_nvl_chunked_send_tokens (default: the library's default).
+  --nvl-queue N     normal mode: Config.num_max_nvl_chunked_recv_tokens (default: the library's default).
 )";
 
 [[noreturn]] void bad(std::string_view arg, const std::string& why) {
@@ -144,6 +146,10 @@ Options parse_options(int argc, const char* const* argv) {
       options.seed = static_cast<uint64_t>(parse_int(arg, value, 0));
     else if (arg == "--flush-mb")
       options.flush_bytes = parse_int(arg, value, 0) << 20;
+    else if (arg == "--nvl-chunk")
+      options.nvl_chunk_tokens = static_cast<int>(parse_int(arg, value, 1));
+    else if (arg == "--nvl-queue")
+      options.nvl_queue_tokens = static_cast<int>(parse_int(arg, value, 1));
     else
       bad(arg, "unknown option (see --help)");
   }

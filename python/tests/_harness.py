@@ -9,10 +9,13 @@ Ranks use gloo (CPU backend) or NCCL (CUDA backend, one GPU per rank), with a fi
 """
 from __future__ import annotations
 
+import faulthandler
 import importlib
 import os
 import queue
+import signal
 import tempfile
+import time
 import traceback
 from dataclasses import dataclass
 from datetime import timedelta
@@ -22,8 +25,8 @@ import torch.multiprocessing as mp
 
 #: Bound of every epcomm wait inside the workers: a broken test fails fast instead of hanging.
 WORKER_TIMEOUT_S = "20"
-#: Bound of one pool.run() as seen from pytest.
-RUN_TIMEOUT_S = 180.0
+#: Bound of one pool.run() as seen from pytest ($EPCOMM_TEST_RUN_TIMEOUT_S).
+RUN_TIMEOUT_S = float(os.environ.get("EPCOMM_TEST_RUN_TIMEOUT_S", "180"))
 
 
 @dataclass
@@ -71,6 +74,10 @@ def _from_wire(value: Any) -> Any:
 
 def _worker(rank: int, size: int, kind: str, init_file: str, tasks: Any, results: Any) -> None:
     os.environ.setdefault("EPCOMM_TIMEOUT_S", WORKER_TIMEOUT_S)
+    # A crash prints the Python stack of every thread; SIGUSR1 (sent by a pool.run() that timed out)
+    # prints it without stopping, so a hang shows where each rank waits.
+    faulthandler.enable(all_threads=True)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     import torch
     import torch.distributed as dist
     backend = "gloo" if kind == "cpu" else "nccl"
@@ -127,15 +134,22 @@ class RankPool:
         for tasks in self._tasks:
             tasks.put((function.__module__, function.__name__, args, kwargs))
         outcomes: Dict[int, Tuple[bool, Any]] = {}
-        try:
-            while len(outcomes) < self.size:
-                rank, ok, value = self._results.get(timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while len(outcomes) < self.size:
+            try:
+                rank, ok, value = self._results.get(timeout=1.0)
                 outcomes[rank] = (ok, value)
-        except queue.Empty:
-            self.close()
-            missing = sorted(set(range(self.size)) - set(outcomes))
-            failures = "".join(f"\n--- rank {r} ---\n{v}" for r, (ok, v) in sorted(outcomes.items()) if not ok)
-            raise AssertionError(f"{function.__name__}: ranks {missing} did not finish within {timeout} s{failures}")
+                continue
+            except queue.Empty:
+                pass
+            dead = [(r, p.exitcode) for r, p in enumerate(self._processes) if r not in outcomes and not p.is_alive()]
+            if dead or time.monotonic() > deadline:
+                self._report_stuck_ranks()
+                self.close()
+                missing = sorted(set(range(self.size)) - set(outcomes))
+                failures = "".join(f"\n--- rank {r} ---\n{v}" for r, (ok, v) in sorted(outcomes.items()) if not ok)
+                why = f"rank processes died (rank, exit code): {dead}" if dead else f"did not finish within {timeout} s"
+                raise AssertionError(f"{function.__name__}: ranks {missing}: {why}{failures}")
         failures = [(rank, value) for rank, (ok, value) in sorted(outcomes.items()) if not ok]
         if self.kind == "cuda" and len(failures) == self.size and all(_unsupported(v) for _, v in failures):
             import pytest  # every rank was told "not supported": a feature the CUDA backend lacks (yet);
@@ -144,6 +158,13 @@ class RankPool:
         if failures:
             raise AssertionError("".join(f"\n--- rank {rank} ---\n{value}" for rank, value in failures))
         return [outcomes[rank][1] for rank in range(self.size)]
+
+    def _report_stuck_ranks(self) -> None:
+        """Asks every live rank to print its Python stacks (faulthandler, to the shared stderr)."""
+        for process in self._processes:
+            if process.is_alive() and process.pid is not None:
+                os.kill(process.pid, signal.SIGUSR1)
+        time.sleep(1.0)
 
     def close(self) -> None:
         if not self.broken:

@@ -22,7 +22,6 @@ namespace epcomm::cuda {
 namespace kernels {
 namespace {
 
-constexpr int kCopyUnroll = 8;
 constexpr int kMaxWindowTokens = 128;
 constexpr int kWindowWords = kMaxWindowTokens / kWarpSize;
 
@@ -134,22 +133,32 @@ __device__ void reduce_token(const CombineParams& p, int token, uint32_t present
   const char* bias1 = p.bias1 != nullptr ? reinterpret_cast<const char*>(p.bias1) + row_offset : nullptr;
   char* out = reinterpret_cast<char*>(p.combined_x) + row_offset;
 
-  for (int i = lane; i < num_vectors; i += kWarpSize) {
-    // All loads first (up to R + 2 in flight per lane), then the adds in the fixed order.
-    int4 v[kMaxNvlRanks];
+  // kReduceUnroll vectors per lane at a time, all their loads (up to (R + 2) x kReduceUnroll per lane)
+  // issued before the adds, which then run in the fixed order.
+  for (int first = lane; first < num_vectors; first += kWarpSize * kReduceUnroll) {
+    int4 v[kReduceUnroll][kMaxNvlRanks];
+    int4 b0[kReduceUnroll], b1[kReduceUnroll];
 #pragma unroll
-    for (int r = 0; r < kMaxNvlRanks; ++r)
-      if ((present >> r) & 1u) v[r] = device::load_cg_16(slots[r] + layout.payload_offset() + int64_t(i) * 16);
-    int4 b0 = make_int4(0, 0, 0, 0), b1 = make_int4(0, 0, 0, 0);
-    if (bias0 != nullptr) b0 = device::load_nc_16(bias0 + int64_t(i) * 16);
-    if (bias1 != nullptr) b1 = device::load_nc_16(bias1 + int64_t(i) * 16);
-    float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    for (int u = 0; u < kReduceUnroll; ++u) {
+      const int64_t at = int64_t(first + u * kWarpSize) * 16;
+      if (first + u * kWarpSize >= num_vectors) break;
 #pragma unroll
-    for (int r = 0; r < kMaxNvlRanks; ++r)
-      if ((present >> r) & 1u) accumulate_bf16x8(acc, v[r]);
-    if (bias0 != nullptr) accumulate_bf16x8(acc, b0);
-    if (bias1 != nullptr) accumulate_bf16x8(acc, b1);
-    device::store_16(out + int64_t(i) * 16, round_bf16x8(acc));
+      for (int r = 0; r < kMaxNvlRanks; ++r)
+        if ((present >> r) & 1u) v[u][r] = device::load_cg_16(slots[r] + layout.payload_offset() + at);
+      b0[u] = bias0 != nullptr ? device::load_nc_16(bias0 + at) : make_int4(0, 0, 0, 0);
+      b1[u] = bias1 != nullptr ? device::load_nc_16(bias1 + at) : make_int4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < kReduceUnroll; ++u) {
+      if (first + u * kWarpSize >= num_vectors) break;
+      float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+      for (int r = 0; r < kMaxNvlRanks; ++r)
+        if ((present >> r) & 1u) accumulate_bf16x8(acc, v[u][r]);
+      if (bias0 != nullptr) accumulate_bf16x8(acc, b0[u]);
+      if (bias1 != nullptr) accumulate_bf16x8(acc, b1[u]);
+      device::store_16(out + int64_t(first + u * kWarpSize) * 16, round_bf16x8(acc));
+    }
   }
   if (p.combined_weights != nullptr && lane < layout.num_topk) {
     float sum = 0.0f;

@@ -15,6 +15,17 @@ using device::WaitSite;
 
 constexpr int kWarpSize = 32;
 
+// 16-byte vectors in flight per lane in a record copy (a build option, so that it can be measured).
+#ifndef EPCOMM_NORMAL_COPY_UNROLL
+#define EPCOMM_NORMAL_COPY_UNROLL 8
+#endif
+constexpr int kCopyUnroll = EPCOMM_NORMAL_COPY_UNROLL;
+// 16-byte vectors per lane a combine receiver reduces at a time (each needs one load per sender).
+#ifndef EPCOMM_NORMAL_REDUCE_UNROLL
+#define EPCOMM_NORMAL_REDUCE_UNROLL 2
+#endif
+constexpr int kReduceUnroll = EPCOMM_NORMAL_REDUCE_UNROLL;
+
 template <class T>
 __device__ __forceinline__ T* at_offset(char* base, int64_t offset) {
   return reinterpret_cast<T*>(base + offset);

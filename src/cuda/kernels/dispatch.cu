@@ -22,7 +22,6 @@ namespace epcomm::cuda {
 namespace kernels {
 namespace {
 
-constexpr int kCopyUnroll = 8;
 constexpr uint64_t kStopped = ~uint64_t(0);
 
 // The warps of a block split into one group per peer rank (leftover warps idle).
@@ -42,25 +41,35 @@ __device__ __forceinline__ WarpGroup make_group(int num_ranks) {
 }
 
 // One token's record, written by one warp into a queue slot (the slot may be in a peer's memory).
+// The small loads (top-k, weights, the first scales) are issued before the payload copy so that
+// their latency overlaps it instead of adding a round trip per record.
 __device__ void write_record(const DispatchParams& p, char* slot, int token, int32_t row, int lane) {
   const RecordLayout& layout = p.common.record;
+  int32_t expert = -1;
+  float weight = 0.0f;
+  if (lane < layout.num_topk) {
+    // Values outside [0, E) travel as -1 (the routing kernel reported them).
+    const int64_t value = load_topk(p.topk_idx, p.topk_is_int64 != 0, int64_t(token) * layout.num_topk + lane);
+    expert = value >= 0 && value < p.num_experts ? static_cast<int32_t>(value) : -1;
+    if (p.topk_weights != nullptr) weight = __ldg(p.topk_weights + int64_t(token) * layout.num_topk + lane);
+  }
+  const float* scale_source = p.x_scales + int64_t(token) * p.scale_stride_token;
+  const bool has_scales = p.x_scales != nullptr;
+  const float first_scale =
+      has_scales && lane < layout.num_scales ? __ldg(scale_source + int64_t(lane) * p.scale_stride_scale) : 0.0f;
   if (lane == 0) device::store_16(slot, make_int4(row, token, 0, 0));
   warp_copy_from_input<kCopyUnroll>(slot + layout.payload_offset(),
                                     reinterpret_cast<const char*>(p.x) + int64_t(token) * layout.payload_bytes,
                                     layout.payload_bytes / 16, lane);
-  if (p.x_scales != nullptr) {
+  if (has_scales) {
     auto* scales = reinterpret_cast<float*>(slot + layout.scales_offset());
-    const float* source = p.x_scales + int64_t(token) * p.scale_stride_token;
-    for (int s = lane; s < layout.num_scales; s += kWarpSize)
-      scales[s] = __ldg(source + int64_t(s) * p.scale_stride_scale);
+    if (lane < layout.num_scales) scales[lane] = first_scale;
+    for (int s = lane + kWarpSize; s < layout.num_scales; s += kWarpSize)
+      scales[s] = __ldg(scale_source + int64_t(s) * p.scale_stride_scale);
   }
   if (lane < layout.num_topk) {
-    // Values outside [0, E) travel as -1 (the routing kernel reported them).
-    int64_t expert = load_topk(p.topk_idx, p.topk_is_int64 != 0, int64_t(token) * layout.num_topk + lane);
-    if (expert < 0 || expert >= p.num_experts) expert = -1;
-    reinterpret_cast<int32_t*>(slot + layout.idx_offset())[lane] = static_cast<int32_t>(expert);
-    reinterpret_cast<float*>(slot + layout.weights_offset())[lane] =
-        p.topk_weights != nullptr ? __ldg(p.topk_weights + int64_t(token) * layout.num_topk + lane) : 0.0f;
+    reinterpret_cast<int32_t*>(slot + layout.idx_offset())[lane] = expert;
+    reinterpret_cast<float*>(slot + layout.weights_offset())[lane] = weight;
   }
 }
 
