@@ -25,10 +25,29 @@ struct InitMessage {
 
 std::mutex g_mutex;
 
+// NVSHMEM's defaults cost GPU memory epcomm never uses; each is set only when the user has not set
+// the variable (setenv without overwrite):
+//   - NVSHMEM_DISABLE_NCCL=1: with libnccl.so.2 loadable, NVSHMEM 3.4 creates an NCCL communicator
+//     for each of its predefined teams at start-up (world, shared, node, ...; each with NCCL's
+//     buffers). epcomm uses no NVSHMEM collective (only nvshmem_barrier_all and malloc/free, which
+//     work without NCCL).
+//   - NVSHMEM_CUMEM_GRANULARITY=2 MiB (the CUDA minimum on Hopper): the symmetric heap grows, and its
+//     static form is rounded, in steps of this size; the default 512 MiB maps half a GiB for a
+//     buffer of tens of MB.
+//   - NVSHMEM_DISABLE_LOCAL_ONLY_PROXY=1 when every rank is on this node: on an NVLink-only machine
+//     NVSHMEM runs no proxy thread (a host core spinning for remote transports and device-side
+//     global exit, neither of which epcomm uses). Ignored where a remote transport is set up.
+constexpr const char* kGranularity = "2097152";
+
 void set_environment(int64_t symmetric_bytes, bool single_node) {
   // Multicast objects can take a shared host's GPUs out of service: never let NVSHMEM create one.
   setenv("NVSHMEM_DISABLE_NVLS", "1", 1);
-  if (single_node) setenv("NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME", "lo", 0);
+  setenv("NVSHMEM_DISABLE_NCCL", "1", 0);
+  setenv("NVSHMEM_CUMEM_GRANULARITY", kGranularity, 0);
+  if (single_node) {
+    setenv("NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME", "lo", 0);
+    setenv("NVSHMEM_DISABLE_LOCAL_ONLY_PROXY", "1", 0);
+  }
   if (std::getenv("NVSHMEM_SYMMETRIC_SIZE") == nullptr) {
     const int64_t heap = align_up(symmetric_bytes, int64_t(2) << 20) + kHeapMargin;
     setenv("NVSHMEM_SYMMETRIC_SIZE", std::to_string(heap).c_str(), 1);
