@@ -14,4 +14,5 @@ if(EPCOMM_HAS_NVSHMEM)
     epcomm_add_gpu_test(${target} ${source}.cpp)
     target_link_libraries(${target} PRIVATE epcomm_ll_gpu_support)
   endforeach()
+  target_link_libraries(test_gpu_low_latency PRIVATE ${CMAKE_DL_LIBS})  # NVML, opened at run time
 endif()

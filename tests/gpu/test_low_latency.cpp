@@ -3,8 +3,13 @@
 // re-creation and the buffer's memory at the benchmark shape.
 #include <gtest/gtest.h>
 
-#include <cstdio>
+#include <dlfcn.h>
 
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+
+#include "core/layouts.hpp"  // kLowLatencyControlBytes
 #include "ll_support.hpp"
 #include "support/multirank.hpp"
 
@@ -305,7 +310,46 @@ TEST(LowLatencyGpu, ABufferCanBeCreatedAgainInTheSameProcess) {
       long_run());
 }
 
-// Informational: what the size hint returns and what the CUDA Buffer takes at the benchmark shape.
+// GPU memory in use on the device with PCI bus id `bus_id`, as NVML sees it (all processes), or -1
+// when NVML is not there. NVML is opened at run time so that the tests build without it; it reads
+// the device without creating a CUDA context, which is what lets the context be measured.
+int64_t nvml_used_bytes(const char* bus_id) {
+  using Init = int (*)();
+  using HandleByBusId = int (*)(const char*, void**);
+  struct Memory {
+    unsigned long long total, free, used;
+  };
+  using MemoryInfo = int (*)(void*, Memory*);
+  static void* library = dlopen("libnvidia-ml.so.1", RTLD_NOW | RTLD_LOCAL);
+  if (library == nullptr) return -1;
+  static const bool ready = [] {
+    auto init = reinterpret_cast<Init>(dlsym(library, "nvmlInit_v2"));
+    return init != nullptr && init() == 0;
+  }();
+  auto by_bus_id = reinterpret_cast<HandleByBusId>(dlsym(library, "nvmlDeviceGetHandleByPciBusId_v2"));
+  auto memory_info = reinterpret_cast<MemoryInfo>(dlsym(library, "nvmlDeviceGetMemoryInfo"));
+  void* device = nullptr;
+  Memory memory = {};
+  if (!ready || by_bus_id == nullptr || memory_info == nullptr || by_bus_id(bus_id, &device) != 0 ||
+      memory_info(device, &memory) != 0)
+    return -1;
+  return static_cast<int64_t>(memory.used);
+}
+
+int64_t free_device_bytes() {
+  size_t free = 0, total = 0;
+  cuda_check(cudaMemGetInfo(&free, &total), "cudaMemGetInfo");
+  return static_cast<int64_t>(free);
+}
+
+double megabytes(int64_t bytes) { return double(bytes) / 1e6; }
+
+// Informational: what the size hint returns and what a CUDA Buffer takes at the benchmark shape,
+// in three parts: the CUDA context (NVML, before and after the context exists), NVSHMEM's start-up
+// (a first Buffer with only the control region: NVSHMEM init, its heap's first chunk, its own
+// buffers) and epcomm's symmetric buffer (a second Buffer of the hint's size: how much the heap
+// grows for it). NVSHMEM_SYMMETRIC_SIZE is set here when unset so that the second Buffer fits in
+// either heap kind (it only sizes NVSHMEM's static heap, used when CUDA VMM is off).
 TEST(LowLatencyGpu, BufferMemoryAtTheBenchmarkShape) {
   const int R = largest_rank_count();
   if (R == 0) GTEST_SKIP() << "needs 2 GPUs";
@@ -315,26 +359,50 @@ TEST(LowLatencyGpu, BufferMemoryAtTheBenchmarkShape) {
         const int E = R == 8 ? 256 : 32 * R;
         const int64_t hint = low_latency_buffer_size_hint(128, 7168, R, E);
         const int device = group.rank() % visible_gpus();
+        char bus_id[32] = {};
+        cuda_check(cudaDeviceGetPCIBusId(bus_id, sizeof(bus_id), device), "cudaDeviceGetPCIBusId");
+        const int64_t used_before_context = nvml_used_bytes(bus_id);
         cuda_check(cudaSetDevice(device), "cudaSetDevice");
         cuda_check(cudaFree(nullptr), "cudaFree");  // create the context before measuring
-        size_t free_before = 0, free_after = 0, total = 0;
-        cuda_check(cudaMemGetInfo(&free_before, &total), "cudaMemGetInfo");
+        const int64_t used_with_context = nvml_used_bytes(bus_id);
+        if (std::getenv("NVSHMEM_SYMMETRIC_SIZE") == nullptr)
+          setenv("NVSHMEM_SYMMETRIC_SIZE", std::to_string(hint + (int64_t(64) << 20)).c_str(), 1);
+
         BufferOptions options;
         options.backend = BackendKind::kCuda;
-        options.num_rdma_bytes = hint;
         options.low_latency_mode = true;
         options.device = device;
-        Buffer buffer(group, options);
-        cuda_check(cudaMemGetInfo(&free_after, &total), "cudaMemGetInfo");
-        if (group.rank() == 0)
+        const int64_t free_before = free_device_bytes();
+        options.num_rdma_bytes = kLowLatencyControlBytes;
+        Buffer first(group, options);
+        const int64_t free_after_first = free_device_bytes();
+        options.num_rdma_bytes = hint;
+        Buffer second(group, options);
+        const int64_t free_after_second = free_device_bytes();
+
+        const auto env = [](const char* name) {
+          const char* value = std::getenv(name);
+          return std::string(value ? value : "(unset)");
+        };
+        if (group.rank() == 0) {
+          char context[64] = "n/a (no NVML)";
+          if (used_before_context >= 0 && used_with_context >= 0)
+            std::snprintf(context, sizeof(context), "%.1f MB", megabytes(used_with_context - used_before_context));
           std::printf(
-              "[ll-memory] R=%d T_max=128 hidden=7168 E=%d: hint %.1f MB, GPU memory taken by the Buffer "
-              "(NVSHMEM included) %.1f MB\n",
-              R, E, hint / 1e6, double(free_before - free_after) / 1e6);
+              "[ll-memory] R=%d T_max=128 hidden=7168 E=%d: hint %.1f MB; CUDA context %s; NVSHMEM start-up "
+              "(Buffer of %.1f MB) %.1f MB; symmetric buffer (second Buffer of the hint's size) %.1f MB; both "
+              "Buffers %.1f MB [NVSHMEM_DISABLE_NCCL=%s NVSHMEM_CUMEM_GRANULARITY=%s "
+              "NVSHMEM_DISABLE_LOCAL_ONLY_PROXY=%s]\n",
+              R, E, megabytes(hint), context, megabytes(kLowLatencyControlBytes),
+              megabytes(free_before - free_after_first), megabytes(free_after_first - free_after_second),
+              megabytes(free_before - free_after_second), env("NVSHMEM_DISABLE_NCCL").c_str(),
+              env("NVSHMEM_CUMEM_GRANULARITY").c_str(), env("NVSHMEM_DISABLE_LOCAL_ONLY_PROXY").c_str());
+        }
         if (R == 8) {
           EXPECT_LE(hint, int64_t(500'000'000)) << "goal: at most 0.5 GB at the benchmark shape";
         }
-        buffer.destroy();
+        second.destroy();
+        first.destroy();
       },
       [] {
         RunRanksOptions o;

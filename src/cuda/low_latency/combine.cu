@@ -148,7 +148,7 @@ __global__ void __launch_bounds__(kSendThreads) combine_send_kernel(const __grid
     __syncthreads();
   }
   signal_destinations(p.c, kCombineFlags0 + p.parity, PeerTable{sh.peer_base, sh.usable},
-                      signal_value(blockIdx.x, active_blocks));
+                      signal_value(blockIdx.x, active_blocks), [](int) { return 0; });
 }
 
 __device__ __forceinline__ void accumulate(const uint4& v, float weight, float* acc) {
@@ -209,7 +209,7 @@ __global__ void __launch_bounds__(kRecvThreads, kRecvBlocksPerSm)
   uint32_t ticket = 0;
   if (!wait_for_sources(p.c, kCombineFlags0 + p.parity, DevicePhase::kLowLatencyCombineRecv, p.wait_stats,
                         p.c.counters + kCombineGate + p.parity, p.c.counters + kCombineRecvDone + p.parity, usable,
-                        ticket))
+                        nullptr, ticket))
     return;
   for (int item = blockIdx.x; item < items; item += gridDim.x) {
     const int t = item / chunks, chunk = item % chunks;

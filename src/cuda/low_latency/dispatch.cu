@@ -7,14 +7,16 @@
 //      it) and, for a destination rank, the token's slot there (earlier tokens that go to that rank:
 //      the slots of a source at a destination are dense); the token is cast once (FP8: 8 threads per
 //      128-channel block) and stored once per destination rank, header included;
-//   3. block b writes the message of destinations d = b, b + grid, ...: how many tokens go to d and,
-//      per local expert of d, how many tokens chose it;
+//   3. block b writes the message of destinations d = b, b + grid, ...: per local expert of d, how
+//      many tokens chose it;
 //   4. every block adds its share to each destination's flag (release, system scope): the flag is
-//      complete when all blocks have added. No block waits for another.
-// Receive kernel (8 warps per block): waits for every unmasked source, turns the messages into the
-// first row of each (local expert, source), then copies every received slot, in parts spread over
-// warps (payload chunks, and the scales), into recv_x at row = first row + offset, for each local
-// expert it names.
+//      complete when all blocks have added; block b's share for d = b, b + grid, ... also carries the
+//      number of slots it filled at d. No block waits for another.
+// Receive kernel (8 warps per block): waits for every unmasked source (learning its number of
+// slots from the flag), loads its first (slot, part) while it turns the messages into the first
+// row of each (local expert, source), then copies every received slot, in parts spread over warps
+// (payload chunks, and the scales), into recv_x at row = first row + offset, for each local expert
+// it names.
 #include <algorithm>
 
 #include "core/numerics.hpp"
@@ -275,8 +277,9 @@ __device__ void send_token(const DispatchParams& p, const SendShared& sh, int t,
 }
 
 // Messages of the destinations d = blockIdx.x, blockIdx.x + gridDim.x, ... (see
-// LowLatencyLayout::dispatch_message_bytes): | T | tokens that go to d | 0 | 0 | count per local
-// expert of d |. Counted from the routing in shared memory, written with one pass over all fields.
+// LowLatencyLayout::dispatch_message_bytes): | T | 0 | 0 | 0 | count per local expert of d |,
+// counted from the routing in shared memory and written with one pass over all fields. The number
+// of tokens that go to d (to_rank[d]) travels in the flag (dispatch_send_kernel).
 __device__ void send_messages(const DispatchParams& p, const SendShared& sh) {
   const int T = p.num_tokens, K = p.num_topk, L = p.num_local_experts, R = p.c.num_ranks;
   const int G = gridDim.x, b = blockIdx.x;
@@ -309,7 +312,7 @@ __device__ void send_messages(const DispatchParams& p, const SendShared& sh) {
                                        int64_t(p.c.rank) * p.message_bytes
                                  : p.c.local + p.staging_offset + int64_t(p.max_tokens) * p.slot_bytes +
                                        int64_t(d) * p.message_bytes;
-    const int32_t value = f == 0 ? T : f == 1 ? sh.to_rank[d] : f < 4 ? 0 : sh.counts[d * L + f - 4];
+    const int32_t value = f == 0 ? T : f < 4 ? 0 : sh.counts[d * L + f - 4];
     reinterpret_cast<int32_t*>(message)[f] = value;
   }
   if (p.c.has_put_peers) {
@@ -346,8 +349,10 @@ __global__ void __launch_bounds__(kSendThreads) dispatch_send_kernel(const __gri
     if (threadIdx.x == 0) nvshmem_quiet();  // puts delivered before the flags go out
     __syncthreads();
   }
-  signal_destinations(p.c, kDispatchFlags0 + p.parity, PeerTable{sh.peer_base, sh.usable},
-                      signal_value(blockIdx.x, gridDim.x));
+  // The block that wrote d's message also tells d, in the flag, how many slots it has there.
+  const int G = gridDim.x, b = blockIdx.x;
+  signal_destinations(p.c, kDispatchFlags0 + p.parity, PeerTable{sh.peer_base, sh.usable}, signal_value(b, G),
+                      [&](int d) { return d % G == b ? sh.to_rank[d] : 0; });
 }
 
 // ---- receive ----------------------------------------------------------------------------------
@@ -355,7 +360,7 @@ __global__ void __launch_bounds__(kSendThreads) dispatch_send_kernel(const __gri
 // Receive kernel shared memory.
 struct RecvShared {
   int32_t* first_rows;  // [L][R]: first row of (local expert, source)
-  int32_t* slot_start;  // [R + 1]: first flattened slot of each source (prefix of the slot counts)
+  int32_t* slot_start;  // [R + 1]: first dense slot of each source (prefix of the slot counts)
   int32_t* usable;      // [R]
 };
 
@@ -414,46 +419,67 @@ __device__ void copy_scales(const DispatchParams& p, const uint8_t* scales, uint
   }
 }
 
-// A warp copies one part of a received slot: lanes k < 16 read the slot's expert ids and row
-// offsets together with the part's data; every local expert the slot names gets the part.
-__device__ void receive_part(const DispatchParams& p, const RecvShared& sh, int s, int i, int part, uint8_t* meta) {
+// One part of a received slot in a warp's registers: the part's data (payload vectors, or for the
+// scales part the scale words of its first 128 columns in data[u].x) and, in lanes k < 16, the
+// slot's k-th expert id and row offset.
+struct SlotPart {
+  uint4 data[kCopyUnroll];
+  const uint8_t* slot;
+  int expert, offset;  // lane k < 16: header entries k; else -1, 0
+  int token;           // the source's token index (part 0 only)
+  int source, part;
+};
+
+// Loads part `item` of the dense slots (slot_start must be known, first_rows need not be).
+__device__ __forceinline__ SlotPart load_slot_part(const DispatchParams& p, const RecvShared& sh, int64_t item,
+                                                   int parts) {
+  const int lane = threadIdx.x % 32;
+  const int slot = static_cast<int>(item / parts);
+  SlotPart m;
+  m.part = static_cast<int>(item % parts);
+  m.source = last_not_above(sh.slot_start, p.c.num_ranks, slot);
+  const int i = slot - sh.slot_start[m.source];
+  m.slot = p.c.local + p.recv_offset + (int64_t(m.source) * p.max_tokens + i) * p.slot_bytes;
+  const int32_t* header = reinterpret_cast<const int32_t*>(m.slot);
+  m.expert = -1;
+  m.offset = 0;
+  if (lane < kMaxLowLatencyTopk) {
+    m.expert = __ldcg(header + kIdsAt + lane);
+    m.offset = __ldcg(header + kOffsetsAt + lane);
+  }
+  m.token = m.part == 0 ? __ldcg(header) : 0;
+  const uint8_t* payload = m.slot + kHeaderBytes;
+  const int num_vectors = payload_vectors(p.format, p.hidden);
+  if (m.part * kPartVectors < num_vectors) {
+#pragma unroll
+    for (int u = 0; u < kCopyUnroll; ++u) {
+      const int v = m.part * kPartVectors + u * 32 + lane;
+      if (v < num_vectors) m.data[u] = ld_shared_data(payload + 16 * int64_t(v));
+    }
+  } else {
+    load_scales(p, payload + p.hidden, 0, m.data);  // the first 128 columns (see copy_scales)
+  }
+  return m;
+}
+
+// Stores a loaded part into the rows of every local expert the slot names; part 0 also writes
+// src_info and the row meta.
+__device__ void store_slot_part(const DispatchParams& p, const RecvShared& sh, SlotPart& m, uint8_t* meta) {
   const int lane = threadIdx.x % 32;
   const int R = p.c.num_ranks, L = p.num_local_experts;
   const int64_t num_rows = int64_t(R) * p.max_tokens;
-  const uint8_t* slot = p.c.local + p.recv_offset + (int64_t(s) * p.max_tokens + i) * p.slot_bytes;
-  const uint8_t* payload = slot + kHeaderBytes;
-  const bool bf16 = is_bf16(p.format);
   const int num_vectors = payload_vectors(p.format, p.hidden);
-  const int data_parts = (num_vectors + kPartVectors - 1) / kPartVectors;
-  const int64_t row_bytes = bf16 ? int64_t(p.hidden) * 2 : p.hidden;
-  const int32_t* header = reinterpret_cast<const int32_t*>(slot);
-  int e = -1, row = 0;
-  if (lane < kMaxLowLatencyTopk) {
-    e = __ldcg(header + kIdsAt + lane);
-    row = __ldcg(header + kOffsetsAt + lane);
-  }
-  const int t = part == 0 ? __ldcg(header) : 0;
-  const bool scales_part = part == data_parts;
-  // Data of this part, loaded before anything waits on the header.
-  uint4 chunk[kCopyUnroll];
-  if (!scales_part) {
-#pragma unroll
-    for (int u = 0; u < kCopyUnroll; ++u) {
-      const int v = part * kPartVectors + u * 32 + lane;
-      if (v < num_vectors) chunk[u] = ld_shared_data(payload + 16 * int64_t(v));
-    }
-  } else {
-    load_scales(p, payload + p.hidden, 0, chunk);  // the first 128 columns (see copy_scales)
-  }
-  const int l = e - p.c.rank * L;
-  bool mine = e >= 0 && l >= 0 && l < L;
+  const int64_t row_bytes = is_bf16(p.format) ? int64_t(p.hidden) * 2 : p.hidden;
+  const int l = m.expert - p.c.rank * L;
+  int row = m.offset;
+  bool mine = m.expert >= 0 && l >= 0 && l < L;
   if (mine) {
-    row += sh.first_rows[l * R + s];
+    row += sh.first_rows[l * R + m.source];
     mine = row >= 0 && row < num_rows;  // always true for messages of this library
   }
   const uint32_t mine_mask = __ballot_sync(0xffffffffu, mine);
-  if (scales_part) {
-    copy_scales(p, payload + p.hidden, mine_mask, l, row, chunk);
+  if (m.part * kPartVectors >= num_vectors) {
+    copy_scales(p, m.slot + kHeaderBytes + p.hidden, mine_mask, l, row, m.data);
   } else {
     for (uint32_t todo = mine_mask; todo != 0; todo &= todo - 1) {
       const int k = __ffs(todo) - 1;
@@ -461,13 +487,13 @@ __device__ void receive_part(const DispatchParams& p, const RecvShared& sh, int 
       uint8_t* dst = static_cast<uint8_t*>(p.recv_x) + dst_row * row_bytes;
 #pragma unroll
       for (int u = 0; u < kCopyUnroll; ++u) {
-        const int v = part * kPartVectors + u * 32 + lane;
-        if (v < num_vectors) st_data(dst + 16 * int64_t(v), chunk[u]);
+        const int v = m.part * kPartVectors + u * 32 + lane;
+        if (v < num_vectors) st_data(dst + 16 * int64_t(v), m.data[u]);
       }
     }
   }
-  if (part == 0 && mine) {
-    p.src_info[int64_t(l) * num_rows + row] = t;
+  if (m.part == 0 && mine) {
+    p.src_info[int64_t(l) * num_rows + row] = m.token;
     meta[int64_t(l) * num_rows + row] = static_cast<uint8_t>(lane);  // the token's first slot with this expert
   }
 }
@@ -477,21 +503,30 @@ __global__ void __launch_bounds__(kRecvThreads) dispatch_recv_kernel(const __gri
   const int R = p.c.num_ranks, L = p.num_local_experts;
   const RecvShared sh = carve_recv_shared(p, recv_smem);
   uint32_t ticket = 0;
+  // The flags carry each source's number of slots here (payload): slot_start gets them.
   if (!wait_for_sources(p.c, kDispatchFlags0 + p.parity, DevicePhase::kLowLatencyDispatchRecv, p.wait_stats,
                         p.c.counters + kDispatchGate + p.parity, p.c.counters + kDispatchRecvDone + p.parity,
-                        sh.usable, ticket))
+                        sh.usable, sh.slot_start, ticket))
     return;
+  warp_exclusive_scan(R, sh.slot_start);
+  __syncthreads();
 
-  // Every message field in one pass of independent loads: first_rows holds the counts for now.
+  // Work items: (slot, part) over the dense slots of every source; a warp takes one at a time. The
+  // first one is loaded now, together with the messages.
+  const int parts = parts_per_slot(p.format, p.hidden);
+  const int64_t num_items = int64_t(sh.slot_start[R]) * parts;
+  const int64_t first_item = int64_t(blockIdx.x) * kRecvWarps + threadIdx.x / 32;
+  const int64_t stride = int64_t(gridDim.x) * kRecvWarps;
+  SlotPart first;
+  if (first_item < num_items) first = load_slot_part(p, sh, first_item, parts);
+
+  // Every message count in one pass of independent loads: first_rows holds the counts for now.
   const uint8_t* messages = p.c.local + p.messages_offset;
-  auto message = [&](int s) { return reinterpret_cast<const int32_t*>(messages + s * p.message_bytes); };
   for (int i = threadIdx.x; i < L * R; i += blockDim.x) {
     const int l = i / R, s = i % R;
-    sh.first_rows[i] = sh.usable[s] ? __ldcg(message(s) + 4 + l) : 0;
+    sh.first_rows[i] = sh.usable[s] ? __ldcg(reinterpret_cast<const int32_t*>(messages + s * p.message_bytes) + 4 + l) : 0;
   }
-  for (int s = threadIdx.x; s < R; s += blockDim.x) sh.slot_start[s] = sh.usable[s] ? __ldcg(message(s) + 1) : 0;
   __syncthreads();
-  warp_exclusive_scan(R, sh.slot_start);
   for (int l = threadIdx.x; l < L; l += blockDim.x) {
     int next = 0;
     for (int s = 0; s < R; ++s) {
@@ -507,15 +542,11 @@ __global__ void __launch_bounds__(kRecvThreads) dispatch_recv_kernel(const __gri
   }
   __syncthreads();
 
-  // Work items: (slot, part) over the dense slots of every source; a warp takes one at a time.
   uint8_t* meta = p.c.local + p.meta_offset;
-  const int parts = parts_per_slot(p.format, p.hidden);
-  const int64_t num_items = int64_t(sh.slot_start[R]) * parts;
-  for (int64_t item = int64_t(blockIdx.x) * kRecvWarps + threadIdx.x / 32; item < num_items;
-       item += int64_t(gridDim.x) * kRecvWarps) {
-    const int slot = static_cast<int>(item / parts), part = static_cast<int>(item % parts);
-    const int s = last_not_above(sh.slot_start, R, slot);
-    receive_part(p, sh, s, slot - sh.slot_start[s], part, meta);
+  if (first_item < num_items) store_slot_part(p, sh, first, meta);
+  for (int64_t item = first_item + stride; item < num_items; item += stride) {
+    SlotPart m = load_slot_part(p, sh, item, parts);
+    store_slot_part(p, sh, m, meta);
   }
 
   release_flags(p.c, kDispatchFlags0 + p.parity, p.c.counters + kDispatchGate + p.parity,

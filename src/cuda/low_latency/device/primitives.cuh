@@ -97,10 +97,17 @@ __device__ __forceinline__ uint64_t* local_flag(const Common& c, int set, int so
 // ---- arrival flags -----------------------------------------------------------------------------
 // Flag [set][s] at rank d counts what source s's sending blocks added for the current call of that
 // set. Every one of the G sending blocks adds signal_value(b, G): 1, plus kFlagDone - G for block 0.
-// The sum is kFlagDone exactly when all G blocks have added: a subset without block 0 sums to at
-// most G - 1, one with block 0 and k < G - 1 others to kFlagDone - (G - 1 - k). The receiver does
-// not need to know G. The receiver that consumed the flag sets it back to 0.
+// The low 40 bits are kFlagDone exactly when all G blocks have added: a subset without block 0 sums
+// to at most G - 1, one with block 0 and k < G - 1 others to kFlagDone - (G - 1 - k), and no sum
+// carries into bit 40. The receiver does not need to know G. Bits 40 and up carry a small count
+// for the receiver (flag_payload), added by one block only. The receiver that consumed the flag
+// sets it back to 0.
 constexpr uint64_t kFlagDone = uint64_t(1) << 32;
+constexpr int kFlagPayloadShift = 40;
+constexpr uint64_t kFlagArrivalMask = (uint64_t(1) << kFlagPayloadShift) - 1;
+
+__device__ __forceinline__ bool flag_complete(uint64_t flag) { return (flag & kFlagArrivalMask) == kFlagDone; }
+__device__ __forceinline__ int32_t flag_payload(uint64_t flag) { return static_cast<int32_t>(flag >> kFlagPayloadShift); }
 
 __device__ __forceinline__ uint64_t signal_value(int block, int num_blocks) {
   return block == 0 ? kFlagDone - uint64_t(num_blocks) + 1 : uint64_t(1);
@@ -122,13 +129,16 @@ __device__ __forceinline__ void load_peer_table(const Common& c, const PeerTable
 }
 
 // Called by every thread of a sending block after __syncthreads (and nvshmem_quiet when puts
-// were issued): warp 0 adds `value` to this rank's flag in `set` at every usable destination.
+// were issued): warp 0 adds `value` + payload(d) << kFlagPayloadShift to this rank's flag in `set`
+// at every usable destination d.
+template <class Payload>
 __device__ __forceinline__ void signal_destinations(const Common& c, int set, const PeerTable& peers,
-                                                    uint64_t value) {
+                                                    uint64_t arrival, Payload payload) {
   if (threadIdx.x >= 32) return;
   const int64_t offset = ControlLayout::flag(set, c.rank);
   for (int d = threadIdx.x; d < c.num_ranks; d += 32) {
     if (!peers.usable[d]) continue;
+    const uint64_t value = arrival + (uint64_t(payload(d)) << kFlagPayloadShift);
     const uint64_t base = peers.base[d];
     if (base != 0) {
       red_release_sys_add(reinterpret_cast<uint64_t*>(base + offset), value);
@@ -149,12 +159,12 @@ __device__ __forceinline__ void wait_for_preceding_grid() { asm volatile("gridde
 
 enum class WaitResult { kArrived, kTimedOut, kAborted };
 
-// Polls `flag` (ld.acquire.sys) until it reads kFlagDone, the deadline passes or the rank aborts.
-// `first` is the value already loaded once.
-__device__ __forceinline__ WaitResult wait_flag(const Common& c, const uint64_t* flag, uint64_t first,
+// Polls `flag` (ld.acquire.sys) until it is complete, the deadline passes or the rank aborts.
+// `value` holds the value already loaded once, and the complete value on return.
+__device__ __forceinline__ WaitResult wait_flag(const Common& c, const uint64_t* flag, uint64_t& value,
                                                 uint64_t deadline) {
   uint32_t spins = 0;
-  for (uint64_t value = first; value != kFlagDone; value = ld_acquire_sys(flag)) {
+  for (; !flag_complete(value); value = ld_acquire_sys(flag)) {
     if ((++spins & 63u) == 0) {
       if (aborted(c)) return WaitResult::kAborted;
       if (global_timer_ns() > deadline) return WaitResult::kTimedOut;
@@ -164,7 +174,8 @@ __device__ __forceinline__ WaitResult wait_flag(const Common& c, const uint64_t*
 }
 
 // Waits until every unmasked source has completed its flag in `set` (every thread of the block
-// calls) and fills usable[s] (shared memory): 1 for the sources whose data this call uses. Returns
+// calls) and fills usable[s] (shared memory): 1 for the sources whose data this call uses, and,
+// when `payloads` is given, payloads[s]: the flag's payload for those sources, else 0. Returns
 // false in every thread when the call must be abandoned. Without enable_shrink each block waits by
 // itself; a timeout is an error naming the source. With enable_shrink block 0 alone waits, masks
 // the sources that time out and then opens `gate` for the other blocks, which read the mask after
@@ -174,7 +185,7 @@ __device__ __forceinline__ WaitResult wait_flag(const Common& c, const uint64_t*
 // `ticket`; release_flags() at the end of the kernel lets the last block to pass clear the flags.
 __device__ __forceinline__ bool wait_for_sources(const Common& c, int set, DevicePhase phase, int64_t* wait_stats,
                                                  uint32_t* gate, uint32_t* arrivals, int32_t* usable,
-                                                 uint32_t& ticket) {
+                                                 int32_t* payloads, uint32_t& ticket) {
   const uint64_t start = global_timer_ns();
   const uint64_t deadline = start + c.timeout_ns;
   const bool waits_itself = !c.shrink || blockIdx.x == 0;
@@ -182,10 +193,10 @@ __device__ __forceinline__ bool wait_for_sources(const Common& c, int set, Devic
   for (int s = threadIdx.x; s < c.num_ranks; s += blockDim.x) {
     const bool masked = is_masked(c, s);  // in flight together with the first flag load
     const uint64_t* flag = local_flag(c, set, s);
-    const uint64_t first = waits_itself ? ld_acquire_sys(flag) : 0;
+    uint64_t value = waits_itself ? ld_acquire_sys(flag) : 0;
     int ok = 0;
     if (waits_itself && !masked) {
-      const WaitResult result = wait_flag(c, flag, first, deadline);
+      const WaitResult result = wait_flag(c, flag, value, deadline);
       if (result == WaitResult::kArrived) {
         ok = 1;
       } else if (result == WaitResult::kTimedOut && c.shrink) {
@@ -201,6 +212,7 @@ __device__ __forceinline__ bool wait_for_sources(const Common& c, int set, Devic
                   static_cast<unsigned long long>(global_timer_ns() - start));
     }
     usable[s] = ok;
+    if (payloads != nullptr) payloads[s] = ok ? flag_payload(value) : 0;
   }
   bool failed = __syncthreads_or(my_failure) != 0;
   if (c.shrink) {
@@ -220,7 +232,11 @@ __device__ __forceinline__ bool wait_for_sources(const Common& c, int set, Devic
         }
       }
       failed = __syncthreads_or(my_failure) != 0;
-      for (int s = threadIdx.x; s < c.num_ranks; s += blockDim.x) usable[s] = is_masked(c, s) ? 0 : 1;
+      // Block 0 saw every usable flag complete; nobody clears them before this block has passed.
+      for (int s = threadIdx.x; s < c.num_ranks; s += blockDim.x) {
+        usable[s] = is_masked(c, s) ? 0 : 1;
+        if (payloads != nullptr) payloads[s] = usable[s] ? flag_payload(ld_acquire_sys(local_flag(c, set, s))) : 0;
+      }
     }
     __syncthreads();
   }
