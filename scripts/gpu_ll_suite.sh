@@ -5,8 +5,10 @@
 #   machine.txt   nvidia-smi, topology, toolchain, NVSHMEM found
 #   build.log     configure + build (tail) ;  ptxas.txt  registers / spills of the LL kernels
 #   tests.log     gtest output of every LL test binary ;  timing.log  [ll-timing] lines
+#   memory.log    the Buffer's GPU memory ([ll-memory]) with epcomm's NVSHMEM settings and with
+#                 NVSHMEM's own defaults, then NVSHMEM's INIT/MEM/TEAM log of one run (memory-debug.log)
 #
-# Usage: scripts/gpu_ll_suite.sh [all|build|test|timing]      (default: all)
+# Usage: scripts/gpu_ll_suite.sh [all|build|test|timing|memory]      (default: all)
 #   EPCOMM_LL_FILTER=...    gtest filter for the test stage (default: everything)
 #   EPCOMM_TEST_MAX_RANKS=N at most N ranks (default 8; never more than the GPUs present)
 #   EPCOMM_BUILD_DIR        build folder (default: build-gpu-ll)
@@ -122,13 +124,30 @@ do_timing() {
   return $status
 }
 
+do_memory() {
+  local bin="$build/tests/gpu/test_gpu_low_latency" filter="LowLatencyGpu.BufferMemoryAtTheBenchmarkShape"
+  [ -x "$bin" ] || { say "FAIL memory: not built"; return 1; }
+  local status=0
+  say "memory: epcomm's NVSHMEM settings"
+  "$bin" --gtest_color=no --gtest_filter="$filter" >>"$out/memory.log" 2>&1 || status=1
+  say "memory: NVSHMEM's defaults (NCCL teams, 512 MiB heap granularity, proxy thread)"
+  echo "---- NVSHMEM defaults ----" >>"$out/memory.log"
+  NVSHMEM_DISABLE_NCCL=0 NVSHMEM_CUMEM_GRANULARITY=536870912 NVSHMEM_DISABLE_LOCAL_ONLY_PROXY=0 \
+    "$bin" --gtest_color=no --gtest_filter="$filter" >>"$out/memory.log" 2>&1 || status=1
+  NVSHMEM_DEBUG=INFO NVSHMEM_DEBUG_SUBSYS=INIT,MEM,TEAM "$bin" --gtest_color=no --gtest_filter="$filter" \
+    >"$out/memory-debug.log" 2>&1 || status=1
+  grep -h -e "\[ll-memory\]" -e "^---- NVSHMEM" "$out/memory.log" >>"$summary"
+  return $status
+}
+
 rc=0
 case "$stage" in
   build) do_build || rc=1 ;;
   test) do_test || rc=1 ;;
   timing) do_timing || rc=1 ;;
-  all) { do_build && { do_test; t=$?; do_timing; [ $t -eq 0 ]; }; } || rc=1 ;;
-  *) echo "usage: $0 [all|build|test|timing]"; exit 2 ;;
+  memory) do_memory || rc=1 ;;
+  all) { do_build && { do_test; t=$?; do_timing; do_memory; m=$?; [ $t -eq 0 ] && [ $m -eq 0 ]; }; } || rc=1 ;;
+  *) echo "usage: $0 [all|build|test|timing|memory]"; exit 2 ;;
 esac
 say "done: exit $rc"
 exit $rc
