@@ -230,6 +230,7 @@ __device__ __forceinline__ bool wait_for_sources(const Common& c, int set, Devic
             break;
           }
         }
+        my_failure |= aborted(c) ? 1 : 0;  // block 0 opens the gate even when it gave up
       }
       failed = __syncthreads_or(my_failure) != 0;
       // Block 0 saw every usable flag complete; nobody clears them before this block has passed.
