@@ -1,9 +1,8 @@
 // Low-latency mode on GPUs (SPEC §4) against the CPU reference backend, bit for bit: the case
 // matrix, repeated runs, call orders with and without receive hooks, CUDA graph replay, buffer
 // re-creation and the buffer's memory at the benchmark shape.
-#include <gtest/gtest.h>
-
 #include <dlfcn.h>
+#include <gtest/gtest.h>
 
 #include <cstdio>
 #include <cstdlib>

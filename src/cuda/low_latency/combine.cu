@@ -2,12 +2,12 @@
 //
 // Send kernel (16 warps per block, grid = SMs): the rows of every local expert, flattened, cut in
 // parts of 4 KiB spread over all warps of the grid (a 14 KiB row is moved by 4 warps at once); a
-// warp loads its part's data together with the row's handle entries, then stores it. For row j of expert l the handle gives the source rank s (layout_range) and the token t
-// (src_info), the dispatch's row meta the top-k slot k. The part goes to slot [t][k] of the combine
-// receive region of rank s: straight from `x` with 16-byte stores when s is mapped over NVLink,
-// else staged in local registered memory and put. Only the blocks that have parts to move take part;
-// each adds its share to every destination's flag when its stores are done (no block waits for
-// another).
+// warp loads its part's data together with the row's handle entries, then stores it. For row j of
+// expert l the handle gives the source rank s (layout_range) and the token t (src_info), the
+// dispatch's row meta the top-k slot k. The part goes to slot [t][k] of the combine receive region
+// of rank s: straight from `x` with 16-byte stores when s is mapped over NVLink, else staged in
+// local registered memory and put. Only the blocks that have parts to move take part; each adds its
+// share to every destination's flag when its stores are done (no block waits for another).
 // Receive kernel (256 threads, 8 channels each, blocks over (token, channel chunk)): waits for
 // every unmasked source (the block's first token's routing is loaded meanwhile), then
 // out[t] = bf16(acc), acc = fmaf(w[t][k], row(t, k), acc) over k ascending, row(t, k) read from the
@@ -25,10 +25,12 @@ constexpr int kSendWarps = kSendThreads / 32;
 constexpr int kRecvThreads = 256;
 constexpr int kCopyUnroll = 8;                  // 16-byte vectors per lane of one part
 constexpr int kPartVectors = 32 * kCopyUnroll;  // 16-byte vectors of one part (4 KiB)
-constexpr int kRecvBlocksPerSm = 3;             // register budget of the receive kernel: 85 per thread (8 rows in flight)
-constexpr int kLoadBatch = 8;                   // rows in flight per thread in the receive kernel
+constexpr int kRecvBlocksPerSm = 3;  // register budget of the receive kernel: 85 per thread (8 rows in flight)
+constexpr int kLoadBatch = 8;        // rows in flight per thread in the receive kernel
 
-__host__ __device__ __forceinline__ int parts_per_row(int hidden) { return (hidden / 8 + kPartVectors - 1) / kPartVectors; }
+__host__ __device__ __forceinline__ int parts_per_row(int hidden) {
+  return (hidden / 8 + kPartVectors - 1) / kPartVectors;
+}
 
 // Send kernel shared memory.
 struct SendShared {
@@ -84,7 +86,8 @@ __device__ __forceinline__ PartMove load_part(const CombineParams& p, const Send
   for (int u = 0; u < kCopyUnroll; ++u)
     if (u * 32 + lane < m.vectors) m.data[u] = ld_input(m.src + 16 * (u * 32 + lane));
   if (t < 0 || t >= p.max_tokens || k >= kMaxLowLatencyTopk) return m;  // not a handle of this buffer's dispatch
-  m.dst_offset = p.recv_offset + (int64_t(t) * kMaxLowLatencyTopk + k) * p.hidden * 2 + int64_t(part) * kPartVectors * 16;
+  m.dst_offset =
+      p.recv_offset + (int64_t(t) * kMaxLowLatencyTopk + k) * p.hidden * 2 + int64_t(part) * kPartVectors * 16;
   return m;
 }
 
@@ -129,7 +132,8 @@ __global__ void __launch_bounds__(kSendThreads) combine_send_kernel(const __grid
   __syncthreads();
   if (gave_up) return;
   // Rows of expert l end where its last source's range ends.
-  for (int l = threadIdx.x; l < L; l += blockDim.x) sh.expert_start[l] = sh.first[l * R + R - 1] + sh.count[l * R + R - 1];
+  for (int l = threadIdx.x; l < L; l += blockDim.x)
+    sh.expert_start[l] = sh.first[l * R + R - 1] + sh.count[l * R + R - 1];
   __syncthreads();
   warp_exclusive_scan(L, sh.expert_start);
   __syncthreads();
@@ -162,8 +166,7 @@ __device__ __forceinline__ void accumulate(const uint4& v, float weight, float* 
 
 // The slot whose row slot k of token t adds (its first k with the same expert; -1: adds nothing),
 // computed by lane k of warp 0 from the token's ids (lanes >= K hold -2).
-__device__ __forceinline__ int source_slot(const CombineParams& p, const int32_t* usable, int t, int chunk,
-                                           int64_t e) {
+__device__ __forceinline__ int source_slot(const CombineParams& p, const int32_t* usable, int t, int chunk, int64_t e) {
   const int k = threadIdx.x;
   const int L = p.num_local_experts;
   int slot = -1;

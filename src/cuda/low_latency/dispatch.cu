@@ -308,10 +308,9 @@ __device__ void send_messages(const DispatchParams& p, const SendShared& sh) {
     const int d = b + (i / fields) * G, f = i % fields;
     if (!sh.usable[d]) continue;
     const uint64_t base = sh.peer_base[d];
-    uint8_t* message = base != 0 ? reinterpret_cast<uint8_t*>(base) + p.messages_offset +
-                                       int64_t(p.c.rank) * p.message_bytes
-                                 : p.c.local + p.staging_offset + int64_t(p.max_tokens) * p.slot_bytes +
-                                       int64_t(d) * p.message_bytes;
+    uint8_t* message =
+        base != 0 ? reinterpret_cast<uint8_t*>(base) + p.messages_offset + int64_t(p.c.rank) * p.message_bytes
+                  : p.c.local + p.staging_offset + int64_t(p.max_tokens) * p.slot_bytes + int64_t(d) * p.message_bytes;
     const int32_t value = f == 0 ? T : f < 4 ? 0 : sh.counts[d * L + f - 4];
     reinterpret_cast<int32_t*>(message)[f] = value;
   }
@@ -320,10 +319,10 @@ __device__ void send_messages(const DispatchParams& p, const SendShared& sh) {
     for (int i = 0; i < mine; ++i) {
       const int d = b + i * G;
       if (!sh.usable[d] || sh.peer_base[d] != 0) continue;
-      nvshmemx_putmem_nbi_block(p.c.local + p.messages_offset + int64_t(p.c.rank) * p.message_bytes,
-                                p.c.local + p.staging_offset + int64_t(p.max_tokens) * p.slot_bytes +
-                                    int64_t(d) * p.message_bytes,
-                                p.message_bytes, d);
+      nvshmemx_putmem_nbi_block(
+          p.c.local + p.messages_offset + int64_t(p.c.rank) * p.message_bytes,
+          p.c.local + p.staging_offset + int64_t(p.max_tokens) * p.slot_bytes + int64_t(d) * p.message_bytes,
+          p.message_bytes, d);
     }
   }
 }
@@ -505,8 +504,8 @@ __global__ void __launch_bounds__(kRecvThreads) dispatch_recv_kernel(const __gri
   uint32_t ticket = 0;
   // The flags carry each source's number of slots here (payload): slot_start gets them.
   if (!wait_for_sources(p.c, kDispatchFlags0 + p.parity, DevicePhase::kLowLatencyDispatchRecv, p.wait_stats,
-                        p.c.counters + kDispatchGate + p.parity, p.c.counters + kDispatchRecvDone + p.parity,
-                        sh.usable, sh.slot_start, ticket))
+                        p.c.counters + kDispatchGate + p.parity, p.c.counters + kDispatchRecvDone + p.parity, sh.usable,
+                        sh.slot_start, ticket))
     return;
   warp_exclusive_scan(R, sh.slot_start);
   __syncthreads();
@@ -524,7 +523,8 @@ __global__ void __launch_bounds__(kRecvThreads) dispatch_recv_kernel(const __gri
   const uint8_t* messages = p.c.local + p.messages_offset;
   for (int i = threadIdx.x; i < L * R; i += blockDim.x) {
     const int l = i / R, s = i % R;
-    sh.first_rows[i] = sh.usable[s] ? __ldcg(reinterpret_cast<const int32_t*>(messages + s * p.message_bytes) + 4 + l) : 0;
+    sh.first_rows[i] =
+        sh.usable[s] ? __ldcg(reinterpret_cast<const int32_t*>(messages + s * p.message_bytes) + 4 + l) : 0;
   }
   __syncthreads();
   for (int l = threadIdx.x; l < L; l += blockDim.x) {

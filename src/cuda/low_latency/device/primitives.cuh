@@ -107,7 +107,9 @@ constexpr int kFlagPayloadShift = 40;
 constexpr uint64_t kFlagArrivalMask = (uint64_t(1) << kFlagPayloadShift) - 1;
 
 __device__ __forceinline__ bool flag_complete(uint64_t flag) { return (flag & kFlagArrivalMask) == kFlagDone; }
-__device__ __forceinline__ int32_t flag_payload(uint64_t flag) { return static_cast<int32_t>(flag >> kFlagPayloadShift); }
+__device__ __forceinline__ int32_t flag_payload(uint64_t flag) {
+  return static_cast<int32_t>(flag >> kFlagPayloadShift);
+}
 
 __device__ __forceinline__ uint64_t signal_value(int block, int num_blocks) {
   return block == 0 ? kFlagDone - uint64_t(num_blocks) + 1 : uint64_t(1);
@@ -132,8 +134,8 @@ __device__ __forceinline__ void load_peer_table(const Common& c, const PeerTable
 // were issued): warp 0 adds `value` + payload(d) << kFlagPayloadShift to this rank's flag in `set`
 // at every usable destination d.
 template <class Payload>
-__device__ __forceinline__ void signal_destinations(const Common& c, int set, const PeerTable& peers,
-                                                    uint64_t arrival, Payload payload) {
+__device__ __forceinline__ void signal_destinations(const Common& c, int set, const PeerTable& peers, uint64_t arrival,
+                                                    Payload payload) {
   if (threadIdx.x >= 32) return;
   const int64_t offset = ControlLayout::flag(set, c.rank);
   for (int d = threadIdx.x; d < c.num_ranks; d += 32) {
@@ -184,8 +186,8 @@ __device__ __forceinline__ WaitResult wait_flag(const Common& c, const uint64_t*
 // Once the block has passed, thread 0 adds to `arrivals` (release, .gpu) and keeps the old value in
 // `ticket`; release_flags() at the end of the kernel lets the last block to pass clear the flags.
 __device__ __forceinline__ bool wait_for_sources(const Common& c, int set, DevicePhase phase, int64_t* wait_stats,
-                                                 uint32_t* gate, uint32_t* arrivals, int32_t* usable,
-                                                 int32_t* payloads, uint32_t& ticket) {
+                                                 uint32_t* gate, uint32_t* arrivals, int32_t* usable, int32_t* payloads,
+                                                 uint32_t& ticket) {
   const uint64_t start = global_timer_ns();
   const uint64_t deadline = start + c.timeout_ns;
   const bool waits_itself = !c.shrink || blockIdx.x == 0;
@@ -319,6 +321,9 @@ void launch_kernel(void (*kernel)(Params), int grid, int block, size_t smem, cud
 
 // Host: lets `kernel` take up to `max_block_smem` bytes of shared memory per block in total (the
 // device's opt-in limit): the dynamic part may use what the kernel's static shared memory leaves.
+// Every low-latency kernel also asks for the same L1/shared split (the largest shared part: they
+// read through L2 only), so that an SM running a send block never has to be reconfigured before it
+// can take the receive block launched beside it.
 template <class Params>
 void allow_dynamic_smem(void (*kernel)(Params), int max_block_smem) {
   cudaFuncAttributes attributes = {};
@@ -326,6 +331,9 @@ void allow_dynamic_smem(void (*kernel)(Params), int max_block_smem) {
   const int dynamic_bytes = max_block_smem - static_cast<int>(attributes.sharedSizeBytes);
   launch_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, dynamic_bytes),
                "cudaFuncSetAttribute");
+  launch_check(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared),
+      "cudaFuncSetAttribute");
 }
 
 }  // namespace epcomm::cuda::ll
