@@ -56,10 +56,10 @@ int64_t buffer_bytes(const BenchContext& ctx, const Workload& w) {
   int64_t bytes = 0;
   for (const std::optional<int> sms : sm_counts(ctx)) {
     const int64_t hidden_bytes = int64_t(w.hidden) * 2;  // the BF16 size, for FP8 too
-    bytes = std::max(bytes,
-                     with_sms(ctx, default_dispatch_config(ctx.ranks), sms).nvl_buffer_size_hint(hidden_bytes, ctx.ranks));
-    bytes =
-        std::max(bytes, with_sms(ctx, default_combine_config(ctx.ranks), sms).nvl_buffer_size_hint(hidden_bytes, ctx.ranks));
+    bytes = std::max(
+        bytes, with_sms(ctx, default_dispatch_config(ctx.ranks), sms).nvl_buffer_size_hint(hidden_bytes, ctx.ranks));
+    bytes = std::max(
+        bytes, with_sms(ctx, default_combine_config(ctx.ranks), sms).nvl_buffer_size_hint(hidden_bytes, ctx.ranks));
   }
   return bytes;
 }

@@ -105,7 +105,7 @@ if has python || has compat; then
   pids+=($!)
 fi
 for pid in "${pids[@]}"; do wait "$pid" || say "a build failed (see build-*.log)"; done
-grep -h -E "error|FAILED" "$logs"/build-*.log | head -20 | tee -a "$summary"
+grep -h -E "error:|FAILED:" "$logs"/build-*.log | head -20 | tee -a "$summary"
 awk '/Compiling entry function/ { match($0, /[a-z_]*_kernel[A-Za-z0-9_]*/); name = substr($0, RSTART, RLENGTH) }
      /spill stores/ { spill = $0 } /Used [0-9]+ registers/ { if (name != "") print name ": " $0 " |" spill; name = "" }' \
   "$logs/build-main.log" | sed 's/ptxas info *: //' | sort -u >"$logs/ptxas.log"

@@ -51,6 +51,11 @@ struct BufferOptions {
   bool use_fabric = false;
   bool explicitly_destroy = false;
   bool enable_shrink = false;  // mask failed ranks in low-latency mode instead of timing out
+  // CUDA backend: the stream normal-mode work runs on (comm_stream()). nullptr: the Buffer creates
+  // one and destroys it in destroy(). A caller's stream must outlive the Buffer and any later use of
+  // it — e.g. a framework that records tensor uses on it (PyTorch's record_stream) passes one of its
+  // own, never-destroyed pool streams, so that freeing such a tensor after destroy() stays valid.
+  StreamHandle comm_stream = nullptr;
 };
 
 class Backend;  // internal

@@ -92,7 +92,8 @@ std::unique_ptr<PyBuffer> make_buffer(int rank, int size, py::object all_gather,
                                       const std::string& backend, int64_t num_nvl_bytes, int64_t num_rdma_bytes,
                                       bool low_latency_mode, int ranks_per_node, int device, double timeout_s,
                                       int num_qps_per_rank, bool allow_nvlink_for_low_latency_mode, bool allow_mnnvl,
-                                      bool use_fabric, bool explicitly_destroy, bool enable_shrink) {
+                                      bool use_fabric, bool explicitly_destroy, bool enable_shrink,
+                                      uintptr_t comm_stream) {
   BufferOptions options;
   options.backend = backend_from(backend);
   options.num_nvl_bytes = num_nvl_bytes;
@@ -107,6 +108,7 @@ std::unique_ptr<PyBuffer> make_buffer(int rank, int size, py::object all_gather,
   options.use_fabric = use_fabric;
   options.explicitly_destroy = explicitly_destroy;
   options.enable_shrink = enable_shrink;
+  options.comm_stream = reinterpret_cast<StreamHandle>(comm_stream);
   auto result = std::make_unique<PyBuffer>();
   result->bootstrap = std::make_unique<PyBootstrap>(rank, size, std::move(all_gather), std::move(barrier));
   py::gil_scoped_release release;
@@ -311,7 +313,7 @@ void bind_buffer(py::module_& m) {
            py::kw_only(), py::arg("backend"), py::arg("num_nvl_bytes"), py::arg("num_rdma_bytes"),
            py::arg("low_latency_mode"), py::arg("ranks_per_node"), py::arg("device"), py::arg("timeout_s"),
            py::arg("num_qps_per_rank"), py::arg("allow_nvlink_for_low_latency_mode"), py::arg("allow_mnnvl"),
-           py::arg("use_fabric"), py::arg("explicitly_destroy"), py::arg("enable_shrink"))
+           py::arg("use_fabric"), py::arg("explicitly_destroy"), py::arg("enable_shrink"), py::arg("comm_stream") = 0)
       .def_property_readonly("rank", [](PyBuffer& b) { return b.get().rank(); })
       .def_property_readonly("num_ranks", [](PyBuffer& b) { return b.get().num_ranks(); })
       .def_property_readonly("ranks_per_node", [](PyBuffer& b) { return b.get().ranks_per_node(); })

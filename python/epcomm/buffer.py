@@ -99,6 +99,12 @@ class Buffer:
         self.enable_shrink = bool(enable_shrink)
         self.backend = choose_backend(group, backend)
         self.device = backend_device(self.backend)
+        # The communication stream comes from torch's stream pool, whose streams are never destroyed:
+        # tensors record_stream-ed on it may be freed after destroy() (a stream the Buffer created and
+        # destroyed would make torch's allocator fail then). High priority, as DeepEP's.
+        self._comm_stream: Optional[torch.cuda.Stream] = None
+        if self.device.type == "cuda":
+            self._comm_stream = torch.cuda.Stream(device=self.device, priority=-1)
         self.runtime = _C.Buffer(
             collectives.rank, collectives.size, collectives.all_gather, collectives.barrier, backend=self.backend,
             num_nvl_bytes=self.num_nvl_bytes, num_rdma_bytes=self.num_rdma_bytes,
@@ -107,10 +113,8 @@ class Buffer:
             device=self.device.index if self.device.type == "cuda" else -1,
             timeout_s=float(timeout_s) if timeout_s is not None else 0.0, num_qps_per_rank=int(num_qps_per_rank),
             allow_nvlink_for_low_latency_mode=bool(allow_nvlink_for_low_latency_mode), allow_mnnvl=bool(allow_mnnvl),
-            use_fabric=bool(use_fabric), explicitly_destroy=self.explicitly_destroy, enable_shrink=self.enable_shrink)
-        self._comm_stream: Optional[torch.cuda.Stream] = None
-        if self.device.type == "cuda":
-            self._comm_stream = torch.cuda.ExternalStream(self.runtime.comm_stream, device=self.device)
+            use_fabric=bool(use_fabric), explicitly_destroy=self.explicitly_destroy, enable_shrink=self.enable_shrink,
+            comm_stream=self._comm_stream.cuda_stream if self._comm_stream is not None else 0)
         self._allocate_here = self._make_allocator(on_comm_stream=False)
         self._allocate_on_comm = self._make_allocator(on_comm_stream=True)
 

@@ -61,6 +61,30 @@ def check_comm_stream_and_lifetimes(ctx: Any) -> None:
     buffer.destroy()
 
 
+def check_outputs_outlive_destroy(ctx: Any) -> None:
+    # Outputs of an async call are record_stream-ed on the comm stream; freeing them after destroy()
+    # makes torch's allocator record an event on that stream, so it must still exist then.
+    buffer = normal_buffer(ctx, HIDDEN)
+    x, topk_idx, _ = make_inputs(ctx, seed=9)
+    expected = expected_dispatch(ctx, x, topk_idx)
+    d_topk = topk_idx.to(ctx.device)
+    layout = buffer.get_dispatch_layout(d_topk, 4 * ctx.size)
+    recv = buffer.dispatch(x.to(ctx.device), num_tokens_per_rank=layout[0], is_token_in_rank=layout[3],
+                           num_tokens_per_expert=layout[2], topk_idx=d_topk, async_finish=True,
+                           allocate_on_comm_stream=True)
+    recv[5].current_stream_wait()
+    recv_x = recv[0].clone()
+    stream = buffer.get_comm_stream()
+    buffer.destroy()
+    del recv, layout
+    gc.collect()
+    torch.cuda.synchronize()
+    with torch.cuda.stream(stream):  # the stream stays usable after destroy()
+        torch.ones(8, device=ctx.device).mul_(2)
+    torch.cuda.synchronize()
+    assert_equal(recv_x, expected, "recv_x of an async dispatch whose outputs were freed after destroy()")
+
+
 def check_graph_normal(ctx: Any) -> None:
     buffer = normal_buffer(ctx, HIDDEN)
     num_experts = 4 * ctx.size
@@ -151,6 +175,10 @@ def check_hook_leaves_stream_free(ctx: Any) -> None:
 
 def test_comm_stream_and_tensor_lifetimes(world) -> None:
     world.run(check_comm_stream_and_lifetimes)
+
+
+def test_outputs_freed_after_destroy(world) -> None:
+    world.run(check_outputs_outlive_destroy)
 
 
 def test_cuda_graph_normal_mode(world) -> None:

@@ -84,8 +84,10 @@ struct LowLatencyLayout {
   int64_t dispatch_meta_bytes() const { return align_up(int64_t(num_local_experts()) * num_rows(), 4096); }
   int64_t combine_recv_bytes() const { return int64_t(max_tokens_per_rank) * kMaxLowLatencyTopk * hidden * 2; }
   // What a source tells a destination about one dispatch: 16 B header (tokens), one int32 count per
-  // local expert of the destination. (How many slots it filled there travels with its flag.)
-  int64_t dispatch_message_bytes() const { return align_up(16 + 4 * int64_t(num_local_experts()), 16); }
+  // local expert of the destination, one bit per source token (does it come to this destination).
+  int64_t dispatch_message_bytes() const {
+    return align_up(16 + 4 * int64_t(num_local_experts()) + 4 * ((int64_t(max_tokens_per_rank) + 31) / 32), 16);
+  }
   int64_t dispatch_messages_bytes() const { return int64_t(num_ranks) * dispatch_message_bytes(); }
   int64_t staging_bytes() const {
     return int64_t(max_tokens_per_rank) * dispatch_slot_bytes() + dispatch_messages_bytes();

@@ -36,7 +36,11 @@ CudaBackend::CudaBackend(Bootstrap& bootstrap, const BufferOptions& options, con
   ctx_.timeout = options.timeout;
   DeviceGuard guard(ctx_.device);
   EPCOMM_CUDA_CHECK(cudaDeviceGetAttribute(&ctx_.num_device_sms, cudaDevAttrMultiProcessorCount, ctx_.device));
-  EPCOMM_CUDA_CHECK(cudaStreamCreateWithFlags(&ctx_.comm_stream, cudaStreamNonBlocking));
+  owns_comm_stream_ = options.comm_stream == nullptr;
+  if (owns_comm_stream_)
+    EPCOMM_CUDA_CHECK(cudaStreamCreateWithFlags(&ctx_.comm_stream, cudaStreamNonBlocking));
+  else
+    ctx_.comm_stream = reinterpret_cast<cudaStream_t>(options.comm_stream);
   try {
     errors_ = std::make_unique<DeviceErrors>(ctx_.comm_stream);
     ctx_.errors = errors_.get();
@@ -149,7 +153,7 @@ void CudaBackend::destroy(bool collective) {
   normal_memory_.reset();
   errors_.reset();
   ctx_.errors = nullptr;
-  if (ctx_.comm_stream != nullptr) cudaStreamDestroy(ctx_.comm_stream);
+  if (ctx_.comm_stream != nullptr && owns_comm_stream_) cudaStreamDestroy(ctx_.comm_stream);
   ctx_.comm_stream = nullptr;
   if (previous_device >= 0) (void)cudaSetDevice(previous_device);
   (void)cudaGetLastError();

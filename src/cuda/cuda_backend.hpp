@@ -63,6 +63,7 @@ class CudaBackend final : public Backend {
   std::unique_ptr<NormalMode> normal_;
   std::unique_ptr<LowLatencyMode> low_latency_;
   bool destroyed_ = false;
+  bool owns_comm_stream_ = true;  // false: BufferOptions::comm_stream, the caller's
 };
 
 }  // namespace epcomm::cuda

@@ -1,16 +1,14 @@
 // Device building blocks of the low-latency kernels: memory-ordered loads and stores, the bounded
-// wait, the arrival signals and error reporting.
+// wait, block completion and error reporting.
 //
-// Memory ordering (PTX memory model), narrowest scope that is correct:
-//   - Data to a peer goes with plain (weak) 16-byte stores. When a sending block is done, it
-//     __syncthreads, then warp 0 adds to every destination's flag with red.release.sys (one lane per
-//     destination): the release is cumulative over the stores the barrier ordered before it, so a
-//     peer that reads the flag with ld.acquire.sys sees every store of the block. No block waits for
-//     another: a call's flag at a destination is complete when every sending block has added, which
-//     the values make exact (see kFlagDone / signal_value).
-//   - A receiver polls its flag with ld.acquire.sys, then __syncthreads, then reads the data with
-//     ld.global.cg (L2; the data was written by another GPU and is read once).
-//   - Intra-GPU bookkeeping (who clears the flags) uses .gpu-scoped release/acquire only.
+// Memory ordering (PTX memory model):
+//   - Data to a peer goes with plain (weak) stores. A block publishes its stores with
+//     __syncthreads + fence.sc.sys (__threadfence_system) by one thread, then a relaxed atomic
+//     on a local completion counter. The block that sees the counter complete does another
+//     fence.sc.sys and sets each peer's flag with st.release.sys: by cumulativity every store
+//     of every block is visible to a peer that reads the flag with ld.acquire.sys.
+//   - A receiver polls its flag with ld.acquire.sys, then __syncthreads, then reads the data
+//     with ld.global.cg (L2; the data was written by another GPU and is read once).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -36,9 +34,8 @@ __device__ __forceinline__ uint64_t ld_acquire_sys(const uint64_t* p) {
   return v;
 }
 
-// Adds `v` to a flag that another GPU polls, releasing everything this thread has ordered before.
-__device__ __forceinline__ void red_release_sys_add(uint64_t* p, uint64_t v) {
-  asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+__device__ __forceinline__ void st_release_sys(uint64_t* p, uint64_t v) {
+  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
 __device__ __forceinline__ uint32_t ld_acquire_gpu(const uint32_t* p) {
@@ -50,15 +47,6 @@ __device__ __forceinline__ uint32_t ld_acquire_gpu(const uint32_t* p) {
 __device__ __forceinline__ void st_release_gpu(uint32_t* p, uint32_t v) {
   asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
-
-// Counter shared by the blocks of one kernel: returns the value before the add.
-__device__ __forceinline__ uint32_t atom_add_release_gpu(uint32_t* p, uint32_t v) {
-  uint32_t old;
-  asm volatile("atom.release.gpu.global.add.u32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
-  return old;
-}
-
-__device__ __forceinline__ void fence_acq_rel_gpu() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
 
 // A value another block or the host may change while this kernel runs.
 __device__ __forceinline__ int32_t ld_relaxed(const int32_t* p) {
@@ -88,64 +76,45 @@ __device__ __forceinline__ void record_error(const Common& c, DeviceErrorKind ki
   device::report_error(c.errors, kind, phase, peer, value, detail);
 }
 
+// Address of rank r's symmetric memory as seen from here, or null when r is reached with puts.
+__device__ __forceinline__ uint8_t* peer_base(const Common& c, int r) {
+  return reinterpret_cast<uint8_t*>(c.peer_bases[r]);
+}
+
 __device__ __forceinline__ bool is_masked(const Common& c, int r) { return ld_relaxed(c.mask + r) != 0; }
 
 __device__ __forceinline__ uint64_t* local_flag(const Common& c, int set, int source) {
   return reinterpret_cast<uint64_t*>(c.local + ControlLayout::flag(set, source));
 }
 
-// ---- arrival flags -----------------------------------------------------------------------------
-// Flag [set][s] at rank d counts what source s's sending blocks added for the current call of that
-// set. Every one of the G sending blocks adds signal_value(b, G): 1, plus kFlagDone - G for block 0.
-// The low 40 bits are kFlagDone exactly when all G blocks have added: a subset without block 0 sums
-// to at most G - 1, one with block 0 and k < G - 1 others to kFlagDone - (G - 1 - k), and no sum
-// carries into bit 40. The receiver does not need to know G. Bits 40 and up carry a small count
-// for the receiver (flag_payload), added by one block only. The receiver that consumed the flag
-// sets it back to 0.
-constexpr uint64_t kFlagDone = uint64_t(1) << 32;
-constexpr int kFlagPayloadShift = 40;
-constexpr uint64_t kFlagArrivalMask = (uint64_t(1) << kFlagPayloadShift) - 1;
-
-__device__ __forceinline__ bool flag_complete(uint64_t flag) { return (flag & kFlagArrivalMask) == kFlagDone; }
-__device__ __forceinline__ int32_t flag_payload(uint64_t flag) {
-  return static_cast<int32_t>(flag >> kFlagPayloadShift);
-}
-
-__device__ __forceinline__ uint64_t signal_value(int block, int num_blocks) {
-  return block == 0 ? kFlagDone - uint64_t(num_blocks) + 1 : uint64_t(1);
-}
-
-// The peers as one call sees them, copied into shared memory by every block at its start (one
-// load per rank, all in flight together) so that no later decision waits on global memory.
-struct PeerTable {
-  uint64_t* base;   // [R] rank r's symmetric memory as mapped here; 0: reached with NVSHMEM puts
-  int32_t* usable;  // [R] 1: exchange with r in this call (r is not masked)
-};
-
-// Every thread calls; the caller synchronises the block before reading the table.
-__device__ __forceinline__ void load_peer_table(const Common& c, const PeerTable& peers) {
-  for (int r = threadIdx.x; r < c.num_ranks; r += blockDim.x) {
-    peers.base[r] = c.peer_bases[r];
-    peers.usable[r] = is_masked(c, r) ? 0 : 1;
+// Called by every thread of the block after its work. Returns true (in every thread) in the one
+// block that finished last; that block also resets the counter for the next call.
+__device__ __forceinline__ bool finish_block(uint32_t* counter) {
+  __shared__ int last;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence_system();  // release this block's stores, peer stores included
+    const uint32_t before = atomicAdd(counter, 1u);
+    last = before == gridDim.x - 1;
+    if (last) {
+      atomicExch(counter, 0u);
+      __threadfence_system();  // acquire: every block's stores precede what this block does next
+    }
   }
+  __syncthreads();
+  return last != 0;
 }
 
-// Called by every thread of a sending block after __syncthreads (and nvshmem_quiet when puts
-// were issued): warp 0 adds `value` + payload(d) << kFlagPayloadShift to this rank's flag in `set`
-// at every usable destination d.
-template <class Payload>
-__device__ __forceinline__ void signal_destinations(const Common& c, int set, const PeerTable& peers, uint64_t arrival,
-                                                    Payload payload) {
-  if (threadIdx.x >= 32) return;
-  const int64_t offset = ControlLayout::flag(set, c.rank);
-  for (int d = threadIdx.x; d < c.num_ranks; d += 32) {
-    if (!peers.usable[d]) continue;
-    const uint64_t value = arrival + (uint64_t(payload(d)) << kFlagPayloadShift);
-    const uint64_t base = peers.base[d];
-    if (base != 0) {
-      red_release_sys_add(reinterpret_cast<uint64_t*>(base + offset), value);
+// Sets this rank's flag in `set` at every unmasked destination (called by the last block).
+__device__ __forceinline__ void signal_destinations(const Common& c, int set) {
+  for (int d = threadIdx.x; d < c.num_ranks; d += blockDim.x) {
+    if (is_masked(c, d)) continue;
+    uint8_t* base = peer_base(c, d);
+    const int64_t offset = ControlLayout::flag(set, c.rank);
+    if (base != nullptr) {
+      st_release_sys(reinterpret_cast<uint64_t*>(base + offset), 1);
     } else {
-      nvshmemx_signal_op(reinterpret_cast<uint64_t*>(c.local + offset), value, NVSHMEM_SIGNAL_ADD, d);
+      nvshmemx_signal_op(reinterpret_cast<uint64_t*>(c.local + offset), 1, NVSHMEM_SIGNAL_SET, d);
     }
   }
 }
@@ -161,12 +130,10 @@ __device__ __forceinline__ void wait_for_preceding_grid() { asm volatile("gridde
 
 enum class WaitResult { kArrived, kTimedOut, kAborted };
 
-// Polls `flag` (ld.acquire.sys) until it is complete, the deadline passes or the rank aborts.
-// `value` holds the value already loaded once, and the complete value on return.
-__device__ __forceinline__ WaitResult wait_flag(const Common& c, const uint64_t* flag, uint64_t& value,
-                                                uint64_t deadline) {
+// Polls `flag` (ld.acquire.sys) until it is non-zero, the deadline passes or the rank aborts.
+__device__ __forceinline__ WaitResult wait_flag(const Common& c, const uint64_t* flag, uint64_t deadline) {
   uint32_t spins = 0;
-  for (; !flag_complete(value); value = ld_acquire_sys(flag)) {
+  while (ld_acquire_sys(flag) == 0) {
     if ((++spins & 63u) == 0) {
       if (aborted(c)) return WaitResult::kAborted;
       if (global_timer_ns() > deadline) return WaitResult::kTimedOut;
@@ -175,130 +142,58 @@ __device__ __forceinline__ WaitResult wait_flag(const Common& c, const uint64_t*
   return WaitResult::kArrived;
 }
 
-// Waits until every unmasked source has completed its flag in `set` (every thread of the block
-// calls) and fills usable[s] (shared memory): 1 for the sources whose data this call uses, and,
-// when `payloads` is given, payloads[s]: the flag's payload for those sources, else 0. Returns
-// false in every thread when the call must be abandoned. Without enable_shrink each block waits by
-// itself; a timeout is an error naming the source. With enable_shrink block 0 alone waits, masks
-// the sources that time out and then opens `gate` for the other blocks, which read the mask after
-// it, so that every block of the call agrees on who is masked.
-//
-// Once the block has passed, thread 0 adds to `arrivals` (release, .gpu) and keeps the old value in
-// `ticket`; release_flags() at the end of the kernel lets the last block to pass clear the flags.
+// Waits until every unmasked source has set its flag in `set` (every thread of the block calls;
+// returns false in every thread when the call must be abandoned). Without enable_shrink each
+// block waits by itself; a timeout is an error naming the source. With enable_shrink block 0
+// alone waits, masks the sources that time out and then opens `gate` for the other blocks, so
+// that every block of the call agrees on who is masked.
 __device__ __forceinline__ bool wait_for_sources(const Common& c, int set, DevicePhase phase, int64_t* wait_stats,
-                                                 uint32_t* gate, uint32_t* arrivals, int32_t* usable, int32_t* payloads,
-                                                 uint32_t& ticket) {
+                                                 uint32_t* gate) {
+  __shared__ int failed;
+  if (threadIdx.x == 0) failed = 0;
+  __syncthreads();
   const uint64_t start = global_timer_ns();
   const uint64_t deadline = start + c.timeout_ns;
   const bool waits_itself = !c.shrink || blockIdx.x == 0;
-  int my_failure = 0;
-  for (int s = threadIdx.x; s < c.num_ranks; s += blockDim.x) {
-    const bool masked = is_masked(c, s);  // in flight together with the first flag load
-    const uint64_t* flag = local_flag(c, set, s);
-    uint64_t value = waits_itself ? ld_acquire_sys(flag) : 0;
-    int ok = 0;
-    if (waits_itself && !masked) {
-      const WaitResult result = wait_flag(c, flag, value, deadline);
-      if (result == WaitResult::kArrived) {
-        ok = 1;
-      } else if (result == WaitResult::kTimedOut && c.shrink) {
+  if (waits_itself) {
+    for (int s = threadIdx.x; s < c.num_ranks; s += blockDim.x) {
+      if (is_masked(c, s)) continue;
+      const WaitResult result = wait_flag(c, local_flag(c, set, s), deadline);
+      if (result == WaitResult::kTimedOut && c.shrink) {
         atomicExch(reinterpret_cast<uint32_t*>(c.mask + s), 1u);  // SPEC §6: skip the late rank from now on
       } else if (result == WaitResult::kTimedOut) {
         record_error(c, DeviceErrorKind::kTimeout, phase, s, static_cast<int64_t>(c.timeout_ns));
-        my_failure = 1;
-      } else {
-        my_failure = 1;
+        failed = 1;
+      } else if (result == WaitResult::kAborted) {
+        failed = 1;
       }
       if (blockIdx.x == 0 && wait_stats != nullptr)
         atomicAdd(reinterpret_cast<unsigned long long*>(wait_stats + s),
                   static_cast<unsigned long long>(global_timer_ns() - start));
     }
-    usable[s] = ok;
-    if (payloads != nullptr) payloads[s] = ok ? flag_payload(value) : 0;
   }
-  bool failed = __syncthreads_or(my_failure) != 0;
+  __syncthreads();
   if (c.shrink) {
     if (blockIdx.x == 0) {
-      if (threadIdx.x == 0) st_release_gpu(gate, 1u);  // the masks written above precede it (barrier)
-    } else {
       if (threadIdx.x == 0) {
-        // Block 0 settles within the timeout; allow it as long again before giving up.
-        const uint64_t gate_deadline = deadline + c.timeout_ns;
-        uint32_t spins = 0;
-        while (ld_acquire_gpu(gate) == 0) {
-          if ((++spins & 63u) == 0 && (aborted(c) || global_timer_ns() > gate_deadline)) {
-            if (!aborted(c)) record_error(c, DeviceErrorKind::kTimeout, phase, c.rank, int64_t(c.timeout_ns));
-            my_failure = 1;
-            break;
-          }
-        }
-        my_failure |= aborted(c) ? 1 : 0;  // block 0 opens the gate even when it gave up
+        __threadfence();
+        st_release_gpu(gate, 1u);
       }
-      failed = __syncthreads_or(my_failure) != 0;
-      // Block 0 saw every usable flag complete; nobody clears them before this block has passed.
-      for (int s = threadIdx.x; s < c.num_ranks; s += blockDim.x) {
-        usable[s] = is_masked(c, s) ? 0 : 1;
-        if (payloads != nullptr) payloads[s] = usable[s] ? flag_payload(ld_acquire_sys(local_flag(c, set, s))) : 0;
+    } else if (threadIdx.x == 0) {
+      // Block 0 settles within the timeout; allow it as long again before giving up.
+      const uint64_t gate_deadline = deadline + c.timeout_ns;
+      uint32_t spins = 0;
+      while (ld_acquire_gpu(gate) == 0) {
+        if ((++spins & 63u) == 0 && (aborted(c) || global_timer_ns() > gate_deadline)) {
+          if (!aborted(c)) record_error(c, DeviceErrorKind::kTimeout, phase, c.rank, int64_t(c.timeout_ns));
+          failed = 1;
+          break;
+        }
       }
     }
     __syncthreads();
   }
-  if (failed) return false;
-  // The flag reads above precede this add (barrier, then release): the block that sees the count
-  // complete may clear the flags.
-  if (threadIdx.x == 0) ticket = atom_add_release_gpu(arrivals, 1u);
-  return true;
-}
-
-// Called by every thread at the end of a receive kernel that passed wait_for_sources (warp 0
-// converged; thread 0 holds its ticket). The last block to have passed clears the flags of `set`,
-// the gate and the arrival counter for the next call of this parity.
-__device__ __forceinline__ void release_flags(const Common& c, int set, uint32_t* gate, uint32_t* arrivals,
-                                              uint32_t ticket) {
-  if (threadIdx.x >= 32) return;
-  ticket = __shfl_sync(0xffffffffu, ticket, 0);
-  if (ticket != gridDim.x - 1) return;
-  fence_acq_rel_gpu();  // acquire: every block's flag reads precede the clears
-  for (int s = threadIdx.x; s < c.num_ranks; s += 32) *reinterpret_cast<volatile uint64_t*>(local_flag(c, set, s)) = 0;
-  if (threadIdx.x == 0) {
-    *reinterpret_cast<volatile uint32_t*>(arrivals) = 0;
-    *reinterpret_cast<volatile uint32_t*>(gate) = 0;
-  }
-}
-
-// Last index i in [0, n) with keys[i] <= value (keys non-decreasing, keys[0] <= value).
-__device__ __forceinline__ int last_not_above(const int32_t* keys, int n, int value) {
-  int lo = 0, hi = n - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) / 2;
-    if (keys[mid] <= value) {
-      lo = mid;
-    } else {
-      hi = mid - 1;
-    }
-  }
-  return lo;
-}
-
-// In place, by warp 0: values[0..n) become their exclusive prefix sums and values[n] the total.
-__device__ __forceinline__ void warp_exclusive_scan(int n, int32_t* values) {
-  if (threadIdx.x >= 32) return;
-  int32_t* out = values;
-  const int lane = threadIdx.x;
-  int carry = 0;
-  for (int base = 0; base < n; base += 32) {
-    const int i = base + lane;
-    const int value = i < n ? values[i] : 0;
-    int inclusive = value;
-#pragma unroll
-    for (int d = 1; d < 32; d *= 2) {
-      const int other = __shfl_up_sync(0xffffffffu, inclusive, d);
-      if (lane >= d) inclusive += other;
-    }
-    if (i < n) out[i] = carry + inclusive - value;
-    carry += __shfl_sync(0xffffffffu, inclusive, 31);
-  }
-  if (lane == 0) out[n] = carry;
+  return failed == 0;
 }
 
 // Host: launches `kernel` (a __global__ function taking one params struct) on `stream`; with
@@ -321,9 +216,6 @@ void launch_kernel(void (*kernel)(Params), int grid, int block, size_t smem, cud
 
 // Host: lets `kernel` take up to `max_block_smem` bytes of shared memory per block in total (the
 // device's opt-in limit): the dynamic part may use what the kernel's static shared memory leaves.
-// Every low-latency kernel also asks for the same L1/shared split (the largest shared part: they
-// read through L2 only), so that an SM running a send block never has to be reconfigured before it
-// can take the receive block launched beside it.
 template <class Params>
 void allow_dynamic_smem(void (*kernel)(Params), int max_block_smem) {
   cudaFuncAttributes attributes = {};
@@ -331,9 +223,6 @@ void allow_dynamic_smem(void (*kernel)(Params), int max_block_smem) {
   const int dynamic_bytes = max_block_smem - static_cast<int>(attributes.sharedSizeBytes);
   launch_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, dynamic_bytes),
                "cudaFuncSetAttribute");
-  launch_check(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared),
-      "cudaFuncSetAttribute");
 }
 
 }  // namespace epcomm::cuda::ll
