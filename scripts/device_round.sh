@@ -15,6 +15,7 @@
 #                 (name=cmake-args; built in build-<name>) and each --nvl-chunk of $ROUND_CHUNKS
 #   bench-ll      epcomm-bench ll and ll-small
 #   compat        the deep_ep compatibility script under torchrun on every GPU
+#   moe           examples/moe_layer.py on every GPU (forward + backward against a dense computation)
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root" || exit 1
@@ -100,7 +101,7 @@ if has bench-normal; then
     pids+=($!)
   done
 fi
-if has python || has compat; then
+if has python || has compat || has moe; then
   build_python >"$logs/build-python.log" 2>&1 &
   pids+=($!)
 fi
@@ -127,6 +128,10 @@ for s in $steps; do
         step "${ROUND_PY_CAP:-200}" python "$PY" -X faulthandler -m pytest python/tests -x -q -rs -p no:cacheprovider \
         --durations=10
       tail -25 "$logs/python.log" >>"$summary"
+      ;;
+    moe)
+      step 120 moe "$PY" examples/moe_layer.py --ranks "$gpus" --cuda
+      tail -5 "$logs/moe.log" >>"$summary"
       ;;
     compat)
       step 120 compat "$PY" -m torch.distributed.run --nproc-per-node "$gpus" python/tests/deep_ep_compat_script.py
