@@ -13,22 +13,28 @@ POISON_BYTE = 0xA5
 def poison_outputs(buffer: epcomm.Buffer) -> None:
     """Makes every output the buffer allocates start as 0xA5 bytes, so that rows the library forgets
     to write cannot pass as correct."""
-    def poisoned(allocate: Callable[[int, Tuple[int, ...], int], Tuple[torch.Tensor, int]]):
+    # The fill goes on the stream the tensor is allocated for: the current stream, which the op's
+    # kernels wait for unless the caller passes an earlier `previous_event` (tests doing that use an
+    # unpoisoned buffer), or the comm stream (allocate_on_comm_stream), where the kernels follow it.
+    def poisoned(allocate: Callable[[int, Tuple[int, ...], int], Tuple[torch.Tensor, int]], on_comm: bool):
         def allocate_poisoned(code: int, shape: Tuple[int, ...], cuda_device: int) -> Tuple[torch.Tensor, int]:
             tensor, pointer = allocate(code, shape, cuda_device)
             if tensor.numel() > 0:
-                tensor.view(-1).view(torch.uint8).fill_(POISON_BYTE)
+                stream = buffer.get_comm_stream() if on_comm and tensor.is_cuda else None
+                with torch.cuda.stream(stream):  # None: the current stream
+                    tensor.view(-1).view(torch.uint8).fill_(POISON_BYTE)
             return tensor, pointer
         return allocate_poisoned
-    buffer._allocate_here = poisoned(buffer._allocate_here)
-    buffer._allocate_on_comm = poisoned(buffer._allocate_on_comm)
+    buffer._allocate_here = poisoned(buffer._allocate_here, on_comm=False)
+    buffer._allocate_on_comm = poisoned(buffer._allocate_on_comm, on_comm=True)
 
 
-def normal_buffer(ctx: Any, hidden: int, **kwargs: Any) -> epcomm.Buffer:
-    """A normal-mode buffer sized by the size hint, with poisoned outputs."""
+def normal_buffer(ctx: Any, hidden: int, poison: bool = True, **kwargs: Any) -> epcomm.Buffer:
+    """A normal-mode buffer sized by the size hint, with poisoned outputs unless ``poison`` is False."""
     size = epcomm.Config().get_nvl_buffer_size_hint(hidden * 2, ctx.size)
     buffer = epcomm.Buffer(ctx.group, num_nvl_bytes=size, **kwargs)
-    poison_outputs(buffer)
+    if poison:
+        poison_outputs(buffer)
     return buffer
 
 

@@ -32,7 +32,9 @@ def expected_dispatch(ctx: Any, x: torch.Tensor, topk_idx: torch.Tensor) -> torc
 
 
 def check_comm_stream_and_lifetimes(ctx: Any) -> None:
-    buffer = normal_buffer(ctx, HIDDEN)
+    # Not poisoned: outputs are allocated for the side stream after `previous` was captured, so a
+    # poison fill there would race with the kernels, which (rightly) wait only for `previous`.
+    buffer = normal_buffer(ctx, HIDDEN, poison=False)
     stream = buffer.get_comm_stream()
     assert isinstance(stream, torch.cuda.Stream) and stream.device == ctx.device
     assert stream.cuda_stream != torch.cuda.current_stream().cuda_stream

@@ -55,10 +55,17 @@ void set_default_num_sms(int num_sms) {
   g_default_num_sms.store(num_sms);
 }
 
+// Dispatch publishes a sender's progress every 24 records instead of 6: each publication is a
+// release at system scope, and fewer of them measured +15 % (8 SMs) and +23 % (FP8, 24 SMs) on
+// 4 x H200 (bench/results/NOTES.md). Combine keeps 6: its receivers wait per token, and larger
+// chunks measured slower there.
+constexpr int kDispatchChunkTokens = 24;
+
 Config default_dispatch_config(int num_ranks) {
   require(num_ranks >= 1, "get_dispatch_config", "num_ranks", "expected >= 1, got ", num_ranks);
   Config config;
   config.num_sms = default_num_sms();
+  config.num_max_nvl_chunked_send_tokens = kDispatchChunkTokens;
   return config;
 }
 
