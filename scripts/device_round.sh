@@ -125,7 +125,7 @@ for s in $steps; do
       "$PY" -c "import epcomm; assert epcomm.Buffer.is_sm90_compiled()" >>"$logs/python.log" 2>&1 ||
         say "python: import check failed"
       EPCOMM_TEST_WORLDS="${ROUND_PY_WORLDS:-cuda2}" EPCOMM_TEST_RUN_TIMEOUT_S=60 \
-        step "${ROUND_PY_CAP:-200}" python "$PY" -X faulthandler -m pytest python/tests -x -q -rs -p no:cacheprovider \
+        step "${ROUND_PY_CAP:-200}" python "$PY" -X faulthandler -m pytest python/tests ${ROUND_PY_ARGS:--x} -q -rs -p no:cacheprovider \
         --durations=10
       tail -25 "$logs/python.log" >>"$summary"
       ;;

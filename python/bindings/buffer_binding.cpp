@@ -320,6 +320,11 @@ void bind_buffer(py::module_& m) {
       .def_property_readonly("comm_stream",
                              [](PyBuffer& b) { return reinterpret_cast<uintptr_t>(b.get().comm_stream()); })
       .def("destroy", &destroy)
+      .def("check_errors",
+           [](PyBuffer& b) {
+             py::gil_scoped_release release;
+             b.get().check_errors();
+           })
       .def("get_dispatch_layout", &get_dispatch_layout)
       .def("dispatch", &dispatch)
       .def("combine", &combine)

@@ -163,6 +163,13 @@ class Buffer:
         config.num_sms = Buffer.num_sms
         return config
 
+    def check_errors(self) -> None:
+        """epcomm extension: waits for the comm stream and raises what the kernels reported (a
+        timeout naming the phase and peer, a num_worst_tokens overflow, ...). Calls that never touch
+        the host (num_worst_tokens, cached dispatch, combine, CUDA-graph replays) report errors
+        only at the next call or here."""
+        self.runtime.check_errors()
+
     def get_comm_stream(self) -> Optional[torch.cuda.Stream]:
         """The communication stream (a ``torch.cuda.Stream``); None on the CPU backend."""
         return self._comm_stream

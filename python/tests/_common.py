@@ -13,16 +13,25 @@ POISON_BYTE = 0xA5
 def poison_outputs(buffer: epcomm.Buffer) -> None:
     """Makes every output the buffer allocates start as 0xA5 bytes, so that rows the library forgets
     to write cannot pass as correct."""
-    # The fill goes on the stream the tensor is allocated for: the current stream, which the op's
-    # kernels wait for unless the caller passes an earlier `previous_event` (tests doing that use an
-    # unpoisoned buffer), or the comm stream (allocate_on_comm_stream), where the kernels follow it.
+    # The fill must come before the op's kernels on the GPU, in eager mode and inside a CUDA graph:
+    # normal-mode kernels run on the comm stream, so the fill goes there (after the current stream,
+    # for memory the allocator handed out for it); low-latency kernels run on the current stream.
+    # Tests that pass an earlier `previous_event` use an unpoisoned buffer (the wait would order them).
+    def fill(tensor: torch.Tensor, on_comm: bool) -> None:
+        comm = buffer.get_comm_stream() if tensor.is_cuda else None
+        if comm is not None and (on_comm or not buffer.low_latency_mode):
+            if not on_comm:
+                comm.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(comm):
+                tensor.view(-1).view(torch.uint8).fill_(POISON_BYTE)
+        else:
+            tensor.view(-1).view(torch.uint8).fill_(POISON_BYTE)
+
     def poisoned(allocate: Callable[[int, Tuple[int, ...], int], Tuple[torch.Tensor, int]], on_comm: bool):
         def allocate_poisoned(code: int, shape: Tuple[int, ...], cuda_device: int) -> Tuple[torch.Tensor, int]:
             tensor, pointer = allocate(code, shape, cuda_device)
             if tensor.numel() > 0:
-                stream = buffer.get_comm_stream() if on_comm and tensor.is_cuda else None
-                with torch.cuda.stream(stream):  # None: the current stream
-                    tensor.view(-1).view(torch.uint8).fill_(POISON_BYTE)
+                fill(tensor, on_comm)
             return tensor, pointer
         return allocate_poisoned
     buffer._allocate_here = poisoned(buffer._allocate_here, on_comm=False)

@@ -106,6 +106,7 @@ def check_graph_normal(ctx: Any) -> None:
 
     step()  # warm-up outside the graph
     torch.cuda.synchronize()
+    buffer.check_errors()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         recv_x, combined, combined_weights, in_rank = step()
@@ -114,6 +115,7 @@ def check_graph_normal(ctx: Any) -> None:
         static_x.copy_(new_x.to(ctx.device))
         graph.replay()
         torch.cuda.synchronize()
+        buffer.check_errors()
         expected = expected_dispatch(ctx, new_x, topk_idx)
         assert_equal(recv_x[:expected.size(0)], expected, f"recv_x (graph replay, seed {seed})")
         times = cpu(in_rank).sum(dim=1, keepdim=True).float()
