@@ -125,9 +125,14 @@ void CudaBackend::clean_mask(StreamHandle stream) {
 
 TensorView CudaBackend::local_buffer(DType dtype, int64_t offset_bytes, std::optional<int64_t> num_elements,
                                      bool rdma_memory) const {
-  char* base = rdma_memory ? static_cast<char*>(low_latency("get_local_buffer_tensor").local_memory())
+  // A buffer without the memory asked for gives an empty view, as on the CPU backend.
+  char* base = rdma_memory ? (low_latency_ ? static_cast<char*>(low_latency_->local_memory()) : nullptr)
                            : (normal_memory_ ? normal_memory_->local() : nullptr);
   const int64_t count = num_elements.value_or(0);
+  require(base != nullptr || count == 0, "get_local_buffer_tensor", rdma_memory ? "use_rdma_buffer" : "offset",
+          rdma_memory ? "this buffer has no RDMA memory on the CUDA backend (num_rdma_bytes is allocated in "
+                        "low_latency_mode, or between nodes)"
+                      : "this buffer has no NVLink memory (num_nvl_bytes was 0)");
   return TensorView::contiguous(base == nullptr ? nullptr : base + offset_bytes, dtype, {count}, ctx_.tensor_device());
 }
 
