@@ -129,10 +129,11 @@ TensorView CudaBackend::local_buffer(DType dtype, int64_t offset_bytes, std::opt
   char* base = rdma_memory ? (low_latency_ ? static_cast<char*>(low_latency_->local_memory()) : nullptr)
                            : (normal_memory_ ? normal_memory_->local() : nullptr);
   const int64_t count = num_elements.value_or(0);
-  require(base != nullptr || count == 0, "get_local_buffer_tensor", rdma_memory ? "use_rdma_buffer" : "offset",
-          rdma_memory ? "this buffer has no RDMA memory on the CUDA backend (num_rdma_bytes is allocated in "
-                        "low_latency_mode, or between nodes)"
-                      : "this buffer has no NVLink memory (num_nvl_bytes was 0)");
+  // (Buffer::local_buffer bounds the view by the byte counts asked for; only num_rdma_bytes may be
+  // non-zero without memory behind it: normal mode on one node allocates none.)
+  require(base != nullptr || count == 0, "get_local_buffer_tensor", "use_rdma_buffer",
+          "this buffer has no RDMA memory on the CUDA backend (num_rdma_bytes is allocated in low_latency_mode, "
+          "or between nodes)");
   return TensorView::contiguous(base == nullptr ? nullptr : base + offset_bytes, dtype, {count}, ctx_.tensor_device());
 }
 
