@@ -4,7 +4,8 @@
 // for row j of expert l the handle gives the source rank s (layout_range) and the token t
 // (src_info), the dispatch's row meta the top-k slot k. The bf16 row goes to slot [t][k] of the
 // combine receive region of rank s: straight from `x` with 16-byte stores when s is mapped over
-// NVLink, else staged in local registered memory and put. The last block sets every flag.
+// NVLink, else staged in local registered memory and put. Each block with rows adds its arrival to
+// every destination's flag.
 // Receive kernel (256 threads, 8 channels each, blocks over (token, channel chunk)): waits for
 // every unmasked source, then out[t] = bf16(acc), acc = fmaf(w[t][k], row(t, k), acc) over k
 // ascending, row(t, k) read from the slot of the token's first k with the same expert.
@@ -69,7 +70,7 @@ __device__ __forceinline__ int last_not_above(const int32_t* keys, int n, int va
   return lo;
 }
 
-__device__ void send_row(const CombineParams& p, int l, int j, int s, int64_t num_rows) {
+__device__ void send_row(const CombineParams& p, const PeerTable& peers, int l, int j, int s, int64_t num_rows) {
   const int64_t row = int64_t(l) * num_rows + j;
   const int64_t row_bytes = int64_t(p.hidden) * 2;
   const int num_vectors = p.hidden / 8;
@@ -81,7 +82,7 @@ __device__ void send_row(const CombineParams& p, int l, int j, int s, int64_t nu
   const int k = p.meta[row];
   if (t < 0 || t >= p.max_tokens || k >= kMaxLowLatencyTopk) return;  // not a handle of this buffer's dispatch
   const int64_t dst_offset = p.recv_offset + (int64_t(t) * kMaxLowLatencyTopk + k) * row_bytes;
-  uint8_t* base = peer_base(p.c, s);
+  uint8_t* base = peers.base[s];
   if (base != nullptr) {
     copy_row(base + dst_offset, src, num_vectors, chunk);
     return;
@@ -97,20 +98,23 @@ __device__ void send_row(const CombineParams& p, int l, int j, int s, int64_t nu
 }
 
 __global__ void __launch_bounds__(kSendThreads) combine_send_kernel(const __grid_constant__ CombineParams p) {
-  extern __shared__ __align__(16) int32_t send_smem[];
+  extern __shared__ __align__(16) uint8_t send_smem[];
   const int R = p.c.num_ranks, L = p.num_local_experts;
   const int64_t num_rows = int64_t(R) * p.max_tokens;
-  int32_t* first = send_smem;             // [L][R] first row of (expert, source)
-  int32_t* count = first + L * R;         // [L][R] rows of (expert, source)
+  const PeerTable peers = peer_table_at(p.c, send_smem);
+  int32_t* first = reinterpret_cast<int32_t*>(send_smem + peer_table_bytes(R));  // [L][R] first row of (expert, source)
+  int32_t* count = first + L * R;                                                // [L][R] rows of (expert, source)
   int32_t* expert_start = count + L * R;  // [L + 1] flattened index of each expert's first row
   allow_dependent_launch();
-  if (aborted(p.c)) return;
+  const bool dead = aborted(p.c);  // used after the first loads, so that it is in flight with them
+  load_peer_table(p.c, peers);
   for (int i = threadIdx.x; i < L * R; i += blockDim.x) {
     const int64_t range = __ldg(p.layout_range + i);
     first[i] = static_cast<int32_t>(range >> 32);
     count[i] = static_cast<int32_t>(range & 0xFFFFFFFF);
   }
   __syncthreads();
+  if (dead) return;
   if (threadIdx.x < 32) {  // exclusive scan of the experts' row counts
     const int lane = threadIdx.x;
     int carry = 0;
@@ -130,21 +134,20 @@ __global__ void __launch_bounds__(kSendThreads) combine_send_kernel(const __grid
   }
   __syncthreads();
 
+  // Only the blocks that get rows take part (block 0 always): the others have nothing to signal.
   const int total = expert_start[L];
   const int warps = blockDim.x / 32;
-  for (int f = blockIdx.x * warps + threadIdx.x / 32; f < total; f += gridDim.x * warps) {
+  const int active = max(1, min(int(gridDim.x), (total + warps - 1) / warps));
+  if (int(blockIdx.x) >= active) return;
+  for (int f = blockIdx.x * warps + threadIdx.x / 32; f < total; f += active * warps) {
     const int l = last_not_above(expert_start, L, f, 1);
     const int j = f - expert_start[l];
     const int s = last_not_above(first + l * R, R, j, 1);
     if (j >= first[l * R + s] + count[l * R + s] || j >= num_rows) continue;
-    if (is_masked(p.c, s)) continue;
-    send_row(p, l, j, s, num_rows);
+    if (!peers.usable[s]) continue;
+    send_row(p, peers, l, j, s, num_rows);
   }
-  if (p.c.has_put_peers) {
-    __syncthreads();
-    if (threadIdx.x == 0) nvshmem_quiet();
-  }
-  if (finish_block(p.c.counters + kCombineSendDone + p.parity)) signal_destinations(p.c, kCombineFlags0 + p.parity);
+  signal_destinations(p.c, kCombineFlags0 + p.parity, peers, signal_value(blockIdx.x, active));
 }
 
 __device__ __forceinline__ void accumulate(const uint4& v, float weight, float* acc) {
@@ -156,36 +159,67 @@ __device__ __forceinline__ void accumulate(const uint4& v, float weight, float* 
   }
 }
 
+// Slot k of a token's routing, read by thread k.
+struct TopkEntry {
+  int64_t expert = -1;
+  float weight = 0.0f;
+};
+
+template <class Index>
+__device__ __forceinline__ TopkEntry load_topk_entry(const CombineParams& p, int t) {
+  TopkEntry entry;
+  if (t >= 0 && int(threadIdx.x) < p.num_topk) {
+    const int64_t at = int64_t(t) * p.num_topk + threadIdx.x;
+    entry.expert = static_cast<int64_t>(static_cast<const Index*>(p.topk_idx)[at]);
+    entry.weight = p.topk_weights[at];
+  }
+  return entry;
+}
+
 template <class Index>
 __global__ void __launch_bounds__(kRecvThreads, kRecvBlocksPerSm)
     combine_recv_kernel(const __grid_constant__ CombineParams p) {
+  extern __shared__ __align__(16) uint8_t recv_smem[];
+  __shared__ int64_t expert_of[kMaxLowLatencyTopk];
   __shared__ int32_t slot_of[kMaxLowLatencyTopk];  // receive slot that holds slot k's row; -1: k adds nothing
   __shared__ float weight_of[kMaxLowLatencyTopk];
-  if (!wait_for_sources(p.c, kCombineFlags0 + p.parity, DevicePhase::kLowLatencyCombineRecv, p.wait_stats,
-                        p.c.counters + kCombineGate + p.parity))
-    return;
   const int K = p.num_topk, L = p.num_local_experts;
   const int num_vectors = p.hidden / 8;
   const int chunks = (num_vectors + blockDim.x - 1) / blockDim.x;
+  const int num_items = p.num_tokens * chunks;
   const int64_t row_bytes = int64_t(p.hidden) * 2;
-  const Index* topk = static_cast<const Index*>(p.topk_idx);
-  for (int item = blockIdx.x; item < p.num_tokens * chunks; item += gridDim.x) {
+  const PeerTable peers = peer_table_at(p.c, recv_smem);
+  load_peer_table(p.c, peers);
+  // The routing is an input: the block's first token's is loaded while the rows are in flight.
+  TopkEntry next = load_topk_entry<Index>(p, int(blockIdx.x) < num_items ? int(blockIdx.x) / chunks : -1);
+  const ReceiveCounters counters{p.c.counters + kCombineGate + p.parity, p.c.counters + kCombineReaders + p.parity};
+  uint32_t ticket = 0;
+  if (!wait_for_sources(p.c, kCombineFlags0 + p.parity, DevicePhase::kLowLatencyCombineRecv, p.wait_stats, counters,
+                        peers, ticket))
+    return;
+  for (int item = blockIdx.x; item < num_items; item += gridDim.x) {
     const int t = item / chunks, chunk = item % chunks;
-    if (threadIdx.x < K) {
+    if (int(threadIdx.x) < K) {
+      expert_of[threadIdx.x] = next.expert;
+      weight_of[threadIdx.x] = next.weight;
+    }
+    __syncthreads();
+    const int following = item + int(gridDim.x);
+    next = load_topk_entry<Index>(p, following < num_items ? following / chunks : -1);
+    if (int(threadIdx.x) < K) {
       const int k = threadIdx.x;
-      const int64_t e = static_cast<int64_t>(topk[int64_t(t) * K + k]);
+      const int64_t e = expert_of[k];
       int slot = -1;
       if (e < -1 || e >= p.num_experts) {
         if (chunk == 0)
           record_error(p.c, DeviceErrorKind::kBadIndex, DevicePhase::kLowLatencyCombineRecv, t, e,
                        p.num_experts * 32 + k);
-      } else if (e >= 0 && !is_masked(p.c, static_cast<int>(e / L))) {
+      } else if (e >= 0 && peers.usable[e / L]) {
         slot = k;
         for (int k2 = k - 1; k2 >= 0; --k2)
-          if (static_cast<int64_t>(topk[int64_t(t) * K + k2]) == e) slot = k2;
+          if (expert_of[k2] == e) slot = k2;
       }
       slot_of[k] = slot;
-      weight_of[k] = p.topk_weights[int64_t(t) * K + k];
     }
     __syncthreads();
     const int v = chunk * blockDim.x + threadIdx.x;
@@ -214,15 +248,13 @@ __global__ void __launch_bounds__(kRecvThreads, kRecvBlocksPerSm)
     }
     __syncthreads();
   }
-  if (finish_block(p.c.counters + kCombineRecvDone + p.parity)) {
-    for (int s = threadIdx.x; s < p.c.num_ranks; s += blockDim.x) *local_flag(p.c, kCombineFlags0 + p.parity, s) = 0;
-    if (threadIdx.x == 0) p.c.counters[kCombineGate + p.parity] = 0;
-  }
+  release_flags(p.c, kCombineFlags0 + p.parity, counters, ticket);
   wait_for_preceding_grid();
 }
 
 size_t send_smem_bytes(const CombineParams& p) {
-  return sizeof(int32_t) * (2 * size_t(p.num_local_experts) * p.c.num_ranks + p.num_local_experts + 1);
+  return peer_table_bytes(p.c.num_ranks) +
+         sizeof(int32_t) * (2 * size_t(p.num_local_experts) * p.c.num_ranks + p.num_local_experts + 1);
 }
 
 }  // namespace
@@ -236,10 +268,11 @@ void launch_combine_recv(const CombineParams& p, int num_sms, cudaStream_t strea
   const int64_t items = int64_t(p.num_tokens) * chunks;
   const int grid =
       static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(items, int64_t(num_sms) * kRecvBlocksPerSm)));
+  const size_t smem = peer_table_bytes(p.c.num_ranks);
   if (p.topk_is_int64) {
-    launch_kernel(combine_recv_kernel<int64_t>, grid, kRecvThreads, 0, stream, overlap_send, p);
+    launch_kernel(combine_recv_kernel<int64_t>, grid, kRecvThreads, smem, stream, overlap_send, p);
   } else {
-    launch_kernel(combine_recv_kernel<int32_t>, grid, kRecvThreads, 0, stream, overlap_send, p);
+    launch_kernel(combine_recv_kernel<int32_t>, grid, kRecvThreads, smem, stream, overlap_send, p);
   }
 }
 

@@ -1,13 +1,14 @@
 // Low-latency dispatch (SPEC §4.1) over symmetric memory.
 //
 // Send kernel (one block per token, 512 threads):
-//   1. every block copies the whole routing into shared memory (duplicates and bad ids -> -1);
-//   2. block b writes the message for destinations d = b, b + grid, ...: the source's T, one count
-//      per local expert of d, one bit per token that goes to d;
+//   1. every block copies the whole routing and the peer table into shared memory (duplicates and
+//      bad ids -> -1) and counts the tokens of every expert;
+//   2. block b writes, in one pass, the messages for destinations d = b, b + grid, ...: the
+//      source's T, one count per local expert of d, one bit per token that goes to d;
 //   3. per token: warp k counts the earlier tokens that chose expert k (the token's row offset in
 //      that expert's rows from this source), the token is cast once (FP8: 8 threads per 128-channel
 //      block) and stored once per destination rank into slot [source][token] of that rank;
-//   4. the block that finishes last sets every destination's flag (release, system scope).
+//   4. each block adds its arrival to every destination's flag (release, system scope).
 // Receive kernel (8 warps per block, one slot per warp): waits for every unmasked source, turns
 // the messages into the first row of each (local expert, source), then copies every received
 // slot into recv_x at row = first row + offset, for each of its local experts.
@@ -68,49 +69,59 @@ __device__ void load_routing(const DispatchParams& p, int32_t* ids) {
   }
 }
 
-// The message of this source for destination d (see LowLatencyLayout::dispatch_message_bytes).
-__device__ void send_message(const DispatchParams& p, const int32_t* ids, int32_t* counts, uint32_t* words, int d) {
-  __shared__ int skip;
+// counts[e] = the tokens of this source that chose expert e (every thread calls, after the
+// routing is in shared memory and counts is zero).
+__device__ void count_experts(const DispatchParams& p, const int32_t* ids, int32_t* counts) {
+  for (int i = threadIdx.x; i < p.num_tokens * p.num_topk; i += blockDim.x)
+    if (ids[i] >= 0) atomicAdd(&counts[ids[i]], 1);
+}
+
+// Where the message to d is written: d's message region when d is mapped, else the staging copy
+// that a put sends (see LowLatencyLayout::dispatch_message_bytes for its fields).
+__device__ __forceinline__ int32_t* message_for(const DispatchParams& p, const PeerTable& peers, int d) {
+  uint8_t* base = peers.base[d];
+  uint8_t* message = base != nullptr ? base + p.messages_offset + int64_t(p.c.rank) * p.message_bytes
+                                     : p.c.local + p.staging_offset + int64_t(p.max_tokens) * p.slot_bytes +
+                                           int64_t(d) * p.message_bytes;
+  return reinterpret_cast<int32_t*>(message);
+}
+
+// The messages of this block's destinations d = blockIdx.x, + gridDim.x, ... in one pass: a thread
+// per header or count field, a warp per word of token bits. Every thread calls.
+__device__ void send_messages(const DispatchParams& p, const int32_t* ids, const int32_t* counts,
+                              const PeerTable& peers) {
   const int T = p.num_tokens, K = p.num_topk, L = p.num_local_experts;
   const int num_words = (p.max_tokens + 31) / 32;
-  for (int i = threadIdx.x; i < L; i += blockDim.x) counts[i] = 0;
-  for (int i = threadIdx.x; i < num_words; i += blockDim.x) words[i] = 0;
-  if (threadIdx.x == 0) skip = is_masked(p.c, d);
-  __syncthreads();
-  const int first = d * L;
-  for (int j = threadIdx.x; j < T; j += blockDim.x) {
+  const int fields = 4 + L;  // header (T, 0, 0, 0), then the counts; the words follow
+  const int mine = (p.c.num_ranks - int(blockIdx.x) + int(gridDim.x) - 1) / int(gridDim.x);
+  auto destination = [&](int i) { return int(blockIdx.x) + i * int(gridDim.x); };
+  for (int i = threadIdx.x; i < mine * fields; i += blockDim.x) {
+    const int d = destination(i / fields), f = i % fields;
+    if (peers.usable[d]) message_for(p, peers, d)[f] = f == 0 ? T : f < 4 ? 0 : counts[d * L + f - 4];
+  }
+  const int lane = threadIdx.x % 32;
+  for (int i = threadIdx.x / 32; i < mine * num_words; i += blockDim.x / 32) {
+    const int d = destination(i / num_words), w = i % num_words;
+    if (!peers.usable[d]) continue;  // warp-uniform
+    const int j = 32 * w + lane;
     bool hit = false;
-    for (int k = 0; k < K; ++k) {
-      const int e = ids[k * T + j];
-      if (e >= first && e < first + L) {
-        atomicAdd(&counts[e - first], 1);
-        hit = true;
-      }
-    }
-    if (hit) atomicOr(&words[j >> 5], 1u << (j & 31));
+    for (int k = 0; k < K && j < T; ++k) hit |= ids[k * T + j] >= d * L && ids[k * T + j] < d * L + L;
+    const uint32_t word = __ballot_sync(0xffffffffu, hit);
+    if (lane == 0) reinterpret_cast<uint32_t*>(message_for(p, peers, d) + fields)[w] = word;
   }
+  if (!p.c.has_put_peers) return;
   __syncthreads();
-  if (!skip) {
-    uint8_t* base = peer_base(p.c, d);
-    const int64_t remote_offset = p.messages_offset + int64_t(p.c.rank) * p.message_bytes;
-    uint8_t* message = base != nullptr ? base + remote_offset
-                                       : p.c.local + p.staging_offset + int64_t(p.max_tokens) * p.slot_bytes +
-                                             int64_t(d) * p.message_bytes;
-    int32_t* m = reinterpret_cast<int32_t*>(message);
-    if (threadIdx.x < 4) m[threadIdx.x] = threadIdx.x == 0 ? T : 0;
-    for (int i = threadIdx.x; i < L; i += blockDim.x) m[4 + i] = counts[i];
-    uint32_t* m_words = reinterpret_cast<uint32_t*>(m + 4 + L);
-    for (int i = threadIdx.x; i < num_words; i += blockDim.x) m_words[i] = words[i];
-    if (base == nullptr) {
-      __syncthreads();
-      nvshmemx_putmem_nbi_block(p.c.local + remote_offset, message, p.message_bytes, d);
-    }
+  for (int i = 0; i < mine; ++i) {
+    const int d = destination(i);
+    if (peers.usable[d] && peers.base[d] == nullptr)
+      nvshmemx_putmem_nbi_block(p.c.local + p.messages_offset + int64_t(p.c.rank) * p.message_bytes,
+                                message_for(p, peers, d), p.message_bytes, d);
   }
-  __syncthreads();
 }
 
 // Header of token t and the list of ranks it goes to.
-__device__ void prepare_token(const DispatchParams& p, const int32_t* ids, int t, TokenState& s) {
+__device__ void prepare_token(const DispatchParams& p, const PeerTable& peers, const int32_t* ids, int t,
+                              TokenState& s) {
   const int T = p.num_tokens, K = p.num_topk, L = p.num_local_experts;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (warp < kMaxLowLatencyTopk) {
@@ -145,8 +156,8 @@ __device__ void prepare_token(const DispatchParams& p, const int32_t* ids, int t
       const int r = e / L;
       bool seen = false;
       for (int i = 0; i < n; ++i) seen |= s.dest_ranks[i] == r;
-      if (seen || is_masked(p.c, r)) continue;
-      uint8_t* base = peer_base(p.c, r);
+      if (seen || !peers.usable[r]) continue;
+      uint8_t* base = peers.base[r];
       s.dest_ranks[n] = r;
       s.dest_slots[n] =
           base != nullptr ? base + p.recv_offset + (int64_t(p.c.rank) * p.max_tokens + t) * p.slot_bytes : nullptr;
@@ -240,9 +251,9 @@ __device__ void send_bf16_payload(const DispatchParams& p, const uint16_t* row, 
                               : ld_input(row + 8 * i));
 }
 
-__device__ void send_token(const DispatchParams& p, const int32_t* ids, int t, TokenState& s,
+__device__ void send_token(const DispatchParams& p, const PeerTable& peers, const int32_t* ids, int t, TokenState& s,
                            const RowPrefetch& prefetched) {
-  prepare_token(p, ids, t, s);
+  prepare_token(p, peers, ids, t, s);
   uint8_t* staging_slot = s.needs_staging ? p.c.local + p.staging_offset + int64_t(t) * p.slot_bytes : nullptr;
   if (threadIdx.x < kHeaderBytes / 16)
     store_everywhere(s, staging_slot, 16 * threadIdx.x, reinterpret_cast<const uint4*>(s.header)[threadIdx.x]);
@@ -263,26 +274,40 @@ __device__ void send_token(const DispatchParams& p, const int32_t* ids, int t, T
   }
 }
 
+// Shared memory of the send kernel: the peer table first (8-byte aligned), then int32 arrays.
+struct SendShared {
+  PeerTable peers;
+  int32_t* ids;     // [K][T]
+  int32_t* counts;  // [E]
+};
+
+__device__ __forceinline__ SendShared send_shared_at(const DispatchParams& p, uint8_t* smem) {
+  SendShared s;
+  s.peers = peer_table_at(p.c, smem);
+  s.ids = reinterpret_cast<int32_t*>(smem + peer_table_bytes(p.c.num_ranks));
+  s.counts = s.ids + p.num_topk * p.num_tokens;
+  return s;
+}
+
 template <class Index>
 __global__ void __launch_bounds__(kSendThreads) dispatch_send_kernel(const __grid_constant__ DispatchParams p) {
-  extern __shared__ __align__(16) int32_t send_smem[];
+  extern __shared__ __align__(16) uint8_t send_smem[];
   __shared__ TokenState token;
   allow_dependent_launch();
-  if (aborted(p.c)) return;
-  int32_t* ids = send_smem;                                                     // [K][T]
-  int32_t* counts = ids + p.num_topk * p.num_tokens;                            // [L]
-  uint32_t* words = reinterpret_cast<uint32_t*>(counts + p.num_local_experts);  // [ceil(T_max / 32)]
+  const bool dead = aborted(p.c);  // used after the first loads, so that it is in flight with them
+  const SendShared sh = send_shared_at(p, send_smem);
   const RowPrefetch first_row = prefetch_row(p, blockIdx.x);
-  load_routing<Index>(p, ids);
+  load_peer_table(p.c, sh.peers);
+  for (int e = threadIdx.x; e < p.num_experts; e += blockDim.x) sh.counts[e] = 0;
+  load_routing<Index>(p, sh.ids);
   __syncthreads();
-  for (int d = blockIdx.x; d < p.c.num_ranks; d += gridDim.x) send_message(p, ids, counts, words, d);
+  if (dead) return;
+  count_experts(p, sh.ids, sh.counts);
+  __syncthreads();
+  send_messages(p, sh.ids, sh.counts, sh.peers);
   for (int t = blockIdx.x; t < p.num_tokens; t += gridDim.x)
-    send_token(p, ids, t, token, t == int(blockIdx.x) ? first_row : prefetch_row(p, t));
-  if (p.c.has_put_peers) {
-    __syncthreads();
-    if (threadIdx.x == 0) nvshmem_quiet();  // puts delivered before the flags go out
-  }
-  if (finish_block(p.c.counters + kDispatchSendDone + p.parity)) signal_destinations(p.c, kDispatchFlags0 + p.parity);
+    send_token(p, sh.peers, sh.ids, t, token, t == int(blockIdx.x) ? first_row : prefetch_row(p, t));
+  signal_destinations(p.c, kDispatchFlags0 + p.parity, sh.peers, signal_value(blockIdx.x, gridDim.x));
 }
 
 // ---- receive ----------------------------------------------------------------------------------
@@ -387,20 +412,25 @@ __device__ void receive_slot(const DispatchParams& p, int s, int t, const int32_
 }
 
 __global__ void __launch_bounds__(kRecvThreads) dispatch_recv_kernel(const __grid_constant__ DispatchParams p) {
-  extern __shared__ __align__(16) int32_t recv_smem[];
+  extern __shared__ __align__(16) uint8_t recv_smem[];
   const int R = p.c.num_ranks, L = p.num_local_experts;
   const int num_words = (p.max_tokens + 31) / 32;
-  int32_t* first_rows = recv_smem;                                 // [L][R]: first row of (expert, source)
-  int32_t* tokens = first_rows + L * R;                            // [R]: tokens of each source, -1 masked
-  uint32_t* token_bits = reinterpret_cast<uint32_t*>(tokens + R);  // [R][words]: which tokens came
-  if (!wait_for_sources(p.c, kDispatchFlags0 + p.parity, DevicePhase::kLowLatencyDispatchRecv, p.wait_stats,
-                        p.c.counters + kDispatchGate + p.parity))
+  const PeerTable peers = peer_table_at(p.c, recv_smem);
+  int32_t* first_rows =
+      reinterpret_cast<int32_t*>(recv_smem + peer_table_bytes(R));  // [L][R]: first row of (expert, source)
+  int32_t* tokens = first_rows + L * R;                             // [R]: tokens of each source, -1 masked
+  uint32_t* token_bits = reinterpret_cast<uint32_t*>(tokens + R);   // [R][words]: which tokens came
+  load_peer_table(p.c, peers);
+  const ReceiveCounters counters{p.c.counters + kDispatchGate + p.parity, p.c.counters + kDispatchReaders + p.parity};
+  uint32_t ticket = 0;
+  if (!wait_for_sources(p.c, kDispatchFlags0 + p.parity, DevicePhase::kLowLatencyDispatchRecv, p.wait_stats, counters,
+                        peers, ticket))
     return;
 
   // Every message field in one pass of independent loads.
   const uint8_t* messages = p.c.local + p.messages_offset;
   auto message = [&](int s) { return reinterpret_cast<const int32_t*>(messages + s * p.message_bytes); };
-  for (int s = threadIdx.x; s < R; s += blockDim.x) tokens[s] = is_masked(p.c, s) ? -1 : __ldcg(message(s));
+  for (int s = threadIdx.x; s < R; s += blockDim.x) tokens[s] = peers.usable[s] ? __ldcg(message(s)) : -1;
   for (int i = threadIdx.x; i < L * R; i += blockDim.x) first_rows[i] = __ldcg(message(i % R) + 4 + i / R);
   for (int i = threadIdx.x; i < R * num_words; i += blockDim.x)
     token_bits[i] = __ldcg(reinterpret_cast<const uint32_t*>(message(i / num_words) + 4 + L) + i % num_words);
@@ -431,20 +461,18 @@ __global__ void __launch_bounds__(kRecvThreads) dispatch_recv_kernel(const __gri
     receive_slot(p, s, t, first_rows, meta);
   }
 
-  if (finish_block(p.c.counters + kDispatchRecvDone + p.parity)) {
-    for (int s = threadIdx.x; s < R; s += blockDim.x) *local_flag(p.c, kDispatchFlags0 + p.parity, s) = 0;
-    if (threadIdx.x == 0) p.c.counters[kDispatchGate + p.parity] = 0;
-  }
+  release_flags(p.c, kDispatchFlags0 + p.parity, counters, ticket);
   wait_for_preceding_grid();
 }
 
 size_t send_smem_bytes(const DispatchParams& p) {
-  return sizeof(int32_t) * (size_t(p.num_topk) * p.num_tokens + p.num_local_experts + (p.max_tokens + 31) / 32);
+  return peer_table_bytes(p.c.num_ranks) + sizeof(int32_t) * (size_t(p.num_topk) * p.num_tokens + p.num_experts);
 }
 
 size_t recv_smem_bytes(const DispatchParams& p) {
   const size_t words = (p.max_tokens + 31) / 32;
-  return sizeof(int32_t) * (size_t(p.num_local_experts) * p.c.num_ranks + p.c.num_ranks * (1 + words));
+  return peer_table_bytes(p.c.num_ranks) +
+         sizeof(int32_t) * (size_t(p.num_local_experts) * p.c.num_ranks + p.c.num_ranks * (1 + words));
 }
 
 }  // namespace

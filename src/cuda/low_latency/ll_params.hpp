@@ -19,18 +19,17 @@ namespace epcomm::cuda::ll {
 
 // The control region at offset 0 of the symmetric memory (kLowLatencyControlBytes).
 //   | flags        | u64 [4][kMaxRanks]: dispatch parity 0/1, combine parity 0/1; [.][s] set by source s |
-//   | counters     | u32 [kNumCounters]: block-completion counters, gates    |
+//   | counters     | u32 [kNumCounters]: receive-side reader counts and gates                      |
 //   | peer bases   | u64 [kMaxRanks]: rank r's symmetric memory as mapped here; 0 = use puts       |
 //   | mask         | i32 [kMaxRanks]: 1 = rank is masked (enable_shrink)                           |
 // Flags and counters return to zero after every call (the receiver clears what it consumed), so
-// nothing that depends on a call count is baked into a CUDA graph.
+// nothing that depends on a call count is baked into a CUDA graph. A flag sums the arrivals of the
+// source's sending blocks (device/primitives.cuh, kFlagDone).
 enum Counter : int {
-  kDispatchSendDone = 0,  // + parity
-  kDispatchRecvDone = 2,
-  kCombineSendDone = 4,
-  kCombineRecvDone = 6,
-  kDispatchGate = 8,  // enable_shrink: block 0 has settled who is masked for this call
-  kCombineGate = 10,
+  kDispatchReaders = 0,  // + parity: receive blocks that have passed the wait
+  kCombineReaders = 2,
+  kDispatchGate = 4,  // enable_shrink: block 0 has settled who is masked for this call
+  kCombineGate = 6,
 
   kNumCounters = 16,
 };

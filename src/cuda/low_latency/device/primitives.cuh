@@ -1,14 +1,16 @@
-// Device building blocks of the low-latency kernels: memory-ordered loads and stores, the bounded
-// wait, block completion and error reporting.
+// Device building blocks of the low-latency kernels: memory-ordered loads and stores, the peer
+// table, the arrival signals, the bounded wait and error reporting.
 //
-// Memory ordering (PTX memory model):
-//   - Data to a peer goes with plain (weak) stores. A block publishes its stores with
-//     __syncthreads + fence.sc.sys (__threadfence_system) by one thread, then a relaxed atomic
-//     on a local completion counter. The block that sees the counter complete does another
-//     fence.sc.sys and sets each peer's flag with st.release.sys: by cumulativity every store
-//     of every block is visible to a peer that reads the flag with ld.acquire.sys.
-//   - A receiver polls its flag with ld.acquire.sys, then __syncthreads, then reads the data
-//     with ld.global.cg (L2; the data was written by another GPU and is read once).
+// Memory ordering (PTX memory model), narrowest scope that is correct:
+//   - Data to a peer goes with plain (weak) 16-byte stores. When a sending block is done, it
+//     __syncthreads, then warp 0 adds to every destination's flag with red.release.sys (one lane per
+//     destination): the release is cumulative over the stores the barrier ordered before it, so a
+//     peer that reads the flag with ld.acquire.sys sees every store of the block. No block waits for
+//     another: a call's flag at a destination is complete when every sending block has added, which
+//     the values make exact (kFlagDone, signal_value).
+//   - A receiver polls its flag with ld.acquire.sys, then __syncthreads, then reads the data with
+//     ld.global.cg (L2; the data was written by another GPU and is read once).
+//   - Who clears the flags for the next call is intra-GPU bookkeeping: .gpu-scoped release/acquire.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -34,8 +36,9 @@ __device__ __forceinline__ uint64_t ld_acquire_sys(const uint64_t* p) {
   return v;
 }
 
-__device__ __forceinline__ void st_release_sys(uint64_t* p, uint64_t v) {
-  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+// Adds `v` to a flag that another GPU polls, releasing everything ordered before it.
+__device__ __forceinline__ void red_release_sys_add(uint64_t* p, uint64_t v) {
+  asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
 __device__ __forceinline__ uint32_t ld_acquire_gpu(const uint32_t* p) {
@@ -47,6 +50,15 @@ __device__ __forceinline__ uint32_t ld_acquire_gpu(const uint32_t* p) {
 __device__ __forceinline__ void st_release_gpu(uint32_t* p, uint32_t v) {
   asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
+
+// Counter shared by the blocks of one kernel: returns the value before the add.
+__device__ __forceinline__ uint32_t atom_add_release_gpu(uint32_t* p, uint32_t v) {
+  uint32_t old;
+  asm volatile("atom.release.gpu.global.add.u32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
+  return old;
+}
+
+__device__ __forceinline__ void fence_acq_rel_gpu() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
 
 // A value another block or the host may change while this kernel runs.
 __device__ __forceinline__ int32_t ld_relaxed(const int32_t* p) {
@@ -76,45 +88,68 @@ __device__ __forceinline__ void record_error(const Common& c, DeviceErrorKind ki
   device::report_error(c.errors, kind, phase, peer, value, detail);
 }
 
-// Address of rank r's symmetric memory as seen from here, or null when r is reached with puts.
-__device__ __forceinline__ uint8_t* peer_base(const Common& c, int r) {
-  return reinterpret_cast<uint8_t*>(c.peer_bases[r]);
-}
-
 __device__ __forceinline__ bool is_masked(const Common& c, int r) { return ld_relaxed(c.mask + r) != 0; }
 
 __device__ __forceinline__ uint64_t* local_flag(const Common& c, int set, int source) {
   return reinterpret_cast<uint64_t*>(c.local + ControlLayout::flag(set, source));
 }
 
-// Called by every thread of the block after its work. Returns true (in every thread) in the one
-// block that finished last; that block also resets the counter for the next call.
-__device__ __forceinline__ bool finish_block(uint32_t* counter) {
-  __shared__ int last;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence_system();  // release this block's stores, peer stores included
-    const uint32_t before = atomicAdd(counter, 1u);
-    last = before == gridDim.x - 1;
-    if (last) {
-      atomicExch(counter, 0u);
-      __threadfence_system();  // acquire: every block's stores precede what this block does next
-    }
-  }
-  __syncthreads();
-  return last != 0;
+// The peers as one call sees them, copied into shared memory by every block at its start (one
+// load per rank, all in flight together with the block's first input loads) so that no later
+// decision waits on global memory.
+struct PeerTable {
+  uint8_t** base;   // [R] rank r's symmetric memory as mapped here; null: reached with NVSHMEM puts
+  int32_t* usable;  // [R] 1: exchange with r in this call (r is not masked)
+};
+
+__host__ __device__ constexpr size_t peer_table_bytes(int num_ranks) {
+  return size_t(num_ranks) * (sizeof(uint8_t*) + sizeof(int32_t));
 }
 
-// Sets this rank's flag in `set` at every unmasked destination (called by the last block).
-__device__ __forceinline__ void signal_destinations(const Common& c, int set) {
-  for (int d = threadIdx.x; d < c.num_ranks; d += blockDim.x) {
-    if (is_masked(c, d)) continue;
-    uint8_t* base = peer_base(c, d);
-    const int64_t offset = ControlLayout::flag(set, c.rank);
+// `smem`: peer_table_bytes(R) bytes of shared memory, 8-byte aligned.
+__device__ __forceinline__ PeerTable peer_table_at(const Common& c, void* smem) {
+  uint8_t** base = static_cast<uint8_t**>(smem);
+  return PeerTable{base, reinterpret_cast<int32_t*>(base + c.num_ranks)};
+}
+
+// Every thread calls; the caller synchronises the block before reading the table.
+__device__ __forceinline__ void load_peer_table(const Common& c, const PeerTable& peers) {
+  for (int r = threadIdx.x; r < c.num_ranks; r += blockDim.x) {
+    peers.base[r] = reinterpret_cast<uint8_t*>(c.peer_bases[r]);
+    peers.usable[r] = is_masked(c, r) ? 0 : 1;
+  }
+}
+
+// ---- arrival flags -----------------------------------------------------------------------------
+// Flag [set][s] at rank d sums what source s's sending blocks added for the current call of that
+// set. Each of the G sending blocks adds signal_value(b, G): 1, plus kFlagDone - G for block 0.
+// The sum is kFlagDone exactly when all G blocks have added: a subset without block 0 sums to at
+// most G - 1, one with block 0 and k < G - 1 others to kFlagDone - (G - 1 - k). The receiver does
+// not need to know G. The receiver that consumed the flag sets it back to 0.
+constexpr uint64_t kFlagDone = uint64_t(1) << 32;
+
+__device__ __forceinline__ uint64_t signal_value(int block, int num_blocks) {
+  return block == 0 ? kFlagDone - uint64_t(num_blocks) + 1 : uint64_t(1);
+}
+
+// Called by every thread of a sending block when its stores and puts are issued: the block
+// barrier, nvshmem_quiet when this rank has put peers, then warp 0 adds `value` to this rank's
+// flag in `set` at every usable destination.
+__device__ __forceinline__ void signal_destinations(const Common& c, int set, const PeerTable& peers, uint64_t value) {
+  __syncthreads();
+  if (c.has_put_peers) {
+    if (threadIdx.x == 0) nvshmem_quiet();  // puts delivered before the flags go out
+    __syncthreads();
+  }
+  if (threadIdx.x >= 32) return;
+  const int64_t offset = ControlLayout::flag(set, c.rank);
+  for (int d = threadIdx.x; d < c.num_ranks; d += 32) {
+    if (!peers.usable[d]) continue;
+    uint8_t* base = peers.base[d];
     if (base != nullptr) {
-      st_release_sys(reinterpret_cast<uint64_t*>(base + offset), 1);
+      red_release_sys_add(reinterpret_cast<uint64_t*>(base + offset), value);
     } else {
-      nvshmemx_signal_op(reinterpret_cast<uint64_t*>(c.local + offset), 1, NVSHMEM_SIGNAL_SET, d);
+      nvshmemx_signal_op(reinterpret_cast<uint64_t*>(c.local + offset), value, NVSHMEM_SIGNAL_ADD, d);
     }
   }
 }
@@ -130,10 +165,10 @@ __device__ __forceinline__ void wait_for_preceding_grid() { asm volatile("gridde
 
 enum class WaitResult { kArrived, kTimedOut, kAborted };
 
-// Polls `flag` (ld.acquire.sys) until it is non-zero, the deadline passes or the rank aborts.
+// Polls `flag` (ld.acquire.sys) until it reads kFlagDone, the deadline passes or the rank aborts.
 __device__ __forceinline__ WaitResult wait_flag(const Common& c, const uint64_t* flag, uint64_t deadline) {
   uint32_t spins = 0;
-  while (ld_acquire_sys(flag) == 0) {
+  while (ld_acquire_sys(flag) != kFlagDone) {
     if ((++spins & 63u) == 0) {
       if (aborted(c)) return WaitResult::kAborted;
       if (global_timer_ns() > deadline) return WaitResult::kTimedOut;
@@ -142,58 +177,90 @@ __device__ __forceinline__ WaitResult wait_flag(const Common& c, const uint64_t*
   return WaitResult::kArrived;
 }
 
-// Waits until every unmasked source has set its flag in `set` (every thread of the block calls;
-// returns false in every thread when the call must be abandoned). Without enable_shrink each
-// block waits by itself; a timeout is an error naming the source. With enable_shrink block 0
-// alone waits, masks the sources that time out and then opens `gate` for the other blocks, so
-// that every block of the call agrees on who is masked.
+// The receive-side counters of one flag set: `gate` (enable_shrink: block 0 has settled who is
+// masked) and `readers` (blocks that have passed the wait).
+struct ReceiveCounters {
+  uint32_t* gate;
+  uint32_t* readers;
+};
+
+// Waits until every usable source has completed its flag in `set` (every thread of the block
+// calls; `peers` is loaded, not yet synchronised). Returns false in every thread when the call must
+// be abandoned. Without enable_shrink each block waits by itself; a timeout is an error naming the
+// source. With enable_shrink block 0 alone waits, masks the sources that time out and then opens
+// the gate for the other blocks, which re-read the mask after it, so that every block of the call
+// agrees on who is usable.
+//
+// Once the block has passed, thread 0 adds to `readers` (release, .gpu) and keeps the old value in
+// `ticket`, used only by release_flags() at the end of the kernel: the add's latency hides behind
+// the block's work.
 __device__ __forceinline__ bool wait_for_sources(const Common& c, int set, DevicePhase phase, int64_t* wait_stats,
-                                                 uint32_t* gate) {
-  __shared__ int failed;
-  if (threadIdx.x == 0) failed = 0;
-  __syncthreads();
+                                                 ReceiveCounters counters, const PeerTable& peers, uint32_t& ticket) {
+  __syncthreads();  // the peer table is complete
   const uint64_t start = global_timer_ns();
   const uint64_t deadline = start + c.timeout_ns;
   const bool waits_itself = !c.shrink || blockIdx.x == 0;
+  int my_failure = 0;
   if (waits_itself) {
     for (int s = threadIdx.x; s < c.num_ranks; s += blockDim.x) {
-      if (is_masked(c, s)) continue;
+      if (!peers.usable[s]) continue;
       const WaitResult result = wait_flag(c, local_flag(c, set, s), deadline);
       if (result == WaitResult::kTimedOut && c.shrink) {
         atomicExch(reinterpret_cast<uint32_t*>(c.mask + s), 1u);  // SPEC §6: skip the late rank from now on
+        peers.usable[s] = 0;
       } else if (result == WaitResult::kTimedOut) {
         record_error(c, DeviceErrorKind::kTimeout, phase, s, static_cast<int64_t>(c.timeout_ns));
-        failed = 1;
+        my_failure = 1;
       } else if (result == WaitResult::kAborted) {
-        failed = 1;
+        my_failure = 1;
       }
       if (blockIdx.x == 0 && wait_stats != nullptr)
         atomicAdd(reinterpret_cast<unsigned long long*>(wait_stats + s),
                   static_cast<unsigned long long>(global_timer_ns() - start));
     }
   }
-  __syncthreads();
+  bool failed = __syncthreads_or(my_failure) != 0;
   if (c.shrink) {
     if (blockIdx.x == 0) {
+      if (threadIdx.x == 0) st_release_gpu(counters.gate, 1u);  // the masks written above precede it (barrier)
+    } else {
       if (threadIdx.x == 0) {
-        __threadfence();
-        st_release_gpu(gate, 1u);
-      }
-    } else if (threadIdx.x == 0) {
-      // Block 0 settles within the timeout; allow it as long again before giving up.
-      const uint64_t gate_deadline = deadline + c.timeout_ns;
-      uint32_t spins = 0;
-      while (ld_acquire_gpu(gate) == 0) {
-        if ((++spins & 63u) == 0 && (aborted(c) || global_timer_ns() > gate_deadline)) {
-          if (!aborted(c)) record_error(c, DeviceErrorKind::kTimeout, phase, c.rank, int64_t(c.timeout_ns));
-          failed = 1;
-          break;
+        // Block 0 settles within the timeout; allow it as long again before giving up.
+        const uint64_t gate_deadline = deadline + c.timeout_ns;
+        uint32_t spins = 0;
+        while (ld_acquire_gpu(counters.gate) == 0) {
+          if ((++spins & 63u) == 0 && (aborted(c) || global_timer_ns() > gate_deadline)) {
+            if (!aborted(c)) record_error(c, DeviceErrorKind::kTimeout, phase, c.rank, int64_t(c.timeout_ns));
+            my_failure = 1;
+            break;
+          }
         }
       }
+      failed = __syncthreads_or(my_failure) != 0;
+      for (int s = threadIdx.x; s < c.num_ranks; s += blockDim.x) peers.usable[s] = is_masked(c, s) ? 0 : 1;
     }
     __syncthreads();
   }
-  return failed == 0;
+  if (failed) return false;
+  // The flag reads above precede this add (barrier, then release): the block that sees the count
+  // complete may clear the flags.
+  if (threadIdx.x == 0) ticket = atom_add_release_gpu(counters.readers, 1u);
+  return true;
+}
+
+// Called by every thread at the end of a receive kernel that passed wait_for_sources (thread 0
+// holds its ticket). The last block to have passed clears the flags of `set`, the gate and the
+// reader count for the next call of this parity.
+__device__ __forceinline__ void release_flags(const Common& c, int set, ReceiveCounters counters, uint32_t ticket) {
+  if (threadIdx.x >= 32) return;
+  ticket = __shfl_sync(0xffffffffu, ticket, 0);
+  if (ticket != gridDim.x - 1) return;
+  fence_acq_rel_gpu();  // acquire: every block's flag reads precede the clears
+  for (int s = threadIdx.x; s < c.num_ranks; s += 32) *reinterpret_cast<volatile uint64_t*>(local_flag(c, set, s)) = 0;
+  if (threadIdx.x == 0) {
+    *reinterpret_cast<volatile uint32_t*>(counters.readers) = 0;
+    *reinterpret_cast<volatile uint32_t*>(counters.gate) = 0;
+  }
 }
 
 // Host: launches `kernel` (a __global__ function taking one params struct) on `stream`; with
