@@ -13,7 +13,11 @@
 #   normal-tests  high-throughput GPU tests, R <= $EPCOMM_TEST_MAX_RANKS
 #   bench-normal  epcomm-bench normal workload at $ROUND_SMS SMs, then each variant of $ROUND_VARIANTS
 #                 (name=cmake-args; built in build-<name>) and each --nvl-chunk of $ROUND_CHUNKS
-#   bench-ll      epcomm-bench ll and ll-small
+#   bench-ll      epcomm-bench ll and ll-small (with ROUND_AB_DIR: alternating with the A/B build)
+#
+# A/B in the same run: ROUND_AB_DIR=<source tree of another commit, carried along> builds its
+# epcomm-bench in build-ab; bench-ll then runs new, base, new, base (rows of the base tagged with
+# EPCOMM_COMMIT=$ROUND_AB_COMMIT).
 #   compat        the deep_ep compatibility script under torchrun on every GPU
 #   moe           examples/moe_layer.py on every GPU (forward + backward against a dense computation)
 set -uo pipefail
@@ -67,10 +71,10 @@ jobs=$(nproc)
 } >"$logs/machine.log" 2>&1
 say "round on $gpus GPUs, commit $EPCOMM_COMMIT, steps: $steps"
 
-configure() {  # configure <dir> [cmake args...]
+configure() {  # configure <dir> [cmake args...]; sources from $SRC (default .)
   local dir=$1
   shift
-  cmake -S . -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=Release -DEPCOMM_WITH_CUDA=ON -DEPCOMM_WITH_NVSHMEM=ON \
+  cmake -S "${SRC:-.}" -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=Release -DEPCOMM_WITH_CUDA=ON -DEPCOMM_WITH_NVSHMEM=ON \
     -DNVSHMEM_DIR="$nvshmem_dir" -DEPCOMM_PTXAS_VERBOSE=ON -DEPCOMM_BUILD_PYTHON=OFF "$@"
 }
 build_main() {
@@ -100,6 +104,10 @@ if has bench-normal; then
     build_variant "$name" ${variant#*=} >"$logs/build-$name.log" 2>&1 &
     pids+=($!)
   done
+fi
+if [ -n "${ROUND_AB_DIR:-}" ]; then
+  SRC="$ROUND_AB_DIR" build_variant ab >"$logs/build-ab.log" 2>&1 &
+  pids+=($!)
 fi
 if has python || has compat || has moe; then
   build_python >"$logs/build-python.log" 2>&1 &
@@ -170,6 +178,13 @@ for s in $steps; do
       ;;
     bench-ll)
       bench bench-ll build-gpu --workload ll,ll-small --iters "${ROUND_ITERS:-20}"
+      if [ -n "${ROUND_AB_DIR:-}" ]; then
+        EPCOMM_COMMIT="${ROUND_AB_COMMIT:-ab}" bench bench-ll-ab build-ab --workload ll,ll-small \
+          --iters "${ROUND_ITERS:-20}" --no-baseline
+        bench bench-ll-2 build-gpu --workload ll,ll-small --iters "${ROUND_ITERS:-20}" --no-baseline
+        EPCOMM_COMMIT="${ROUND_AB_COMMIT:-ab}" bench bench-ll-ab2 build-ab --workload ll,ll-small \
+          --iters "${ROUND_ITERS:-20}" --no-baseline
+      fi
       ;;
     *) say "unknown step $s" ;;
   esac
