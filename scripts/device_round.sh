@@ -12,7 +12,8 @@
 #   ll-timing     low-latency kernel timings and the Buffer's memory (perf_gpu_low_latency)
 #   normal-tests  high-throughput GPU tests, R <= $EPCOMM_TEST_MAX_RANKS
 #   bench-normal  epcomm-bench normal workload at $ROUND_SMS SMs, then each variant of $ROUND_VARIANTS
-#                 (name=cmake-args; built in build-<name>) and each --nvl-chunk of $ROUND_CHUNKS
+#                 (name=cmake-args; built in build-<name>; $ROUND_NORMAL_VARIANTS restricts this step to
+#                 a subset) and each --nvl-chunk of $ROUND_CHUNKS
 #   bench-ll      epcomm-bench ll and ll-small (with ROUND_AB_DIR: alternating with the A/B build)
 #
 # A/B in the same run: ROUND_AB_DIR=<source tree of another commit, carried along> builds its
@@ -97,7 +98,7 @@ say "builds ($jobs jobs)"
 pids=()
 build_main >"$logs/build-main.log" 2>&1 &
 pids+=($!)
-if has bench-normal; then
+if has bench-normal || has bench-ll; then
   for variant in ${ROUND_VARIANTS:-}; do
     name=${variant%%=*}
     # shellcheck disable=SC2086
@@ -166,7 +167,7 @@ for s in $steps; do
     bench-normal)
       sms="${ROUND_SMS:-8,16,24}"
       bench bench-normal build-gpu --workload normal --num-sms "$sms" --iters "${ROUND_ITERS:-20}"
-      for variant in ${ROUND_VARIANTS:-}; do
+      for variant in ${ROUND_NORMAL_VARIANTS:-${ROUND_VARIANTS:-}}; do
         name=${variant%%=*}
         bench "bench-normal-$name" "build-$name" --workload normal --num-sms "$sms" --iters "${ROUND_ITERS:-20}" \
           --no-baseline
@@ -185,6 +186,10 @@ for s in $steps; do
         EPCOMM_COMMIT="${ROUND_AB_COMMIT:-ab}" bench bench-ll-ab2 build-ab --workload ll,ll-small \
           --iters "${ROUND_ITERS:-20}" --no-baseline
       fi
+      for variant in ${ROUND_VARIANTS:-}; do
+        name=${variant%%=*}
+        bench "bench-ll-$name" "build-$name" --workload ll,ll-small --iters "${ROUND_ITERS:-20}" --no-baseline
+      done
       ;;
     *) say "unknown step $s" ;;
   esac
