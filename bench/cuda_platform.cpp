@@ -166,6 +166,11 @@ void CudaPlatform::align() {
   check_cuda(cudaGetLastError(), "hold kernel");
 }
 
+void CudaPlatform::empty_kernel() {
+  launch_gpu_hold(0, stream_);
+  check_cuda(cudaGetLastError(), "empty kernel");
+}
+
 std::string CudaPlatform::machine() const {
   cudaDeviceProp properties{};
   check_cuda(cudaGetDeviceProperties(&properties, device_), "cudaGetDeviceProperties");

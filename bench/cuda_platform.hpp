@@ -26,6 +26,7 @@ class CudaPlatform final : public Platform {
   std::unique_ptr<Stopwatch> stopwatch(int iterations, int segments) override;
   void flush_cache() override;
   void align() override;
+  void empty_kernel() override;
   std::string machine() const override;
 
   ncclComm_t nccl() const { return nccl_; }

@@ -170,6 +170,15 @@ void LowLatencyBench::time_hook_split() {
     record(ctx_, ctx_.key(w_, "epcomm", ops[s], std::string(s < 2 ? "fp8" : "bf16"), std::nullopt), us[s], -1);
 }
 
+// The same events around a kernel that does nothing: what any figure above contains besides the
+// kernels' own work (the start of a kernel, the events).
+void note_timing_floor(BenchContext& ctx, const Workload& w) {
+  const std::vector<double> us = time_op(ctx, [&] { ctx.platform.empty_kernel(); });
+  if (ctx.rank == 0)
+    ctx.report.note(
+        concat(w.label(), ": timing floor (an empty kernel between the same events): median ", median(us), " us"));
+}
+
 }  // namespace
 
 void run_low_latency_mode(BenchContext& ctx, const WorkloadData& data) {
@@ -187,6 +196,7 @@ void run_low_latency_mode(BenchContext& ctx, const WorkloadData& data) {
       if (w.low_latency_bf16) bench.time_round_trip(/*fp8=*/false, /*record_combine=*/false);
       bench.time_hook_split();
     }
+    note_timing_floor(ctx, w);
   }
   ctx.platform.synchronize();
   buffer.destroy();

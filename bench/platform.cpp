@@ -97,6 +97,7 @@ class CpuPlatform final : public Platform {
   // The CPU figures are for checking the bench end to end, not for comparison: caches stay warm.
   void flush_cache() override {}
   void align() override { bootstrap_.barrier(); }
+  void empty_kernel() override {}
   std::string machine() const override {
     return concat(cpu_model(), " (", std::thread::hardware_concurrency(), " cores)");
   }

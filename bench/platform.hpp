@@ -48,6 +48,9 @@ class Platform {
   virtual void flush_cache() = 0;
   // Returns (GPU: the stream proceeds) once every rank has reached this point.
   virtual void align() = 0;
+  // Queues a kernel that does nothing (CPU: nothing): timed like a call, it gives the floor of the
+  // event timings.
+  virtual void empty_kernel() = 0;
   // "8x NVIDIA H200" / "AMD EPYC 7B13 (2 cores)".
   virtual std::string machine() const = 0;
 

@@ -105,6 +105,7 @@ __global__ void __launch_bounds__(kSendThreads) combine_send_kernel(const __grid
   int32_t* first = reinterpret_cast<int32_t*>(send_smem + peer_table_bytes(R));  // [L][R] first row of (expert, source)
   int32_t* count = first + L * R;                                                // [L][R] rows of (expert, source)
   int32_t* expert_start = count + L * R;  // [L + 1] flattened index of each expert's first row
+  PhaseTrace trace;
   allow_dependent_launch();
   const bool dead = aborted(p.c);  // used after the first loads, so that it is in flight with them
   load_peer_table(p.c, peers);
@@ -115,6 +116,7 @@ __global__ void __launch_bounds__(kSendThreads) combine_send_kernel(const __grid
   }
   __syncthreads();
   if (dead) return;
+  trace.mark();
   if (threadIdx.x < 32) {  // exclusive scan of the experts' row counts
     const int lane = threadIdx.x;
     int carry = 0;
@@ -139,6 +141,7 @@ __global__ void __launch_bounds__(kSendThreads) combine_send_kernel(const __grid
   const int warps = blockDim.x / 32;
   const int active = max(1, min(int(gridDim.x), (total + warps - 1) / warps));
   if (int(blockIdx.x) >= active) return;
+  trace.mark();
   for (int f = blockIdx.x * warps + threadIdx.x / 32; f < total; f += active * warps) {
     const int l = last_not_above(expert_start, L, f, 1);
     const int j = f - expert_start[l];
@@ -147,7 +150,9 @@ __global__ void __launch_bounds__(kSendThreads) combine_send_kernel(const __grid
     if (!peers.usable[s]) continue;
     send_row(p, peers, l, j, s, num_rows);
   }
+  trace.mark();
   signal_destinations(p.c, kCombineFlags0 + p.parity, peers, signal_value(blockIdx.x, active));
+  trace.print("combine_send", p.c.rank, p.num_tokens, trace_counter(2));
 }
 
 __device__ __forceinline__ void accumulate(const uint4& v, float weight, float* acc) {
@@ -189,6 +194,7 @@ __global__ void __launch_bounds__(kRecvThreads, kRecvBlocksPerSm)
   const int num_items = p.num_tokens * chunks;
   const int64_t row_bytes = int64_t(p.hidden) * 2;
   const PeerTable peers = peer_table_at(p.c, recv_smem);
+  PhaseTrace trace;
   load_peer_table(p.c, peers);
   // The routing is an input: the block's first token's is loaded while the rows are in flight.
   TopkEntry next = load_topk_entry<Index>(p, int(blockIdx.x) < num_items ? int(blockIdx.x) / chunks : -1);
@@ -197,6 +203,7 @@ __global__ void __launch_bounds__(kRecvThreads, kRecvBlocksPerSm)
   if (!wait_for_sources(p.c, kCombineFlags0 + p.parity, DevicePhase::kLowLatencyCombineRecv, p.wait_stats, counters,
                         peers, ticket))
     return;
+  trace.mark();
   for (int item = blockIdx.x; item < num_items; item += gridDim.x) {
     const int t = item / chunks, chunk = item % chunks;
     if (int(threadIdx.x) < K) {
@@ -248,8 +255,10 @@ __global__ void __launch_bounds__(kRecvThreads, kRecvBlocksPerSm)
     }
     __syncthreads();
   }
+  trace.mark();
   release_flags(p.c, kCombineFlags0 + p.parity, counters, ticket);
   wait_for_preceding_grid();
+  trace.print("combine_recv", p.c.rank, p.num_tokens, trace_counter(3));
 }
 
 size_t send_smem_bytes(const CombineParams& p) {

@@ -293,6 +293,7 @@ template <class Index>
 __global__ void __launch_bounds__(kSendThreads) dispatch_send_kernel(const __grid_constant__ DispatchParams p) {
   extern __shared__ __align__(16) uint8_t send_smem[];
   __shared__ TokenState token;
+  PhaseTrace trace;
   allow_dependent_launch();
   const bool dead = aborted(p.c);  // used after the first loads, so that it is in flight with them
   const SendShared sh = send_shared_at(p, send_smem);
@@ -302,12 +303,17 @@ __global__ void __launch_bounds__(kSendThreads) dispatch_send_kernel(const __gri
   load_routing<Index>(p, sh.ids);
   __syncthreads();
   if (dead) return;
+  trace.mark();
   count_experts(p, sh.ids, sh.counts);
   __syncthreads();
+  trace.mark();
   send_messages(p, sh.ids, sh.counts, sh.peers);
+  trace.mark();
   for (int t = blockIdx.x; t < p.num_tokens; t += gridDim.x)
     send_token(p, sh.peers, sh.ids, t, token, t == int(blockIdx.x) ? first_row : prefetch_row(p, t));
+  trace.mark();
   signal_destinations(p.c, kDispatchFlags0 + p.parity, sh.peers, signal_value(blockIdx.x, gridDim.x));
+  trace.print("dispatch_send", p.c.rank, p.num_tokens, trace_counter(0));
 }
 
 // ---- receive ----------------------------------------------------------------------------------
@@ -420,12 +426,14 @@ __global__ void __launch_bounds__(kRecvThreads) dispatch_recv_kernel(const __gri
       reinterpret_cast<int32_t*>(recv_smem + peer_table_bytes(R));  // [L][R]: first row of (expert, source)
   int32_t* tokens = first_rows + L * R;                             // [R]: tokens of each source, -1 masked
   uint32_t* token_bits = reinterpret_cast<uint32_t*>(tokens + R);   // [R][words]: which tokens came
+  PhaseTrace trace;
   load_peer_table(p.c, peers);
   const ReceiveCounters counters{p.c.counters + kDispatchGate + p.parity, p.c.counters + kDispatchReaders + p.parity};
   uint32_t ticket = 0;
   if (!wait_for_sources(p.c, kDispatchFlags0 + p.parity, DevicePhase::kLowLatencyDispatchRecv, p.wait_stats, counters,
                         peers, ticket))
     return;
+  trace.mark();
 
   // Every message field in one pass of independent loads.
   const uint8_t* messages = p.c.local + p.messages_offset;
@@ -450,6 +458,7 @@ __global__ void __launch_bounds__(kRecvThreads) dispatch_recv_kernel(const __gri
   }
   __syncthreads();
 
+  trace.mark();
   // Work items are (source, token) slots; a warp takes one at a time.
   uint8_t* meta = p.c.local + p.meta_offset;
   const int warps = blockDim.x / 32;
@@ -461,8 +470,10 @@ __global__ void __launch_bounds__(kRecvThreads) dispatch_recv_kernel(const __gri
     receive_slot(p, s, t, first_rows, meta);
   }
 
+  trace.mark();
   release_flags(p.c, kDispatchFlags0 + p.parity, counters, ticket);
   wait_for_preceding_grid();
+  trace.print("dispatch_recv", p.c.rank, p.num_tokens, trace_counter(1));
 }
 
 size_t send_smem_bytes(const DispatchParams& p) {
