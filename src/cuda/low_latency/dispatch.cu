@@ -318,101 +318,138 @@ __global__ void __launch_bounds__(kSendThreads) dispatch_send_kernel(const __gri
 
 // ---- receive ----------------------------------------------------------------------------------
 
-// A warp copies a received payload in chunks of 32 lanes x kCopyUnroll 16-byte vectors.
+// A work unit of the receive kernel is one part of one received slot: 32 lanes x kCopyUnroll
+// 16-byte vectors of its payload (and, for part 0, its scales and its src_info / meta entries).
+// Parts of one slot go to different warps, so that every warp has one round trip of loads per unit.
 struct Chunk {
   uint4 v[kCopyUnroll];
 };
+constexpr int kPartVectors = 32 * kCopyUnroll;
+constexpr int kScaleGroups = 2;  // 32-column groups of scales loaded with part 0 (hidden <= 8192 at once)
 
-__device__ __forceinline__ void load_chunk(const uint8_t* src, int base, int num_vectors, Chunk& chunk) {
-  const int lane = threadIdx.x % 32;
+__host__ __device__ __forceinline__ int payload_vectors(Format format, int hidden) {
+  return format == Format::kBf16 ? hidden / 8 : hidden / 16;
+}
+__host__ __device__ __forceinline__ int parts_per_slot(Format format, int hidden) {
+  return (payload_vectors(format, hidden) + kPartVectors - 1) / kPartVectors;
+}
+
+// What a warp has loaded of one unit; lane k < K holds the slot's k-th expert and row offset.
+struct LoadedPart {
+  int expert = -1;
+  int offset = 0;
+  Chunk chunk;
+  uint32_t scale_words[kScaleGroups];
+};
+
+struct UnitPlace {
+  int source, token, part;
+};
+
+__device__ __forceinline__ UnitPlace unit_place(const DispatchParams& p, int64_t unit, int parts) {
+  const int64_t slot = unit / parts;
+  return UnitPlace{static_cast<int>(slot / p.max_tokens), static_cast<int>(slot % p.max_tokens),
+                   static_cast<int>(unit % parts)};
+}
+
+__device__ __forceinline__ const uint8_t* slot_address(const DispatchParams& p, const UnitPlace& u) {
+  return p.c.local + p.recv_offset + (int64_t(u.source) * p.max_tokens + u.token) * p.slot_bytes;
+}
+
+// Scale column c of a slot as the output stores it: a float's bits, or (UE8M0) four exponent bytes.
+__device__ __forceinline__ uint32_t load_scale_word(const DispatchParams& p, const uint8_t* scales, int c) {
+  if (p.format != Format::kFp8Ue8m0) return __ldcg(reinterpret_cast<const uint32_t*>(scales) + c);
+  const uint4 four = ld_shared_data(scales + 16 * int64_t(c));
+  const uint32_t w[4] = {four.x, four.y, four.z, four.w};
+  uint32_t value = 0;
 #pragma unroll
-  for (int u = 0; u < kCopyUnroll; ++u) {
-    const int v = base + u * 32 + lane;
-    if (v < num_vectors) chunk.v[u] = ld_shared_data(src + 16 * int64_t(v));
+  for (int i = 0; i < 4; ++i) value |= uint32_t(numerics::ue8m0_byte(__uint_as_float(w[i]))) << (8 * i);
+  return value;
+}
+
+__device__ __forceinline__ int scale_columns(const DispatchParams& p) {
+  return p.format == Format::kFp8Ue8m0 ? p.hidden / 512 : p.hidden / 128;
+}
+
+// Issues every load of a unit at once: header, payload part and (part 0 of FP8) the scales.
+__device__ __forceinline__ void load_part(const DispatchParams& p, const UnitPlace& u, LoadedPart& loaded) {
+  const int lane = threadIdx.x % 32;
+  const uint8_t* slot = slot_address(p, u);
+  if (lane < kMaxLowLatencyTopk) {
+    loaded.expert = __ldcg(reinterpret_cast<const int32_t*>(slot) + kIdsAt + lane);
+    loaded.offset = __ldcg(reinterpret_cast<const int32_t*>(slot) + kOffsetsAt + lane);
+  }
+  const uint8_t* payload = slot + kHeaderBytes;
+  const int num_vectors = payload_vectors(p.format, p.hidden);
+#pragma unroll
+  for (int i = 0; i < kCopyUnroll; ++i) {
+    const int v = u.part * kPartVectors + i * 32 + lane;
+    if (v < num_vectors) loaded.chunk.v[i] = ld_shared_data(payload + 16 * int64_t(v));
+  }
+  if (p.format == Format::kBf16 || u.part != 0) return;
+  const int columns = scale_columns(p);
+#pragma unroll
+  for (int g = 0; g < kScaleGroups; ++g) {
+    const int c = 32 * g + lane;
+    loaded.scale_words[g] = c < columns ? load_scale_word(p, payload + p.hidden, c) : 0;
   }
 }
 
-// Stores the chunk into the row of every local expert of the slot: lane k holds (expert l, row)
-// when bit k of `mine` is set.
-__device__ __forceinline__ void store_chunk(const Chunk& chunk, int base, int num_vectors, uint32_t mine, int l,
-                                            int row, uint8_t* recv_x, int64_t num_rows, int64_t row_bytes) {
-  const int lane = threadIdx.x % 32;
+// Writes scale word `value` of column c into the column-major [L, columns, N] output, for every
+// local expert of the slot (lane k holds (expert l, row) when bit k of `mine` is set).
+__device__ __forceinline__ void store_scale_word(const DispatchParams& p, uint32_t value, int c, uint32_t mine, int l,
+                                                 int row, int64_t num_rows) {
+  const int columns = scale_columns(p);
   for (uint32_t todo = mine; todo != 0; todo &= todo - 1) {
     const int k = __ffs(todo) - 1;
-    const int64_t dst_row = int64_t(__shfl_sync(0xffffffffu, l, k)) * num_rows + __shfl_sync(0xffffffffu, row, k);
-    uint8_t* dst = recv_x + dst_row * row_bytes;
-#pragma unroll
-    for (int u = 0; u < kCopyUnroll; ++u) {
-      const int v = base + u * 32 + lane;
-      if (v < num_vectors) st_data(dst + 16 * int64_t(v), chunk.v[u]);
-    }
+    const int lk = __shfl_sync(0xffffffffu, l, k);
+    const int rk = __shfl_sync(0xffffffffu, row, k);
+    if (c < columns) static_cast<uint32_t*>(p.recv_scales)[(int64_t(lk) * columns + c) * num_rows + rk] = value;
   }
 }
 
-// FP8 scales into the column-major [L, S, N] (float) or [L, S / 4, N] (packed UE8M0) outputs.
-__device__ void copy_scales(const DispatchParams& p, const uint8_t* scales, uint32_t mine, int l, int row,
-                            int64_t num_rows) {
-  const int lane = threadIdx.x % 32;
-  const int num_scales = p.hidden / 128;
-  const bool packed = p.format == Format::kFp8Ue8m0;
-  const int columns = packed ? num_scales / 4 : num_scales;
-  for (int base = 0; base < columns; base += 32) {
-    const int c = base + lane;
-    uint32_t value = 0;
-    if (c < columns) {
-      if (packed) {
-        const uint4 four = ld_shared_data(scales + 16 * int64_t(c));
-        const uint32_t w[4] = {four.x, four.y, four.z, four.w};
-#pragma unroll
-        for (int i = 0; i < 4; ++i) value |= uint32_t(numerics::ue8m0_byte(__uint_as_float(w[i]))) << (8 * i);
-      } else {
-        value = __ldcg(reinterpret_cast<const uint32_t*>(scales) + c);
-      }
-    }
-    for (uint32_t todo = mine; todo != 0; todo &= todo - 1) {
-      const int k = __ffs(todo) - 1;
-      const int lk = __shfl_sync(0xffffffffu, l, k);
-      const int rk = __shfl_sync(0xffffffffu, row, k);
-      if (c < columns) static_cast<uint32_t*>(p.recv_scales)[(int64_t(lk) * columns + c) * num_rows + rk] = value;
-    }
-  }
-}
-
-// One received token (source s, token t): every local expert it chose gets a row.
-__device__ void receive_slot(const DispatchParams& p, int s, int t, const int32_t* first_rows, uint8_t* meta) {
+// Stores a loaded unit into the row of every local expert the slot's token chose.
+__device__ void store_part(const DispatchParams& p, const UnitPlace& u, const LoadedPart& loaded,
+                           const int32_t* first_rows, uint8_t* meta) {
   const int lane = threadIdx.x % 32;
   const int R = p.c.num_ranks, L = p.num_local_experts;
   const int64_t num_rows = int64_t(R) * p.max_tokens;
-  const uint8_t* slot = p.c.local + p.recv_offset + (int64_t(s) * p.max_tokens + t) * p.slot_bytes;
-  const uint8_t* payload = slot + kHeaderBytes;
-  const bool bf16 = p.format == Format::kBf16;
-  const int num_vectors = bf16 ? p.hidden / 8 : p.hidden / 16;
-  const int64_t row_bytes = bf16 ? int64_t(p.hidden) * 2 : p.hidden;
-  // The header and the first chunk of the payload are independent loads: issue them together.
-  int e = -1, row = 0;
-  if (lane < kMaxLowLatencyTopk) {
-    e = __ldcg(reinterpret_cast<const int32_t*>(slot) + kIdsAt + lane);
-    row = __ldcg(reinterpret_cast<const int32_t*>(slot) + kOffsetsAt + lane);
-  }
-  Chunk chunk;
-  load_chunk(payload, 0, num_vectors, chunk);
-  const int l = e - p.c.rank * L;
-  bool mine = e >= 0 && l >= 0 && l < L;
+  const int l = loaded.expert - p.c.rank * L;
+  int row = loaded.offset;
+  bool mine = loaded.expert >= 0 && l >= 0 && l < L;
   if (mine) {
-    row += first_rows[l * R + s];
+    row += first_rows[l * R + u.source];
     mine = row >= 0 && row < num_rows;  // always true for messages of this library
   }
   const uint32_t mine_mask = __ballot_sync(0xffffffffu, mine);
   if (mine_mask == 0) return;
+  const bool bf16 = p.format == Format::kBf16;
+  const int num_vectors = payload_vectors(p.format, p.hidden);
+  const int64_t row_bytes = bf16 ? int64_t(p.hidden) * 2 : p.hidden;
   uint8_t* recv_x = static_cast<uint8_t*>(p.recv_x);
-  store_chunk(chunk, 0, num_vectors, mine_mask, l, row, recv_x, num_rows, row_bytes);
-  for (int base = 32 * kCopyUnroll; base < num_vectors; base += 32 * kCopyUnroll) {
-    load_chunk(payload, base, num_vectors, chunk);
-    store_chunk(chunk, base, num_vectors, mine_mask, l, row, recv_x, num_rows, row_bytes);
+  for (uint32_t todo = mine_mask; todo != 0; todo &= todo - 1) {
+    const int k = __ffs(todo) - 1;
+    const int64_t dst_row = int64_t(__shfl_sync(0xffffffffu, l, k)) * num_rows + __shfl_sync(0xffffffffu, row, k);
+    uint8_t* dst = recv_x + dst_row * row_bytes;
+#pragma unroll
+    for (int i = 0; i < kCopyUnroll; ++i) {
+      const int v = u.part * kPartVectors + i * 32 + lane;
+      if (v < num_vectors) st_data(dst + 16 * int64_t(v), loaded.chunk.v[i]);
+    }
   }
-  if (!bf16) copy_scales(p, payload + p.hidden, mine_mask, l, row, num_rows);
+  if (u.part != 0) return;
+  if (!bf16) {
+    const uint8_t* scales = slot_address(p, u) + kHeaderBytes + p.hidden;
+#pragma unroll
+    for (int g = 0; g < kScaleGroups; ++g)
+      store_scale_word(p, loaded.scale_words[g], 32 * g + lane, mine_mask, l, row, num_rows);
+    for (int c0 = 32 * kScaleGroups; c0 < scale_columns(p); c0 += 32) {  // hidden > 8192
+      const int c = c0 + lane;
+      store_scale_word(p, c < scale_columns(p) ? load_scale_word(p, scales, c) : 0, c, mine_mask, l, row, num_rows);
+    }
+  }
   if (mine) {
-    p.src_info[int64_t(l) * num_rows + row] = t;
+    p.src_info[int64_t(l) * num_rows + row] = u.token;
     meta[int64_t(l) * num_rows + row] = static_cast<uint8_t>(lane);  // the token's first slot with this expert
   }
 }
@@ -434,6 +471,13 @@ __global__ void __launch_bounds__(kRecvThreads) dispatch_recv_kernel(const __gri
                         peers, ticket))
     return;
   trace.mark();
+  uint8_t* meta = p.c.local + p.meta_offset;
+  const int warps = blockDim.x / 32;
+  const int parts = parts_per_slot(p.format, p.hidden);
+  const int64_t num_units = int64_t(R) * p.max_tokens * parts;
+  const int64_t first_unit = int64_t(blockIdx.x) * warps + threadIdx.x / 32;
+  LoadedPart loaded;
+  if (first_unit < num_units) load_part(p, unit_place(p, first_unit, parts), loaded);
 
   // Every message field in one pass of independent loads.
   const uint8_t* messages = p.c.local + p.messages_offset;
@@ -459,15 +503,14 @@ __global__ void __launch_bounds__(kRecvThreads) dispatch_recv_kernel(const __gri
   __syncthreads();
 
   trace.mark();
-  // Work items are (source, token) slots; a warp takes one at a time.
-  uint8_t* meta = p.c.local + p.meta_offset;
-  const int warps = blockDim.x / 32;
-  const int64_t num_items = int64_t(R) * p.max_tokens;
-  for (int64_t item = int64_t(blockIdx.x) * warps + threadIdx.x / 32; item < num_items;
-       item += int64_t(gridDim.x) * warps) {
-    const int s = static_cast<int>(item / p.max_tokens), t = static_cast<int>(item % p.max_tokens);
+  // Work units (see LoadedPart), one per warp at a time; the first unit's loads were issued before
+  // the messages were read (it may turn out not to have come: then they are dropped).
+  for (int64_t unit = first_unit; unit < num_units; unit += int64_t(gridDim.x) * warps) {
+    const UnitPlace u = unit_place(p, unit, parts);
+    const int s = u.source, t = u.token;
     if (t >= tokens[s] || ((token_bits[s * num_words + (t >> 5)] >> (t & 31)) & 1u) == 0) continue;
-    receive_slot(p, s, t, first_rows, meta);
+    if (unit != first_unit) load_part(p, u, loaded);
+    store_part(p, u, loaded, first_rows, meta);
   }
 
   trace.mark();
@@ -498,9 +541,9 @@ void launch_dispatch_send(const DispatchParams& p, int num_sms, cudaStream_t str
 }
 
 void launch_dispatch_recv(const DispatchParams& p, int num_sms, cudaStream_t stream, bool overlap_send) {
-  const int64_t items = int64_t(p.c.num_ranks) * p.max_tokens;
+  const int64_t units = int64_t(p.c.num_ranks) * p.max_tokens * parts_per_slot(p.format, p.hidden);
   const int warps = kRecvThreads / 32;
-  const int grid = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((items + warps - 1) / warps, num_sms)));
+  const int grid = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((units + warps - 1) / warps, num_sms)));
   launch_kernel(dispatch_recv_kernel, grid, kRecvThreads, recv_smem_bytes(p), stream, overlap_send, p);
 }
 

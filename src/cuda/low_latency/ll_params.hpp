@@ -18,15 +18,13 @@
 namespace epcomm::cuda::ll {
 
 // The control region at offset 0 of the symmetric memory (kLowLatencyControlBytes).
-//   | flags        | u64 [4][kMaxRanks][kFlagSlots]: dispatch parity 0/1, combine parity 0/1;       |
-//   |              | [.][s][.] added to by source s's sending blocks                                |
+//   | flags        | u64 [4][kMaxRanks]: dispatch parity 0/1, combine parity 0/1; [.][s] set by source s |
 //   | counters     | u32 [kNumCounters]: receive-side reader counts and gates                      |
 //   | peer bases   | u64 [kMaxRanks]: rank r's symmetric memory as mapped here; 0 = use puts       |
 //   | mask         | i32 [kMaxRanks]: 1 = rank is masked (enable_shrink)                           |
 // Flags and counters return to zero after every call (the receiver clears what it consumed), so
-// nothing that depends on a call count is baked into a CUDA graph. A flag is the sum of its slots:
-// the arrivals of the source's sending blocks, block b adding to slot b % kFlagSlots so that the
-// adds of many blocks do not queue on one address (device/primitives.cuh, kFlagDone).
+// nothing that depends on a call count is baked into a CUDA graph. A flag sums the arrivals of the
+// source's sending blocks (device/primitives.cuh, kFlagDone).
 enum Counter : int {
   kDispatchReaders = 0,  // + parity: receive blocks that have passed the wait
   kCombineReaders = 2,
@@ -38,21 +36,16 @@ enum Counter : int {
 
 enum FlagSet : int { kDispatchFlags0 = 0, kDispatchFlags1 = 1, kCombineFlags0 = 2, kCombineFlags1 = 3 };
 
-#ifndef EPCOMM_LL_FLAG_SLOTS
-#define EPCOMM_LL_FLAG_SLOTS 8
-#endif
-constexpr int kFlagSlots = EPCOMM_LL_FLAG_SLOTS;
-
 struct ControlLayout {
   static constexpr int64_t kFlags = 0;
-  static constexpr int64_t kCounters = kFlags + 4 * int64_t(kMaxRanks) * kFlagSlots * 8;
+  static constexpr int64_t kCounters = kFlags + 4 * int64_t(kMaxRanks) * 8;
   static constexpr int64_t kResetEnd = kCounters + kNumCounters * 4;  // clean() zeroes [0, kResetEnd)
   static constexpr int64_t kPeerBases = align_up(kResetEnd, 256);
   static constexpr int64_t kMask = kPeerBases + int64_t(kMaxRanks) * 8;
   static constexpr int64_t kEnd = kMask + int64_t(kMaxRanks) * 4;
 
-  EPCOMM_HOST_DEVICE static constexpr int64_t flag(int set, int rank, int slot = 0) {
-    return kFlags + ((int64_t(set) * kMaxRanks + rank) * kFlagSlots + slot) * 8;
+  EPCOMM_HOST_DEVICE static constexpr int64_t flag(int set, int rank) {
+    return kFlags + (int64_t(set) * kMaxRanks + rank) * 8;
   }
 };
 static_assert(ControlLayout::kEnd <= kLowLatencyControlBytes, "control region too small");

@@ -8,9 +8,8 @@
 //     peer that reads the flag with ld.acquire.sys sees every store of the block. No block waits for
 //     another: a call's flag at a destination is complete when every sending block has added, which
 //     the values make exact (kFlagDone, signal_value).
-//   - A receiver polls the slots of its flag with ld.relaxed.sys (all in flight together); once
-//     they sum to kFlagDone, fence.acq_rel.sys makes that an acquire, then __syncthreads, then it
-//     reads the data with ld.global.cg (L2; the data was written by another GPU and is read once).
+//   - A receiver polls its flag with ld.acquire.sys, then __syncthreads, then reads the data with
+//     ld.global.cg (L2; the data was written by another GPU and is read once).
 //   - Who clears the flags for the next call is intra-GPU bookkeeping: .gpu-scoped release/acquire.
 #pragma once
 
@@ -31,13 +30,11 @@ __device__ __forceinline__ uint64_t global_timer_ns() {
   return t;
 }
 
-__device__ __forceinline__ uint64_t ld_relaxed_sys(const uint64_t* p) {
+__device__ __forceinline__ uint64_t ld_acquire_sys(const uint64_t* p) {
   uint64_t v;
-  asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
   return v;
 }
-
-__device__ __forceinline__ void fence_acq_rel_sys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
 
 // Adds `v` to a flag that another GPU polls, releasing everything ordered before it.
 __device__ __forceinline__ void red_release_sys_add(uint64_t* p, uint64_t v) {
@@ -125,12 +122,10 @@ __device__ __forceinline__ void load_peer_table(const Common& c, const PeerTable
 
 // ---- arrival flags -----------------------------------------------------------------------------
 // Flag [set][s] at rank d sums what source s's sending blocks added for the current call of that
-// set. Each of the G sending blocks adds signal_value(b, G) to slot b % kFlagSlots: 1, plus
-// kFlagDone - G for block 0. The sum is kFlagDone exactly when all G blocks have added: a subset
-// without block 0 sums to at most G - 1, one with block 0 and k < G - 1 others to
-// kFlagDone - (G - 1 - k). The receiver does not need to know G, and since every slot only grows,
-// slot values read one after another that sum to kFlagDone are the final ones. The receiver that
-// consumed the flag sets its slots back to 0.
+// set. Each of the G sending blocks adds signal_value(b, G): 1, plus kFlagDone - G for block 0.
+// The sum is kFlagDone exactly when all G blocks have added: a subset without block 0 sums to at
+// most G - 1, one with block 0 and k < G - 1 others to kFlagDone - (G - 1 - k). The receiver does
+// not need to know G. The receiver that consumed the flag sets it back to 0.
 constexpr uint64_t kFlagDone = uint64_t(1) << 32;
 
 __device__ __forceinline__ uint64_t signal_value(int block, int num_blocks) {
@@ -147,7 +142,7 @@ __device__ __forceinline__ void signal_destinations(const Common& c, int set, co
     __syncthreads();
   }
   if (threadIdx.x >= 32) return;
-  const int64_t offset = ControlLayout::flag(set, c.rank, blockIdx.x % kFlagSlots);
+  const int64_t offset = ControlLayout::flag(set, c.rank);
   for (int d = threadIdx.x; d < c.num_ranks; d += 32) {
     if (!peers.usable[d]) continue;
     uint8_t* base = peers.base[d];
@@ -170,21 +165,10 @@ __device__ __forceinline__ void wait_for_preceding_grid() { asm volatile("gridde
 
 enum class WaitResult { kArrived, kTimedOut, kAborted };
 
-__device__ __forceinline__ uint64_t flag_sum(const uint64_t* flag) {
-  uint64_t slots[kFlagSlots];
-#pragma unroll
-  for (int i = 0; i < kFlagSlots; ++i) slots[i] = ld_relaxed_sys(flag + i);
-  uint64_t sum = 0;
-#pragma unroll
-  for (int i = 0; i < kFlagSlots; ++i) sum += slots[i];
-  return sum;
-}
-
-// Polls the slots of `flag` until they sum to kFlagDone (then acquires), the deadline passes or
-// the rank aborts.
+// Polls `flag` (ld.acquire.sys) until it reads kFlagDone, the deadline passes or the rank aborts.
 __device__ __forceinline__ WaitResult wait_flag(const Common& c, const uint64_t* flag, uint64_t deadline) {
   uint32_t spins = 0;
-  while (flag_sum(flag) != kFlagDone) {
+  while (ld_acquire_sys(flag) != kFlagDone) {
 #ifdef EPCOMM_LL_POLL_SLEEP_NS
     __nanosleep(EPCOMM_LL_POLL_SLEEP_NS);  // fewer loads on the line the senders' adds go to
 #endif
@@ -193,7 +177,6 @@ __device__ __forceinline__ WaitResult wait_flag(const Common& c, const uint64_t*
       if (global_timer_ns() > deadline) return WaitResult::kTimedOut;
     }
   }
-  fence_acq_rel_sys();  // with the relaxed reads above: an acquire of every block's adds
   return WaitResult::kArrived;
 }
 
@@ -276,8 +259,7 @@ __device__ __forceinline__ void release_flags(const Common& c, int set, ReceiveC
   ticket = __shfl_sync(0xffffffffu, ticket, 0);
   if (ticket != gridDim.x - 1) return;
   fence_acq_rel_gpu();  // acquire: every block's flag reads precede the clears
-  for (int i = threadIdx.x; i < c.num_ranks * kFlagSlots; i += 32)
-    reinterpret_cast<volatile uint64_t*>(local_flag(c, set, 0))[i] = 0;
+  for (int s = threadIdx.x; s < c.num_ranks; s += 32) *reinterpret_cast<volatile uint64_t*>(local_flag(c, set, s)) = 0;
   if (threadIdx.x == 0) {
     *reinterpret_cast<volatile uint32_t*>(counters.readers) = 0;
     *reinterpret_cast<volatile uint32_t*>(counters.gate) = 0;
