@@ -20,6 +20,7 @@ usage: epcomm-bench [-n RANKS] [--backend cpu|cuda|auto] [--workload W[,W...]] [
                     cuda when a GPU is present, else cpu.
   --workload W      normal | ll | ll-small | cpu-small | all (= normal,ll,ll-small); a comma list
                     is accepted. Default: all on cuda, cpu-small on cpu. Shapes in BENCHMARKS.md.
+                    ll-t<N> (1 <= N <= 1024): the ll shape with N tokens per rank, for sweeps.
   --num-sms LIST    SM counts for normal mode (cuda), default 8,16,24.
   --iters N         timed iterations per figure, median reported (default 30).
   --warmup N        untimed iterations first (default 10 on cuda, 3 on cpu, whose calls are synchronous).

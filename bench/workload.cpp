@@ -39,6 +39,18 @@ Workload named_workload(const std::string& name) {
     w.low_latency = true;
     return w;
   }
+  if (name.rfind("ll-t", 0) == 0) {  // ll-t<N>: the ll shape with N tokens per rank (tuning sweeps)
+    const std::string digits = name.substr(4);
+    const bool numeric = !digits.empty() && digits.size() <= 4 &&
+                         std::all_of(digits.begin(), digits.end(), [](char c) { return c >= '0' && c <= '9'; });
+    const int tokens = numeric ? std::stoi(digits) : 0;
+    if (tokens < 1 || tokens > 1024)
+      throw_error(ErrorCode::kInvalidArgument,
+                  concat("epcomm-bench: --workload: ll-t<N> needs 1 <= N <= 1024, got '", name, "'"));
+    Workload w = make(name, tokens, 7168, 8, 256);
+    w.low_latency = true;
+    return w;
+  }
   if (name == "cpu-small") {
     Workload w = make(name, 256, 1024, 8, 64);
     w.normal_mode = true;
@@ -46,8 +58,9 @@ Workload named_workload(const std::string& name) {
     w.low_latency_bf16 = true;
     return w;
   }
-  throw_error(ErrorCode::kInvalidArgument,
-              concat("epcomm-bench: --workload: expected normal, ll, ll-small, cpu-small or all, got '", name, "'"));
+  throw_error(
+      ErrorCode::kInvalidArgument,
+      concat("epcomm-bench: --workload: expected normal, ll, ll-small, ll-t<N>, cpu-small or all, got '", name, "'"));
 }
 
 // Same generator, same salt, on every rank: the hot experts of skewed routing.

@@ -46,16 +46,6 @@ __device__ __forceinline__ void store_chunk(uint8_t* dst, int base, int num_vect
   }
 }
 
-// Copies one bf16 row (num_vectors x 16 bytes) with the lanes of one warp; `first` already holds
-// the first chunk of `src`.
-__device__ __forceinline__ void copy_row(uint8_t* dst, const uint8_t* src, int num_vectors, Chunk& first) {
-  store_chunk(dst, 0, num_vectors, first);
-  for (int base = 32 * kCopyUnroll; base < num_vectors; base += 32 * kCopyUnroll) {
-    load_chunk(src, base, num_vectors, first);
-    store_chunk(dst, base, num_vectors, first);
-  }
-}
-
 // Last index i in [0, n) with keys[i] <= value (keys non-decreasing, keys[0] <= value).
 __device__ __forceinline__ int last_not_above(const int32_t* keys, int n, int value, int stride) {
   int lo = 0, hi = n - 1;
@@ -70,31 +60,44 @@ __device__ __forceinline__ int last_not_above(const int32_t* keys, int n, int va
   return lo;
 }
 
-__device__ void send_row(const CombineParams& p, const PeerTable& peers, int l, int j, int s, int64_t num_rows) {
+// A row travels in parts of one chunk each, parts on different warps: every warp has a single
+// round trip of loads per part.
+constexpr int kPartVectors = 32 * kCopyUnroll;
+
+__host__ __device__ __forceinline__ int parts_per_row(int hidden) {
+  return (hidden / 8 + kPartVectors - 1) / kPartVectors;
+}
+
+// Sends part `part` of row j of local expert l to source rank s (slot [t][k] of its combine region).
+__device__ void send_part(const CombineParams& p, const PeerTable& peers, int l, int j, int s, int part,
+                          int64_t num_rows) {
   const int64_t row = int64_t(l) * num_rows + j;
   const int64_t row_bytes = int64_t(p.hidden) * 2;
   const int num_vectors = p.hidden / 8;
+  const int first = part * kPartVectors;
   const uint8_t* src = reinterpret_cast<const uint8_t*>(p.x + row * p.hidden);
-  // The row's first chunk does not depend on where it goes: load it with the destination.
+  // The part's data does not depend on where it goes: load it with the destination.
   Chunk chunk;
-  load_chunk(src, 0, num_vectors, chunk);
+  load_chunk(src, first, num_vectors, chunk);
   const int t = __ldg(p.src_info + row);
   const int k = p.meta[row];
   if (t < 0 || t >= p.max_tokens || k >= kMaxLowLatencyTopk) return;  // not a handle of this buffer's dispatch
   const int64_t dst_offset = p.recv_offset + (int64_t(t) * kMaxLowLatencyTopk + k) * row_bytes;
   uint8_t* base = peers.base[s];
   if (base != nullptr) {
-    copy_row(base + dst_offset, src, num_vectors, chunk);
+    store_chunk(base + dst_offset, first, num_vectors, chunk);
     return;
   }
+  const int64_t part_offset = 16 * int64_t(first);
+  const int64_t part_bytes = 16 * int64_t(min(kPartVectors, num_vectors - first));
   const uint8_t* staged = src;
   if (!p.x_is_staging) {
     uint8_t* staging_row = reinterpret_cast<uint8_t*>(p.staging + row * p.hidden);
-    copy_row(staging_row, src, num_vectors, chunk);
+    store_chunk(staging_row, first, num_vectors, chunk);
     staged = staging_row;
     __syncwarp();
   }
-  nvshmemx_putmem_nbi_warp(p.c.local + dst_offset, staged, row_bytes, s);
+  nvshmemx_putmem_nbi_warp(p.c.local + dst_offset + part_offset, staged + part_offset, part_bytes, s);
 }
 
 __global__ void __launch_bounds__(kSendThreads) combine_send_kernel(const __grid_constant__ CombineParams p) {
@@ -136,19 +139,22 @@ __global__ void __launch_bounds__(kSendThreads) combine_send_kernel(const __grid
   }
   __syncthreads();
 
-  // Only the blocks that get rows take part (block 0 always): the others have nothing to signal.
-  const int total = expert_start[L];
+  // Work units are (row, part); only the blocks that get units take part (block 0 always): the
+  // others have nothing to signal.
+  const int parts = parts_per_row(p.hidden);
+  const int64_t units = int64_t(expert_start[L]) * parts;
   const int warps = blockDim.x / 32;
-  const int active = max(1, min(int(gridDim.x), (total + warps - 1) / warps));
+  const int active = int(max(int64_t(1), min(int64_t(gridDim.x), (units + warps - 1) / warps)));
   if (int(blockIdx.x) >= active) return;
   trace.mark();
-  for (int f = blockIdx.x * warps + threadIdx.x / 32; f < total; f += active * warps) {
+  for (int64_t unit = int64_t(blockIdx.x) * warps + threadIdx.x / 32; unit < units; unit += int64_t(active) * warps) {
+    const int f = static_cast<int>(unit / parts), part = static_cast<int>(unit % parts);
     const int l = last_not_above(expert_start, L, f, 1);
     const int j = f - expert_start[l];
     const int s = last_not_above(first + l * R, R, j, 1);
     if (j >= first[l * R + s] + count[l * R + s] || j >= num_rows) continue;
     if (!peers.usable[s]) continue;
-    send_row(p, peers, l, j, s, num_rows);
+    send_part(p, peers, l, j, s, part, num_rows);
   }
   trace.mark();
   signal_destinations(p.c, kCombineFlags0 + p.parity, peers, signal_value(blockIdx.x, active));

@@ -252,8 +252,9 @@ __device__ void send_bf16_payload(const DispatchParams& p, const uint16_t* row, 
 }
 
 __device__ void send_token(const DispatchParams& p, const PeerTable& peers, const int32_t* ids, int t, TokenState& s,
-                           const RowPrefetch& prefetched) {
+                           const RowPrefetch& prefetched, PhaseTrace& trace) {
   prepare_token(p, peers, ids, t, s);
+  trace.mark();
   uint8_t* staging_slot = s.needs_staging ? p.c.local + p.staging_offset + int64_t(t) * p.slot_bytes : nullptr;
   if (threadIdx.x < kHeaderBytes / 16)
     store_everywhere(s, staging_slot, 16 * threadIdx.x, reinterpret_cast<const uint4*>(s.header)[threadIdx.x]);
@@ -263,7 +264,9 @@ __device__ void send_token(const DispatchParams& p, const PeerTable& peers, cons
   } else {
     send_fp8_payload(p, row, s, staging_slot, prefetched);
   }
+  trace.mark();
   __syncthreads();
+  trace.mark();
   if (s.needs_staging) {
     const int64_t slot_offset = p.recv_offset + (int64_t(p.c.rank) * p.max_tokens + t) * p.slot_bytes;
     for (int i = 0; i < s.num_dests; ++i)
@@ -310,7 +313,7 @@ __global__ void __launch_bounds__(kSendThreads) dispatch_send_kernel(const __gri
   send_messages(p, sh.ids, sh.counts, sh.peers);
   trace.mark();
   for (int t = blockIdx.x; t < p.num_tokens; t += gridDim.x)
-    send_token(p, sh.peers, sh.ids, t, token, t == int(blockIdx.x) ? first_row : prefetch_row(p, t));
+    send_token(p, sh.peers, sh.ids, t, token, t == int(blockIdx.x) ? first_row : prefetch_row(p, t), trace);
   trace.mark();
   signal_destinations(p.c, kDispatchFlags0 + p.parity, sh.peers, signal_value(blockIdx.x, gridDim.x));
   trace.print("dispatch_send", p.c.rank, p.num_tokens, trace_counter(0));

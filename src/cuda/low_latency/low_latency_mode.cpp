@@ -88,6 +88,11 @@ class NvshmemLowLatencyMode final : public LowLatencyMode {
   uint64_t timeout_ns_ = 0;
   bool shrink_ = false;
   bool overlap_send_ = true;  // receive kernels as programmatic dependents ($EPCOMM_LL_PDL=0: off)
+  // A dispatch receive overlaps its send only up to this many tokens per rank: beyond, the send is
+  // bandwidth-bound and the early receive blocks slow it down more than the launch gap they save
+  // (bench/results/NOTES.md; $EPCOMM_LL_DISPATCH_OVERLAP_MAX_TOKENS overrides).
+  int dispatch_overlap_max_tokens_ = kDefaultDispatchOverlapMaxTokens;
+  static constexpr int kDefaultDispatchOverlapMaxTokens = 64;
   DeviceErrors* errors_ = nullptr;
 
   uint8_t* symmetric_ = nullptr;
@@ -119,6 +124,8 @@ NvshmemLowLatencyMode::NvshmemLowLatencyMode(const CudaContext& ctx)
           kLowLatencyControlBytes, " bytes (see get_low_latency_rdma_size_hint), got ", bytes);
   const char* pdl = std::getenv("EPCOMM_LL_PDL");
   overlap_send_ = pdl == nullptr || std::string(pdl) != "0";
+  if (const char* limit = std::getenv("EPCOMM_LL_DISPATCH_OVERLAP_MAX_TOKENS"))
+    dispatch_overlap_max_tokens_ = std::atoi(limit);
   DeviceGuard guard(device_);
   ll::ensure_nvshmem(*ctx.bootstrap, device_, bytes, geometry_.num_nodes() == 1);
   symmetric_ = static_cast<uint8_t*>(ll::allocate_symmetric(bytes));
@@ -251,7 +258,7 @@ LowLatencyDispatchResult NvshmemLowLatencyMode::dispatch(const LowLatencyDispatc
       ll::launch_dispatch_recv(p, num_sms, hook_stream, /*overlap_send=*/false);
     });
   } else {
-    ll::launch_dispatch_recv(p, num_sms_, stream, overlap_send_);
+    ll::launch_dispatch_recv(p, num_sms_, stream, overlap_send_ && T <= dispatch_overlap_max_tokens_);
     if (options.async_finish) result.event = Event::record(stream);
   }
   dispatches_[parity] = DispatchRecord{result.handle.src_info.data, T_max, hidden, args.num_experts};

@@ -271,23 +271,25 @@ __device__ __forceinline__ void release_flags(const Common& c, int set, ReceiveC
 // (call % 64 == 30, so in the middle of the bench's timed loops). Empty otherwise.
 struct PhaseTrace {
 #ifdef EPCOMM_LL_TRACE
-  long long marks[8];
+  long long marks[12];
   int count = 0;
   uint64_t start_ns = global_timer_ns();
   __device__ PhaseTrace() { mark(); }
   __device__ __forceinline__ void mark() {
-    if (count < 8) marks[count++] = clock64();
+    if (count < 12) marks[count++] = clock64();
   }
   __device__ void print(const char* kernel, int rank, int tokens, unsigned* calls) {
     if (blockIdx.x != 0 || threadIdx.x != 0) return;
     const unsigned call = atomicAdd(calls, 1u);
     if (call % 64 != 30) return;
     mark();
-    long long d[7] = {0, 0, 0, 0, 0, 0, 0};
-    for (int i = 1; i < count && i < 8; ++i) d[i - 1] = marks[i] - marks[i - 1];
-    printf("[ll-trace] %s rank %d call %u T %d grid %d: cycles %lld %lld %lld %lld %lld %lld %lld; %llu ns\n", kernel,
-           rank, call, tokens, int(gridDim.x), d[0], d[1], d[2], d[3], d[4], d[5], d[6],
-           static_cast<unsigned long long>(global_timer_ns() - start_ns));
+    long long d[10] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+    for (int i = 1; i < count && i < 11; ++i) d[i - 1] = marks[i] - marks[i - 1];
+    printf(
+        "[ll-trace] %s rank %d call %u T %d grid %d: cycles %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld; %llu "
+        "ns\n",
+        kernel, rank, call, tokens, int(gridDim.x), d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7], d[8], d[9],
+        static_cast<unsigned long long>(global_timer_ns() - start_ns));
   }
 #else
   __device__ __forceinline__ void mark() {}
