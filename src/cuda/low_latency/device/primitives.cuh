@@ -266,6 +266,24 @@ __device__ __forceinline__ void release_flags(const Common& c, int set, ReceiveC
   }
 }
 
+// Reads one word of every 32-byte piece of the kernel's parameter block, a piece per warp, so that
+// the constant-cache lines holding the parameters are all fetched at the kernel's start (after an
+// L2 flush, each first use of a line in program order is otherwise a serial miss to memory).
+// Tuning experiment: only with -DEPCOMM_LL_WARM_PARAMS=1.
+template <class Params>
+__device__ __forceinline__ void warm_params(const Params& p) {
+#ifdef EPCOMM_LL_WARM_PARAMS
+  constexpr int kPieces = int((sizeof(Params) + 31) / 32);
+  const int warp = threadIdx.x / 32;
+  if (threadIdx.x % 32 == 0 && warp < kPieces) {
+    const int value = reinterpret_cast<const int*>(&p)[warp * 8];
+    asm volatile("" ::"r"(value));
+  }
+#else
+  (void)p;
+#endif
+}
+
 // Tuning experiment (built with -DEPCOMM_LL_TRACE=1): thread 0 of block 0 reads clock64() at the
 // phase marks of a kernel and prints the cycles between them for every 64th call of that kernel
 // (call % 64 == 30, so in the middle of the bench's timed loops). Empty otherwise.
