@@ -109,7 +109,6 @@ __global__ void __launch_bounds__(kSendThreads) combine_send_kernel(const __grid
   int32_t* count = first + L * R;                                                // [L][R] rows of (expert, source)
   int32_t* expert_start = count + L * R;  // [L + 1] flattened index of each expert's first row
   PhaseTrace trace;
-  warm_params(p);
   allow_dependent_launch();
   const bool dead = aborted(p.c);  // used after the first loads, so that it is in flight with them
   load_peer_table(p.c, peers);
@@ -202,7 +201,6 @@ __global__ void __launch_bounds__(kRecvThreads, kRecvBlocksPerSm)
   const int64_t row_bytes = int64_t(p.hidden) * 2;
   const PeerTable peers = peer_table_at(p.c, recv_smem);
   PhaseTrace trace;
-  warm_params(p);
   load_peer_table(p.c, peers);
   // The routing is an input: the block's first token's is loaded while the rows are in flight.
   TopkEntry next = load_topk_entry<Index>(p, int(blockIdx.x) < num_items ? int(blockIdx.x) / chunks : -1);

@@ -297,7 +297,6 @@ __global__ void __launch_bounds__(kSendThreads) dispatch_send_kernel(const __gri
   extern __shared__ __align__(16) uint8_t send_smem[];
   __shared__ TokenState token;
   PhaseTrace trace;
-  warm_params(p);
   allow_dependent_launch();
   const bool dead = aborted(p.c);  // used after the first loads, so that it is in flight with them
   const SendShared sh = send_shared_at(p, send_smem);
@@ -468,7 +467,6 @@ __global__ void __launch_bounds__(kRecvThreads) dispatch_recv_kernel(const __gri
   int32_t* tokens = first_rows + L * R;                             // [R]: tokens of each source, -1 masked
   uint32_t* token_bits = reinterpret_cast<uint32_t*>(tokens + R);   // [R][words]: which tokens came
   PhaseTrace trace;
-  warm_params(p);
   load_peer_table(p.c, peers);
   const ReceiveCounters counters{p.c.counters + kDispatchGate + p.parity, p.c.counters + kDispatchReaders + p.parity};
   uint32_t ticket = 0;

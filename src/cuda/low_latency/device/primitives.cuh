@@ -169,9 +169,6 @@ enum class WaitResult { kArrived, kTimedOut, kAborted };
 __device__ __forceinline__ WaitResult wait_flag(const Common& c, const uint64_t* flag, uint64_t deadline) {
   uint32_t spins = 0;
   while (ld_acquire_sys(flag) != kFlagDone) {
-#ifdef EPCOMM_LL_POLL_SLEEP_NS
-    __nanosleep(EPCOMM_LL_POLL_SLEEP_NS);  // fewer loads on the line the senders' adds go to
-#endif
     if ((++spins & 63u) == 0) {
       if (aborted(c)) return WaitResult::kAborted;
       if (global_timer_ns() > deadline) return WaitResult::kTimedOut;
@@ -264,24 +261,6 @@ __device__ __forceinline__ void release_flags(const Common& c, int set, ReceiveC
     *reinterpret_cast<volatile uint32_t*>(counters.readers) = 0;
     *reinterpret_cast<volatile uint32_t*>(counters.gate) = 0;
   }
-}
-
-// Reads one word of every 32-byte piece of the kernel's parameter block, a piece per warp, so that
-// the constant-cache lines holding the parameters are all fetched at the kernel's start (after an
-// L2 flush, each first use of a line in program order is otherwise a serial miss to memory).
-// Tuning experiment: only with -DEPCOMM_LL_WARM_PARAMS=1.
-template <class Params>
-__device__ __forceinline__ void warm_params(const Params& p) {
-#ifdef EPCOMM_LL_WARM_PARAMS
-  constexpr int kPieces = int((sizeof(Params) + 31) / 32);
-  const int warp = threadIdx.x / 32;
-  if (threadIdx.x % 32 == 0 && warp < kPieces) {
-    const int value = reinterpret_cast<const int*>(&p)[warp * 8];
-    asm volatile("" ::"r"(value));
-  }
-#else
-  (void)p;
-#endif
 }
 
 // Tuning experiment (built with -DEPCOMM_LL_TRACE=1): thread 0 of block 0 reads clock64() at the
