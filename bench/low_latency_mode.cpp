@@ -173,6 +173,7 @@ void LowLatencyBench::time_hook_split() {
 // The same events around a kernel that does nothing: what any figure above contains besides the
 // kernels' own work (the start of a kernel, the events).
 void note_timing_floor(BenchContext& ctx, const Workload& w) {
+  if (ctx.platform.backend() != BackendKind::kCuda) return;
   const std::vector<double> us = time_op(ctx, [&] { ctx.platform.empty_kernel(); });
   if (ctx.rank == 0)
     ctx.report.note(
