@@ -19,32 +19,8 @@ namespace {
 
 constexpr int kSendThreads = 512;
 constexpr int kRecvThreads = 256;
-constexpr int kCopyUnroll = 8;
 constexpr int kRecvBlocksPerSm = 4;  // register budget of the receive kernel: 64 per thread
 constexpr int kLoadBatch = 4;        // rows in flight per thread in the receive kernel
-
-// A warp moves a bf16 row in chunks of 32 lanes x kCopyUnroll 16-byte vectors.
-struct Chunk {
-  uint4 v[kCopyUnroll];
-};
-
-__device__ __forceinline__ void load_chunk(const uint8_t* src, int base, int num_vectors, Chunk& chunk) {
-  const int lane = threadIdx.x % 32;
-#pragma unroll
-  for (int u = 0; u < kCopyUnroll; ++u) {
-    const int v = base + u * 32 + lane;
-    if (v < num_vectors) chunk.v[u] = ld_input(src + 16 * int64_t(v));
-  }
-}
-
-__device__ __forceinline__ void store_chunk(uint8_t* dst, int base, int num_vectors, const Chunk& chunk) {
-  const int lane = threadIdx.x % 32;
-#pragma unroll
-  for (int u = 0; u < kCopyUnroll; ++u) {
-    const int v = base + u * 32 + lane;
-    if (v < num_vectors) st_data(dst + 16 * int64_t(v), chunk.v[u]);
-  }
-}
 
 // Last index i in [0, n) with keys[i] <= value (keys non-decreasing, keys[0] <= value).
 __device__ __forceinline__ int last_not_above(const int32_t* keys, int n, int value, int stride) {
@@ -60,10 +36,7 @@ __device__ __forceinline__ int last_not_above(const int32_t* keys, int n, int va
   return lo;
 }
 
-// A row travels in parts of one chunk each, parts on different warps: every warp has a single
-// round trip of loads per part.
-constexpr int kPartVectors = 32 * kCopyUnroll;
-
+// A row travels in parts of one chunk (device/primitives.cuh).
 __host__ __device__ __forceinline__ int parts_per_row(int hidden) {
   return (hidden / 8 + kPartVectors - 1) / kPartVectors;
 }
@@ -78,7 +51,7 @@ __device__ void send_part(const CombineParams& p, const PeerTable& peers, int l,
   const uint8_t* src = reinterpret_cast<const uint8_t*>(p.x + row * p.hidden);
   // The part's data does not depend on where it goes: load it with the destination.
   Chunk chunk;
-  load_chunk(src, first, num_vectors, chunk);
+  load_chunk(src, first, num_vectors, chunk, [](const void* v) { return ld_input(v); });
   const int t = __ldg(p.src_info + row);
   const int k = p.meta[row];
   if (t < 0 || t >= p.max_tokens || k >= kMaxLowLatencyTopk) return;  // not a handle of this buffer's dispatch

@@ -25,7 +25,6 @@ constexpr int kRecvThreads = 256;
 constexpr int kHeaderBytes = static_cast<int>(LowLatencyLayout::kSlotHeaderBytes);
 constexpr int kIdsAt = 4;                           // header int32 index of the expert ids
 constexpr int kOffsetsAt = 4 + kMaxLowLatencyTopk;  // header int32 index of the row offsets
-constexpr int kCopyUnroll = 8;                      // 16-byte vectors in flight per lane
 static_assert(kSendThreads / 32 >= kMaxLowLatencyTopk, "one warp per top-k slot");
 static_assert(kHeaderBytes % 16 == 0, "the payload starts 16-byte aligned");
 
@@ -321,13 +320,8 @@ __global__ void __launch_bounds__(kSendThreads) dispatch_send_kernel(const __gri
 
 // ---- receive ----------------------------------------------------------------------------------
 
-// A work unit of the receive kernel is one part of one received slot: 32 lanes x kCopyUnroll
-// 16-byte vectors of its payload (and, for part 0, its scales and its src_info / meta entries).
-// Parts of one slot go to different warps, so that every warp has one round trip of loads per unit.
-struct Chunk {
-  uint4 v[kCopyUnroll];
-};
-constexpr int kPartVectors = 32 * kCopyUnroll;
+// A work unit of the receive kernel is one part of one received slot (device/primitives.cuh): a
+// chunk of its payload and, for part 0, its scales and its src_info / meta entries.
 constexpr int kScaleGroups = 2;  // 32-column groups of scales loaded with part 0 (hidden <= 8192 at once)
 
 __host__ __device__ __forceinline__ int payload_vectors(Format format, int hidden) {
@@ -383,12 +377,8 @@ __device__ __forceinline__ void load_part(const DispatchParams& p, const UnitPla
     loaded.offset = __ldcg(reinterpret_cast<const int32_t*>(slot) + kOffsetsAt + lane);
   }
   const uint8_t* payload = slot + kHeaderBytes;
-  const int num_vectors = payload_vectors(p.format, p.hidden);
-#pragma unroll
-  for (int i = 0; i < kCopyUnroll; ++i) {
-    const int v = u.part * kPartVectors + i * 32 + lane;
-    if (v < num_vectors) loaded.chunk.v[i] = ld_shared_data(payload + 16 * int64_t(v));
-  }
+  load_chunk(payload, u.part * kPartVectors, payload_vectors(p.format, p.hidden), loaded.chunk,
+             [](const void* v) { return ld_shared_data(v); });
   if (p.format == Format::kBf16 || u.part != 0) return;
   const int columns = scale_columns(p);
 #pragma unroll
@@ -433,12 +423,7 @@ __device__ void store_part(const DispatchParams& p, const UnitPlace& u, const Lo
   for (uint32_t todo = mine_mask; todo != 0; todo &= todo - 1) {
     const int k = __ffs(todo) - 1;
     const int64_t dst_row = int64_t(__shfl_sync(0xffffffffu, l, k)) * num_rows + __shfl_sync(0xffffffffu, row, k);
-    uint8_t* dst = recv_x + dst_row * row_bytes;
-#pragma unroll
-    for (int i = 0; i < kCopyUnroll; ++i) {
-      const int v = u.part * kPartVectors + i * 32 + lane;
-      if (v < num_vectors) st_data(dst + 16 * int64_t(v), loaded.chunk.v[i]);
-    }
+    store_chunk(recv_x + dst_row * row_bytes, u.part * kPartVectors, num_vectors, loaded.chunk);
   }
   if (u.part != 0) return;
   if (!bf16) {

@@ -78,6 +78,36 @@ __device__ __forceinline__ uint4 ld_input(const void* p) {
 __device__ __forceinline__ uint4 ld_shared_data(const void* p) { return __ldcg(static_cast<const uint4*>(p)); }
 __device__ __forceinline__ void st_data(void* p, const uint4& v) { __stcg(static_cast<uint4*>(p), v); }
 
+// A warp moves payloads in parts of one chunk: 32 lanes x kCopyUnroll 16-byte vectors, vectors
+// [first, first + kPartVectors) of a row. The parts of a row go to different warps, so that each
+// warp has a single round trip of loads per part.
+constexpr int kCopyUnroll = 8;
+constexpr int kPartVectors = 32 * kCopyUnroll;
+
+struct Chunk {
+  uint4 v[kCopyUnroll];
+};
+
+// `load` reads one 16-byte vector: ld_input for kernel inputs, ld_shared_data for what peers wrote.
+template <class Load>
+__device__ __forceinline__ void load_chunk(const uint8_t* src, int first, int num_vectors, Chunk& chunk, Load load) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int u = 0; u < kCopyUnroll; ++u) {
+    const int v = first + u * 32 + lane;
+    if (v < num_vectors) chunk.v[u] = load(src + 16 * int64_t(v));
+  }
+}
+
+__device__ __forceinline__ void store_chunk(uint8_t* dst, int first, int num_vectors, const Chunk& chunk) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int u = 0; u < kCopyUnroll; ++u) {
+    const int v = first + u * 32 + lane;
+    if (v < num_vectors) st_data(dst + 16 * int64_t(v), chunk.v[u]);
+  }
+}
+
 // A timeout anywhere in this Buffer (cuda/device/errors.cuh): every wait gives up at once.
 __device__ __forceinline__ bool aborted(const Common& c) { return device::aborted(c.errors); }
 
