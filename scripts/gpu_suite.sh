@@ -41,7 +41,7 @@ if ! cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DEPCOMM_WITH_CU
   tail -30 "$out/configure.log"; echo "configure failed (log: $out/configure.log)"; exit 1
 fi
 # -Xptxas -v output of the library's kernels (registers, spills) lands in the build log.
-rm -f "$build/src/cuda/CMakeFiles/epcomm_cuda.dir/kernels/"*.o
+rm -f "$build/src/cuda/CMakeFiles/epcomm_cuda.dir/normal/kernels/"*.o
 if ! cmake --build "$build" -j "$(nproc)" > "$out/build.log" 2>&1; then
   grep -E "error|FAILED" "$out/build.log" | head -30; echo "build failed (log: $out/build.log)"; exit 1
 fi

@@ -14,7 +14,7 @@
 #include "core/backend.hpp"
 #include "cuda/cuda_context.hpp"
 #include "cuda/low_latency/low_latency_mode.hpp"
-#include "cuda/memory/normal_memory.hpp"
+#include "cuda/normal/normal_memory.hpp"
 #include "cuda/normal/normal_mode.hpp"
 
 namespace epcomm::cuda {

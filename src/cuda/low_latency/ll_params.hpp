@@ -24,7 +24,7 @@ namespace epcomm::cuda::ll {
 //   | mask         | i32 [kMaxRanks]: 1 = rank is masked (enable_shrink)                           |
 // Flags and counters return to zero after every call (the receiver clears what it consumed), so
 // nothing that depends on a call count is baked into a CUDA graph. A flag sums the arrivals of the
-// source's sending blocks (device/primitives.cuh, kFlagDone).
+// source's sending blocks (kernels/common.cuh, kFlagDone).
 enum Counter : int {
   kDispatchReaders = 0,  // + parity: receive blocks that have passed the wait
   kCombineReaders = 2,

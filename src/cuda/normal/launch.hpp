@@ -1,4 +1,4 @@
-// Host entry points of the normal-mode kernels (defined in src/cuda/kernels/*.cu). Each launches one
+// Host entry points of the normal-mode kernels (defined in src/cuda/normal/kernels/*.cu). Each launches one
 // kernel on `stream` and throws epcomm::Error(kInternal) if the launch fails.
 #pragma once
 

@@ -1,4 +1,4 @@
-#include "cuda/memory/normal_memory.hpp"
+#include "cuda/normal/normal_memory.hpp"
 
 #include <unistd.h>
 

@@ -16,7 +16,7 @@
 #include <vector>
 
 #include "cuda/cuda_context.hpp"
-#include "cuda/memory/normal_memory.hpp"
+#include "cuda/normal/normal_memory.hpp"
 #include "cuda/normal/call_support.hpp"
 #include "cuda/normal/params.hpp"
 

@@ -12,7 +12,7 @@
 #include <algorithm>
 
 #include "core/numerics.hpp"
-#include "cuda/low_latency/device/primitives.cuh"
+#include "cuda/low_latency/kernels/common.cuh"
 
 namespace epcomm::cuda::ll {
 namespace {
@@ -36,7 +36,7 @@ __device__ __forceinline__ int last_not_above(const int32_t* keys, int n, int va
   return lo;
 }
 
-// A row travels in parts of one chunk (device/primitives.cuh).
+// A row travels in parts of one chunk (kernels/common.cuh).
 __host__ __device__ __forceinline__ int parts_per_row(int hidden) {
   return (hidden / 8 + kPartVectors - 1) / kPartVectors;
 }

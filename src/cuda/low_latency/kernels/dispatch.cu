@@ -15,7 +15,7 @@
 #include <algorithm>
 
 #include "core/numerics.hpp"
-#include "cuda/low_latency/device/primitives.cuh"
+#include "cuda/low_latency/kernels/common.cuh"
 
 namespace epcomm::cuda::ll {
 namespace {
@@ -320,7 +320,7 @@ __global__ void __launch_bounds__(kSendThreads) dispatch_send_kernel(const __gri
 
 // ---- receive ----------------------------------------------------------------------------------
 
-// A work unit of the receive kernel is one part of one received slot (device/primitives.cuh): a
+// A work unit of the receive kernel is one part of one received slot (kernels/common.cuh): a
 // chunk of its payload and, for part 0, its scales and its src_info / meta entries.
 constexpr int kScaleGroups = 2;  // 32-column groups of scales loaded with part 0 (hidden <= 8192 at once)
 

@@ -15,7 +15,7 @@
 // within what the senders can have published, so the window always completes.
 #include "core/cuda_check.hpp"
 #include "core/numerics.hpp"
-#include "cuda/kernels/common.cuh"
+#include "cuda/normal/kernels/common.cuh"
 #include "cuda/normal/launch.hpp"
 
 namespace epcomm::cuda {

@@ -15,7 +15,7 @@
 // then the first thread returns the head to the sender (release) — one round trip per batch of
 // records, not per token.
 #include "core/cuda_check.hpp"
-#include "cuda/kernels/common.cuh"
+#include "cuda/normal/kernels/common.cuh"
 #include "cuda/normal/launch.hpp"
 
 namespace epcomm::cuda {

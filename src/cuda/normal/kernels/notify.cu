@@ -7,7 +7,7 @@
 //   4. rank_prefix_matrix and the handle's meta, the num_worst_tokens check (every rank checks every
 //      receiver, so all raise it together), and for the host: tokens and per-expert counts received.
 #include "core/cuda_check.hpp"
-#include "cuda/kernels/common.cuh"
+#include "cuda/normal/kernels/common.cuh"
 #include "cuda/normal/launch.hpp"
 
 namespace epcomm::cuda {

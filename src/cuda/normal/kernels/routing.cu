@@ -6,7 +6,7 @@
 // A bad index (outside [-1, E)) is reported (kBadIndex) and treated as -1: the kernels of the call
 // still finish, so the peers of a dispatch are not left waiting; the host then throws.
 #include "core/cuda_check.hpp"
-#include "cuda/kernels/common.cuh"
+#include "cuda/normal/kernels/common.cuh"
 #include "cuda/normal/launch.hpp"
 
 namespace epcomm::cuda {
