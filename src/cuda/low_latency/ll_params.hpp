@@ -132,8 +132,6 @@ void launch_dispatch_send(const DispatchParams& params, int num_sms, cudaStream_
 void launch_dispatch_recv(const DispatchParams& params, int num_sms, cudaStream_t stream, bool overlap_send);
 void launch_combine_send(const CombineParams& params, int num_sms, cudaStream_t stream);
 void launch_combine_recv(const CombineParams& params, int num_sms, cudaStream_t stream, bool overlap_send);
-// Throws epcomm::Error(kInternal) naming `what` unless `status` is cudaSuccess.
-void launch_check(cudaError_t status, const char* what);
 void launch_set_mask(int32_t* mask, int rank, int value, cudaStream_t stream);
 // Lets the kernels use up to `max_dynamic_smem` bytes of dynamic shared memory (call once per device).
 void prepare_dispatch_kernels(int max_dynamic_smem);

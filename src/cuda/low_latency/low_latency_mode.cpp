@@ -441,12 +441,6 @@ void NvshmemLowLatencyMode::destroy(bool collective) {
 
 }  // namespace
 
-namespace ll {
-void launch_check(cudaError_t status, const char* what) {
-  if (status != cudaSuccess) throw_cuda_error(status, what, __FILE__, __LINE__);
-}
-}  // namespace ll
-
 std::unique_ptr<LowLatencyMode> make_low_latency_mode(const CudaContext& ctx) {
   return std::make_unique<NvshmemLowLatencyMode>(ctx);
 }

@@ -51,7 +51,7 @@ __device__ void send_part(const CombineParams& p, const PeerTable& peers, int l,
   const uint8_t* src = reinterpret_cast<const uint8_t*>(p.x + row * p.hidden);
   // The part's data does not depend on where it goes: load it with the destination.
   Chunk chunk;
-  load_chunk(src, first, num_vectors, chunk, [](const void* v) { return ld_input(v); });
+  load_chunk(src, first, num_vectors, chunk, [](const void* v) { return load_nc_16<uint4>(v); });
   const int t = __ldg(p.src_info + row);
   const int k = p.meta[row];
   if (t < 0 || t >= p.max_tokens || k >= kMaxLowLatencyTopk) return;  // not a handle of this buffer's dispatch
@@ -219,7 +219,7 @@ __global__ void __launch_bounds__(kRecvThreads, kRecvBlocksPerSm)
         uint4 data[kLoadBatch];
 #pragma unroll
         for (int b = 0; b < kLoadBatch; ++b)
-          if (k0 + b < K && slot_of[k0 + b] >= 0) data[b] = ld_shared_data(rows + slot_of[k0 + b] * row_bytes);
+          if (k0 + b < K && slot_of[k0 + b] >= 0) data[b] = load_cg_16<uint4>(rows + slot_of[k0 + b] * row_bytes);
 #pragma unroll
         for (int b = 0; b < kLoadBatch; ++b)
           if (k0 + b < K && slot_of[k0 + b] >= 0) accumulate(data[b], weight_of[k0 + b], acc);

@@ -1,5 +1,6 @@
-// Device building blocks of the low-latency kernels: memory-ordered loads and stores, the peer
-// table, the arrival signals, the bounded wait and error reporting.
+// Device building blocks of the low-latency kernels: the payload chunks, the peer table, the arrival
+// signals and the waits for them, error reporting. The memory operations, the bounded wait and the
+// launch helper are shared with normal mode (cuda/device/ptx.cuh, errors.cuh, launch.hpp).
 //
 // Memory ordering (PTX memory model), narrowest scope that is correct:
 //   - Data to a peer goes with plain (weak) 16-byte stores. When a sending block is done, it
@@ -20,75 +21,28 @@
 #include <cstdint>
 
 #include "cuda/device/errors.cuh"
+#include "cuda/device/launch.hpp"
 #include "cuda/low_latency/ll_params.hpp"
 
 namespace epcomm::cuda::ll {
 
-__device__ __forceinline__ uint64_t global_timer_ns() {
-  uint64_t t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
+using device::global_timer_ns;
+using device::kCopyUnroll;
 
-__device__ __forceinline__ uint64_t ld_acquire_sys(const uint64_t* p) {
-  uint64_t v;
-  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-  return v;
-}
-
-// Adds `v` to a flag that another GPU polls, releasing everything ordered before it.
-__device__ __forceinline__ void red_release_sys_add(uint64_t* p, uint64_t v) {
-  asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
-
-__device__ __forceinline__ uint32_t ld_acquire_gpu(const uint32_t* p) {
-  uint32_t v;
-  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-
-__device__ __forceinline__ void st_release_gpu(uint32_t* p, uint32_t v) {
-  asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
-
-// Counter shared by the blocks of one kernel: returns the value before the add.
-__device__ __forceinline__ uint32_t atom_add_release_gpu(uint32_t* p, uint32_t v) {
-  uint32_t old;
-  asm volatile("atom.release.gpu.global.add.u32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
-  return old;
-}
-
-__device__ __forceinline__ void fence_acq_rel_gpu() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
-
-// A value another block or the host may change while this kernel runs.
-__device__ __forceinline__ int32_t ld_relaxed(const int32_t* p) {
-  int32_t v;
-  asm volatile("ld.relaxed.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-
-// 16-byte moves. ld_input: read-only kernel input (non-coherent path, no L1 allocation).
-__device__ __forceinline__ uint4 ld_input(const void* p) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
-}
-__device__ __forceinline__ uint4 ld_shared_data(const void* p) { return __ldcg(static_cast<const uint4*>(p)); }
-__device__ __forceinline__ void st_data(void* p, const uint4& v) { __stcg(static_cast<uint4*>(p), v); }
+using device::load_cg_16;
+using device::load_nc_16;
+using device::store_cg_16;
 
 // A warp moves payloads in parts of one chunk: 32 lanes x kCopyUnroll 16-byte vectors, vectors
 // [first, first + kPartVectors) of a row. The parts of a row go to different warps, so that each
 // warp has a single round trip of loads per part.
-constexpr int kCopyUnroll = 8;
 constexpr int kPartVectors = 32 * kCopyUnroll;
 
 struct Chunk {
   uint4 v[kCopyUnroll];
 };
 
-// `load` reads one 16-byte vector: ld_input for kernel inputs, ld_shared_data for what peers wrote.
+// `load` reads one 16-byte vector: load_nc_16 for kernel inputs, load_cg_16 for what peers wrote.
 template <class Load>
 __device__ __forceinline__ void load_chunk(const uint8_t* src, int first, int num_vectors, Chunk& chunk, Load load) {
   const int lane = threadIdx.x % 32;
@@ -104,7 +58,7 @@ __device__ __forceinline__ void store_chunk(uint8_t* dst, int first, int num_vec
 #pragma unroll
   for (int u = 0; u < kCopyUnroll; ++u) {
     const int v = first + u * 32 + lane;
-    if (v < num_vectors) st_data(dst + 16 * int64_t(v), chunk.v[u]);
+    if (v < num_vectors) store_cg_16(dst + 16 * int64_t(v), chunk.v[u]);
   }
 }
 
@@ -118,7 +72,7 @@ __device__ __forceinline__ void record_error(const Common& c, DeviceErrorKind ki
   device::report_error(c.errors, kind, phase, peer, value, detail);
 }
 
-__device__ __forceinline__ bool is_masked(const Common& c, int r) { return ld_relaxed(c.mask + r) != 0; }
+__device__ __forceinline__ bool is_masked(const Common& c, int r) { return device::load_relaxed_gpu(c.mask + r) != 0; }
 
 __device__ __forceinline__ uint64_t* local_flag(const Common& c, int set, int source) {
   return reinterpret_cast<uint64_t*>(c.local + ControlLayout::flag(set, source));
@@ -177,7 +131,7 @@ __device__ __forceinline__ void signal_destinations(const Common& c, int set, co
     if (!peers.usable[d]) continue;
     uint8_t* base = peers.base[d];
     if (base != nullptr) {
-      red_release_sys_add(reinterpret_cast<uint64_t*>(base + offset), value);
+      device::add_release_sys(reinterpret_cast<uint64_t*>(base + offset), value);
     } else {
       nvshmemx_signal_op(reinterpret_cast<uint64_t*>(c.local + offset), value, NVSHMEM_SIGNAL_ADD, d);
     }
@@ -193,18 +147,15 @@ __device__ __forceinline__ void allow_dependent_launch() {
 }
 __device__ __forceinline__ void wait_for_preceding_grid() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 
-enum class WaitResult { kArrived, kTimedOut, kAborted };
+using device::WaitResult;
 
-// Polls `flag` (ld.acquire.sys) until it reads kFlagDone, the deadline passes or the rank aborts.
-__device__ __forceinline__ WaitResult wait_flag(const Common& c, const uint64_t* flag, uint64_t deadline) {
-  uint32_t spins = 0;
-  while (ld_acquire_sys(flag) != kFlagDone) {
-    if ((++spins & 63u) == 0) {
-      if (aborted(c)) return WaitResult::kAborted;
-      if (global_timer_ns() > deadline) return WaitResult::kTimedOut;
-    }
-  }
-  return WaitResult::kArrived;
+// Polls `flag` (ld.acquire.sys; the abort flag and the clock every 64 polls) until it reads
+// kFlagDone, timeout_ns after `start` pass or the rank aborts.
+__device__ __forceinline__ WaitResult wait_flag(const Common& c, const uint64_t* flag, uint64_t start,
+                                                uint64_t timeout_ns) {
+  uint64_t seen = 0;
+  return device::wait_until<device::AcquireScope::kSys, 64>(
+      flag, [](uint64_t value) { return value == kFlagDone; }, seen, start, timeout_ns, c.errors);
 }
 
 // The receive-side counters of one flag set: `gate` (enable_shrink: block 0 has settled who is
@@ -228,13 +179,12 @@ __device__ __forceinline__ bool wait_for_sources(const Common& c, int set, Devic
                                                  ReceiveCounters counters, const PeerTable& peers, uint32_t& ticket) {
   __syncthreads();  // the peer table is complete
   const uint64_t start = global_timer_ns();
-  const uint64_t deadline = start + c.timeout_ns;
   const bool waits_itself = !c.shrink || blockIdx.x == 0;
   int my_failure = 0;
   if (waits_itself) {
     for (int s = threadIdx.x; s < c.num_ranks; s += blockDim.x) {
       if (!peers.usable[s]) continue;
-      const WaitResult result = wait_flag(c, local_flag(c, set, s), deadline);
+      const WaitResult result = wait_flag(c, local_flag(c, set, s), start, c.timeout_ns);
       if (result == WaitResult::kTimedOut && c.shrink) {
         atomicExch(reinterpret_cast<uint32_t*>(c.mask + s), 1u);  // SPEC §6: skip the late rank from now on
         peers.usable[s] = 0;
@@ -252,18 +202,18 @@ __device__ __forceinline__ bool wait_for_sources(const Common& c, int set, Devic
   bool failed = __syncthreads_or(my_failure) != 0;
   if (c.shrink) {
     if (blockIdx.x == 0) {
-      if (threadIdx.x == 0) st_release_gpu(counters.gate, 1u);  // the masks written above precede it (barrier)
+      if (threadIdx.x == 0)
+        device::store_release_gpu(counters.gate, 1u);  // the masks written above precede it (barrier)
     } else {
       if (threadIdx.x == 0) {
         // Block 0 settles within the timeout; allow it as long again before giving up.
-        const uint64_t gate_deadline = deadline + c.timeout_ns;
-        uint32_t spins = 0;
-        while (ld_acquire_gpu(counters.gate) == 0) {
-          if ((++spins & 63u) == 0 && (aborted(c) || global_timer_ns() > gate_deadline)) {
-            if (!aborted(c)) record_error(c, DeviceErrorKind::kTimeout, phase, c.rank, int64_t(c.timeout_ns));
-            my_failure = 1;
-            break;
-          }
+        uint32_t gate = 0;
+        const WaitResult result = device::wait_until<device::AcquireScope::kGpu, 64>(
+            counters.gate, [](uint32_t value) { return value != 0; }, gate, start, 2 * c.timeout_ns, c.errors);
+        if (result != WaitResult::kReady) {
+          if (result == WaitResult::kTimedOut && !aborted(c))  // another block may have aborted meanwhile
+            record_error(c, DeviceErrorKind::kTimeout, phase, c.rank, int64_t(c.timeout_ns));
+          my_failure = 1;
         }
       }
       failed = __syncthreads_or(my_failure) != 0;
@@ -274,7 +224,7 @@ __device__ __forceinline__ bool wait_for_sources(const Common& c, int set, Devic
   if (failed) return false;
   // The flag reads above precede this add (barrier, then release): the block that sees the count
   // complete may clear the flags.
-  if (threadIdx.x == 0) ticket = atom_add_release_gpu(counters.readers, 1u);
+  if (threadIdx.x == 0) ticket = device::fetch_add_release_gpu(counters.readers, 1u);
   return true;
 }
 
@@ -285,7 +235,7 @@ __device__ __forceinline__ void release_flags(const Common& c, int set, ReceiveC
   if (threadIdx.x >= 32) return;
   ticket = __shfl_sync(0xffffffffu, ticket, 0);
   if (ticket != gridDim.x - 1) return;
-  fence_acq_rel_gpu();  // acquire: every block's flag reads precede the clears
+  device::fence_acq_rel_gpu();  // acquire: every block's flag reads precede the clears
   for (int s = threadIdx.x; s < c.num_ranks; s += 32) *reinterpret_cast<volatile uint64_t*>(local_flag(c, set, s)) = 0;
   if (threadIdx.x == 0) {
     *reinterpret_cast<volatile uint32_t*>(counters.readers) = 0;
@@ -333,35 +283,6 @@ __device__ __forceinline__ unsigned* trace_counter(int kernel) {
   (void)kernel;
   return nullptr;
 #endif
-}
-
-// Host: launches `kernel` (a __global__ function taking one params struct) on `stream`; with
-// `overlap_previous`, as a programmatic dependent of the kernel before it on the stream.
-template <class Params>
-void launch_kernel(void (*kernel)(Params), int grid, int block, size_t smem, cudaStream_t stream, bool overlap_previous,
-                   const Params& params) {
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(grid);
-  config.blockDim = dim3(block);
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  cudaLaunchAttribute attribute = {};
-  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute.val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = &attribute;
-  config.numAttrs = overlap_previous ? 1 : 0;
-  launch_check(cudaLaunchKernelEx(&config, kernel, params), "cudaLaunchKernelEx");
-}
-
-// Host: lets `kernel` take up to `max_block_smem` bytes of shared memory per block in total (the
-// device's opt-in limit): the dynamic part may use what the kernel's static shared memory leaves.
-template <class Params>
-void allow_dynamic_smem(void (*kernel)(Params), int max_block_smem) {
-  cudaFuncAttributes attributes = {};
-  launch_check(cudaFuncGetAttributes(&attributes, kernel), "cudaFuncGetAttributes");
-  const int dynamic_bytes = max_block_smem - static_cast<int>(attributes.sharedSizeBytes);
-  launch_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, dynamic_bytes),
-               "cudaFuncSetAttribute");
 }
 
 }  // namespace epcomm::cuda::ll

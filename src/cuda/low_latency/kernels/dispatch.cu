@@ -173,8 +173,8 @@ __device__ void prepare_token(const DispatchParams& p, const PeerTable& peers, c
 __device__ __forceinline__ void store_everywhere(const TokenState& s, uint8_t* staging_slot, int64_t offset,
                                                  const uint4& v) {
   for (int i = 0; i < s.num_dests; ++i)
-    if (s.dest_slots[i] != nullptr) st_data(s.dest_slots[i] + offset, v);
-  if (staging_slot != nullptr) st_data(staging_slot + offset, v);
+    if (s.dest_slots[i] != nullptr) store_cg_16(s.dest_slots[i] + offset, v);
+  if (staging_slot != nullptr) store_cg_16(staging_slot + offset, v);
 }
 
 __device__ __forceinline__ void store_scale_everywhere(const TokenState& s, uint8_t* staging_slot, int64_t offset,
@@ -205,11 +205,11 @@ __device__ __forceinline__ RowPrefetch prefetch_row(const DispatchParams& p, int
   const uint16_t* row = p.x + int64_t(t) * p.hidden;
   const int i = threadIdx.x;
   if (p.format == Format::kBf16) {
-    if (i < p.hidden / 8) r.v[0] = ld_input(row + 8 * i);
-    if (i + int(blockDim.x) < p.hidden / 8) r.v[1] = ld_input(row + 8 * (i + blockDim.x));
+    if (i < p.hidden / 8) r.v[0] = load_nc_16<uint4>(row + 8 * i);
+    if (i + int(blockDim.x) < p.hidden / 8) r.v[1] = load_nc_16<uint4>(row + 8 * (i + blockDim.x));
   } else if (i < p.hidden / 16) {
-    r.v[0] = ld_input(row + 16 * i);
-    r.v[1] = ld_input(row + 16 * i + 8);
+    r.v[0] = load_nc_16<uint4>(row + 16 * i);
+    r.v[1] = load_nc_16<uint4>(row + 16 * i + 8);
   }
   return r;
 }
@@ -223,8 +223,8 @@ __device__ void send_fp8_payload(const DispatchParams& p, const uint16_t* row, c
   for (int i = threadIdx.x; i < num_groups; i += blockDim.x) {
     const bool first = i == int(threadIdx.x);
     float v[16];
-    unpack_bf16(first ? prefetched.v[0] : ld_input(row + 16 * i), v);
-    unpack_bf16(first ? prefetched.v[1] : ld_input(row + 16 * i + 8), v + 8);
+    unpack_bf16(first ? prefetched.v[0] : load_nc_16<uint4>(row + 16 * i), v);
+    unpack_bf16(first ? prefetched.v[1] : load_nc_16<uint4>(row + 16 * i + 8), v + 8);
     float amax = 0.0f;
 #pragma unroll
     for (int c = 0; c < 16; ++c) amax = fmaxf(amax, fabsf(v[c]));
@@ -247,7 +247,7 @@ __device__ void send_bf16_payload(const DispatchParams& p, const uint16_t* row, 
     store_everywhere(s, staging_slot, kHeaderBytes + 16 * int64_t(i),
                      n == 0   ? prefetched.v[0]
                      : n == 1 ? prefetched.v[1]
-                              : ld_input(row + 8 * i));
+                              : load_nc_16<uint4>(row + 8 * i));
 }
 
 __device__ void send_token(const DispatchParams& p, const PeerTable& peers, const int32_t* ids, int t, TokenState& s,
@@ -356,7 +356,7 @@ __device__ __forceinline__ const uint8_t* slot_address(const DispatchParams& p, 
 // Scale column c of a slot as the output stores it: a float's bits, or (UE8M0) four exponent bytes.
 __device__ __forceinline__ uint32_t load_scale_word(const DispatchParams& p, const uint8_t* scales, int c) {
   if (p.format != Format::kFp8Ue8m0) return __ldcg(reinterpret_cast<const uint32_t*>(scales) + c);
-  const uint4 four = ld_shared_data(scales + 16 * int64_t(c));
+  const uint4 four = load_cg_16<uint4>(scales + 16 * int64_t(c));
   const uint32_t w[4] = {four.x, four.y, four.z, four.w};
   uint32_t value = 0;
 #pragma unroll
@@ -378,7 +378,7 @@ __device__ __forceinline__ void load_part(const DispatchParams& p, const UnitPla
   }
   const uint8_t* payload = slot + kHeaderBytes;
   load_chunk(payload, u.part * kPartVectors, payload_vectors(p.format, p.hidden), loaded.chunk,
-             [](const void* v) { return ld_shared_data(v); });
+             [](const void* v) { return load_cg_16<uint4>(v); });
   if (p.format == Format::kBf16 || u.part != 0) return;
   const int columns = scale_columns(p);
 #pragma unroll

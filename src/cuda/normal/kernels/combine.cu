@@ -4,7 +4,8 @@
 //
 // Sender block (groups per destination rank s): the rows this rank received from s are sorted by
 // source token, so channel c's rows are one contiguous run, found by binary search in recv_src_idx.
-// They go, in order, into the queue (this rank, c) in s's memory, published per chunk like dispatch.
+// They go, in order, into the queue (this rank, c) in s's memory through the QueueSender dispatch
+// uses too (common.cuh), published per chunk.
 //
 // Receiver block: windows of `window_tokens` tokens. For each window the block computes, per peer,
 // which tokens it sends (is_token_in_rank) and where each sits in that peer's queue (a prefix count);
@@ -13,8 +14,8 @@
 // with __fadd_rn (never contracted) and numerics::float_to_bf16, bit-identical to the CPU reference.
 // At the window's end the heads go back to the senders. window_tokens <= Q - chunk + 1 keeps a window
 // within what the senders can have published, so the window always completes.
-#include "core/cuda_check.hpp"
 #include "core/numerics.hpp"
+#include "cuda/device/launch.hpp"
 #include "cuda/normal/kernels/common.cuh"
 #include "cuda/normal/launch.hpp"
 
@@ -24,21 +25,6 @@ namespace {
 
 constexpr int kMaxWindowTokens = 128;
 constexpr int kWindowWords = kMaxWindowTokens / kWarpSize;
-
-struct WarpGroup {
-  int peer;
-  int index;
-  int num_warps;
-  int lane;
-  __device__ bool leader() const { return index == 0 && lane == 0; }
-  __device__ void sync() const { device::named_barrier(1 + peer, num_warps * kWarpSize); }
-};
-
-__device__ __forceinline__ WarpGroup make_group(int num_ranks) {
-  const int warp = threadIdx.x / kWarpSize;
-  const int num_warps = (blockDim.x / kWarpSize) / num_ranks;
-  return WarpGroup{warp / num_warps, warp % num_warps, num_warps, static_cast<int>(threadIdx.x % kWarpSize)};
-}
 
 __device__ void write_record(const CombineParams& p, char* slot, int32_t row, int lane) {
   const RecordLayout& layout = p.common.record;
@@ -57,10 +43,7 @@ __device__ void combine_send(const CombineParams& p, int channel, uint64_t epoch
   const WarpGroup g = make_group(R);
   if (g.peer >= R) return;
   const int dst = g.peer;
-  const uint32_t Q = static_cast<uint32_t>(c.queues.queue_tokens);
-  char* queue = c.peers[dst] + c.queues.queue_offset(me, channel);
-  uint64_t* tail = at_offset<uint64_t>(c.peers[dst], tail_offset(me, channel));
-  const uint64_t* head = at_offset<const uint64_t>(c.peers[me], head_offset(dst, channel));
+  QueueSender sender(c, g, channel, epoch, DevicePhase::kCombineSend);
 
   // Rows from `dst` are [first, last); channel c's tokens of dst are [range.begin, range.end).
   const int first = min(dst == 0 ? 0 : p.rank_prefix_matrix[(dst - 1) * R + me], p.num_recv_rows);
@@ -70,37 +53,9 @@ __device__ void combine_send(const CombineParams& p, int channel, uint64_t epoch
   const int end = warp_lower_bound(p.recv_src_idx, begin, last, range.end, g.lane);
   const uint32_t num_records = static_cast<uint32_t>(end - begin);
 
-  auto publish = [&](uint32_t count, bool done) {
-    g.sync();
-    if (g.leader() && !device::aborted(c.errors)) device::store_release_sys(tail, pack_tail(epoch, count, done));
-  };
-
-  uint32_t published = 0, consumed = 0;
-  bool alive = true;
-  for (uint32_t next = 0; next < num_records; ++next) {
-    if (next - published >= static_cast<uint32_t>(c.chunk_tokens)) {
-      publish(next, false);
-      published = next;
-    }
-    if (static_cast<int>(next % g.num_warps) != g.index || !alive) continue;
-    if (next >= consumed + Q) {
-      uint32_t freed = consumed;
-      bool ok = true;
-      if (g.lane == 0)
-        ok = device::wait_until(
-            [&] {
-              freed = count_of(device::load_acquire_sys(head), epoch);
-              return next < freed + Q;
-            },
-            c.timeout_ns, c.errors, WaitSite{DevicePhase::kCombineSend, dst});
-      alive = __shfl_sync(~0u, ok, 0);
-      consumed = __shfl_sync(~0u, freed, 0);
-      __syncwarp();
-      if (!alive) continue;
-    }
-    write_record(p, queue + int64_t(next % Q) * c.queues.record_bytes, begin + static_cast<int32_t>(next), g.lane);
-  }
-  publish(num_records, true);
+  for (uint32_t next = 0; next < num_records; ++next)
+    if (char* slot = sender.claim(next)) write_record(p, slot, begin + static_cast<int32_t>(next), g.lane);
+  sender.finish(num_records);
 }
 
 // acc[0..7] += the 8 bf16 values of v, in element order, with round-to-nearest float adds.
@@ -214,12 +169,11 @@ __device__ void combine_receive(const CombineParams& p, int channel, uint64_t ep
       }
       bool ok = true;
       if (sent && published <= index) {
-        ok = device::wait_until(
-            [&] {
-              published = count_of(device::load_acquire_sys(tail), epoch);
-              return published > index;
-            },
-            c.timeout_ns, c.errors, WaitSite{DevicePhase::kCombineRecv, lane});
+        uint64_t seen = 0;
+        ok = device::wait_or_report(
+            tail, [&](uint64_t value) { return count_of(value, epoch) > index; }, seen, c.timeout_ns, c.errors,
+            WaitSite{DevicePhase::kCombineRecv, lane});
+        published = count_of(seen, epoch);
       }
       if (!__all_sync(~0u, ok)) {
         if (lane == 0) stop = 1;
@@ -276,8 +230,8 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(const __gri
 }  // namespace kernels
 
 void launch_combine(const CombineParams& params, cudaStream_t stream) {
-  kernels::combine_kernel<<<2 * params.common.queues.num_channels, kCombineThreads, 0, stream>>>(params);
-  EPCOMM_CUDA_CHECK(cudaGetLastError());
+  launch_kernel(kernels::combine_kernel, 2 * params.common.queues.num_channels, kCombineThreads, 0, stream,
+                /*overlap_previous=*/false, params);
 }
 
 }  // namespace epcomm::cuda

@@ -1,5 +1,6 @@
 // Pieces every normal-mode kernel shares: entering and leaving a call (the entry barrier and the
-// device-side call counter), warp-wide copies, and small warp algorithms.
+// device-side call counter), the warp groups and the queue sender of dispatch and combine, warp-wide
+// copies, and small warp algorithms. Memory operations: cuda/device/ptx.cuh.
 #pragma once
 
 #include <cstdint>
@@ -11,15 +12,10 @@
 namespace epcomm::cuda::kernels {
 
 using device::ErrorSink;
+using device::kCopyUnroll;
 using device::WaitSite;
 
 constexpr int kWarpSize = 32;
-
-// 16-byte vectors in flight per lane in a record copy (a build option, so that it can be measured).
-#ifndef EPCOMM_NORMAL_COPY_UNROLL
-#define EPCOMM_NORMAL_COPY_UNROLL 8
-#endif
-constexpr int kCopyUnroll = EPCOMM_NORMAL_COPY_UNROLL;
 // 16-byte vectors per lane a combine receiver reduces at a time (each needs one load per sender).
 #ifndef EPCOMM_NORMAL_REDUCE_UNROLL
 #define EPCOMM_NORMAL_REDUCE_UNROLL 2
@@ -66,8 +62,10 @@ __device__ __forceinline__ bool enter_call(const NormalCommon& c, uint64_t signa
     device::store_release_sys(&ours->epoch, epoch);
     // Peer `tid`'s record in our memory.
     const auto* theirs = at_offset<const CallRecord>(c.peers[c.rank], call_record_offset(parity, tid));
-    const bool arrived = device::wait_until([&] { return device::load_acquire_sys(&theirs->epoch) >= epoch; },
-                                            c.timeout_ns, c.errors, WaitSite{phase, tid});
+    uint64_t seen = 0;
+    const bool arrived = device::wait_or_report(
+        &theirs->epoch, [&](uint64_t value) { return value >= epoch; }, seen, c.timeout_ns, c.errors,
+        WaitSite{phase, tid});
     if (!arrived) {
       atomicOr(&stop, 1);
     } else {
@@ -107,6 +105,82 @@ __device__ __forceinline__ void finish_call(const NormalCommon& c, uint64_t epoc
     }
   }
 }
+
+// The warps of a dispatch or combine block split into one group per peer rank (leftover warps idle).
+struct WarpGroup {
+  int peer;       // destination (sender) or source (receiver); >= R for idle warps
+  int index;      // warp index inside the group
+  int num_warps;  // W
+  int lane;
+  __device__ bool leader() const { return index == 0 && lane == 0; }
+  __device__ void sync() const { device::named_barrier(1 + peer, num_warps * kWarpSize); }
+};
+
+__device__ __forceinline__ WarpGroup make_group(int num_ranks) {
+  const int warp = threadIdx.x / kWarpSize;
+  const int num_warps = (blockDim.x / kWarpSize) / num_ranks;
+  return WarpGroup{warp / num_warps, warp % num_warps, num_warps, static_cast<int>(threadIdx.x % kWarpSize)};
+}
+
+// The sending side of one queue (this rank, channel) in the destination's memory, as dispatch and
+// combine drive it: records 0, 1, ... in order, record j written by warp j % W of the group. Every
+// chunk_tokens records the group meets at its named barrier and the leader publishes the tail
+// (release); a warp waits for ring space by polling the head the receiver writes into OUR memory
+// (acquire). finish() publishes the count with the done bit. Every warp of the group calls claim()
+// for every record, in order (the publications are group barriers).
+struct QueueSender {
+  const NormalCommon& c;
+  const WarpGroup& g;
+  uint64_t epoch;
+  DevicePhase phase;
+  char* queue;                           // slot 0 of the queue, in the destination's memory
+  uint64_t* tail;                        // in the destination's memory
+  const uint64_t* head;                  // in ours
+  uint32_t published = 0, consumed = 0;  // records published; records the receiver freed (as last seen)
+  bool alive = true;                     // false once a wait gave up: this warp writes nothing more
+
+  __device__ QueueSender(const NormalCommon& common, const WarpGroup& group, int channel, uint64_t call_epoch,
+                         DevicePhase call_phase)
+      : c(common),
+        g(group),
+        epoch(call_epoch),
+        phase(call_phase),
+        queue(common.peers[group.peer] + common.queues.queue_offset(common.rank, channel)),
+        tail(at_offset<uint64_t>(common.peers[group.peer], tail_offset(common.rank, channel))),
+        head(at_offset<const uint64_t>(common.peers[common.rank], head_offset(group.peer, channel))) {}
+
+  // The slot of record `next` when this warp writes it (its ring space is free), else null.
+  __device__ __forceinline__ char* claim(uint32_t next) {
+    const uint32_t Q = static_cast<uint32_t>(c.queues.queue_tokens);
+    if (next - published >= static_cast<uint32_t>(c.chunk_tokens)) {
+      publish(next, false);
+      published = next;
+    }
+    if (static_cast<int>(next % g.num_warps) != g.index || !alive) return nullptr;
+    if (next >= consumed + Q) {  // wait until the receiver freed the slot
+      uint64_t seen = 0;
+      bool ok = true;
+      if (g.lane == 0)
+        ok = device::wait_or_report(
+            head, [&](uint64_t value) { return next < count_of(value, epoch) + Q; }, seen, c.timeout_ns, c.errors,
+            WaitSite{phase, g.peer});
+      alive = __shfl_sync(~0u, ok, 0);
+      consumed = __shfl_sync(~0u, g.lane == 0 ? count_of(seen, epoch) : consumed, 0);
+      __syncwarp();
+      if (!alive) return nullptr;
+    }
+    return queue + int64_t(next % Q) * c.queues.record_bytes;
+  }
+
+  // The last publication: `count` records, done.
+  __device__ __forceinline__ void finish(uint32_t count) { publish(count, true); }
+
+ private:
+  __device__ __forceinline__ void publish(uint32_t count, bool done) {
+    g.sync();  // every record below `count` is written
+    if (g.leader() && !device::aborted(c.errors)) device::store_release_sys(tail, pack_tail(epoch, count, done));
+  }
+};
 
 // Warp-wide copy of `num_vectors` 16-byte vectors, kUnroll loads in flight per lane before their
 // stores (lane l moves vectors l, l + 32, ...; one base address per lane, immediate offsets).

@@ -3,18 +3,18 @@
 // its destination ranks once, into the queue (this rank, c) in the destination's memory.
 //
 // Sender block: the warps form one group per destination rank. A group walks the channel's tokens in
-// order, 32 at a time (a ballot over is_token_in_rank picks those for its destination); record j of
-// the queue is written by warp j % W of the group, 16-byte stores straight into the peer's memory.
-// Every chunk_tokens records the group meets at a named barrier and its first thread publishes the
-// tail (release); a warp waits for ring space by polling the head the receiver writes into OUR
-// memory (acquire). The last publication carries the done bit.
+// order, 32 at a time (a ballot over is_token_in_rank picks those for its destination) and hands
+// each record to its QueueSender (common.cuh): record j of the queue is written by warp j % W of the
+// group, 16-byte stores straight into the peer's memory, published per chunk_tokens records
+// (release), ring space awaited on the head the receiver writes into OUR memory (acquire). The last
+// publication carries the done bit.
 //
 // Receiver block: one group per source rank. The group's first thread polls the tail in our memory
 // (acquire), the group copies every published record to its row (the row travels in the record:
 // the sender knows it from rank_prefix_matrix and its channel prefix, or from the handle's send_row),
 // then the first thread returns the head to the sender (release) — one round trip per batch of
 // records, not per token.
-#include "core/cuda_check.hpp"
+#include "cuda/device/launch.hpp"
 #include "cuda/normal/kernels/common.cuh"
 #include "cuda/normal/launch.hpp"
 
@@ -23,22 +23,6 @@ namespace kernels {
 namespace {
 
 constexpr uint64_t kStopped = ~uint64_t(0);
-
-// The warps of a block split into one group per peer rank (leftover warps idle).
-struct WarpGroup {
-  int peer;       // destination (sender) or source (receiver); >= R for idle warps
-  int index;      // warp index inside the group
-  int num_warps;  // W
-  int lane;
-  __device__ bool leader() const { return index == 0 && lane == 0; }
-  __device__ void sync() const { device::named_barrier(1 + peer, num_warps * kWarpSize); }
-};
-
-__device__ __forceinline__ WarpGroup make_group(int num_ranks) {
-  const int warp = threadIdx.x / kWarpSize;
-  const int num_warps = (blockDim.x / kWarpSize) / num_ranks;
-  return WarpGroup{warp / num_warps, warp % num_warps, num_warps, static_cast<int>(threadIdx.x % kWarpSize)};
-}
 
 // One token's record, written by one warp into a queue slot (the slot may be in a peer's memory).
 // The small loads (top-k, weights, the first scales) are issued before the payload copy so that
@@ -79,54 +63,27 @@ __device__ void dispatch_send(const DispatchParams& p, int channel, uint64_t epo
   const WarpGroup g = make_group(R);
   if (g.peer >= R) return;
   const int dst = g.peer;
-  const uint32_t Q = static_cast<uint32_t>(c.queues.queue_tokens);
-  char* queue = c.peers[dst] + c.queues.queue_offset(me, channel);
-  uint64_t* tail = at_offset<uint64_t>(c.peers[dst], tail_offset(me, channel));
-  const uint64_t* head = at_offset<const uint64_t>(c.peers[me], head_offset(dst, channel));
+  QueueSender sender(c, g, channel, epoch, DevicePhase::kDispatchSend);
   const TokenRange range = channel_tokens(p.num_tokens, c.queues.num_channels, channel);
   const int32_t first_row =
       p.cached ? 0 : (me == 0 ? 0 : p.rank_prefix_matrix[(me - 1) * R + dst]) + c.state->channel_prefix[channel][dst];
 
-  auto publish = [&](uint32_t count, bool done) {
-    g.sync();  // every record below `count` is written
-    if (g.leader() && !device::aborted(c.errors)) device::store_release_sys(tail, pack_tail(epoch, count, done));
-  };
-
-  uint32_t next = 0, published = 0, consumed = 0;  // records: written (all warps), published, freed
-  bool alive = true;
+  uint32_t next = 0;  // records written (by all warps of the group)
   for (int window = range.begin; window < range.end; window += kWarpSize) {
     const int t = window + g.lane;
     const bool routed = t < range.end && p.in_rank[int64_t(t) * R + dst] != 0;
     const uint32_t mask = __ballot_sync(~0u, routed);
     const int n = __popc(mask);
     for (int j = 0; j < n; ++j, ++next) {
-      if (next - published >= static_cast<uint32_t>(c.chunk_tokens)) {
-        publish(next, false);
-        published = next;
-      }
-      if (static_cast<int>(next % g.num_warps) != g.index || !alive) continue;
-      if (next >= consumed + Q) {  // wait until the receiver freed the slot
-        uint32_t freed = consumed;
-        bool ok = true;
-        if (g.lane == 0)
-          ok = device::wait_until(
-              [&] {
-                freed = count_of(device::load_acquire_sys(head), epoch);
-                return next < freed + Q;
-              },
-              c.timeout_ns, c.errors, WaitSite{DevicePhase::kDispatchSend, dst});
-        alive = __shfl_sync(~0u, ok, 0);
-        consumed = __shfl_sync(~0u, freed, 0);
-        __syncwarp();
-        if (!alive) continue;
-      }
+      char* slot = sender.claim(next);
+      if (slot == nullptr) continue;
       const int token = window + static_cast<int>(__fns(mask, 0, j + 1));
       const int32_t row = p.cached ? p.send_row[int64_t(token) * R + dst] : first_row + static_cast<int32_t>(next);
-      write_record(p, queue + int64_t(next % Q) * c.queues.record_bytes, token, row, g.lane);
+      write_record(p, slot, token, row, g.lane);
       if (!p.cached && g.lane == 0) p.send_row[int64_t(token) * R + dst] = row;
     }
   }
-  publish(next, true);
+  sender.finish(next);
 }
 
 // Copies one received record to its row.
@@ -196,11 +153,8 @@ __device__ void dispatch_receive(const DispatchParams& p, int channel, uint64_t 
   while (true) {
     if (g.leader()) {
       uint64_t seen = 0;
-      const bool ok = device::wait_until(
-          [&] {
-            seen = device::load_acquire_sys(tail);
-            return count_of(seen, epoch) > consumed || done_of(seen, epoch);
-          },
+      const bool ok = device::wait_or_report(
+          tail, [&](uint64_t value) { return count_of(value, epoch) > consumed || done_of(value, epoch); }, seen,
           c.timeout_ns, c.errors, WaitSite{DevicePhase::kDispatchRecv, source});
       *shared_tail = ok ? seen : kStopped;
     }
@@ -243,8 +197,8 @@ __global__ void __launch_bounds__(kDispatchThreads, 1) dispatch_kernel(const __g
 }  // namespace kernels
 
 void launch_dispatch(const DispatchParams& params, cudaStream_t stream) {
-  kernels::dispatch_kernel<<<2 * params.common.queues.num_channels, kDispatchThreads, 0, stream>>>(params);
-  EPCOMM_CUDA_CHECK(cudaGetLastError());
+  launch_kernel(kernels::dispatch_kernel, 2 * params.common.queues.num_channels, kDispatchThreads, 0, stream,
+                /*overlap_previous=*/false, params);
 }
 
 }  // namespace epcomm::cuda

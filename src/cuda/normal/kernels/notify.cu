@@ -6,7 +6,7 @@
 //   3. wait for every peer's record (acquire), bounded;
 //   4. rank_prefix_matrix and the handle's meta, the num_worst_tokens check (every rank checks every
 //      receiver, so all raise it together), and for the host: tokens and per-expert counts received.
-#include "core/cuda_check.hpp"
+#include "cuda/device/launch.hpp"
 #include "cuda/normal/kernels/common.cuh"
 #include "cuda/normal/launch.hpp"
 
@@ -87,8 +87,10 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_kernel(const __grid_
   const char* mine = c.peers[me];
   if (tid < R) {
     const auto* record = at_offset<const CallRecord>(mine, call_record_offset(parity, tid));
-    const bool arrived = device::wait_until([&] { return device::load_acquire_sys(&record->epoch) >= epoch; },
-                                            c.timeout_ns, c.errors, WaitSite{DevicePhase::kNotify, tid});
+    uint64_t seen = 0;
+    const bool arrived = device::wait_or_report(
+        &record->epoch, [&](uint64_t value) { return value >= epoch; }, seen, c.timeout_ns, c.errors,
+        WaitSite{DevicePhase::kNotify, tid});
     if (!arrived) {
       atomicOr(&failed, 1);
     } else {
@@ -170,8 +172,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_kernel(const __grid_
 }  // namespace kernels
 
 void launch_notify(const NotifyParams& params, cudaStream_t stream) {
-  kernels::notify_kernel<<<1, kNotifyThreads, 0, stream>>>(params);
-  EPCOMM_CUDA_CHECK(cudaGetLastError());
+  launch_kernel(kernels::notify_kernel, 1, kNotifyThreads, 0, stream, /*overlap_previous=*/false, params);
 }
 
 }  // namespace epcomm::cuda

@@ -5,7 +5,7 @@
 //
 // A bad index (outside [-1, E)) is reported (kBadIndex) and treated as -1: the kernels of the call
 // still finish, so the peers of a dispatch are not left waiting; the host then throws.
-#include "core/cuda_check.hpp"
+#include "cuda/device/launch.hpp"
 #include "cuda/normal/kernels/common.cuh"
 #include "cuda/normal/launch.hpp"
 
@@ -120,8 +120,8 @@ void launch_routing(const RoutingParams& params, int num_blocks, cudaStream_t st
   const int N = params.num_ranks / params.ranks_per_node;
   const bool experts_shared = params.expert_counts != nullptr && params.num_experts <= kernels::kSharedExperts;
   const size_t shared_bytes = sizeof(int32_t) * (params.num_ranks + N + (experts_shared ? params.num_experts : 0) + 1);
-  kernels::routing_kernel<<<num_blocks, kRoutingThreads, shared_bytes, stream>>>(params);
-  EPCOMM_CUDA_CHECK(cudaGetLastError());
+  launch_kernel(kernels::routing_kernel, num_blocks, kRoutingThreads, shared_bytes, stream, /*overlap_previous=*/false,
+                params);
 }
 
 }  // namespace epcomm::cuda
