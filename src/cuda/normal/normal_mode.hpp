@@ -16,8 +16,8 @@
 #include <vector>
 
 #include "cuda/cuda_context.hpp"
-#include "cuda/normal/normal_memory.hpp"
 #include "cuda/normal/call_support.hpp"
+#include "cuda/normal/normal_memory.hpp"
 #include "cuda/normal/params.hpp"
 
 namespace epcomm::cuda {
