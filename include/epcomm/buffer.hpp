@@ -12,12 +12,18 @@
 //
 // Construction and destroy() are collective over the Bootstrap's group; so is every operation.
 // A Buffer is not thread-safe: one thread drives it.
+//
+// Fail-safe (SPEC §5): a bad input on one rank is reported to its peers within the same call (all
+// ranks raise, the Buffer stays usable); a timeout, a peer failure or a kernel-detected error inside a
+// call marks the Buffer failed: every later operation throws Error(kBufferFailed) naming that first
+// cause, destroy() still releases everything, and a new Buffer works.
 #pragma once
 
 #include <chrono>
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <string>
 
 #include "epcomm/bootstrap.hpp"
 #include "epcomm/config.hpp"
@@ -59,6 +65,7 @@ struct BufferOptions {
 };
 
 class Backend;  // internal
+enum class CollectiveKind : int32_t;  // internal (core/backend.hpp)
 
 class Buffer {
  public:
@@ -69,8 +76,13 @@ class Buffer {
   Buffer(const Buffer&) = delete;
   Buffer& operator=(const Buffer&) = delete;
 
-  // Collective. Releases everything; further calls throw. Idempotent.
+  // Collective. Releases everything; further calls throw. Idempotent. Works on a failed Buffer.
+  // With enable_shrink, ranks masked with low_latency_update_mask_buffer are not waited for, and a
+  // rank masked in its own mask leaves without waiting for anyone.
   void destroy();
+
+  // The first cause of the failed state, or "" while the Buffer is usable.
+  std::string failure() const;
 
   int rank() const;
   int num_ranks() const;
@@ -113,10 +125,23 @@ class Buffer {
                           bool rdma_memory) const;
 
  private:
+  // The backend while the Buffer is not destroyed (accessors).
   Backend& live_backend(const char* operation) const;
+  // The backend for an operation: also throws kBufferFailed once the Buffer failed.
+  Backend& usable_backend(const char* operation) const;
+  // Runs an operation's backend work; a timeout / peer failure / internal error marks the Buffer failed.
+  template <class Work>
+  auto guarded(const char* operation, Work&& work);
+  // Runs the front checks of a collective call; a failure is first reported to the peers (reject_call).
+  template <class Check>
+  auto checked(Backend& backend, CollectiveKind kind, Check&& check);
+  void reject(Backend& backend, CollectiveKind kind, const Error& error);
+  void note_failure(const char* operation, const Error& error);
+  void mark_failed(const std::string& cause);
 
   std::unique_ptr<Backend> backend_;
   BufferOptions options_;
+  mutable std::string failure_;  // first cause of the failed state; "" = usable
 };
 
 }  // namespace epcomm

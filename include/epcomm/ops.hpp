@@ -48,7 +48,9 @@ struct DispatchHandle {
   Tensor send_row;                            // [T, R] int32: row of token t in rank r's recv_x, or -1
   Tensor recv_src_idx;                        // [num_recv] int32: each received row's token index on its source
   std::shared_ptr<const void> backend_state;  // the backend's own (e.g. per-channel prefixes)
-  const void* owner = nullptr;                // the Buffer that made it (checked on use)
+  // The unique id of the Buffer that made it (a process-wide counter, never reused: a handle of a
+  // destroyed Buffer is rejected by a new one even at the same address). Checked on use.
+  uint64_t buffer_id = 0;
 };
 
 struct DispatchInputs {
@@ -123,6 +125,9 @@ struct LowLatencyHandle {
   int num_max_dispatch_tokens_per_rank = 0;
   int hidden = 0;
   int num_experts = 0;
+  // The unique id of the Buffer whose low_latency_dispatch made it; 0 = unknown (a handle rebuilt
+  // from DeepEP's tuple), accepted on the strength of its shape checks alone.
+  uint64_t buffer_id = 0;
 };
 
 struct LowLatencyDispatchInputs {

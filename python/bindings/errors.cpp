@@ -15,6 +15,7 @@ struct ErrorTypes {
   PyObject* peer_failure = nullptr;
   PyObject* out_of_capacity = nullptr;
   PyObject* internal = nullptr;
+  PyObject* buffer_failed = nullptr;
 };
 
 ErrorTypes g_types;  // owned by the module object (one reference each, never released)
@@ -41,6 +42,8 @@ PyObject* type_for(ErrorCode code) {
       return g_types.out_of_capacity;
     case ErrorCode::kInternal:
       return g_types.internal;
+    case ErrorCode::kBufferFailed:
+      return g_types.buffer_failed;
   }
   return g_types.base;
 }
@@ -67,6 +70,10 @@ void bind_errors(py::module_& m) {
       new_exception(m, "OutOfCapacityError", bases({g_types.base}),
                     "The communication buffer (or num_worst_tokens) is too small; states the size needed.");
   g_types.internal = new_exception(m, "InternalError", bases({g_types.base}), "A CUDA or system call failed.");
+  g_types.buffer_failed =
+      new_exception(m, "BufferFailed", bases({g_types.base}),
+                    "An earlier call failed the Buffer (a timeout, a peer failure, a kernel-detected error): every "
+                    "later call raises this, naming the first cause, until destroy(); a new Buffer works.");
 
   py::register_exception_translator([](std::exception_ptr error) {
     try {

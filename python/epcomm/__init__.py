@@ -9,7 +9,7 @@ A gloo group runs the CPU backend (CPU tensors), an NCCL group the CUDA backend 
 import torch  # first: loads the CUDA runtime libepcomm links against, when torch has one
 
 from . import _C
-from ._C import (Error, InternalError, InvalidArgumentError, OutOfCapacityError, PeerFailureError, TimeoutError,
+from ._C import (BufferFailed, Error, InternalError, InvalidArgumentError, OutOfCapacityError, PeerFailureError, TimeoutError,
                  UnsupportedError)
 from .buffer import Buffer, DispatchHandle
 from .config import Config
@@ -22,4 +22,5 @@ __version__ = _C.__version__
 __all__ = [
     "Buffer", "Config", "EventOverlap", "EventHandle", "DispatchHandle", "topk_idx_t", "Error", "InvalidArgumentError",
     "UnsupportedError", "TimeoutError", "PeerFailureError", "OutOfCapacityError", "InternalError",
+    "BufferFailed",
 ]

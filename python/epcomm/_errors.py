@@ -1,7 +1,9 @@
 """Errors raised by the Python layer itself, in the same classes and format as the C++ core's."""
 from __future__ import annotations
 
-from ._C import InvalidArgumentError, UnsupportedError
+from ._C import BufferFailed, InvalidArgumentError, UnsupportedError
+
+__all__ = ["BufferFailed", "invalid_argument", "unsupported"]
 
 
 def invalid_argument(op: str, arg: str, message: str) -> InvalidArgumentError:

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <memory>
+#include <string>
 
 #include "epcomm/bootstrap.hpp"
 #include "epcomm/buffer.hpp"
@@ -73,9 +74,30 @@ struct LowLatencyCombineArgs {
   Allocator* allocator = nullptr;
 };
 
+// The collective calls of a Buffer, as the fail-safe protocol names them (SPEC §5): every rank of a
+// call carries its number and kind in what it exchanges with its peers.
+enum class CollectiveKind : int32_t {
+  kDispatch = 1,
+  kCachedDispatch = 2,
+  kCombine = 3,
+  kLowLatencyDispatch = 4,
+  kLowLatencyCombine = 5,
+  kCleanLowLatency = 6,
+};
+const char* to_string(CollectiveKind kind);
+// Normal-mode calls share one numbering, low-latency calls another (they use separate protocols).
+inline bool is_low_latency(CollectiveKind kind) { return kind >= CollectiveKind::kLowLatencyDispatch; }
+
+// A new id for each Backend (a process-wide counter from 1): what handles carry to name their Buffer.
+uint64_t next_buffer_id();
+
 class Backend {
  public:
+  Backend() : id_(next_buffer_id()) {}
   virtual ~Backend() = default;
+
+  // Unique in the process, never reused.
+  uint64_t id() const { return id_; }
 
   virtual const GroupGeometry& geometry() const = 0;
   virtual Device device() const = 0;
@@ -103,9 +125,29 @@ class Backend {
   // finish first). Backends whose calls report every error before returning do nothing.
   virtual void check_errors() {}
 
+  // The front found this rank's inputs of a collective call bad (`error`). The backend
+  // still takes part in the call's exchange with a "rejected" status, so that every peer raises
+  // "rank r rejected its inputs: ..." at the same call and the call numbers stay matched. Returns
+  // false when this backend cannot tell its peers (the front then marks the Buffer failed, since
+  // its peers may pair this rank's next call with this one). May throw a timeout.
+  virtual bool reject_call(CollectiveKind kind, const Error& error) {
+    (void)kind;
+    (void)error;
+    return false;
+  }
+
+  // The front marked the Buffer failed (`cause`): publish it so that peers waiting for this rank
+  // raise kPeerFailure at once instead of timing out. Never throws.
+  virtual void mark_failed(const std::string& cause) noexcept { (void)cause; }
+  // A failure the backend found outside the front (e.g. in a receive hook), or "".
+  virtual std::string failure() const { return {}; }
+
   // collective = true: synchronises with the peers before releasing (Buffer::destroy);
   // false: releases local resources only (destructor). Idempotent, never throws when !collective.
   virtual void destroy(bool collective) = 0;
+
+ private:
+  const uint64_t id_;
 };
 
 // Factories; each throws Error(kUnsupported) when the backend is not compiled in.

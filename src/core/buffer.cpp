@@ -1,6 +1,7 @@
 // The front of every operation: resolve defaults, check arguments once, hand over to the backend.
 #include "epcomm/buffer.hpp"
 
+#include <atomic>
 #include <cstdlib>
 #include <vector>
 
@@ -57,6 +58,29 @@ GroupGeometry make_geometry(const Bootstrap& bootstrap, const BufferOptions& opt
 
 }  // namespace
 
+const char* to_string(CollectiveKind kind) {
+  switch (kind) {
+    case CollectiveKind::kDispatch:
+      return "dispatch";
+    case CollectiveKind::kCachedDispatch:
+      return "cached dispatch";
+    case CollectiveKind::kCombine:
+      return "combine";
+    case CollectiveKind::kLowLatencyDispatch:
+      return "low_latency_dispatch";
+    case CollectiveKind::kLowLatencyCombine:
+      return "low_latency_combine";
+    case CollectiveKind::kCleanLowLatency:
+      return "clean_low_latency_buffer";
+  }
+  return "an unknown call";
+}
+
+uint64_t next_buffer_id() {
+  static std::atomic<uint64_t> last{0};
+  return ++last;
+}
+
 const char* to_string(BackendKind kind) { return kind == BackendKind::kCpu ? "cpu" : "cuda"; }
 
 bool backend_available(BackendKind kind) {
@@ -93,6 +117,70 @@ Backend& Buffer::live_backend(const char* operation) const {
   return *backend_;
 }
 
+Backend& Buffer::usable_backend(const char* operation) const {
+  Backend& backend = live_backend(operation);
+  if (failure_.empty()) failure_ = backend.failure();  // e.g. a receive hook that timed out
+  if (!failure_.empty())
+    throw_error(ErrorCode::kBufferFailed,
+                concat(operation, ": the Buffer failed in an earlier call and can only be destroyed (a new Buffer ",
+                       "then works); first cause: ", failure_));
+  return backend;
+}
+
+std::string Buffer::failure() const {
+  if (failure_.empty() && backend_) failure_ = backend_->failure();
+  return failure_;
+}
+
+void Buffer::mark_failed(const std::string& cause) {
+  if (!failure_.empty()) return;  // the first cause is the one worth naming
+  failure_ = cause;
+  if (backend_) backend_->mark_failed(cause);
+}
+
+// Input errors leave the Buffer usable (every rank of the call raised them); anything that may have
+// left the peers and this rank at different points of the protocol does not.
+void Buffer::note_failure(const char* operation, const Error& error) {
+  const ErrorCode code = error.code();
+  if (code == ErrorCode::kTimeout || code == ErrorCode::kPeerFailure || code == ErrorCode::kInternal)
+    mark_failed(concat("rank ", backend_ ? backend_->geometry().rank : -1, " in ", operation, ": ", error.what()));
+}
+
+template <class Work>
+auto Buffer::guarded(const char* operation, Work&& work) {
+  Backend& backend = usable_backend(operation);
+  try {
+    return work(backend);
+  } catch (const Error& error) {
+    note_failure(operation, error);
+    throw;
+  }
+}
+
+void Buffer::reject(Backend& backend, CollectiveKind kind, const Error& error) {
+  bool told = false;
+  try {
+    told = backend.reject_call(kind, error);
+  } catch (const Error& lost) {
+    note_failure(to_string(kind), lost);  // e.g. a peer never came to the call: the user still sees `error`
+    return;
+  }
+  if (!told && backend.geometry().num_ranks > 1)
+    mark_failed(concat("rank ", backend.geometry().rank, " rejected its inputs of ", to_string(kind), " (",
+                       error.what(), ") and this backend cannot yet tell its peers within the call, so they could ",
+                       "pair its next call with this one"));
+}
+
+template <class Check>
+auto Buffer::checked(Backend& backend, CollectiveKind kind, Check&& check) {
+  try {
+    return check();
+  } catch (const Error& error) {
+    reject(backend, kind, error);
+    throw;
+  }
+}
+
 int Buffer::rank() const { return live_backend("rank").geometry().rank; }
 int Buffer::num_ranks() const { return live_backend("num_ranks").geometry().num_ranks; }
 int Buffer::ranks_per_node() const { return live_backend("ranks_per_node").geometry().ranks_per_node; }
@@ -102,91 +190,119 @@ StreamHandle Buffer::comm_stream() const { return live_backend("comm_stream").co
 
 namespace {
 CheckContext context_of(const Backend& backend, const BufferOptions& options) {
-  return CheckContext{backend.geometry(), backend.device(), &backend, options};
+  return CheckContext{backend.geometry(), backend.device(), backend.id(), options};
 }
 }  // namespace
 
 LayoutResult Buffer::get_dispatch_layout(const TensorView& topk_idx, int num_experts, const StreamOptions& stream) {
-  Backend& backend = live_backend("get_dispatch_layout");
-  const LayoutArgs args = check_layout(context_of(backend, options_), topk_idx, num_experts);
-  return backend.layout(args, stream);
+  // Local (no peer is involved): its input errors are this rank's only.
+  return guarded("get_dispatch_layout", [&](Backend& backend) {
+    const LayoutArgs args = check_layout(context_of(backend, options_), topk_idx, num_experts);
+    return backend.layout(args, stream);
+  });
 }
 
 DispatchResult Buffer::dispatch(const DispatchInputs& inputs, const StreamOptions& stream) {
-  Backend& backend = live_backend("dispatch");
-  DispatchArgs args = check_dispatch(context_of(backend, options_), inputs);
-  args.allocator = stream.allocator ? stream.allocator : &default_allocator();
-  return backend.dispatch(args, stream);
+  const CollectiveKind kind = inputs.handle ? CollectiveKind::kCachedDispatch : CollectiveKind::kDispatch;
+  return guarded("dispatch", [&](Backend& backend) {
+    DispatchArgs args = checked(backend, kind, [&] { return check_dispatch(context_of(backend, options_), inputs); });
+    args.allocator = stream.allocator ? stream.allocator : &default_allocator();
+    return backend.dispatch(args, stream);
+  });
 }
 
 CombineResult Buffer::combine(const CombineInputs& inputs, const StreamOptions& stream) {
-  Backend& backend = live_backend("combine");
-  CombineArgs args = check_combine(context_of(backend, options_), inputs);
-  args.allocator = stream.allocator ? stream.allocator : &default_allocator();
-  return backend.combine(args, stream);
+  return guarded("combine", [&](Backend& backend) {
+    CombineArgs args = checked(backend, CollectiveKind::kCombine,
+                               [&] { return check_combine(context_of(backend, options_), inputs); });
+    args.allocator = stream.allocator ? stream.allocator : &default_allocator();
+    return backend.combine(args, stream);
+  });
 }
 
-void Buffer::check_errors() { live_backend("check_errors").check_errors(); }
+void Buffer::check_errors() {
+  guarded("check_errors", [&](Backend& backend) { backend.check_errors(); });
+}
 
 LowLatencyDispatchResult Buffer::low_latency_dispatch(const LowLatencyDispatchInputs& inputs,
                                                       const LowLatencyOptions& options) {
-  Backend& backend = live_backend("low_latency_dispatch");
-  LowLatencyDispatchArgs args = check_low_latency_dispatch(context_of(backend, options_), inputs, options);
-  args.allocator = options.allocator ? options.allocator : &default_allocator();
-  return backend.low_latency_dispatch(args, options);
+  return guarded("low_latency_dispatch", [&](Backend& backend) {
+    LowLatencyDispatchArgs args = checked(backend, CollectiveKind::kLowLatencyDispatch, [&] {
+      return check_low_latency_dispatch(context_of(backend, options_), inputs, options);
+    });
+    args.allocator = options.allocator ? options.allocator : &default_allocator();
+    LowLatencyDispatchResult result = backend.low_latency_dispatch(args, options);
+    result.handle.buffer_id = backend.id();
+    return result;
+  });
 }
 
 LowLatencyCombineResult Buffer::low_latency_combine(const LowLatencyCombineInputs& inputs,
                                                     const LowLatencyOptions& options) {
-  Backend& backend = live_backend("low_latency_combine");
-  LowLatencyCombineArgs args = check_low_latency_combine(context_of(backend, options_), inputs, options);
-  args.allocator = options.allocator ? options.allocator : &default_allocator();
-  return backend.low_latency_combine(args, options);
+  return guarded("low_latency_combine", [&](Backend& backend) {
+    LowLatencyCombineArgs args = checked(backend, CollectiveKind::kLowLatencyCombine, [&] {
+      return check_low_latency_combine(context_of(backend, options_), inputs, options);
+    });
+    args.allocator = options.allocator ? options.allocator : &default_allocator();
+    return backend.low_latency_combine(args, options);
+  });
 }
 
 TensorView Buffer::next_low_latency_combine_buffer(const LowLatencyHandle& handle) {
-  Backend& backend = live_backend("get_next_low_latency_combine_buffer");
-  const CheckContext ctx = context_of(backend, options_);
-  check_low_latency_handle(ctx, handle, "get_next_low_latency_combine_buffer");
-  require(options_.low_latency_mode, "get_next_low_latency_combine_buffer", "Buffer",
-          "was not created with low_latency_mode=True");
-  return backend.next_low_latency_combine_buffer(handle);
+  return guarded("get_next_low_latency_combine_buffer", [&](Backend& backend) {
+    const CheckContext ctx = context_of(backend, options_);
+    check_low_latency_handle(ctx, handle, "get_next_low_latency_combine_buffer");
+    require(options_.low_latency_mode, "get_next_low_latency_combine_buffer", "Buffer",
+            "was not created with low_latency_mode=True");
+    return backend.next_low_latency_combine_buffer(handle);
+  });
 }
 
 void Buffer::clean_low_latency_buffer(int max_tokens_per_rank, int hidden, int num_experts, StreamHandle stream) {
-  Backend& backend = live_backend("clean_low_latency_buffer");
   const char* op = "clean_low_latency_buffer";
-  require(options_.low_latency_mode, op, "Buffer", "was not created with low_latency_mode=True");
-  const int64_t needed = low_latency_buffer_size_hint(max_tokens_per_rank, hidden, num_ranks(), num_experts);
-  if (needed > options_.num_rdma_bytes)
-    throw_error(ErrorCode::kOutOfCapacity, concat(op, ": num_rdma_bytes: the buffer has ", options_.num_rdma_bytes,
-                                                  " bytes, these sizes need ", needed));
-  backend.clean_low_latency_buffer(max_tokens_per_rank, hidden, num_experts, stream);
+  guarded(op, [&](Backend& backend) {
+    checked(backend, CollectiveKind::kCleanLowLatency, [&] {
+      require(options_.low_latency_mode, op, "Buffer", "was not created with low_latency_mode=True");
+      const int64_t needed =
+          low_latency_buffer_size_hint(max_tokens_per_rank, hidden, backend.geometry().num_ranks, num_experts);
+      if (needed > options_.num_rdma_bytes)
+        throw_error(ErrorCode::kOutOfCapacity, concat(op, ": num_rdma_bytes: the buffer has ", options_.num_rdma_bytes,
+                                                      " bytes, these sizes need ", needed));
+      return 0;
+    });
+    backend.clean_low_latency_buffer(max_tokens_per_rank, hidden, num_experts, stream);
+  });
 }
 
 void Buffer::low_latency_update_mask_buffer(int rank, bool mask, StreamHandle stream) {
-  Backend& backend = live_backend("low_latency_update_mask_buffer");
   const char* op = "low_latency_update_mask_buffer";
-  require(options_.enable_shrink, op, "Buffer", "was not created with enable_shrink=True");
-  require(rank >= 0 && rank < num_ranks(), op, "rank", "expected 0..", num_ranks() - 1, ", got ", rank);
-  backend.update_mask(rank, mask, stream);
+  guarded(op, [&](Backend& backend) {
+    require(options_.enable_shrink, op, "Buffer", "was not created with enable_shrink=True");
+    const int R = backend.geometry().num_ranks;
+    require(rank >= 0 && rank < R, op, "rank", "expected 0..", R - 1, ", got ", rank);
+    backend.update_mask(rank, mask, stream);
+  });
 }
 
 TensorView Buffer::low_latency_query_mask_buffer() {
-  Backend& backend = live_backend("low_latency_query_mask_buffer");
-  require(options_.enable_shrink, "low_latency_query_mask_buffer", "Buffer", "was not created with enable_shrink=True");
-  return backend.query_mask();
+  return guarded("low_latency_query_mask_buffer", [&](Backend& backend) {
+    require(options_.enable_shrink, "low_latency_query_mask_buffer", "Buffer",
+            "was not created with enable_shrink=True");
+    return backend.query_mask();
+  });
 }
 
 void Buffer::low_latency_clean_mask_buffer(StreamHandle stream) {
-  Backend& backend = live_backend("low_latency_clean_mask_buffer");
-  require(options_.enable_shrink, "low_latency_clean_mask_buffer", "Buffer", "was not created with enable_shrink=True");
-  backend.clean_mask(stream);
+  guarded("low_latency_clean_mask_buffer", [&](Backend& backend) {
+    require(options_.enable_shrink, "low_latency_clean_mask_buffer", "Buffer",
+            "was not created with enable_shrink=True");
+    backend.clean_mask(stream);
+  });
 }
 
 TensorView Buffer::local_buffer(DType dtype, int64_t offset_bytes, std::optional<int64_t> num_elements,
                                 bool rdma_memory) const {
-  const Backend& backend = live_backend("get_local_buffer_tensor");
+  const Backend& backend = usable_backend("get_local_buffer_tensor");
   const char* op = "get_local_buffer_tensor";
   const int64_t total = rdma_memory ? options_.num_rdma_bytes : options_.num_nvl_bytes;
   const int64_t elem = static_cast<int64_t>(dtype_size(dtype));

@@ -18,6 +18,8 @@ const char* to_string(ErrorCode code) {
       return "not supported";
     case ErrorCode::kInternal:
       return "internal error";
+    case ErrorCode::kBufferFailed:
+      return "buffer failed";
   }
   return "unknown error";
 }

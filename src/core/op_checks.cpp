@@ -35,7 +35,17 @@ void check_optional_vector(const CheckContext& ctx, const std::optional<TensorVi
 
 void check_handle_owner(const CheckContext& ctx, const DispatchHandle* handle, const char* op) {
   require(handle != nullptr, op, "handle", "expected the handle returned by dispatch, got none");
-  require(handle->owner == ctx.owner, op, "handle", "was made by another Buffer (or a destroyed one)");
+  require(handle->buffer_id == ctx.buffer_id, op, "handle", "was made by another Buffer (or a destroyed one): its ",
+          "Buffer id is ", handle->buffer_id, ", this Buffer's is ", ctx.buffer_id);
+  // Never reached with a handle of this Buffer; a guard against hand-made or corrupted handles, whose
+  // tensors every later step would index by R.
+  const int64_t R = ctx.geometry.num_ranks, T = handle->num_tokens;
+  require(handle->num_ranks == R, op, "handle", "was made for ", handle->num_ranks, " ranks, this Buffer has ", R);
+  require(handle->backend_state != nullptr && handle->rank_prefix_matrix.numel() == R * R &&
+              handle->is_token_in_rank.numel() == T * R && handle->send_row.numel() == T * R &&
+              handle->recv_src_idx.numel() == handle->num_recv_tokens,
+          op, "handle", "its tensors do not match its sizes (R = ", R, ", T = ", T, ", ", handle->num_recv_tokens,
+          " received rows)");
 }
 
 void check_fresh_routing(const CheckContext& ctx, const DispatchInputs& in, DispatchArgs& args) {
@@ -227,6 +237,9 @@ LowLatencyDispatchArgs check_low_latency_dispatch(const CheckContext& ctx, const
 
 void check_low_latency_handle(const CheckContext& ctx, const LowLatencyHandle& h, const char* op) {
   const GroupGeometry& g = ctx.geometry;
+  require(h.buffer_id == 0 || h.buffer_id == ctx.buffer_id, op, "handle",
+          "was made by another Buffer (or a destroyed one): its Buffer id is ", h.buffer_id, ", this Buffer's is ",
+          ctx.buffer_id);
   require(h.num_max_dispatch_tokens_per_rank > 0, op, "handle",
           "num_max_dispatch_tokens_per_rank = ", h.num_max_dispatch_tokens_per_rank, " is not > 0");
   require(h.hidden > 0 && h.hidden % kFp8GroupSize == 0, op, "handle", "hidden = ", h.hidden, " is invalid");

@@ -9,7 +9,7 @@ namespace epcomm {
 struct CheckContext {
   const GroupGeometry& geometry;
   Device device;      // where tensors must live
-  const void* owner;  // the backend whose handles are accepted
+  uint64_t buffer_id;  // Backend::id(): handles must carry it
   const BufferOptions& options;
 };
 

@@ -3,6 +3,7 @@
 #include "core/check.hpp"
 #include "core/layouts.hpp"
 #include "core/timeout.hpp"
+#include "cpu/normal_exchange.hpp"
 
 namespace epcomm {
 namespace cpu {
@@ -21,7 +22,7 @@ CpuBackend::CpuBackend(Bootstrap& bootstrap, const BufferOptions& options, const
       nvl_area_{&memory_, kSyncBlockBytes, size_t(options.num_nvl_bytes)},
       rdma_area_{&memory_, rdma_area_offset(options), size_t(options.num_rdma_bytes)},
       sync_(memory_, geometry.rank, resolve_timeout(options.timeout)),
-      context_{geometry_, &options_, &sync_, this} {
+      context_{geometry_, &options_, &sync_, id()} {
   normal_ = std::make_unique<NormalMode>(context_, nvl_area_);
   if (options.low_latency_mode) low_latency_ = std::make_unique<LowLatencyMode>(context_, rdma_area_);
 }
@@ -81,6 +82,20 @@ TensorView CpuBackend::local_buffer(DType dtype, int64_t offset_bytes, std::opti
   return TensorView::contiguous(area.of(geometry_.rank) + offset_bytes, dtype, {count}, Device::cpu());
 }
 
+bool CpuBackend::reject_call(CollectiveKind kind, const Error& error) {
+  if (!is_low_latency(kind)) {
+    normal_->reject(call_kind_of(kind), error);
+  } else if (low_latency_) {
+    low_latency_->reject(kind, error);
+  }
+  // Without low-latency mode every rank rejects its low-latency calls alike: nothing to tell.
+  return true;
+}
+
+void CpuBackend::mark_failed(const std::string& cause) noexcept {
+  if (!released_) sync_.mark_failed(cause);
+}
+
 void CpuBackend::release() noexcept {
   if (released_) return;
   released_ = true;
@@ -92,6 +107,11 @@ void CpuBackend::release() noexcept {
 void CpuBackend::destroy(bool collective) {
   if (released_) return;
   if (!collective) return release();
+  if (options_.enable_shrink && low_latency_) {
+    const TensorView mask = low_latency_->query_mask();
+    if (mask.data_as<const int32_t>()[geometry_.rank] != 0) return release();  // this rank left the group
+    for (int r = 0; r < geometry_.num_ranks; ++r) sync_.set_masked(r, mask.data_as<const int32_t>()[r] != 0);
+  }
   try {
     sync_.barrier(kLifecycleChannel, "destroy");
   } catch (...) {

@@ -38,7 +38,14 @@ class CpuBackend final : public Backend {
   TensorView local_buffer(DType dtype, int64_t offset_bytes, std::optional<int64_t> num_elements,
                           bool rdma_memory) const override;
 
+  // Both protocols publish a rejected entry (normal_exchange.hpp, low_latency_exchange.hpp).
+  bool reject_call(CollectiveKind kind, const Error& error) override;
+  void mark_failed(const std::string& cause) noexcept override;
+  std::string failure() const override { return released_ ? "" : sync_.failure_of(geometry_.rank); }
+
   // collective: a barrier on kLifecycleChannel first (its timeout is still thrown, after releasing).
+  // With enable_shrink, ranks masked in low-latency mode are not waited for, and a rank masked in
+  // its own mask does not wait at all (DeepEP's shrink test: "failed" ranks leave while survivors run).
   void destroy(bool collective) override;
 
  private:

@@ -14,7 +14,6 @@ namespace epcomm::cpu {
 
 constexpr int kNormalChannel = 0;           // normal mode: channels 0..7
 constexpr int kLowLatencyFirstChannel = 8;  // low-latency mode: channels 8..15
-constexpr int kLifecycleChannel = 15;       // construction / destroy
 
 // One mode's window into every rank's segment.
 struct Area {
@@ -28,7 +27,7 @@ struct CpuContext {
   GroupGeometry geometry;
   const BufferOptions* options = nullptr;
   GroupSync* sync = nullptr;
-  const void* owner = nullptr;  // the CpuBackend, stamped into handles
+  uint64_t buffer_id = 0;  // Backend::id() of the CpuBackend, stamped into handles
 };
 
 }  // namespace epcomm::cpu

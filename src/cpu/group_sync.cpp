@@ -1,5 +1,7 @@
 #include "cpu/group_sync.hpp"
 
+#include <algorithm>
+#include <cstring>
 #include <thread>
 
 #include "core/check.hpp"
@@ -36,6 +38,34 @@ std::atomic<uint64_t>& GroupSync::counter(int rank, int channel) const {
   return counters[channel * 8];  // one cache line per channel
 }
 
+std::atomic<uint64_t>& GroupSync::failed_flag(int rank) const {
+  return *reinterpret_cast<std::atomic<uint64_t>*>(memory_.base(rank) + kFailedOffset);
+}
+
+void GroupSync::mark_failed(const std::string& cause) noexcept {
+  if (failed_flag(rank_).load(std::memory_order_relaxed) != 0) return;
+  char* text = reinterpret_cast<char*>(memory_.base(rank_) + kFailureTextOffset);
+  const size_t length = std::min(cause.size(), kSyncBlockBytes - kFailureTextOffset - 1);
+  std::memcpy(text, cause.data(), length);
+  text[length] = '\0';
+  failed_flag(rank_).store(1, std::memory_order_release);
+}
+
+std::string GroupSync::failure_of(int rank) const {
+  if (failed_flag(rank).load(std::memory_order_acquire) == 0) return "";
+  const char* text = reinterpret_cast<const char*>(memory_.base(rank) + kFailureTextOffset);
+  // The peer wrote a terminated string, but a reader never trusts it to have.
+  return std::string(text, strnlen(text, kSyncBlockBytes - kFailureTextOffset - 1));
+}
+
+void GroupSync::throw_if_failed(int peer, int channel, const char* op) const {
+  if (channel == kLifecycleChannel) return;  // destroy() of a failed Buffer still meets its peers
+  const std::string cause = failure_of(peer);
+  if (!cause.empty())
+    throw_error(ErrorCode::kPeerFailure,
+                concat(op, ": rank ", rank_, " was waiting for rank ", peer, ", whose Buffer failed: ", cause));
+}
+
 uint64_t GroupSync::arrive(int channel) {
   const uint64_t sequence = ++local_sequence_[channel];
   counter(rank_, channel).store(sequence, std::memory_order_release);
@@ -47,6 +77,7 @@ std::chrono::nanoseconds GroupSync::wait_for(int peer, int channel, uint64_t seq
   const Deadline deadline(timeout_);
   int spins = 0;
   while (counter(peer, channel).load(std::memory_order_acquire) < sequence) {
+    throw_if_failed(peer, channel, op);
     if (deadline.passed())
       throw_error(ErrorCode::kTimeout,
                   concat(op, ": rank ", rank_, " timed out after ", timeout_.count(), " ms waiting for rank ", peer));
@@ -65,7 +96,10 @@ void GroupSync::barrier(int channel, const char* op) {
   };
   const Deadline deadline(timeout_);
   int spins = 0;
-  while (!late_peers().empty()) {
+  while (true) {
+    const std::vector<int> late = late_peers();
+    if (late.empty()) return;
+    for (int peer : late) throw_if_failed(peer, channel, op);
     if (deadline.passed()) {
       std::string names;
       for (int peer : late_peers()) names += (names.empty() ? "" : ", ") + std::to_string(peer);

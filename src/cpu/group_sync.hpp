@@ -10,6 +10,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "cpu/shared_memory.hpp"
@@ -17,7 +18,11 @@
 namespace epcomm::cpu {
 
 constexpr int kSyncChannels = 16;
+constexpr int kLifecycleChannel = 15;     // construction / destroy: waits there ignore failed peers
 constexpr size_t kSyncBlockBytes = 4096;  // at the start of each rank's segment
+// The sync block: | counters, one cache line per channel | ... | failed flag (at kFailedOffset) | its cause |
+constexpr size_t kFailedOffset = 2048;
+constexpr size_t kFailureTextOffset = kFailedOffset + 64;
 
 class GroupSync {
  public:
@@ -33,12 +38,22 @@ class GroupSync {
   // The step this rank published last on `channel`.
   uint64_t sequence(int channel) const { return local_sequence_[channel]; }
 
+  // Publishes that this rank's Buffer failed (`cause`, truncated to fit). A wait for a rank that
+  // failed, on any channel but kLifecycleChannel, throws Error(kPeerFailure) with its cause at once
+  // instead of timing out. Never throws.
+  void mark_failed(const std::string& cause) noexcept;
+  // The cause `rank` published, or "" while it has not failed.
+  std::string failure_of(int rank) const;
+
   // Masked ranks are skipped by waits (enable_shrink); a timeout can mask instead of throwing.
   void set_masked(int rank, bool masked) { masked_[rank] = masked; }
   bool masked(int rank) const { return masked_[rank]; }
 
  private:
   std::atomic<uint64_t>& counter(int rank, int channel) const;
+  std::atomic<uint64_t>& failed_flag(int rank) const;
+  // Throws kPeerFailure when `peer` failed and `channel` is not the lifecycle channel.
+  void throw_if_failed(int peer, int channel, const char* op) const;
 
   const PeerMemory& memory_;
   int rank_;

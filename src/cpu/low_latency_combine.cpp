@@ -1,5 +1,6 @@
 #include "cpu/low_latency_combine.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -87,12 +88,12 @@ CallHeader LowLatencyCombineCall::header() const {
 void LowLatencyCombineCall::receive(LowLatencyExchange& exchange) {
   const Regions regions = exchange.regions(max_tokens_per_rank_, hidden_, num_experts_, kOp);
   publish_routing(exchange, regions);
-  exchange.publish_header(header(), regions);
+  exchange.publish_header(header());
   WaitTimes waited = exchange.sync(kOp);  // every rank's routing is published
-  const std::string disagreement = exchange.find_disagreement(header(), regions);
+  const Disagreement disagreement = exchange.find_disagreement(header());
   if (disagreement.empty()) send_rows(exchange, regions);
   waited += exchange.sync(kOp);  // every row sent to us has arrived
-  if (!disagreement.empty()) throw_error(ErrorCode::kInvalidArgument, concat(kOp, ": ", disagreement));
+  if (!disagreement.empty()) throw_error(disagreement.code, concat(kOp, ": ", disagreement.text));
   check_every_slot_arrived(exchange, regions);
   reduce(exchange, regions);
   if (wait_stats_)
@@ -117,7 +118,12 @@ void LowLatencyCombineCall::publish_routing(LowLatencyExchange& exchange, const 
 void LowLatencyCombineCall::send_rows(LowLatencyExchange& exchange, const Regions& regions) const {
   std::vector<CallHeader> peers(num_ranks_);  // masked ranks' headers are neither read nor used
   for (int r = 0; r < num_ranks_; ++r)
-    if (!exchange.masked(r)) peers[r] = exchange.header_of(r, regions);
+    if (!exchange.masked(r)) {
+      // Checked by find_disagreement; clamped again since a writer never trusts a peer's memory.
+      peers[r] = exchange.header_of(r);
+      peers[r].num_tokens = std::clamp(peers[r].num_tokens, 0, max_tokens_per_rank_);
+      peers[r].num_topk = std::clamp(peers[r].num_topk, 0, kMaxLowLatencyTopk);
+    }
   const size_t row_bytes = sizeof(uint16_t) * hidden_;
   for (size_t i = 0; i < rows_.size(); ++i) {
     const ExpertRow& row = rows_[i];

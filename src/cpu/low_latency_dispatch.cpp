@@ -1,5 +1,6 @@
 #include "cpu/low_latency_dispatch.hpp"
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstring>
@@ -95,12 +96,12 @@ CallHeader LowLatencyDispatchCall::header() const {
 void LowLatencyDispatchCall::receive(LowLatencyExchange& exchange) {
   const Regions regions = exchange.regions(max_tokens_per_rank_, hidden_, num_experts_, kOp);
   publish_tokens(exchange, regions);
-  exchange.publish_header(header(), regions);
+  exchange.publish_header(header());
   WaitTimes waited = exchange.sync(kOp);  // every rank's tokens are published
-  const std::string disagreement = exchange.find_disagreement(header(), regions);
+  const Disagreement disagreement = exchange.find_disagreement(header());
   if (disagreement.empty()) gather_tokens(exchange, regions);
   waited += exchange.sync(kOp);  // nobody reads our tokens any more: the next call may overwrite them
-  if (!disagreement.empty()) throw_error(ErrorCode::kInvalidArgument, concat(kOp, ": ", disagreement));
+  if (!disagreement.empty()) throw_error(disagreement.code, concat(kOp, ": ", disagreement.text));
   add_stats(waited);
 }
 
@@ -132,11 +133,14 @@ void LowLatencyDispatchCall::gather_tokens(const LowLatencyExchange& exchange, c
     for (int source = 0; source < num_ranks_; ++source) {
       const int begin = row;
       if (!exchange.masked(source)) {
-        const CallHeader peer = exchange.header_of(source, regions);
+        // Checked by find_disagreement; clamped again since a reader never trusts a peer's memory.
+        const CallHeader peer = exchange.header_of(source);
+        const int num_tokens = std::clamp(peer.num_tokens, 0, max_tokens_per_rank_);
+        const int num_topk = std::clamp(peer.num_topk, 0, kMaxLowLatencyTopk);
         const std::byte* records = exchange.area_of(source) + regions.dispatch_tokens;
-        for (int t = 0; t < peer.num_tokens; ++t) {
+        for (int t = 0; t < num_tokens; ++t) {
           const std::byte* record = records + t * regions.token_record_bytes();
-          if (!names_expert(record, peer.num_topk, expert)) continue;
+          if (!names_expert(record, num_topk, expert)) continue;
           std::memcpy(token.data(), record + 4 * kMaxLowLatencyTopk, sizeof(uint16_t) * hidden_);
           store_row(l, row, token.data());
           src_info[l * rows_per_expert + row] = t;

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstring>
 
 #include "core/check.hpp"
 #include "core/layouts.hpp"
@@ -21,8 +22,25 @@ void require_fits(bool fits, const char* region, const LowLatencyLayout& layout)
                        ", hidden = ", layout.hidden, ", R = ", layout.num_ranks, ", E = ", layout.num_experts, "}"));
 }
 
+// Room for a rejection's message after the header, well inside kLowLatencyControlBytes.
+constexpr int32_t kMaxMessageBytes = 2048;
+static_assert(sizeof(CallHeader) + kMaxMessageBytes <= kLowLatencyControlBytes);
+
 const char* name_of(CallKind kind) {
-  return kind == CallKind::kDispatch ? "low_latency_dispatch" : "low_latency_combine";
+  switch (kind) {
+    case CallKind::kDispatch:
+      return "low_latency_dispatch";
+    case CallKind::kCombine:
+      return "low_latency_combine";
+    case CallKind::kClean:
+      return "clean_low_latency_buffer";
+  }
+  return "an unknown call";
+}
+
+ErrorCode rejection_code(int32_t code) {
+  const auto c = static_cast<ErrorCode>(code);
+  return c == ErrorCode::kOutOfCapacity || c == ErrorCode::kUnsupported ? c : ErrorCode::kInvalidArgument;
 }
 
 const char* name_of(RecvFormat format) {
@@ -110,31 +128,58 @@ Regions LowLatencyExchange::regions(int max_tokens_per_rank, int hidden, int num
   return r;
 }
 
-void LowLatencyExchange::publish_header(const CallHeader& header, const Regions& regions) {
-  store_shared(area_of(rank()) + regions.header, header);
+void LowLatencyExchange::publish_header(const CallHeader& header, std::string_view rejection) {
+  std::byte* own = area_of(rank());
+  CallHeader published = header;
+  if (published.rejected != 0) {
+    published.message_bytes = static_cast<int32_t>(std::min<size_t>(rejection.size(), kMaxMessageBytes));
+    std::memcpy(own + sizeof(CallHeader), rejection.data(), size_t(published.message_bytes));
+  }
+  store_shared(own, published);
 }
 
-CallHeader LowLatencyExchange::header_of(int rank, const Regions& regions) const {
-  return load_shared<CallHeader>(area_of(rank) + regions.header);
-}
+CallHeader LowLatencyExchange::header_of(int rank) const { return load_shared<CallHeader>(area_of(rank)); }
 
-std::string LowLatencyExchange::find_disagreement(const CallHeader& mine, const Regions& regions) const {
+Disagreement LowLatencyExchange::find_disagreement(const CallHeader& mine) const {
   for (int peer = 0; peer < num_ranks(); ++peer) {
     if (masked(peer)) continue;
-    const CallHeader theirs = header_of(peer, regions);
-    const bool same_call = theirs.call_id == mine.call_id && theirs.kind == mine.kind &&
-                           theirs.max_tokens_per_rank == mine.max_tokens_per_rank && theirs.hidden == mine.hidden &&
-                           theirs.num_experts == mine.num_experts && theirs.format == mine.format;
+    const CallHeader theirs = header_of(peer);
+    if (theirs.call_id != mine.call_id)
+      return {ErrorCode::kPeerFailure,
+              concat("call order: rank ", rank(), " runs low-latency call #", mine.call_id, " (", name_of(mine.kind),
+                     ") but rank ", peer, " is at call #", theirs.call_id, " (", name_of(theirs.kind),
+                     "): every rank must make the same low-latency calls, in the same order (receive hooks "
+                     "included)")};
+  }
+  if (mine.rejected != 0) return {};  // this rank raises its own error
+  for (int peer = 0; peer < num_ranks(); ++peer) {
+    if (masked(peer)) continue;
+    const CallHeader theirs = header_of(peer);
+    if (theirs.rejected == 0) continue;
+    if (theirs.message_bytes < 0 || theirs.message_bytes > kMaxMessageBytes)
+      return {ErrorCode::kPeerFailure, concat("rank ", peer, " rejected this call with a message of ",
+                                              theirs.message_bytes, " bytes, which this rank cannot trust")};
+    const auto* text = reinterpret_cast<const char*>(area_of(peer) + sizeof(CallHeader));
+    return {rejection_code(theirs.rejected), concat("rank ", peer, " rejected its inputs of this call: ",
+                                                    std::string(text, size_t(theirs.message_bytes)))};
+  }
+  for (int peer = 0; peer < num_ranks(); ++peer) {
+    if (masked(peer)) continue;
+    const CallHeader theirs = header_of(peer);
+    const bool same_call = theirs.kind == mine.kind && theirs.max_tokens_per_rank == mine.max_tokens_per_rank &&
+                           theirs.hidden == mine.hidden && theirs.num_experts == mine.num_experts &&
+                           theirs.format == mine.format;
     // The sizes a reader relies on to stay inside the peer's regions.
     const bool sane = theirs.num_tokens >= 0 && theirs.num_tokens <= mine.max_tokens_per_rank && theirs.num_topk >= 0 &&
                       theirs.num_topk <= kMaxLowLatencyTopk;
     if (!same_call || !sane)
-      return concat("rank ", rank(), " runs ", describe(mine), " but rank ", peer, " published ", describe(theirs),
-                    " with T = ", theirs.num_tokens, ", K = ", theirs.num_topk,
-                    ": every rank must make the same low-latency calls, with the same sizes, in the same order "
-                    "(receive hooks included)");
+      return {same_call ? ErrorCode::kPeerFailure : ErrorCode::kInvalidArgument,
+              concat("rank ", rank(), " runs ", describe(mine), " but rank ", peer, " published ", describe(theirs),
+                     " with T = ", theirs.num_tokens, ", K = ", theirs.num_topk,
+                     ": every rank must make the same low-latency calls, with the same sizes, in the same order "
+                     "(receive hooks included)")};
   }
-  return "";
+  return {};
 }
 
 WaitTimes LowLatencyExchange::sync(const char* op) {
@@ -146,7 +191,8 @@ WaitTimes LowLatencyExchange::sync(const char* op) {
     try {
       waited.ns[peer] = ctx_.sync->wait_for(peer, kChannel, sequence, op).count();
     } catch (const Error& error) {
-      if (error.code() != ErrorCode::kTimeout || !ctx_.options->enable_shrink) throw;
+      const bool lost = error.code() == ErrorCode::kTimeout || error.code() == ErrorCode::kPeerFailure;
+      if (!lost || !ctx_.options->enable_shrink) throw;
       // SPEC §6: a rank that failed is masked and skipped instead of hanging us. The time lost
       // waiting for it still counts as time spent waiting for it.
       set_masked(peer, true);

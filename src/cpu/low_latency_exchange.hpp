@@ -14,6 +14,13 @@
 // every rank runs the receive halves in the same order. The CallHeader lets each rank check that
 // its peers are running the same call with the same sizes.
 //
+// Fail-safe (SPEC §5). Every call (dispatch, combine, clean, and a call the front rejected) takes
+// the next call id and goes through the four steps. Ranks at different call ids all raise
+// kPeerFailure naming both calls (the Buffer is then failed); a rank whose inputs were rejected
+// publishes a header with `rejected` set and its error's message right after it (in the control
+// region), and moves nothing: its peers raise "rank r rejected its inputs" at the same call and the
+// Buffer stays usable. Headers are read as untrusted: T and K are bound-checked before any use.
+//
 // How the area of each rank is used (offsets from LowLatencyLayout{T_max, hidden, R, E}, so that
 // everything fits in get_low_latency_rdma_size_hint):
 //   | region          | placed in                   | size                            | written by
@@ -29,13 +36,14 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "cpu/cpu_context.hpp"
 
 namespace epcomm::cpu {
 
-enum class CallKind : int32_t { kDispatch = 1, kCombine = 2 };
+enum class CallKind : int32_t { kDispatch = 1, kCombine = 2, kClean = 3 };
 
 // The form of dispatch's recv_x (SPEC §4.1); every rank of a call must ask for the same.
 enum class RecvFormat : int32_t { kBf16 = 0, kFp8 = 1, kFp8RoundScale = 2, kFp8Ue8m0 = 3 };
@@ -50,6 +58,15 @@ struct CallHeader {
   int32_t num_tokens = 0;                 // T of the publishing rank
   int32_t num_topk = 0;                   // K of the publishing rank
   RecvFormat format = RecvFormat::kBf16;  // dispatch only
+  int32_t rejected = 0;                   // 0, or the ErrorCode of this rank's rejection of the call
+  int32_t message_bytes = 0;              // its message, published right after the header
+};
+
+// What find_disagreement found: nothing (empty text), or an error to raise on this rank.
+struct Disagreement {
+  ErrorCode code = ErrorCode::kInvalidArgument;
+  std::string text;
+  bool empty() const { return text.empty(); }
 };
 
 // Offsets (bytes from the start of a rank's area) of the regions above for one (T_max, hidden, E).
@@ -99,11 +116,16 @@ class LowLatencyExchange {
   Regions regions(int max_tokens_per_rank, int hidden, int num_experts, const char* op) const;
   std::byte* area_of(int rank) const { return area_.of(rank); }
 
-  void publish_header(const CallHeader& header, const Regions& regions);
-  CallHeader header_of(int rank, const Regions& regions) const;
-  // "" when every unmasked rank published a header matching `mine` (same call id, kind and sizes);
-  // else a description of the first difference, for an error message.
-  std::string find_disagreement(const CallHeader& mine, const Regions& regions) const;
+  // The header lies at the start of every rank's area, whatever the sizes of the call.
+  void publish_header(const CallHeader& header, std::string_view rejection = {});
+  CallHeader header_of(int rank) const;
+  // Empty when every unmasked rank published a header matching `mine` (same call id, kind and
+  // sizes); else the first difference: kPeerFailure for other call ids or a header that cannot be
+  // trusted, the rejection's code for a peer that rejected the call, else kInvalidArgument.
+  Disagreement find_disagreement(const CallHeader& mine) const;
+
+  // Publishes that this Buffer failed, so that peers waiting for this rank raise kPeerFailure.
+  void mark_failed(const std::string& cause) noexcept { ctx_.sync->mark_failed(cause); }
 
   // Arrives at the next step of the low-latency channel and waits for every unmasked rank, in
   // ascending rank order; returns the time spent waiting for each rank (0 for ranks already

@@ -31,14 +31,55 @@ struct LowLatencyMode::State {
 
 namespace {
 
-// Runs the receive half of `call` (sent in `epoch`) at most once.
+// Runs the receive half of `call` (sent in `epoch`) at most once. A failure inside it marks the
+// Buffer failed here, since a hook runs outside the front (Buffer) that would otherwise do it.
 template <class Call>
 void receive(LowLatencyCore* core, Call& call, uint64_t epoch, const char* op) {
   if (core == nullptr) throw_error(ErrorCode::kInvalidArgument, concat(op, ": recv hook: the Buffer was destroyed"));
   require(epoch == core->epoch, op, "recv hook",
           "clean_low_latency_buffer ran after this call was sent: its receive half can no longer run");
   require(!call.started.exchange(true), op, "recv hook", "the receive half already ran (a hook runs once)");
-  call.receive(core->exchange);
+  try {
+    call.receive(core->exchange);
+  } catch (const Error& error) {
+    const ErrorCode code = error.code();
+    if (code == ErrorCode::kTimeout || code == ErrorCode::kPeerFailure || code == ErrorCode::kInternal)
+      core->exchange.mark_failed(concat("rank ", core->geometry.rank, " in ", op, ": ", error.what()));
+    throw;
+  }
+}
+
+// The four steps of a call whose header is `header` and that moves nothing (clean, a rejection).
+// Returns what find_disagreement found.
+Disagreement exchange_header_only(LowLatencyExchange& exchange, const CallHeader& header, const char* op,
+                                  std::string_view rejection = {}) {
+  exchange.publish_header(header, rejection);
+  exchange.sync(op);
+  Disagreement disagreement = exchange.find_disagreement(header);
+  exchange.sync(op);
+  return disagreement;
+}
+
+CallKind call_kind_of(CollectiveKind kind) {
+  switch (kind) {
+    case CollectiveKind::kLowLatencyDispatch:
+      return CallKind::kDispatch;
+    case CollectiveKind::kLowLatencyCombine:
+      return CallKind::kCombine;
+    default:
+      return CallKind::kClean;
+  }
+}
+
+// Builds a call's send half; an input error it finds is rejected in the call's exchange first.
+template <class Make>
+auto send_half(LowLatencyMode& mode, CollectiveKind kind, Make&& make) {
+  try {
+    return make();
+  } catch (const Error& error) {
+    mode.reject(kind, error);
+    throw;
+  }
 }
 
 template <class Call>
@@ -60,8 +101,10 @@ LowLatencyDispatchResult LowLatencyMode::dispatch(const LowLatencyDispatchArgs& 
                                                   const LowLatencyOptions& options) {
   const char* op = "low_latency_dispatch";
   LowLatencyCore& core = *state_->core;
-  // The call id is taken only once the send half succeeded: a rejected call leaves no trace.
-  auto call = std::make_shared<LowLatencyDispatchCall>(args, options, core.last_call_id + 1, core.geometry);
+  // The call id is taken once the send half succeeded; a rejected send half takes it in reject().
+  auto call = send_half(*this, CollectiveKind::kLowLatencyDispatch, [&] {
+    return std::make_shared<LowLatencyDispatchCall>(args, options, core.last_call_id + 1, core.geometry);
+  });
   ++core.last_call_id;
   LowLatencyDispatchResult result = call->result();
   if (options.return_recv_hook) {
@@ -75,14 +118,16 @@ LowLatencyDispatchResult LowLatencyMode::dispatch(const LowLatencyDispatchArgs& 
 LowLatencyCombineResult LowLatencyMode::combine(const LowLatencyCombineArgs& args, const LowLatencyOptions& options) {
   const char* op = "low_latency_combine";
   LowLatencyCore& core = *state_->core;
-  const std::byte* zero_copy_x = nullptr;
-  if (args.inputs->zero_copy) {
-    const Regions regions = core.exchange.regions(args.max_tokens_per_rank, args.hidden, args.num_experts, op);
-    require(int64_t(core.zero_copy.size()) >= regions.zero_copy_bytes(), op, "zero_copy",
-            "is True but get_next_low_latency_combine_buffer(handle) was not called for a dispatch of this shape");
-    zero_copy_x = core.zero_copy.data();
-  }
-  auto call = std::make_shared<LowLatencyCombineCall>(args, options, core.last_call_id + 1, core.geometry, zero_copy_x);
+  auto call = send_half(*this, CollectiveKind::kLowLatencyCombine, [&] {
+    const std::byte* zero_copy_x = nullptr;
+    if (args.inputs->zero_copy) {
+      const Regions regions = core.exchange.regions(args.max_tokens_per_rank, args.hidden, args.num_experts, op);
+      require(int64_t(core.zero_copy.size()) >= regions.zero_copy_bytes(), op, "zero_copy",
+              "is True but get_next_low_latency_combine_buffer(handle) was not called for a dispatch of this shape");
+      zero_copy_x = core.zero_copy.data();
+    }
+    return std::make_shared<LowLatencyCombineCall>(args, options, core.last_call_id + 1, core.geometry, zero_copy_x);
+  });
   ++core.last_call_id;
   LowLatencyCombineResult result = call->result();
   if (options.return_recv_hook) {
@@ -105,20 +150,39 @@ TensorView LowLatencyMode::next_combine_buffer(const LowLatencyHandle& handle) {
                                 {int64_t(regions.num_local_experts), rows, int64_t(handle.hidden)}, Device::cpu());
 }
 
-// Collective. After the first sync no rank is inside a receive half; the headers (call ids) and the
-// combine tags are the only shared data that outlive a call, so they are what is reset. Calls sent
-// before (hooks not yet run) are cancelled.
+// Collective. Its header carries the sizes, so ranks cleaning different sizes all raise. After the
+// first sync no rank is inside a receive half, after the second none reads our area until our next
+// call; the headers (call ids) and the combine tags are the only shared data that outlive a call,
+// so they are what is reset. Calls sent before (hooks not yet run) are cancelled.
 void LowLatencyMode::clean(int max_tokens_per_rank, int hidden, int num_experts) {
   const char* op = "clean_low_latency_buffer";
   LowLatencyCore& core = *state_->core;
   LowLatencyExchange& exchange = core.exchange;
-  const Regions regions = exchange.regions(max_tokens_per_rank, hidden, num_experts, op);
-  exchange.sync(op);
+  const Regions regions = send_half(*this, CollectiveKind::kCleanLowLatency,
+                                    [&] { return exchange.regions(max_tokens_per_rank, hidden, num_experts, op); });
+  CallHeader header;
+  header.call_id = ++core.last_call_id;
+  header.kind = CallKind::kClean;
+  header.max_tokens_per_rank = max_tokens_per_rank;
+  header.hidden = hidden;
+  header.num_experts = num_experts;
+  const Disagreement disagreement = exchange_header_only(exchange, header, op);
+  if (!disagreement.empty()) throw_error(disagreement.code, concat(op, ": ", disagreement.text));
   std::byte* area = exchange.area_of(core.geometry.rank);
   std::memset(area + regions.header, 0, sizeof(CallHeader));
   std::memset(area + regions.combine_tags, 0, regions.num_combine_slots() * sizeof(uint64_t));
   ++core.epoch;
-  exchange.sync(op);
+}
+
+void LowLatencyMode::reject(CollectiveKind kind, const Error& error) {
+  LowLatencyCore& core = *state_->core;
+  const char* op = to_string(kind);
+  CallHeader header;
+  header.call_id = ++core.last_call_id;
+  header.kind = call_kind_of(kind);
+  header.rejected = static_cast<int32_t>(error.code());
+  const Disagreement disagreement = exchange_header_only(core.exchange, header, op, error.what());
+  if (!disagreement.empty()) throw_error(disagreement.code, concat(op, ": ", disagreement.text));
 }
 
 // The mask is this rank's own (like DeepEP's mask buffer): updating it is not collective.

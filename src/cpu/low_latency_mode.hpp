@@ -17,7 +17,10 @@ class LowLatencyMode {
   LowLatencyDispatchResult dispatch(const LowLatencyDispatchArgs& args, const LowLatencyOptions& options);
   LowLatencyCombineResult combine(const LowLatencyCombineArgs& args, const LowLatencyOptions& options);
   TensorView next_combine_buffer(const LowLatencyHandle& handle);
+  // Collective; every rank must pass the same sizes (else all raise, naming both).
   void clean(int max_tokens_per_rank, int hidden, int num_experts);
+  // Collective: the call's exchange with a rejected header (low_latency_exchange.hpp), at once.
+  void reject(CollectiveKind kind, const Error& error);
 
   void update_mask(int rank, bool mask);
   TensorView query_mask();

@@ -58,9 +58,28 @@ void add_bf16_row(float* acc, const uint16_t* row, int hidden) {
   for (int h = 0; h < hidden; ++h) acc[h] += numerics::bf16_to_float(row[h]);
 }
 
+// The published row `row` of receiving rank r, or nullptr (and `violation` set) when r's slice table
+// does not hold it inside r's area: a reader never trusts what a peer published.
+const std::byte* published_row(const Area& area, const RoundLayout& layout, int r, int rank, int32_t row,
+                               std::string& violation) {
+  const std::byte* theirs = area.of(r);
+  Slice slice;
+  std::memcpy(&slice, theirs + size_t(rank) * sizeof(Slice), sizeof(Slice));
+  const bool inside = slice.num_rows >= 0 && slice.offset >= int64_t(layout.table_bytes) &&
+                      slice.offset <= int64_t(area.bytes) &&
+                      int64_t(slice.num_rows) <= (int64_t(area.bytes) - slice.offset) / int64_t(layout.row_bytes) &&
+                      row >= slice.first_row && int64_t(row) < int64_t(slice.first_row) + slice.num_rows;
+  if (inside) return theirs + slice.offset + size_t(row - slice.first_row) * layout.row_bytes;
+  if (violation.empty())
+    violation = concat("rank ", r, " published rows [", slice.first_row, ", +", slice.num_rows, ") at byte ",
+                       slice.offset, " for this rank (", rank, "), which do not hold its row ", row,
+                       " inside its area (a receiver never trusts its senders)");
+  return nullptr;
+}
+
 // Reduces this rank's tokens in [begin, end) from the rows the receiving ranks published.
 void reduce_window(const Area& area, const RoundLayout& layout, const CombineWork& work, int rank, int begin, int end,
-                   std::vector<float>& acc, std::vector<float>& weight_acc) {
+                   std::vector<float>& acc, std::vector<float>& weight_acc, std::string& violation) {
   const DispatchHandle& handle = *work.handle;
   const int num_ranks = handle.num_ranks;
   const int32_t* send_row = handle.send_row.data_as<const int32_t>();
@@ -70,9 +89,8 @@ void reduce_window(const Area& area, const RoundLayout& layout, const CombineWor
     for (int r = 0; r < num_ranks; ++r) {  // ascending receiving rank: the order SPEC fixes
       const int32_t row = send_row[int64_t(t) * num_ranks + r];
       if (row < 0) continue;
-      const std::byte* theirs = area.of(r);
-      const Slice slice = reinterpret_cast<const Slice*>(theirs)[rank];
-      const std::byte* published = theirs + slice.offset + size_t(row - slice.first_row) * layout.row_bytes;
+      const std::byte* published = published_row(area, layout, r, rank, row, violation);
+      if (published == nullptr) continue;
       add_bf16_row(acc.data(), reinterpret_cast<const uint16_t*>(published), work.hidden);
       const auto* weights = reinterpret_cast<const float*>(published + layout.x_bytes);
       for (int k = 0; k < work.num_topk; ++k) weight_acc[k] += weights[k];
@@ -103,14 +121,16 @@ void combine_rows(const Area& area, GroupSync& sync, int rank, const CombineWork
   const int max_tokens = *std::max_element(num_tokens.begin(), num_tokens.end());
   const std::string step = concat(op, " (token rounds)");
   std::vector<float> acc(work.hidden), weight_acc(work.num_topk);
+  std::string violation;
 
   for (int begin = 0; begin < max_tokens; begin += window) {
     const int end = begin + std::min(window, max_tokens - begin);
     publish_window(area.of(rank), layout, work, rank, begin, end);
     sync.barrier(kNormalChannel, step.c_str());
-    reduce_window(area, layout, work, rank, begin, std::min(end, handle.num_tokens), acc, weight_acc);
+    reduce_window(area, layout, work, rank, begin, std::min(end, handle.num_tokens), acc, weight_acc, violation);
     sync.barrier(kNormalChannel, step.c_str());
   }
+  if (!violation.empty()) throw_error(ErrorCode::kPeerFailure, concat(op, ": ", violation));
 }
 
 }  // namespace epcomm::cpu

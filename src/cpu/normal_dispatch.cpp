@@ -64,6 +64,7 @@ void move_tokens(const Area& area, GroupSync& sync, int rank, const TokenRecord&
   const int max_tokens = *std::max_element(num_tokens.begin(), num_tokens.end());
   const std::string step = concat(op, " (token rounds)");
   std::vector<int32_t> next_row = receive.first_row;
+  std::string violation;  // the first sender that flagged more tokens for this rank than it announced
 
   for (int begin = 0; begin < max_tokens; begin += window) {
     std::byte* own = area.of(rank);
@@ -74,12 +75,26 @@ void move_tokens(const Area& area, GroupSync& sync, int rank, const TokenRecord&
       const std::byte* theirs = area.of(source);
       for (int t = begin; t < std::min(num_tokens[source], begin + window); ++t) {
         const std::byte* r = theirs + size_t(t - begin) * record_bytes;
-        if (r[record.flags_offset() + rank] != std::byte{0}) read_record(record, r, receive, next_row[source]++, t);
+        if (r[record.flags_offset() + rank] == std::byte{0}) continue;
+        if (next_row[source] >= receive.end_row[source]) {
+          if (violation.empty())
+            violation = concat("rank ", source, " flagged more tokens for this rank (", rank, ") than the ",
+                               receive.end_row[source] - receive.first_row[source], " it announced");
+          continue;
+        }
+        read_record(record, r, receive, next_row[source]++, t);
       }
     }
     sync.barrier(kNormalChannel, step.c_str());
   }
-  const int num_real = num_ranks == 0 ? 0 : next_row[num_ranks - 1];
+  for (int source = 0; source < num_ranks && violation.empty(); ++source)
+    if (next_row[source] != receive.end_row[source])
+      violation = concat("rank ", source, " flagged ", next_row[source] - receive.first_row[source],
+                         " tokens for this rank (", rank, ") but announced ",
+                         receive.end_row[source] - receive.first_row[source]);
+  if (!violation.empty())
+    throw_error(ErrorCode::kPeerFailure, concat(op, ": ", violation, " (a receiver never trusts its senders)"));
+  const int num_real = num_ranks == 0 ? 0 : receive.end_row[num_ranks - 1];
   for (int row = num_real; row < receive.num_rows; ++row) clear_row(record, receive, row);
 }
 

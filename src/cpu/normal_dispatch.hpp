@@ -45,11 +45,14 @@ struct DispatchReceive {
   int first_local_expert = 0;      // rank * L
   int num_local_experts = 0;       // L
   std::vector<int32_t> first_row;  // [R]: first row of each source's tokens
+  std::vector<int32_t> end_row;    // [R]: one past the last row of each source's tokens (<= num_rows)
 };
 
 // Collective. Moves every rank's tokens to their receivers in rounds, then marks rows past the real
 // ones (num_worst_tokens) as empty: x and scales 0, topk_idx -1, weights 0, src_idx -1.
-// `num_tokens` holds every rank's T.
+// `num_tokens` holds every rank's T. A receiver never trusts its senders: a source that flags more
+// or fewer tokens for it than its rows [first_row, end_row) hold writes nothing outside them, and
+// the call throws Error(kPeerFailure) naming it once the rounds are over.
 void move_tokens(const Area& area, GroupSync& sync, int rank, const TokenRecord& record, const DispatchSend& send,
                  DispatchReceive& receive, const std::vector<int32_t>& num_tokens, const char* op);
 

@@ -1,9 +1,11 @@
 #include "cpu/normal_exchange.hpp"
 
+#include <algorithm>
 #include <cstring>
 #include <string>
 
 #include "core/check.hpp"
+#include "core/layouts.hpp"
 
 namespace epcomm::cpu {
 
@@ -19,6 +21,17 @@ const char* to_string(CallKind kind) {
   return "an unknown call";
 }
 
+CallKind call_kind_of(CollectiveKind kind) {
+  switch (kind) {
+    case CollectiveKind::kCachedDispatch:
+      return CallKind::kCachedDispatch;
+    case CollectiveKind::kCombine:
+      return CallKind::kCombine;
+    default:
+      return CallKind::kDispatch;
+  }
+}
+
 size_t exchange_bytes(size_t num_counts) { return sizeof(CallHeader) + num_counts * sizeof(int32_t); }
 
 void check_area_fits(const Area& area, size_t needed, const char* op, const char* what) {
@@ -28,26 +41,66 @@ void check_area_fits(const Area& area, size_t needed, const char* op, const char
                      " needs ", needed, " (Config::nvl_buffer_size_hint gives a size that always suffices)"));
 }
 
+namespace {
+
+constexpr size_t kMaxMessageBytes = 2048;
+
+// Reads rank r's entry without trusting it: every length and count is checked before it is used.
+PeerCall read_entry(const Area& area, int r, int num_ranks) {
+  PeerCall call;
+  const std::byte* theirs = area.of(r);
+  std::memcpy(&call.header, theirs, sizeof(CallHeader));
+  const CallHeader& h = call.header;
+  const size_t room = area.bytes - sizeof(CallHeader);  // the publisher checked that its header fits
+  const auto* payload = theirs + sizeof(CallHeader);
+  if (h.kind != CallKind::kDispatch && h.kind != CallKind::kCachedDispatch && h.kind != CallKind::kCombine) {
+    call.malformed = concat("its call kind ", int32_t(h.kind), " is none of this protocol's");
+  } else if (h.num_tokens < 0) {
+    call.malformed = concat("T = ", h.num_tokens);
+  } else if (h.rejected != 0) {
+    if (h.message_bytes < 0 || size_t(h.message_bytes) > std::min(room, kMaxMessageBytes)) {
+      call.malformed = concat("its rejection message has ", h.message_bytes, " bytes");
+    } else {
+      call.rejection.assign(reinterpret_cast<const char*>(payload), size_t(h.message_bytes));
+    }
+  } else if (h.kind == CallKind::kDispatch) {
+    if (h.num_expert_counts < 0 || size_t(num_ranks) + size_t(h.num_expert_counts) > room / sizeof(int32_t)) {
+      call.malformed = concat("it announces ", h.num_expert_counts, " per-expert counts");
+      return call;
+    }
+    const auto* counts = reinterpret_cast<const int32_t*>(payload);
+    call.counts.assign(counts, counts + num_ranks + h.num_expert_counts);
+    const int64_t max_pairs = int64_t(h.num_tokens) * kMaxTopk;  // (token, slot) pairs per expert
+    for (size_t i = 0; i < call.counts.size() && call.malformed.empty(); ++i) {
+      const int64_t limit = i < size_t(num_ranks) ? h.num_tokens : max_pairs;
+      if (call.counts[i] < 0 || call.counts[i] > limit)
+        call.malformed = concat("its count ", i, " is ", call.counts[i], ", outside [0, ", limit, "]");
+    }
+  }
+  return call;
+}
+
+}  // namespace
+
 std::vector<PeerCall> exchange_calls(const Area& area, GroupSync& sync, int rank, const CallHeader& mine,
-                                     std::span<const int32_t> counts, const char* op) {
+                                     std::span<const int32_t> counts, const char* op, std::string_view message) {
   check_area_fits(area, exchange_bytes(counts.size()), op, "the exchange of token counts");
   std::byte* own = area.of(rank);
-  std::memcpy(own, &mine, sizeof(CallHeader));
-  if (!counts.empty()) std::memcpy(own + sizeof(CallHeader), counts.data(), counts.size_bytes());
+  CallHeader header = mine;
+  if (header.rejected != 0) {
+    const size_t length = std::min({message.size(), area.bytes - sizeof(CallHeader), kMaxMessageBytes});
+    header.message_bytes = static_cast<int32_t>(length);
+    std::memcpy(own + sizeof(CallHeader), message.data(), length);
+  } else if (!counts.empty()) {
+    std::memcpy(own + sizeof(CallHeader), counts.data(), counts.size_bytes());
+  }
+  std::memcpy(own, &header, sizeof(CallHeader));
 
   const std::string step = concat(op, " (exchange of call shapes and counts)");
   sync.barrier(kNormalChannel, step.c_str());
-  std::vector<PeerCall> calls(area.memory->num_ranks());
-  for (int r = 0; r < static_cast<int>(calls.size()); ++r) {
-    const std::byte* theirs = area.of(r);
-    std::memcpy(&calls[r].header, theirs, sizeof(CallHeader));
-    // The publisher checked that its own counts fit; its header says how many there are.
-    const int32_t num_counts = calls[r].header.kind == CallKind::kDispatch
-                                   ? static_cast<int32_t>(calls.size()) + calls[r].header.num_expert_counts
-                                   : 0;
-    const auto* counts_of_r = reinterpret_cast<const int32_t*>(theirs + sizeof(CallHeader));
-    calls[r].counts.assign(counts_of_r, counts_of_r + num_counts);
-  }
+  const int num_ranks = area.memory->num_ranks();
+  std::vector<PeerCall> calls;
+  for (int r = 0; r < num_ranks; ++r) calls.push_back(read_entry(area, r, num_ranks));
   sync.barrier(kNormalChannel, step.c_str());
   return calls;
 }
@@ -61,10 +114,42 @@ void check_field(int64_t ours, int64_t theirs, int their_rank, int rank, const c
           their_rank, ": every rank must pass the same");
 }
 
+// The code a peer's rejection is raised with here: an input error's, whatever the entry claims.
+ErrorCode rejection_code(int32_t code) {
+  const auto c = static_cast<ErrorCode>(code);
+  return c == ErrorCode::kOutOfCapacity || c == ErrorCode::kUnsupported ? c : ErrorCode::kInvalidArgument;
+}
+
+void check_call_numbers(const std::vector<PeerCall>& calls, int rank, const char* op) {
+  const CallHeader& ours = calls[rank].header;
+  bool differ = false;
+  for (const PeerCall& call : calls) differ = differ || call.header.call_number != ours.call_number;
+  if (differ) {
+    std::string where;
+    for (size_t r = 0; r < calls.size(); ++r)
+      where += concat(r == 0 ? "" : ", ", "rank ", r, " at call #", calls[r].header.call_number, " (",
+                      to_string(calls[r].header.kind), ")");
+    throw_error(ErrorCode::kPeerFailure,
+                concat(op, ": call order: the ranks are at different normal-mode calls of this Buffer: ", where,
+                       " (this rank is ", rank, "): every rank must make the same calls in the same order"));
+  }
+  for (size_t r = 0; r < calls.size(); ++r)
+    if (!calls[r].malformed.empty())
+      throw_error(ErrorCode::kPeerFailure,
+                  concat(op, ": rank ", r, " published a call entry this rank (", rank,
+                         ") cannot trust: ", calls[r].malformed));
+}
+
 }  // namespace
 
 void check_same_call(const std::vector<PeerCall>& calls, int rank, const char* op) {
+  check_call_numbers(calls, rank, op);
   const CallHeader& ours = calls[rank].header;
+  if (ours.rejected != 0) return;  // this rank raises its own error
+  for (size_t r = 0; r < calls.size(); ++r)
+    if (calls[r].header.rejected != 0)
+      throw_error(rejection_code(calls[r].header.rejected),
+                  concat(op, ": rank ", r, " rejected its inputs of this call: ", calls[r].rejection));
   const bool combine = ours.kind == CallKind::kCombine;
   for (int r = 0; r < static_cast<int>(calls.size()); ++r) {
     const CallHeader& theirs = calls[r].header;

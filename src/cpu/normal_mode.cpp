@@ -5,7 +5,6 @@
 #include "core/check.hpp"
 #include "cpu/normal_combine.hpp"
 #include "cpu/normal_dispatch.hpp"
-#include "cpu/normal_exchange.hpp"
 #include "cpu/normal_handle.hpp"
 #include "cpu/normal_routing.hpp"
 
@@ -117,7 +116,7 @@ std::vector<int> recv_tokens_per_expert(const std::vector<PeerCall>& calls, int 
 // The handle of a fresh dispatch whose outputs have `rows` rows.
 std::shared_ptr<DispatchHandle> make_handle(const DispatchArgs& args, const Routing& routing,
                                             const std::vector<PeerCall>& calls, const std::vector<int32_t>& prefix,
-                                            int rank, int rows, uint64_t dispatch_step, const void* owner,
+                                            int rank, int rows, uint64_t dispatch_step, uint64_t buffer_id,
                                             StreamHandle stream) {
   Allocator& allocator = *args.allocator;
   const int R = routing.num_ranks;
@@ -133,7 +132,7 @@ std::shared_ptr<DispatchHandle> make_handle(const DispatchArgs& args, const Rout
   handle->recv_src_idx = allocate(allocator, DType::kInt32, {rows}, stream);  // written by move_tokens
   handle->backend_state =
       std::make_shared<NormalHandleState>(NormalHandleState{dispatch_step, tokens_of_every_rank(calls)});
-  handle->owner = owner;
+  handle->buffer_id = buffer_id;
   return handle;
 }
 
@@ -144,7 +143,10 @@ DispatchReceive allocate_receive(const DispatchArgs& args, const TokenRecord& re
   const int rows = handle.num_recv_tokens;
   DispatchReceive receive;
   receive.num_rows = rows;
-  for (int s = 0; s < handle.num_ranks; ++s) receive.first_row.push_back(first_row_from(handle, s, rank));
+  for (int s = 0; s < handle.num_ranks; ++s) {
+    receive.first_row.push_back(first_row_from(handle, s, rank));
+    receive.end_row.push_back(first_row_from(handle, s + 1, rank));
+  }
   result.recv_x = allocate(allocator, args.inputs->x.dtype, {rows, args.hidden}, stream);
   receive.x = static_cast<std::byte*>(result.recv_x.data);
   if (args.fp8) {
@@ -165,7 +167,61 @@ DispatchReceive allocate_receive(const DispatchArgs& args, const TokenRecord& re
   return receive;
 }
 
+// The rows of this rank's recv_x that the handle's rank_prefix_matrix assigns to each source: a
+// user-visible tensor, so it is checked before anything is indexed by it.
+void check_handle_rows(const DispatchHandle& handle, int rank, const char* op) {
+  int32_t previous = 0;
+  for (int s = 1; s <= handle.num_ranks; ++s) {
+    const int32_t end = first_row_from(handle, s, rank);
+    require(end >= previous && end <= handle.num_recv_tokens, op, "handle",
+            "rank_prefix_matrix[", s - 1, ", ", rank, "] = ", end, " is not a row count between ", previous, " and ",
+            handle.num_recv_tokens, ": the handle was modified");
+    previous = end;
+  }
+}
+
+// Combine publishes, per source, the rows whose recv_src_idx lies in a window of source tokens,
+// sized for at most one row per token: the (user-visible) indices must rise strictly within each
+// source's rows and name tokens the source has.
+void check_handle_sources(const DispatchHandle& handle, int rank, const char* op) {
+  const auto* src_idx = handle.recv_src_idx.data_as<const int32_t>();
+  const std::vector<int32_t>& num_tokens = handle_state(handle).num_tokens;
+  for (int s = 0; s < handle.num_ranks; ++s) {
+    int64_t previous = -1;
+    for (int32_t row = first_row_from(handle, s, rank); row < first_row_from(handle, s + 1, rank); ++row) {
+      require(src_idx[row] > previous && src_idx[row] < num_tokens[s], op, "handle", "recv_src_idx[", row,
+              "] = ", src_idx[row], " is not a rising token index below rank ", s, "'s T = ", num_tokens[s],
+              ": the handle was modified");
+      previous = src_idx[row];
+    }
+  }
+}
+
 }  // namespace
+
+std::vector<PeerCall> NormalMode::exchange(CallHeader header, std::span<const int32_t> counts, const char* op,
+                                           std::string_view message) {
+  header.call_number = ++last_call_number_;
+  return exchange_calls(area_, *ctx_.sync, ctx_.geometry.rank, header, counts, op, message);
+}
+
+void NormalMode::reject(CallKind kind, const Error& error) {
+  CallHeader header;
+  header.kind = kind;
+  header.rejected = static_cast<int32_t>(error.code());
+  const char* op = to_string(kind);
+  check_same_call(exchange(header, {}, op, error.what()), ctx_.geometry.rank, op);
+}
+
+template <class Local>
+auto NormalMode::before_exchange(CallKind kind, Local&& local) {
+  try {
+    return local();
+  } catch (const Error& error) {
+    reject(kind, error);
+    throw;
+  }
+}
 
 LayoutResult NormalMode::layout(const LayoutArgs& args, Allocator& allocator, StreamHandle stream) const {
   const GroupGeometry& g = ctx_.geometry;
@@ -186,10 +242,12 @@ DispatchResult NormalMode::fresh_dispatch(const DispatchArgs& args, StreamHandle
   const char* op = "dispatch";
   const int R = ctx_.geometry.num_ranks, rank = ctx_.geometry.rank;
   const DispatchInputs& in = *args.inputs;
-  // Local checks first: a bad input raises here, on its own rank, before any peer is involved.
-  const Routing routing = route_for_dispatch(args, ctx_.geometry);
+  // Local checks first: a bad input is rejected in the exchange, so that every rank raises it.
   const TokenRecord record = token_record(args, R, /*with_topk=*/true);
-  check_area_fits(area_, record.bytes(), op, "one token record");
+  const Routing routing = before_exchange(CallKind::kDispatch, [&] {
+    check_area_fits(area_, record.bytes(), op, "one token record");
+    return route_for_dispatch(args, ctx_.geometry);
+  });
 
   CallHeader header = dispatch_header(args, CallKind::kDispatch);
   header.num_topk = args.num_topk;
@@ -199,7 +257,7 @@ DispatchResult NormalMode::fresh_dispatch(const DispatchArgs& args, StreamHandle
   header.num_worst_tokens = in.num_worst_tokens;
   std::vector<int32_t> counts = routing.per_rank;
   counts.insert(counts.end(), routing.per_expert.begin(), routing.per_expert.end());
-  const std::vector<PeerCall> calls = exchange_calls(area_, *ctx_.sync, rank, header, counts, op);
+  const std::vector<PeerCall> calls = exchange(header, counts, op);
   const uint64_t dispatch_step = ctx_.sync->sequence(kNormalChannel);
   check_same_call(calls, rank, op);
   const std::vector<int32_t> prefix = rank_prefix_matrix(calls);
@@ -208,7 +266,7 @@ DispatchResult NormalMode::fresh_dispatch(const DispatchArgs& args, StreamHandle
   const int num_recv = prefix[(R - 1) * R + rank];
   const int rows = in.num_worst_tokens > 0 ? in.num_worst_tokens : num_recv;
   std::shared_ptr<DispatchHandle> handle =
-      make_handle(args, routing, calls, prefix, rank, rows, dispatch_step, ctx_.owner, stream);
+      make_handle(args, routing, calls, prefix, rank, rows, dispatch_step, ctx_.buffer_id, stream);
   DispatchResult result;
   DispatchReceive receive = allocate_receive(args, record, *handle, rank, result, stream);
   receive.src_idx = handle->recv_src_idx.data_as<int32_t>();
@@ -226,11 +284,14 @@ DispatchResult NormalMode::cached_dispatch(const DispatchArgs& args, StreamHandl
   const int R = ctx_.geometry.num_ranks, rank = ctx_.geometry.rank;
   const DispatchHandle& handle = *args.inputs->handle;
   const TokenRecord record = token_record(args, R, /*with_topk=*/false);
-  check_area_fits(area_, record.bytes(), op, "one token record");
+  before_exchange(CallKind::kCachedDispatch, [&] {
+    check_area_fits(area_, record.bytes(), op, "one token record");
+    check_handle_rows(handle, rank, op);
+  });
 
   CallHeader header = dispatch_header(args, CallKind::kCachedDispatch);
   header.handle_step = handle_state(handle).dispatch_step;
-  const std::vector<PeerCall> calls = exchange_calls(area_, *ctx_.sync, rank, header, {}, op);
+  const std::vector<PeerCall> calls = exchange(header, {}, op);
   check_same_call(calls, rank, op);
 
   DispatchResult result;
@@ -247,7 +308,11 @@ CombineResult NormalMode::combine(const CombineArgs& args, StreamHandle stream) 
   const int R = ctx_.geometry.num_ranks, rank = ctx_.geometry.rank;
   const CombineInputs& in = *args.inputs;
   const DispatchHandle& handle = *in.handle;
-  check_area_fits(area_, combine_min_bytes(R, args.hidden, args.num_topk), op, "one combined token");
+  before_exchange(CallKind::kCombine, [&] {
+    check_area_fits(area_, combine_min_bytes(R, args.hidden, args.num_topk), op, "one combined token");
+    check_handle_rows(handle, rank, op);
+    check_handle_sources(handle, rank, op);
+  });
 
   CallHeader header;
   header.kind = CallKind::kCombine;
@@ -256,7 +321,7 @@ CombineResult NormalMode::combine(const CombineArgs& args, StreamHandle stream) 
   header.x_dtype = static_cast<int32_t>(in.x.dtype);
   header.num_topk = args.num_topk;
   header.handle_step = handle_state(handle).dispatch_step;
-  const std::vector<PeerCall> calls = exchange_calls(area_, *ctx_.sync, rank, header, {}, op);
+  const std::vector<PeerCall> calls = exchange(header, {}, op);
   check_same_call(calls, rank, op);
 
   CombineResult result;

@@ -21,6 +21,7 @@
 #pragma once
 
 #include "cpu/cpu_context.hpp"
+#include "cpu/normal_exchange.hpp"
 
 namespace epcomm::cpu {
 
@@ -35,13 +36,23 @@ class NormalMode {
   DispatchResult dispatch(const DispatchArgs& args, StreamHandle stream);
   // Collective.
   CombineResult combine(const CombineArgs& args, StreamHandle stream);
+  // Collective: takes part in the call's exchange with a rejected entry carrying `error` (SPEC §5),
+  // so that the peers raise it too. Throws kPeerFailure when the ranks are at different calls.
+  void reject(CallKind kind, const Error& error);
 
  private:
   DispatchResult fresh_dispatch(const DispatchArgs& args, StreamHandle stream);
   DispatchResult cached_dispatch(const DispatchArgs& args, StreamHandle stream);
+  // The exchange of every call, numbered.
+  std::vector<PeerCall> exchange(CallHeader header, std::span<const int32_t> counts, const char* op,
+                                 std::string_view message = {});
+  // Runs `local` (the checks of this rank's inputs before the exchange); an error is rejected first.
+  template <class Local>
+  auto before_exchange(CallKind kind, Local&& local);
 
   CpuContext ctx_;
   Area area_;
+  uint64_t last_call_number_ = 0;
 };
 
 }  // namespace epcomm::cpu

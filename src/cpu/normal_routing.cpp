@@ -3,6 +3,7 @@
 #include <span>
 
 #include "core/check.hpp"
+#include "core/layouts.hpp"
 
 namespace epcomm::cpu {
 namespace {
@@ -82,6 +83,11 @@ Routing route_for_dispatch(const DispatchArgs& args, const GroupGeometry& geomet
   } else if (in.num_tokens_per_expert) {
     const auto* given = in.num_tokens_per_expert->data_as<const int32_t>();
     routing.per_expert.assign(given, given + args.num_experts);
+    // Peers check what they receive (normal_exchange.cpp); a bad count is this rank's input error.
+    const int64_t max_pairs = int64_t(args.num_tokens) * kMaxTopk;
+    for (size_t e = 0; e < routing.per_expert.size(); ++e)
+      require(routing.per_expert[e] >= 0 && routing.per_expert[e] <= max_pairs, "dispatch", "num_tokens_per_expert",
+              "entry ", e, " is ", routing.per_expert[e], ", outside [0, T * ", kMaxTopk, " = ", max_pairs, "]");
   }
 
   const char* routing_source = in.is_token_in_rank ? "is_token_in_rank" : "topk_idx";

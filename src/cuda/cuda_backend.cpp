@@ -46,7 +46,7 @@ CudaBackend::CudaBackend(Bootstrap& bootstrap, const BufferOptions& options, con
     ctx_.errors = errors_.get();
     if (options.num_nvl_bytes > 0)
       normal_memory_ = std::make_unique<NormalMemory>(bootstrap, geometry, options.num_nvl_bytes);
-    normal_ = std::make_unique<NormalMode>(ctx_, normal_memory_.get(), static_cast<const Backend*>(this));
+    normal_ = std::make_unique<NormalMode>(ctx_, normal_memory_.get(), id());
     if (options.low_latency_mode) low_latency_ = make_low_latency_mode(ctx_);
   } catch (...) {
     destroy(/*collective=*/false);

@@ -177,7 +177,7 @@ DispatchResult NormalMode::fresh_dispatch(const DispatchArgs& args, const Stream
   handle->num_recv_tokens = rows;
   handle->num_topk = K;
   handle->backend_state = std::move(state);
-  handle->owner = owner_;
+  handle->buffer_id = buffer_id_;
   result.handle = std::move(handle);
   result.event = streams.finish();
   return result;

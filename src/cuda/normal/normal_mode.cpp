@@ -47,8 +47,8 @@ Tensor allocate(Allocator& allocator, DType dtype, std::initializer_list<int64_t
                             reinterpret_cast<StreamHandle>(stream));
 }
 
-NormalMode::NormalMode(const CudaContext& ctx, NormalMemory* memory, const void* owner)
-    : ctx_(ctx), memory_(memory), owner_(owner) {
+NormalMode::NormalMode(const CudaContext& ctx, NormalMemory* memory, uint64_t buffer_id)
+    : ctx_(ctx), memory_(memory), buffer_id_(buffer_id) {
   EPCOMM_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&state_), sizeof(LocalState)));
   EPCOMM_CUDA_CHECK(cudaMemset(state_, 0, sizeof(LocalState)));
   EPCOMM_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&host_counts_), sizeof(HostCounts), cudaHostAllocMapped));

@@ -30,8 +30,8 @@ struct NormalHandleState {
 class NormalMode {
  public:
   // `memory` may be null (num_nvl_bytes == 0): layout still works, dispatch and combine throw.
-  // `owner` is stamped into handles (the Backend the front compares against).
-  NormalMode(const CudaContext& ctx, NormalMemory* memory, const void* owner);
+  // `buffer_id` (Backend::id()) is stamped into handles; the front compares it.
+  NormalMode(const CudaContext& ctx, NormalMemory* memory, uint64_t buffer_id);
   ~NormalMode();
   NormalMode(const NormalMode&) = delete;
   NormalMode& operator=(const NormalMode&) = delete;
@@ -51,7 +51,7 @@ class NormalMode {
 
   const CudaContext& ctx_;
   NormalMemory* memory_;
-  const void* owner_;
+  uint64_t buffer_id_;
   LocalState* state_ = nullptr;               // device memory
   HostCounts* host_counts_ = nullptr;         // pinned host memory
   HostCounts* host_counts_device_ = nullptr;  // the same, as the device sees it
