@@ -7,6 +7,7 @@ if(EPCOMM_HAS_NVSHMEM)
                                                      GTest::gtest)
   foreach(pair test_gpu_low_latency:test_low_latency test_gpu_low_latency_faults:test_low_latency_faults
                test_gpu_low_latency_coexistence:test_low_latency_coexistence
+               test_gpu_low_latency_put_path:test_low_latency_put_path
                perf_gpu_low_latency:test_low_latency_timing)
     string(REPLACE ":" ";" pair ${pair})
     list(GET pair 0 target)
