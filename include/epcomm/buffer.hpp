@@ -53,7 +53,8 @@ struct BufferOptions {
   int device = -1;         // CUDA device of this rank; -1 = the current device
   // Longest any wait for a peer may take; 0 = $EPCOMM_TIMEOUT_S seconds, else 100 s.
   std::chrono::milliseconds timeout{0};
-  // Accepted for DeepEP compatibility.
+  // Accepted for DeepEP compatibility (allow_nvlink_for_low_latency_mode = false: every low-latency
+  // peer gets NVSHMEM puts, LowLatencyPutPath::kAll).
   int num_qps_per_rank = 24;
   bool allow_nvlink_for_low_latency_mode = true;
   bool allow_mnnvl = false;

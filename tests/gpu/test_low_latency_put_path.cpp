@@ -227,41 +227,55 @@ std::unique_ptr<Buffer> gpu_buffer(Bootstrap& group, const std::function<void(Bu
   return std::make_unique<Buffer>(group, options);
 }
 
-size_t count_put_peers(Buffer& gpu, int num_ranks) {
-  size_t n = 0;
-  for (uint64_t base : peer_table(gpu, num_ranks)) n += base == 0;
-  return n;
+// Which peers the buffer reaches with puts (its peer table's zero entries).
+std::vector<bool> put_peers(Buffer& gpu, int num_ranks) {
+  std::vector<bool> puts;
+  for (uint64_t base : peer_table(gpu, num_ranks)) puts.push_back(base == 0);
+  return puts;
 }
 
 // $EPCOMM_LL_PUT_PATH refines kAuto; allow_nvlink_for_low_latency_mode = false means every peer on
-// puts; kMapped keeps stores to every peer NVSHMEM maps, whatever ranks_per_node says.
+// puts; kMapped (and the default on one node) keeps stores to every peer NVSHMEM maps. What NVSHMEM
+// maps is read from a kMapped buffer first (ranks sharing one GPU may not be mapped).
 TEST(LowLatencyPutPathGpuOptions, EnvironmentAndDeepEpSwitchSelectThePath) {
   if (!rank_count_runs_here(2)) GTEST_SKIP() << "needs 2 GPUs (or EPCOMM_TEST_SHARE_GPUS=1)";
   run_ranks(2, [](Bootstrap& group) {
     const int R = group.size();
-    {
-      setenv("EPCOMM_LL_PUT_PATH", "all", 1);
-      auto buffer = gpu_buffer(group, [](BufferOptions&) {});
-      EXPECT_EQ(count_put_peers(*buffer, R), size_t(R)) << "EPCOMM_LL_PUT_PATH=all: every peer on puts";
-      buffer->destroy();
-      unsetenv("EPCOMM_LL_PUT_PATH");
-    }
-    {
-      auto buffer = gpu_buffer(group, [](BufferOptions& o) { o.allow_nvlink_for_low_latency_mode = false; });
-      EXPECT_EQ(count_put_peers(*buffer, R), size_t(R)) << "allow_nvlink_for_low_latency_mode=false";
-      buffer->destroy();
-    }
+    const std::vector<bool> everyone(R, true);
+    std::vector<bool> unmapped;
     {
       auto buffer = gpu_buffer(group, [](BufferOptions& o) {
         o.ranks_per_node = 1;
         o.low_latency_put_path = LowLatencyPutPath::kMapped;
       });
-      EXPECT_EQ(count_put_peers(*buffer, R), 0u) << "kMapped on one host: stores to every peer";
+      unmapped = put_peers(*buffer, R);
+      for (int r = 0; r < R; ++r)
+        if (unmapped[r]) std::printf("[put-path] rank %d: NVSHMEM does not map peer %d\n", group.rank(), r);
+      EXPECT_FALSE(unmapped[group.rank()]) << "a rank's own memory is always mapped";
       buffer->destroy();
     }
     {
       auto buffer = gpu_buffer(group, [](BufferOptions&) {});
-      EXPECT_EQ(count_put_peers(*buffer, R), 0u) << "default, one node: the store path";
+      EXPECT_EQ(put_peers(*buffer, R), unmapped) << "default on one node: puts only where NVSHMEM maps nothing";
+      buffer->destroy();
+    }
+    {
+      auto buffer = gpu_buffer(group, [](BufferOptions& o) { o.ranks_per_node = 1; });
+      std::vector<bool> expected(R, true);
+      expected[group.rank()] = unmapped[group.rank()];
+      EXPECT_EQ(put_peers(*buffer, R), expected) << "default with ranks_per_node = 1: every other rank on puts";
+      buffer->destroy();
+    }
+    {
+      setenv("EPCOMM_LL_PUT_PATH", "all", 1);
+      auto buffer = gpu_buffer(group, [](BufferOptions&) {});
+      EXPECT_EQ(put_peers(*buffer, R), everyone) << "EPCOMM_LL_PUT_PATH=all: every peer on puts";
+      buffer->destroy();
+      unsetenv("EPCOMM_LL_PUT_PATH");
+    }
+    {
+      auto buffer = gpu_buffer(group, [](BufferOptions& o) { o.allow_nvlink_for_low_latency_mode = false; });
+      EXPECT_EQ(put_peers(*buffer, R), everyone) << "allow_nvlink_for_low_latency_mode=false: every peer on puts";
       buffer->destroy();
     }
     setenv("EPCOMM_LL_PUT_PATH", "sometimes", 1);
