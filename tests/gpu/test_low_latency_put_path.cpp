@@ -180,6 +180,65 @@ bool check_zero_copy_after_plain_combine(Buffers& b, int rank, int num_ranks, ui
   return same;
 }
 
+// Two calls in flight with hooks, receive halves out of order: d1 d2 h2 h1, c1 c2 k1 k2 (FP8 and
+// bf16). Both parities' staging and receive regions are in use at once.
+struct TwoCalls {
+  Case cases[2];
+  Inputs inputs[2];
+  Views views[2];
+  LowLatencyDispatchResult dispatched[2];
+  LowLatencyCombineResult combined[2];
+};
+
+void dispatch_two(const Side& side, TwoCalls& calls) {
+  for (int i = 0; i < 2; ++i) calls.dispatched[i] = dispatch(side, calls.views[i], calls.cases[i]);
+  for (int i : {1, 0}) calls.dispatched[i].hook(side.stream);
+  if (side.cuda) cuda_check(cudaStreamSynchronize(side.stream), "cudaStreamSynchronize");
+}
+
+void combine_two(const Side& side, TwoCalls& calls, const ExpertOutputs (&experts)[2],
+                 std::vector<DeviceMemory>& keep) {
+  for (int i = 0; i < 2; ++i)
+    calls.combined[i] = combine(side, calls.views[i], calls.cases[i], calls.dispatched[i].handle, experts[i], keep);
+  for (int i : {0, 1}) calls.combined[i].hook(side.stream);
+  if (side.cuda) cuda_check(cudaStreamSynchronize(side.stream), "cudaStreamSynchronize");
+}
+
+bool check_interleaved_hooks(Buffers& b, int rank, int num_ranks, uint64_t seed) {
+  TwoCalls cpu, gpu;
+  Case first = interleave_case(num_ranks);
+  first.hook = true, first.format = Format::kFp8;
+  Case second = first;
+  second.tokens = 33, second.format = Format::kBf16, second.routing = Routing::kGapsAndRepeats;
+  for (int i = 0; i < 2; ++i) {
+    cpu.cases[i] = gpu.cases[i] = i == 0 ? first : second;
+    cpu.inputs[i] = make_inputs(cpu.cases[i], rank, num_ranks, seed + i);
+    gpu.inputs[i] = cpu.inputs[i];
+    cpu.views[i] = host_views(cpu.inputs[i], cpu.cases[i]);
+    gpu.views[i] = device_views(gpu.inputs[i], gpu.cases[i], b.stream);
+  }
+  dispatch_two(cpu_side(b), cpu);
+  dispatch_two(gpu_side(b), gpu);
+  bool same = true;
+  ExpertOutputs experts[2];
+  for (int i = 0; i < 2; ++i) {
+    const std::string what = "rank " + std::to_string(rank) + " [two calls with hooks, call " + std::to_string(i + 1) +
+                             ": " + cpu.cases[i].name() + "]";
+    const DispatchOut expected = read_dispatch(cpu.dispatched[i], cpu.cases[i], num_ranks);
+    same &=
+        expect_same_dispatch(expected, read_dispatch(gpu.dispatched[i], gpu.cases[i], num_ranks), what + " dispatch");
+    experts[i] = make_expert_outputs(cpu.cases[i], num_ranks, expected.recv_count, rank, seed + i);
+  }
+  std::vector<DeviceMemory> keep;
+  combine_two(cpu_side(b), cpu, experts, keep);
+  combine_two(gpu_side(b), gpu, experts, keep);
+  for (int i = 0; i < 2; ++i)
+    same &= expect_same_bf16(
+        read_bf16(cpu.combined[i].combined_x), read_bf16(gpu.combined[i].combined_x), cpu.cases[i].hidden,
+        "rank " + std::to_string(rank) + " [two calls with hooks, call " + std::to_string(i + 1) + "] combine");
+  return same;
+}
+
 class LowLatencyPutPathGpu : public ::testing::TestWithParam<PutConfig> {};
 
 TEST_P(LowLatencyPutPathGpu, EveryOutputMatchesTheCpuReference) {
@@ -205,6 +264,7 @@ TEST_P(LowLatencyPutPathGpu, EveryOutputMatchesTheCpuReference) {
         uint64_t seed = 900;
         for (const Case& c : cases) check_case(b, c, rank, R, seed++);
         check_zero_copy_after_plain_combine(b, rank, R, seed);
+        check_interleaved_hooks(b, rank, R, seed + 2);
         b.destroy();
       },
       long_run());
