@@ -147,7 +147,8 @@ for s in $steps; do
       tail -8 "$logs/compat.log" >>"$summary"
       ;;
     ll-tests)
-      for t in test_gpu_low_latency test_gpu_low_latency_faults test_gpu_low_latency_coexistence; do
+      for t in test_gpu_low_latency test_gpu_low_latency_faults test_gpu_low_latency_coexistence \
+        test_gpu_low_latency_put_path; do
         step 150 "$t" "build-gpu/tests/gpu/$t" --gtest_color=no
         grep -E "^\[ +(FAILED|PASSED) +\]|tests? ran" "$logs/$t.log" | sort -u | head -20 >>"$summary"
       done

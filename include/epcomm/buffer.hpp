@@ -41,6 +41,15 @@ const char* to_string(BackendKind kind);
 // True if this build of epcomm contains the backend.
 bool backend_available(BackendKind kind);
 
+// Low-latency mode: which peers get NVSHMEM puts instead of plain stores over NVLink (SPEC §4.2b).
+// Results are bit-identical either way; only the path differs.
+enum class LowLatencyPutPath : uint8_t {
+  kAuto,    // puts for the peers of other nodes (ranks_per_node < R) and for any peer NVSHMEM cannot map
+  kMapped,  // puts only for the peers NVSHMEM cannot map (stores across nodes where NVLink spans them)
+  kAll,     // puts for every peer, this rank included (tests); also when allow_nvlink_for_low_latency_mode
+            // is false
+};
+
 struct BufferOptions {
   BackendKind backend = BackendKind::kCuda;
   int64_t num_nvl_bytes = 0;   // normal-mode memory shared inside a node (see Config hints)
@@ -50,13 +59,16 @@ struct BufferOptions {
   int device = -1;         // CUDA device of this rank; -1 = the current device
   // Longest any wait for a peer may take; 0 = $EPCOMM_TIMEOUT_S seconds, else 100 s.
   std::chrono::milliseconds timeout{0};
-  // Accepted for DeepEP compatibility.
+  // Accepted for DeepEP compatibility (allow_nvlink_for_low_latency_mode = false: every low-latency
+  // peer gets NVSHMEM puts, LowLatencyPutPath::kAll).
   int num_qps_per_rank = 24;
   bool allow_nvlink_for_low_latency_mode = true;
   bool allow_mnnvl = false;
   bool use_fabric = false;
   bool explicitly_destroy = false;
   bool enable_shrink = false;  // mask failed ranks in low-latency mode instead of timing out
+  // kAuto: $EPCOMM_LL_PUT_PATH (auto, mapped or all) when set, else as kAuto says.
+  LowLatencyPutPath low_latency_put_path = LowLatencyPutPath::kAuto;
   // CUDA backend: the stream normal-mode work runs on (comm_stream()). nullptr: the Buffer creates
   // one and destroys it in destroy(). A caller's stream must outlive the Buffer and any later use of
   // it — e.g. a framework that records tensor uses on it (PyTorch's record_stream) passes one of its

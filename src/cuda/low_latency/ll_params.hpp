@@ -64,7 +64,7 @@ struct Common {
   int32_t rank = 0;
   int32_t num_ranks = 1;
   int32_t shrink = 0;         // enable_shrink: a late rank is masked instead of failing
-  int32_t has_put_peers = 0;  // some peer has no NVLink mapping (peer_bases[r] == 0)
+  int32_t has_put_peers = 0;  // some peer gets puts (peer_bases[r] == 0: not mapped, or the put path option)
 };
 
 struct DispatchParams {
@@ -103,8 +103,8 @@ struct CombineParams {
   int32_t parity = 0;  // combine parity (receive region and flags)
   // inputs
   const uint16_t* x = nullptr;            // [L, N, hidden] bf16: the caller's tensor or the zero-copy region
-  uint16_t* staging = nullptr;            // [L, N, hidden] local registered memory for put peers (or null)
-  int32_t x_is_staging = 0;               // zero_copy: x already is the staging region
+  uint16_t* staging = nullptr;            // [L, N, hidden] device memory the rows for put peers are copied to
+  int32_t x_is_staging = 0;               // zero_copy: put straight from x (the zero-copy region)
   const int32_t* src_info = nullptr;      // [L, N] (handle)
   const int64_t* layout_range = nullptr;  // [L, R] (handle)
   const uint8_t* meta = nullptr;          // [L, N] top-k slot of each row (the dispatch's parity)

@@ -7,8 +7,11 @@
 // captured CUDA graph can be replayed any number of times.
 #include "cuda/low_latency/low_latency_mode.hpp"
 
+#include <unistd.h>  // gethostname
+
 #include <array>
 #include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <memory>
 #include <string>
@@ -41,6 +44,35 @@ Tensor allocate(Allocator& allocator, DType dtype, std::initializer_list<int64_t
 void require_aligned(const void* pointer, const char* op, const char* arg) {
   require(reinterpret_cast<uintptr_t>(pointer) % 16 == 0, op, arg,
           "data must be 16-byte aligned for vector access, got address ", pointer);
+}
+
+// The put path the options ask for ($EPCOMM_LL_PUT_PATH refines kAuto; bad values are an error
+// naming the variable).
+LowLatencyPutPath resolve_put_path(const BufferOptions& options) {
+  if (!options.allow_nvlink_for_low_latency_mode) return LowLatencyPutPath::kAll;
+  if (options.low_latency_put_path != LowLatencyPutPath::kAuto) return options.low_latency_put_path;
+  const char* env = std::getenv("EPCOMM_LL_PUT_PATH");
+  if (env == nullptr || *env == '\0') return LowLatencyPutPath::kAuto;
+  const std::string value(env);
+  if (value == "auto") return LowLatencyPutPath::kAuto;
+  if (value == "mapped") return LowLatencyPutPath::kMapped;
+  if (value == "all") return LowLatencyPutPath::kAll;
+  throw_error(ErrorCode::kInvalidArgument,
+              concat("Buffer: $EPCOMM_LL_PUT_PATH: expected auto, mapped or all, got '", value, "'"));
+}
+
+// Collective: true when every rank of the group runs on this host (same host name), so that
+// NVSHMEM's start-up may stay on the loopback interface even with emulated nodes.
+bool all_on_one_host(Bootstrap& bootstrap) {
+  struct HostName {
+    char name[256] = {};
+  } mine;
+  gethostname(mine.name, sizeof(mine.name) - 1);
+  std::vector<HostName> all(bootstrap.size());
+  bootstrap.all_gather(&mine, all.data(), sizeof(HostName));
+  for (const HostName& other : all)
+    if (std::strncmp(other.name, mine.name, sizeof(mine.name)) != 0) return false;
+  return true;
 }
 
 // cudaMalloc that also works while the calling thread captures a CUDA graph (the allocation is not
@@ -80,7 +112,11 @@ class NvshmemLowLatencyMode final : public LowLatencyMode {
   void check_usable(const char* op);
   void check_limits(int max_tokens, int hidden, int num_experts, const char* op) const;
   int find_dispatch(const LowLatencyHandle& handle) const;
-  uint16_t* ensure_zero_copy(int64_t bytes);
+  // A device region of at least `bytes` for `region` (zero_copy_ or staging_), registered with
+  // NVSHMEM as a source of puts when a remote transport carries some of them.
+  uint16_t* ensure_region(void*& region, int64_t& region_bytes, int64_t bytes);
+  uint16_t* ensure_zero_copy(int64_t bytes) { return ensure_region(zero_copy_, zero_copy_bytes_, bytes); }
+  void build_peer_table(LowLatencyPutPath path);
 
   GroupGeometry geometry_;
   int device_ = 0;
@@ -97,16 +133,24 @@ class NvshmemLowLatencyMode final : public LowLatencyMode {
 
   uint8_t* symmetric_ = nullptr;
   int64_t symmetric_bytes_ = 0;
-  bool has_put_peers_ = false;
+  bool has_put_peers_ = false;     // some peer gets puts (the kernels quiet before they signal)
+  bool has_remote_peers_ = false;  // some peer has no NVLink mapping: a remote transport carries its puts,
+                                   // and the combine staging region must be registered with NVSHMEM
 
   int dispatch_parity_ = 0;  // parity of the next dispatch
   int combine_parity_ = 0;
   std::array<DispatchRecord, 2> dispatches_{};
 
-  // Zero-copy / staging region [L, R x T_max, hidden] bf16 (LowLatencyLayout::zero_copy_bytes).
+  // Zero-copy region [L, R x T_max, hidden] bf16 (LowLatencyLayout::zero_copy_bytes): what a
+  // zero_copy combine sends (stores or puts straight from it).
   void* zero_copy_ = nullptr;
   int64_t zero_copy_bytes_ = 0;
-  std::vector<void*> old_zero_copy_;  // outgrown regions, freed by destroy (kernels may still read them)
+  // Staging region of the same shape, only with put peers: a combine that is not zero_copy copies
+  // the rows for put peers here and puts from here. Apart from the zero-copy region, so that such a
+  // combine never overwrites rows the caller has already written for its next zero_copy combine.
+  void* staging_ = nullptr;
+  int64_t staging_bytes_ = 0;
+  std::vector<void*> old_regions_;  // outgrown regions, freed by destroy (kernels may still read them)
 
   std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);  // hooks check it
   bool destroyed_ = false;
@@ -126,25 +170,39 @@ NvshmemLowLatencyMode::NvshmemLowLatencyMode(const CudaContext& ctx)
   overlap_send_ = pdl == nullptr || std::string(pdl) != "0";
   if (const char* limit = std::getenv("EPCOMM_LL_DISPATCH_OVERLAP_MAX_TOKENS"))
     dispatch_overlap_max_tokens_ = std::atoi(limit);
+  const LowLatencyPutPath put_path = resolve_put_path(*ctx.options);
   DeviceGuard guard(device_);
-  ll::ensure_nvshmem(*ctx.bootstrap, device_, bytes, geometry_.num_nodes() == 1);
+  const bool one_host = all_on_one_host(*ctx.bootstrap);
+  ll::ensure_nvshmem(*ctx.bootstrap, device_, bytes, geometry_.num_nodes() == 1 || one_host);
   symmetric_ = static_cast<uint8_t*>(ll::allocate_symmetric(bytes));
   symmetric_bytes_ = bytes;
   EPCOMM_CUDA_CHECK(cudaMemset(symmetric_, 0, static_cast<size_t>(bytes)));
-
-  std::vector<uint64_t> peers(geometry_.num_ranks);
-  for (int r = 0; r < geometry_.num_ranks; ++r) {
-    peers[r] = reinterpret_cast<uint64_t>(ll::peer_pointer(symmetric_, r));
-    has_put_peers_ |= peers[r] == 0;
-  }
-  EPCOMM_CUDA_CHECK(cudaMemcpy(control(ControlLayout::kPeerBases), peers.data(), peers.size() * sizeof(uint64_t),
-                               cudaMemcpyHostToDevice));
+  build_peer_table(put_path);
   int max_smem = 0;
   EPCOMM_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device_));
   ll::prepare_dispatch_kernels(max_smem);
   ll::prepare_combine_kernels(max_smem);
   EPCOMM_CUDA_CHECK(cudaDeviceSynchronize());
   ll::nvshmem_group_barrier();  // every rank's flags are zero before anyone sends
+}
+
+// The peer table of the control region: rank r's symmetric memory as mapped here, or 0 where r
+// gets NVSHMEM puts (ll_params.hpp). Emulated nodes on one host are all mapped; kAuto still sends
+// to the other nodes' ranks with puts, so that the put path runs where a test can check it.
+void NvshmemLowLatencyMode::build_peer_table(LowLatencyPutPath path) {
+  const int me = geometry_.rank;
+  std::vector<uint64_t> peers(geometry_.num_ranks);
+  for (int r = 0; r < geometry_.num_ranks; ++r) {
+    const uint64_t mapped = reinterpret_cast<uint64_t>(ll::peer_pointer(symmetric_, r));
+    const bool other_node = geometry_.node_of(r) != geometry_.node_of(me);
+    const bool puts =
+        mapped == 0 || path == LowLatencyPutPath::kAll || (path == LowLatencyPutPath::kAuto && other_node);
+    peers[r] = puts ? 0 : mapped;
+    has_put_peers_ |= puts;
+    has_remote_peers_ |= mapped == 0;
+  }
+  EPCOMM_CUDA_CHECK(cudaMemcpy(control(ControlLayout::kPeerBases), peers.data(), peers.size() * sizeof(uint64_t),
+                               cudaMemcpyHostToDevice));
 }
 
 ll::Common NvshmemLowLatencyMode::common() const {
@@ -316,7 +374,8 @@ LowLatencyCombineResult NvshmemLowLatencyMode::combine(const LowLatencyCombineAr
     require_aligned(in.x.data, op, "x");
     p.x = in.x.data_as<const uint16_t>();
   }
-  p.staging = has_put_peers_ ? ensure_zero_copy(lay.zero_copy_bytes()) : nullptr;
+  p.staging =
+      has_put_peers_ && !in.zero_copy ? ensure_region(staging_, staging_bytes_, lay.zero_copy_bytes()) : nullptr;
   p.src_info = handle.src_info.data_as<const int32_t>();
   p.layout_range = handle.layout_range.data_as<const int64_t>();
   p.meta = symmetric_ + lay.dispatch_meta_offset(dispatch_parity);
@@ -350,13 +409,13 @@ LowLatencyCombineResult NvshmemLowLatencyMode::combine(const LowLatencyCombineAr
   return result;
 }
 
-uint16_t* NvshmemLowLatencyMode::ensure_zero_copy(int64_t bytes) {
-  if (zero_copy_ != nullptr && zero_copy_bytes_ >= bytes) return static_cast<uint16_t*>(zero_copy_);
-  if (zero_copy_ != nullptr) old_zero_copy_.push_back(zero_copy_);
-  zero_copy_ = nullptr;
-  zero_copy_bytes_ = 0;
+uint16_t* NvshmemLowLatencyMode::ensure_region(void*& current, int64_t& current_bytes, int64_t bytes) {
+  if (current != nullptr && current_bytes >= bytes) return static_cast<uint16_t*>(current);
+  if (current != nullptr) old_regions_.push_back(current);
+  current = nullptr;
+  current_bytes = 0;
   void* region = malloc_outside_capture(bytes);
-  if (has_put_peers_) {
+  if (has_remote_peers_) {  // puts to mapped peers are copies over NVLink: any device memory will do
     try {
       ll::register_local_buffer(region, bytes);
     } catch (...) {
@@ -364,9 +423,9 @@ uint16_t* NvshmemLowLatencyMode::ensure_zero_copy(int64_t bytes) {
       throw;
     }
   }
-  zero_copy_ = region;
-  zero_copy_bytes_ = bytes;
-  return static_cast<uint16_t*>(zero_copy_);
+  current = region;
+  current_bytes = bytes;
+  return static_cast<uint16_t*>(current);
 }
 
 TensorView NvshmemLowLatencyMode::next_combine_buffer(const LowLatencyHandle& handle) {
@@ -426,14 +485,16 @@ void NvshmemLowLatencyMode::destroy(bool collective) {
       ll::free_symmetric(symmetric_);
       symmetric_ = nullptr;
     }
-    old_zero_copy_.push_back(zero_copy_);
+    old_regions_.push_back(zero_copy_);
+    old_regions_.push_back(staging_);
     zero_copy_ = nullptr;
-    for (void* region : old_zero_copy_) {
+    staging_ = nullptr;
+    for (void* region : old_regions_) {
       if (region == nullptr) continue;
-      if (has_put_peers_) ll::unregister_local_buffer(region);
+      if (has_remote_peers_) ll::unregister_local_buffer(region);
       cudaFree(region);
     }
-    old_zero_copy_.clear();
+    old_regions_.clear();
   } catch (...) {
     if (collective) throw;
   }

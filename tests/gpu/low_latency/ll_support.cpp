@@ -444,7 +444,7 @@ std::vector<int> rank_counts() {
 }
 
 Buffers make_buffers(Bootstrap& group, const std::vector<Case>& cases, bool enable_shrink,
-                     std::chrono::milliseconds timeout) {
+                     std::chrono::milliseconds timeout, const std::function<void(BufferOptions&)>& edit) {
   Buffers b;
   const int gpus = visible_gpus();
   if (gpus == 0) throw std::runtime_error("no CUDA device");
@@ -459,6 +459,7 @@ Buffers make_buffers(Bootstrap& group, const std::vector<Case>& cases, bool enab
   options.low_latency_mode = true;
   options.timeout = timeout;
   options.enable_shrink = enable_shrink;
+  if (edit) edit(options);
   b.cpu = std::make_unique<Buffer>(group, options);
   options.backend = BackendKind::kCuda;
   options.device = b.device;

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <span>
@@ -165,8 +166,10 @@ struct Buffers {
   PoisonAllocator poison;
   void destroy();
 };
+// `edit`, when given, changes the options of both Buffers last (e.g. ranks_per_node, the put path).
 Buffers make_buffers(Bootstrap& group, const std::vector<Case>& cases, bool enable_shrink = false,
-                     std::chrono::milliseconds timeout = std::chrono::milliseconds(0));
+                     std::chrono::milliseconds timeout = std::chrono::milliseconds(0),
+                     const std::function<void(BufferOptions&)>& edit = nullptr);
 
 Side cpu_side(Buffers& b);
 Side gpu_side(Buffers& b);

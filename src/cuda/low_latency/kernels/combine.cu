@@ -4,8 +4,9 @@
 // for row j of expert l the handle gives the source rank s (layout_range) and the token t
 // (src_info), the dispatch's row meta the top-k slot k. The bf16 row goes to slot [t][k] of the
 // combine receive region of rank s: straight from `x` with 16-byte stores when s is mapped over
-// NVLink, else staged in local registered memory and put. Each block with rows adds its arrival to
-// every destination's flag.
+// NVLink, else copied to the staging region (unless x is the zero-copy region) and put with
+// nvshmemx_putmem_nbi_warp. Each block with rows adds its arrival to every destination's flag
+// (after nvshmem_quiet when some peer gets puts: device/primitives.cuh).
 // Receive kernel (256 threads, 8 channels each, blocks over (token, channel chunk)): waits for
 // every unmasked source, then out[t] = bf16(acc), acc = fmaf(w[t][k], row(t, k), acc) over k
 // ascending, row(t, k) read from the slot of the token's first k with the same expert.

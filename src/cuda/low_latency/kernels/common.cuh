@@ -117,8 +117,16 @@ __device__ __forceinline__ uint64_t signal_value(int block, int num_blocks) {
 }
 
 // Called by every thread of a sending block when its stores and puts are issued: the block
-// barrier, nvshmem_quiet when this rank has put peers, then warp 0 adds `value` to this rank's
-// flag in `set` at every usable destination.
+// barrier, then warp 0 adds `value` to this rank's flag in `set` at every usable destination.
+//
+// With put peers, the puts of every warp of the block must be delivered before any of their flags:
+//   - nvshmem_quiet by thread 0 after the barrier completes the puts the block issued through a
+//     remote transport (the proxy or the NIC works through them in order);
+//   - puts NVSHMEM carries over NVLink (emulated nodes, kAll) are the block's own weak stores to the
+//     peer, and nvshmemx_signal_op adds with a relaxed system-scope atomic: each signalling lane
+//     issues fence.acq_rel.sys before it, which with the barrier makes it a release of the whole
+//     block's stores (the PTX pattern the store path gets from red.release.sys).
+// The store path (no put peers) is unchanged: barrier, red.release.sys.
 __device__ __forceinline__ void signal_destinations(const Common& c, int set, const PeerTable& peers, uint64_t value) {
   __syncthreads();
   if (c.has_put_peers) {
@@ -133,6 +141,7 @@ __device__ __forceinline__ void signal_destinations(const Common& c, int set, co
     if (base != nullptr) {
       device::add_release_sys(reinterpret_cast<uint64_t*>(base + offset), value);
     } else {
+      device::fence_acq_rel_sys();
       nvshmemx_signal_op(reinterpret_cast<uint64_t*>(c.local + offset), value, NVSHMEM_SIGNAL_ADD, d);
     }
   }

@@ -7,8 +7,11 @@
 //      source's T, one count per local expert of d, one bit per token that goes to d;
 //   3. per token: warp k counts the earlier tokens that chose expert k (the token's row offset in
 //      that expert's rows from this source), the token is cast once (FP8: 8 threads per 128-channel
-//      block) and stored once per destination rank into slot [source][token] of that rank;
-//   4. each block adds its arrival to every destination's flag (release, system scope).
+//      block) and stored once per destination rank into slot [source][token] of that rank (for
+//      peers on puts: once into a staging slot, then nvshmemx_putmem_nbi_block to each; messages
+//      likewise);
+//   4. each block adds its arrival to every destination's flag (release, system scope; after
+//      nvshmem_quiet when some peer gets puts).
 // Receive kernel (8 warps per block, one slot per warp): waits for every unmasked source, turns
 // the messages into the first row of each (local expert, source), then copies every received
 // slot into recv_x at row = first row + offset, for each of its local experts.
