@@ -25,9 +25,4 @@ inline int32_t first_row_from(const DispatchHandle& handle, int source, int rece
   return source == 0 ? 0 : prefix[(source - 1) * handle.num_ranks + receiver];
 }
 
-// Rows of recv_x on `receiver` that hold real tokens (fewer than the rows with num_worst_tokens).
-inline int32_t num_real_rows(const DispatchHandle& handle, int receiver) {
-  return first_row_from(handle, handle.num_ranks, receiver);
-}
-
 }  // namespace epcomm::cpu

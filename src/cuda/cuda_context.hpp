@@ -28,7 +28,6 @@ class DeviceErrors {
   DeviceErrors(const DeviceErrors&) = delete;
   DeviceErrors& operator=(const DeviceErrors&) = delete;
 
-  DeviceErrorWord* device_word() const { return device_word_; }
   // What kernels receive to report errors (cuda/device/errors.cuh).
   DeviceErrorSink sink() const { return {device_word_, flags_, flags_ + 1}; }
   // Throws the recorded error, if any, as epcomm::Error (and clears it unless it is a timeout).

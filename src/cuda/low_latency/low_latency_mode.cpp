@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "core/allocate.hpp"
 #include "core/check.hpp"
 #include "core/cuda_check.hpp"
 #include "core/layouts.hpp"
@@ -35,11 +36,6 @@ struct DispatchRecord {
   int hidden = 0;
   int num_experts = 0;
 };
-
-Tensor allocate(Allocator& allocator, DType dtype, std::initializer_list<int64_t> shape, Device device,
-                cudaStream_t stream) {
-  return allocator.allocate(dtype, std::span<const int64_t>(shape.begin(), shape.size()), device, stream);
-}
 
 void require_aligned(const void* pointer, const char* op, const char* arg) {
   require(reinterpret_cast<uintptr_t>(pointer) % 16 == 0, op, arg,
@@ -117,6 +113,19 @@ class NvshmemLowLatencyMode final : public LowLatencyMode {
   uint16_t* ensure_region(void*& region, int64_t& region_bytes, int64_t bytes);
   uint16_t* ensure_zero_copy(int64_t bytes) { return ensure_region(zero_copy_, zero_copy_bytes_, bytes); }
   void build_peer_table(LowLatencyPutPath path);
+  // The phases of a call: outputs and kernel params, the send kernel, then the receive kernel now
+  // or in a hook.
+  LowLatencyDispatchResult allocate_dispatch_outputs(const LowLatencyDispatchArgs& args, int64_t num_rows,
+                                                     cudaStream_t stream) const;
+  ll::DispatchParams dispatch_params(const LowLatencyDispatchArgs& args, const LowLatencyLayout& lay,
+                                     const LowLatencyDispatchResult& result) const;
+  ll::CombineParams combine_params(const LowLatencyCombineArgs& args, const LowLatencyLayout& lay, int dispatch_parity,
+                                   const Tensor& combined_x, const char* op);
+  template <class Params>
+  using RecvLauncher = void (*)(const Params&, int num_sms, cudaStream_t stream, bool overlap_send);
+  template <class Params>
+  void receive(const Params& p, RecvLauncher<Params> launch_recv, bool overlap_send, std::vector<Tensor> keep,
+               const char* op, const LowLatencyOptions& options, Event& event, RecvHook& hook) const;
 
   GroupGeometry geometry_;
   int device_ = 0;
@@ -241,55 +250,73 @@ void NvshmemLowLatencyMode::check_limits(int max_tokens, int hidden, int num_exp
                 concat(op, ": num_rdma_bytes: the buffer has ", symmetric_bytes_, " bytes, these sizes need ", needed));
 }
 
-LowLatencyDispatchResult NvshmemLowLatencyMode::dispatch(const LowLatencyDispatchArgs& args,
-                                                         const LowLatencyOptions& options) {
-  const char* op = "low_latency_dispatch";
-  check_usable(op);
-  DeviceGuard guard(device_);
+// The receive half of a call: launched now on options.stream (with `overlap_send`, as a programmatic
+// dependent of the send kernel), or, with return_recv_hook, by the returned hook on the stream it is
+// given, keeping `keep` (the outputs the kernel writes) alive until then.
+template <class Params>
+void NvshmemLowLatencyMode::receive(const Params& p, RecvLauncher<Params> launch_recv, bool overlap_send,
+                                    std::vector<Tensor> keep, const char* op, const LowLatencyOptions& options,
+                                    Event& event, RecvHook& hook) const {
+  if (!options.return_recv_hook) {
+    launch_recv(p, num_sms_, options.stream, overlap_send);
+    if (options.async_finish) event = Event::record(options.stream);
+    return;
+  }
+  const int num_sms = num_sms_, device_index = device_;
+  hook = RecvHook(
+      [alive = alive_, p, launch_recv, num_sms, device_index, keep = std::move(keep), op](StreamHandle hook_stream) {
+        if (!*alive) throw_error(ErrorCode::kInvalidArgument, concat(op, " recv hook: the Buffer was destroyed"));
+        DeviceGuard hook_guard(device_index);
+        launch_recv(p, num_sms, hook_stream, /*overlap_send=*/false);
+      });
+}
+
+LowLatencyDispatchResult NvshmemLowLatencyMode::allocate_dispatch_outputs(const LowLatencyDispatchArgs& args,
+                                                                          int64_t num_rows, cudaStream_t stream) const {
   const LowLatencyDispatchInputs& in = *args.inputs;
-  const int T = args.num_tokens, T_max = args.max_tokens_per_rank, hidden = args.hidden;
-  const int L = args.num_local_experts, R = geometry_.num_ranks;
-  check_limits(T_max, hidden, args.num_experts, op);
-  require_aligned(in.x.data, op, "x");
-  const LowLatencyLayout lay = layout(T_max, hidden, args.num_experts);
-  const int64_t N = lay.num_rows();
-  const int parity = dispatch_parity_;
-  cudaStream_t stream = options.stream;
+  const int hidden = args.hidden, L = args.num_local_experts, R = geometry_.num_ranks;
+  const int64_t N = num_rows;
   Allocator& allocator = *args.allocator;
   const Device device = Device::cuda(device_);
-
   LowLatencyDispatchResult result;
   result.recv_x =
       allocate(allocator, in.use_fp8 ? DType::kFloat8E4M3 : DType::kBFloat16, {L, N, hidden}, device, stream);
-  ll::Format format = ll::Format::kBf16;
   if (in.use_fp8) {
-    format = in.use_ue8m0 ? ll::Format::kFp8Ue8m0 : in.round_scale ? ll::Format::kFp8RoundScale : ll::Format::kFp8;
     const int64_t columns = in.use_ue8m0 ? hidden / 512 : hidden / 128;
-    // Column-major in the last two dimensions: allocated [L, S, N], returned as its transpose.
-    Tensor scales =
-        allocate(allocator, in.use_ue8m0 ? DType::kInt32 : DType::kFloat32, {L, columns, N}, device, stream);
-    result.recv_x_scales = scales.with_view(scales.transposed(1, 2));
+    // Column-major in the last two dimensions (allocated [L, S, N]).
+    result.recv_x_scales = allocate_column_major(allocator, in.use_ue8m0 ? DType::kInt32 : DType::kFloat32,
+                                                 {L, N, columns}, device, stream);
   }
   result.recv_count = allocate(allocator, DType::kInt32, {L}, device, stream);
   result.handle.src_info = allocate(allocator, DType::kInt32, {L, N}, device, stream);
   result.handle.layout_range = allocate(allocator, DType::kInt64, {L, R}, device, stream);
-  result.handle.num_max_dispatch_tokens_per_rank = T_max;
+  result.handle.num_max_dispatch_tokens_per_rank = args.max_tokens_per_rank;
   result.handle.hidden = hidden;
   result.handle.num_experts = args.num_experts;
+  return result;
+}
 
+ll::DispatchParams NvshmemLowLatencyMode::dispatch_params(const LowLatencyDispatchArgs& args,
+                                                          const LowLatencyLayout& lay,
+                                                          const LowLatencyDispatchResult& result) const {
+  const LowLatencyDispatchInputs& in = *args.inputs;
+  const int parity = dispatch_parity_;
   ll::DispatchParams p;
   p.c = common();
   p.parity = parity;
   p.x = in.x.data_as<const uint16_t>();
   p.topk_idx = in.topk_idx.data;
   p.topk_is_int64 = in.topk_idx.dtype == DType::kInt64 ? 1 : 0;
-  p.num_tokens = T;
-  p.hidden = hidden;
+  p.num_tokens = args.num_tokens;
+  p.hidden = args.hidden;
   p.num_topk = args.num_topk;
   p.num_experts = args.num_experts;
-  p.num_local_experts = L;
-  p.max_tokens = T_max;
-  p.format = format;
+  p.num_local_experts = args.num_local_experts;
+  p.max_tokens = args.max_tokens_per_rank;
+  p.format = !in.use_fp8      ? ll::Format::kBf16
+             : in.use_ue8m0   ? ll::Format::kFp8Ue8m0
+             : in.round_scale ? ll::Format::kFp8RoundScale
+                              : ll::Format::kFp8;
   p.recv_offset = lay.dispatch_recv_offset(parity);
   p.meta_offset = lay.dispatch_meta_offset(parity);
   p.messages_offset = lay.dispatch_messages_offset(parity);
@@ -304,22 +331,28 @@ LowLatencyDispatchResult NvshmemLowLatencyMode::dispatch(const LowLatencyDispatc
   p.cumulative_recv_stats =
       in.cumulative_local_expert_recv_stats ? in.cumulative_local_expert_recv_stats->data_as<int32_t>() : nullptr;
   p.wait_stats = in.dispatch_wait_recv_cost_stats ? in.dispatch_wait_recv_cost_stats->data_as<int64_t>() : nullptr;
+  return p;
+}
 
-  ll::launch_dispatch_send(p, num_sms_, stream);
-  if (options.return_recv_hook) {
-    const int num_sms = num_sms_, device_index = device_;
-    std::vector<Tensor> keep = {result.recv_x, result.recv_count, result.handle.src_info, result.handle.layout_range};
-    if (result.recv_x_scales) keep.push_back(*result.recv_x_scales);
-    result.hook = RecvHook([alive = alive_, p, num_sms, device_index, keep](StreamHandle hook_stream) {
-      if (!*alive) throw_error(ErrorCode::kInvalidArgument, "low_latency_dispatch recv hook: the Buffer was destroyed");
-      DeviceGuard hook_guard(device_index);
-      ll::launch_dispatch_recv(p, num_sms, hook_stream, /*overlap_send=*/false);
-    });
-  } else {
-    ll::launch_dispatch_recv(p, num_sms_, stream, overlap_send_ && T <= dispatch_overlap_max_tokens_);
-    if (options.async_finish) result.event = Event::record(stream);
-  }
-  dispatches_[parity] = DispatchRecord{result.handle.src_info.data, T_max, hidden, args.num_experts};
+LowLatencyDispatchResult NvshmemLowLatencyMode::dispatch(const LowLatencyDispatchArgs& args,
+                                                         const LowLatencyOptions& options) {
+  const char* op = "low_latency_dispatch";
+  check_usable(op);
+  DeviceGuard guard(device_);
+  const int T_max = args.max_tokens_per_rank;
+  check_limits(T_max, args.hidden, args.num_experts, op);
+  require_aligned(args.inputs->x.data, op, "x");
+  const LowLatencyLayout lay = layout(T_max, args.hidden, args.num_experts);
+
+  LowLatencyDispatchResult result = allocate_dispatch_outputs(args, lay.num_rows(), options.stream);
+  const ll::DispatchParams p = dispatch_params(args, lay, result);
+  ll::launch_dispatch_send(p, num_sms_, options.stream);
+  std::vector<Tensor> keep = {result.recv_x, result.recv_count, result.handle.src_info, result.handle.layout_range};
+  if (result.recv_x_scales) keep.push_back(*result.recv_x_scales);
+  receive(p, &ll::launch_dispatch_recv, overlap_send_ && args.num_tokens <= dispatch_overlap_max_tokens_,
+          std::move(keep), op, options, result.event, result.hook);
+
+  dispatches_[p.parity] = DispatchRecord{result.handle.src_info.data, T_max, args.hidden, args.num_experts};
   dispatch_parity_ ^= 1;
   return result;
 }
@@ -339,29 +372,11 @@ int NvshmemLowLatencyMode::find_dispatch(const LowLatencyHandle& handle) const {
               "another Buffer); a handle is usable until the second-next dispatch");
 }
 
-LowLatencyCombineResult NvshmemLowLatencyMode::combine(const LowLatencyCombineArgs& args,
-                                                       const LowLatencyOptions& options) {
-  const char* op = "low_latency_combine";
-  check_usable(op);
-  DeviceGuard guard(device_);
+ll::CombineParams NvshmemLowLatencyMode::combine_params(const LowLatencyCombineArgs& args, const LowLatencyLayout& lay,
+                                                        int dispatch_parity, const Tensor& combined_x, const char* op) {
   const LowLatencyCombineInputs& in = *args.inputs;
   const LowLatencyHandle& handle = *in.handle;
-  const int dispatch_parity = find_dispatch(handle);
-  const int T_max = args.max_tokens_per_rank, hidden = args.hidden;
-  check_limits(T_max, hidden, args.num_experts, op);
-  const LowLatencyLayout lay = layout(T_max, hidden, args.num_experts);
-  cudaStream_t stream = options.stream;
   const int parity = combine_parity_;
-
-  LowLatencyCombineResult result;
-  if (in.out) {
-    result.combined_x = Tensor::borrowed(*in.out);
-  } else {
-    result.combined_x =
-        allocate(*args.allocator, DType::kBFloat16, {args.num_tokens, hidden}, Device::cuda(device_), stream);
-  }
-  require_aligned(result.combined_x.data, op, "out");
-
   ll::CombineParams p;
   p.c = common();
   p.parity = parity;
@@ -382,29 +397,36 @@ LowLatencyCombineResult NvshmemLowLatencyMode::combine(const LowLatencyCombineAr
   p.topk_idx = in.topk_idx.data;
   p.topk_is_int64 = in.topk_idx.dtype == DType::kInt64 ? 1 : 0;
   p.topk_weights = in.topk_weights.data_as<const float>();
-  p.out = result.combined_x.data_as<uint16_t>();
+  p.out = combined_x.data_as<uint16_t>();
   p.wait_stats = in.combine_wait_recv_cost_stats ? in.combine_wait_recv_cost_stats->data_as<int64_t>() : nullptr;
   p.num_tokens = args.num_tokens;
-  p.hidden = hidden;
+  p.hidden = args.hidden;
   p.num_topk = args.num_topk;
   p.num_experts = args.num_experts;
   p.num_local_experts = args.num_local_experts;
-  p.max_tokens = T_max;
+  p.max_tokens = args.max_tokens_per_rank;
   p.recv_offset = lay.combine_recv_offset(parity);
+  return p;
+}
 
-  ll::launch_combine_send(p, num_sms_, stream);
-  if (options.return_recv_hook) {
-    const int num_sms = num_sms_, device_index = device_;
-    Tensor keep = result.combined_x;
-    result.hook = RecvHook([alive = alive_, p, num_sms, device_index, keep](StreamHandle hook_stream) {
-      if (!*alive) throw_error(ErrorCode::kInvalidArgument, "low_latency_combine recv hook: the Buffer was destroyed");
-      DeviceGuard hook_guard(device_index);
-      ll::launch_combine_recv(p, num_sms, hook_stream, /*overlap_send=*/false);
-    });
-  } else {
-    ll::launch_combine_recv(p, num_sms_, stream, overlap_send_);
-    if (options.async_finish) result.event = Event::record(stream);
-  }
+LowLatencyCombineResult NvshmemLowLatencyMode::combine(const LowLatencyCombineArgs& args,
+                                                       const LowLatencyOptions& options) {
+  const char* op = "low_latency_combine";
+  check_usable(op);
+  DeviceGuard guard(device_);
+  const LowLatencyCombineInputs& in = *args.inputs;
+  const int dispatch_parity = find_dispatch(*in.handle);
+  check_limits(args.max_tokens_per_rank, args.hidden, args.num_experts, op);
+  const LowLatencyLayout lay = layout(args.max_tokens_per_rank, args.hidden, args.num_experts);
+
+  LowLatencyCombineResult result;
+  result.combined_x = in.out ? Tensor::borrowed(*in.out)
+                             : allocate(*args.allocator, DType::kBFloat16, {args.num_tokens, args.hidden},
+                                        Device::cuda(device_), options.stream);
+  require_aligned(result.combined_x.data, op, "out");
+  const ll::CombineParams p = combine_params(args, lay, dispatch_parity, result.combined_x, op);
+  ll::launch_combine_send(p, num_sms_, options.stream);
+  receive(p, &ll::launch_combine_recv, overlap_send_, {result.combined_x}, op, options, result.event, result.hook);
   combine_parity_ ^= 1;
   return result;
 }

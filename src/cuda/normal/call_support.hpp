@@ -1,10 +1,10 @@
-// Host-side pieces every normal-mode call uses: stream ordering (SPEC §3.4) and output allocation.
+// Host-side pieces every normal-mode call uses: stream ordering (SPEC §3.4) and output allocation
+// (core/allocate.hpp).
 #pragma once
 
 #include <cuda_runtime.h>
 
-#include <initializer_list>
-
+#include "core/allocate.hpp"
 #include "epcomm/ops.hpp"
 
 namespace epcomm::cuda {
@@ -42,9 +42,5 @@ void require_vector_aligned(const TensorView& tensor, const char* op, const char
 
 // cudaMemsetAsync that accepts empty tensors (whose data may be null).
 void fill_bytes(void* data, int value, size_t bytes, cudaStream_t stream);
-
-// A contiguous output tensor from the caller's allocator.
-Tensor allocate(Allocator& allocator, DType dtype, std::initializer_list<int64_t> shape, Device device,
-                cudaStream_t stream);
 
 }  // namespace epcomm::cuda

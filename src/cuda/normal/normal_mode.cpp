@@ -41,12 +41,6 @@ void fill_bytes(void* data, int value, size_t bytes, cudaStream_t stream) {
   if (bytes > 0) EPCOMM_CUDA_CHECK(cudaMemsetAsync(data, value, bytes, stream));
 }
 
-Tensor allocate(Allocator& allocator, DType dtype, std::initializer_list<int64_t> shape, Device device,
-                cudaStream_t stream) {
-  return allocator.allocate(dtype, std::span<const int64_t>(shape.begin(), shape.size()), device,
-                            reinterpret_cast<StreamHandle>(stream));
-}
-
 NormalMode::NormalMode(const CudaContext& ctx, NormalMemory* memory, uint64_t buffer_id)
     : ctx_(ctx), memory_(memory), buffer_id_(buffer_id) {
   EPCOMM_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&state_), sizeof(LocalState)));

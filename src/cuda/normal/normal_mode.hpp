@@ -41,7 +41,14 @@ class NormalMode {
   CombineResult combine(const CombineArgs& args, const StreamOptions& stream);
 
  private:
+  // A fresh dispatch in four phases (normal_dispatch.cpp): route (routing kernel), exchange counts
+  // (notify kernel), size outputs (the host wait), move tokens (dispatch kernel).
+  struct FreshDispatch;
   DispatchResult fresh_dispatch(const DispatchArgs& args, const StreamOptions& stream);
+  void route(FreshDispatch& call);
+  void exchange_counts(FreshDispatch& call);
+  int size_outputs(const FreshDispatch& call, DispatchResult& result, const char* op) const;
+  void move_tokens(const FreshDispatch& call, int rows, DispatchResult& result);
   DispatchResult cached_dispatch(const DispatchArgs& args, const StreamOptions& stream);
   // Checks what a call needs (one node, SMs, buffer size) and fills the part of the kernel params
   // shared by every kernel of the call.

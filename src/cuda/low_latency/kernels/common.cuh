@@ -28,7 +28,6 @@ namespace epcomm::cuda::ll {
 
 using device::global_timer_ns;
 using device::kCopyUnroll;
-
 using device::load_cg_16;
 using device::load_nc_16;
 using device::store_cg_16;

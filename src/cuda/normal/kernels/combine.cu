@@ -38,24 +38,20 @@ __device__ void write_record(const CombineParams& p, char* slot, int32_t row, in
 }
 
 __device__ void combine_send(const CombineParams& p, int channel, uint64_t epoch) {
-  const NormalCommon& c = p.common;
-  const int R = c.num_ranks, me = c.rank;
-  const WarpGroup g = make_group(R);
-  if (g.peer >= R) return;
-  const int dst = g.peer;
-  QueueSender sender(c, g, channel, epoch, DevicePhase::kCombineSend);
+  send_channel(p.common, channel, epoch, DevicePhase::kCombineSend, [&](QueueSender& sender) {
+    const int R = p.common.num_ranks, me = p.common.rank, dst = sender.g.peer, lane = sender.g.lane;
+    // Rows from `dst` are [first, last); channel c's tokens of dst are [range.begin, range.end).
+    const int first = min(dst == 0 ? 0 : p.rank_prefix_matrix[(dst - 1) * R + me], p.num_recv_rows);
+    const int last = min(p.rank_prefix_matrix[dst * R + me], p.num_recv_rows);
+    const TokenRange range = channel_tokens(p.handle_meta[dst], p.common.queues.num_channels, channel);
+    const int begin = warp_lower_bound(p.recv_src_idx, first, last, range.begin, lane);
+    const int end = warp_lower_bound(p.recv_src_idx, begin, last, range.end, lane);
+    const uint32_t num_records = static_cast<uint32_t>(end - begin);
 
-  // Rows from `dst` are [first, last); channel c's tokens of dst are [range.begin, range.end).
-  const int first = min(dst == 0 ? 0 : p.rank_prefix_matrix[(dst - 1) * R + me], p.num_recv_rows);
-  const int last = min(p.rank_prefix_matrix[dst * R + me], p.num_recv_rows);
-  const TokenRange range = channel_tokens(p.handle_meta[dst], c.queues.num_channels, channel);
-  const int begin = warp_lower_bound(p.recv_src_idx, first, last, range.begin, g.lane);
-  const int end = warp_lower_bound(p.recv_src_idx, begin, last, range.end, g.lane);
-  const uint32_t num_records = static_cast<uint32_t>(end - begin);
-
-  for (uint32_t next = 0; next < num_records; ++next)
-    if (char* slot = sender.claim(next)) write_record(p, slot, begin + static_cast<int32_t>(next), g.lane);
-  sender.finish(num_records);
+    for (uint32_t next = 0; next < num_records; ++next)
+      if (char* slot = sender.claim(next)) write_record(p, slot, begin + static_cast<int32_t>(next), lane);
+    sender.finish(num_records);
+  });
 }
 
 // acc[0..7] += the 8 bf16 values of v, in element order, with round-to-nearest float adds.

@@ -182,6 +182,17 @@ struct QueueSender {
   }
 };
 
+// Runs `send(sender)` in the warps of this warp's group, on the queue of its destination
+// (sender.g.peer) for `channel`; leftover warps return at once.
+template <class Send>
+__device__ __forceinline__ void send_channel(const NormalCommon& c, int channel, uint64_t epoch, DevicePhase phase,
+                                             Send send) {
+  const WarpGroup g = make_group(c.num_ranks);
+  if (g.peer >= c.num_ranks) return;
+  QueueSender sender(c, g, channel, epoch, phase);
+  send(sender);
+}
+
 // Warp-wide copy of `num_vectors` 16-byte vectors, kUnroll loads in flight per lane before their
 // stores (lane l moves vectors l, l + 32, ...; one base address per lane, immediate offsets).
 // kFromQueue: the source is a queue slot a peer wrote (read from L2, never L1); otherwise it is an

@@ -58,32 +58,30 @@ __device__ void write_record(const DispatchParams& p, char* slot, int token, int
 }
 
 __device__ void dispatch_send(const DispatchParams& p, int channel, uint64_t epoch) {
-  const NormalCommon& c = p.common;
-  const int R = c.num_ranks, me = c.rank;
-  const WarpGroup g = make_group(R);
-  if (g.peer >= R) return;
-  const int dst = g.peer;
-  QueueSender sender(c, g, channel, epoch, DevicePhase::kDispatchSend);
-  const TokenRange range = channel_tokens(p.num_tokens, c.queues.num_channels, channel);
-  const int32_t first_row =
-      p.cached ? 0 : (me == 0 ? 0 : p.rank_prefix_matrix[(me - 1) * R + dst]) + c.state->channel_prefix[channel][dst];
+  send_channel(p.common, channel, epoch, DevicePhase::kDispatchSend, [&](QueueSender& sender) {
+    const NormalCommon& c = p.common;
+    const int R = c.num_ranks, me = c.rank, dst = sender.g.peer, lane = sender.g.lane;
+    const TokenRange range = channel_tokens(p.num_tokens, c.queues.num_channels, channel);
+    const int32_t first_row =
+        p.cached ? 0 : (me == 0 ? 0 : p.rank_prefix_matrix[(me - 1) * R + dst]) + c.state->channel_prefix[channel][dst];
 
-  uint32_t next = 0;  // records written (by all warps of the group)
-  for (int window = range.begin; window < range.end; window += kWarpSize) {
-    const int t = window + g.lane;
-    const bool routed = t < range.end && p.in_rank[int64_t(t) * R + dst] != 0;
-    const uint32_t mask = __ballot_sync(~0u, routed);
-    const int n = __popc(mask);
-    for (int j = 0; j < n; ++j, ++next) {
-      char* slot = sender.claim(next);
-      if (slot == nullptr) continue;
-      const int token = window + static_cast<int>(__fns(mask, 0, j + 1));
-      const int32_t row = p.cached ? p.send_row[int64_t(token) * R + dst] : first_row + static_cast<int32_t>(next);
-      write_record(p, slot, token, row, g.lane);
-      if (!p.cached && g.lane == 0) p.send_row[int64_t(token) * R + dst] = row;
+    uint32_t next = 0;  // records written (by all warps of the group)
+    for (int window = range.begin; window < range.end; window += kWarpSize) {
+      const int t = window + lane;
+      const bool routed = t < range.end && p.in_rank[int64_t(t) * R + dst] != 0;
+      const uint32_t mask = __ballot_sync(~0u, routed);
+      const int n = __popc(mask);
+      for (int j = 0; j < n; ++j, ++next) {
+        char* slot = sender.claim(next);
+        if (slot == nullptr) continue;
+        const int token = window + static_cast<int>(__fns(mask, 0, j + 1));
+        const int32_t row = p.cached ? p.send_row[int64_t(token) * R + dst] : first_row + static_cast<int32_t>(next);
+        write_record(p, slot, token, row, lane);
+        if (!p.cached && lane == 0) p.send_row[int64_t(token) * R + dst] = row;
+      }
     }
-  }
-  sender.finish(next);
+    sender.finish(next);
+  });
 }
 
 // Copies one received record to its row.
