@@ -16,6 +16,7 @@
 
 #include "core/check.hpp"
 #include "core/cuda_check.hpp"
+#include "core/environment.hpp"
 #include "core/layouts.hpp"
 #include "cuda/low_latency/ll_params.hpp"
 #include "cuda/low_latency/nvshmem_runtime.hpp"
@@ -38,6 +39,7 @@ Tensor allocate(Allocator& allocator, DType dtype, std::initializer_list<int64_t
   return allocator.allocate(dtype, std::span<const int64_t>(shape.begin(), shape.size()), device, stream);
 }
 
+// Inputs are checked by the front (Limits::data_alignment_bytes); this checks what the allocator returns.
 void require_aligned(const void* pointer, const char* op, const char* arg) {
   require(reinterpret_cast<uintptr_t>(pointer) % 16 == 0, op, arg,
           "data must be 16-byte aligned for vector access, got address ", pointer);
@@ -78,7 +80,8 @@ class NvshmemLowLatencyMode final : public LowLatencyMode {
   int32_t* mask() const { return reinterpret_cast<int32_t*>(control(ControlLayout::kMask)); }
   ll::Common common() const;
   void check_usable(const char* op);
-  void check_limits(int max_tokens, int hidden, int num_experts, const char* op) const;
+  // The sizes against this Buffer's symmetric memory (T_max and E against Limits: op_checks.cpp).
+  void check_capacity(int max_tokens, int hidden, int num_experts, const char* op) const;
   int find_dispatch(const LowLatencyHandle& handle) const;
   uint16_t* ensure_zero_copy(int64_t bytes);
 
@@ -122,10 +125,9 @@ NvshmemLowLatencyMode::NvshmemLowLatencyMode(const CudaContext& ctx)
   const int64_t bytes = ctx.options->num_rdma_bytes;
   require(bytes >= kLowLatencyControlBytes, "Buffer", "num_rdma_bytes", "low-latency mode needs at least ",
           kLowLatencyControlBytes, " bytes (see get_low_latency_rdma_size_hint), got ", bytes);
-  const char* pdl = std::getenv("EPCOMM_LL_PDL");
-  overlap_send_ = pdl == nullptr || std::string(pdl) != "0";
-  if (const char* limit = std::getenv("EPCOMM_LL_DISPATCH_OVERLAP_MAX_TOKENS"))
-    dispatch_overlap_max_tokens_ = std::atoi(limit);
+  overlap_send_ = env_flag("EPCOMM_LL_PDL").value_or(true);
+  dispatch_overlap_max_tokens_ =
+      static_cast<int>(env_int("EPCOMM_LL_DISPATCH_OVERLAP_MAX_TOKENS").value_or(kDefaultDispatchOverlapMaxTokens));
   DeviceGuard guard(device_);
   ll::ensure_nvshmem(*ctx.bootstrap, device_, bytes, geometry_.num_nodes() == 1);
   symmetric_ = static_cast<uint8_t*>(ll::allocate_symmetric(bytes));
@@ -168,15 +170,7 @@ void NvshmemLowLatencyMode::check_usable(const char* op) {
   errors_->throw_if_set();  // timeouts stay set; other errors are re-armed by DeviceErrors
 }
 
-void NvshmemLowLatencyMode::check_limits(int max_tokens, int hidden, int num_experts, const char* op) const {
-  if (max_tokens > ll::kMaxTokensPerRank)
-    throw_error(ErrorCode::kUnsupported,
-                concat(op, ": num_max_dispatch_tokens_per_rank = ", max_tokens,
-                       " is not supported yet by the CUDA backend (at most ", ll::kMaxTokensPerRank, ")"));
-  if (num_experts > ll::kMaxExperts)
-    throw_error(ErrorCode::kUnsupported,
-                concat(op, ": num_experts = ", num_experts, " is not supported yet by the CUDA backend (at most ",
-                       ll::kMaxExperts, ")"));
+void NvshmemLowLatencyMode::check_capacity(int max_tokens, int hidden, int num_experts, const char* op) const {
   const int64_t needed = layout(max_tokens, hidden, num_experts).total_bytes();
   if (needed > symmetric_bytes_)
     throw_error(ErrorCode::kOutOfCapacity,
@@ -191,8 +185,7 @@ LowLatencyDispatchResult NvshmemLowLatencyMode::dispatch(const LowLatencyDispatc
   const LowLatencyDispatchInputs& in = *args.inputs;
   const int T = args.num_tokens, T_max = args.max_tokens_per_rank, hidden = args.hidden;
   const int L = args.num_local_experts, R = geometry_.num_ranks;
-  check_limits(T_max, hidden, args.num_experts, op);
-  require_aligned(in.x.data, op, "x");
+  check_capacity(T_max, hidden, args.num_experts, op);
   const LowLatencyLayout lay = layout(T_max, hidden, args.num_experts);
   const int64_t N = lay.num_rows();
   const int parity = dispatch_parity_;
@@ -290,7 +283,7 @@ LowLatencyCombineResult NvshmemLowLatencyMode::combine(const LowLatencyCombineAr
   const LowLatencyHandle& handle = *in.handle;
   const int dispatch_parity = find_dispatch(handle);
   const int T_max = args.max_tokens_per_rank, hidden = args.hidden;
-  check_limits(T_max, hidden, args.num_experts, op);
+  check_capacity(T_max, hidden, args.num_experts, op);
   const LowLatencyLayout lay = layout(T_max, hidden, args.num_experts);
   cudaStream_t stream = options.stream;
   const int parity = combine_parity_;
@@ -302,7 +295,7 @@ LowLatencyCombineResult NvshmemLowLatencyMode::combine(const LowLatencyCombineAr
     result.combined_x =
         allocate(*args.allocator, DType::kBFloat16, {args.num_tokens, hidden}, Device::cuda(device_), stream);
   }
-  require_aligned(result.combined_x.data, op, "out");
+  if (!in.out) require_aligned(result.combined_x.data, op, "combined_x (from the allocator)");
 
   ll::CombineParams p;
   p.c = common();
@@ -313,7 +306,6 @@ LowLatencyCombineResult NvshmemLowLatencyMode::combine(const LowLatencyCombineAr
     p.x = static_cast<const uint16_t*>(zero_copy_);
     p.x_is_staging = 1;
   } else {
-    require_aligned(in.x.data, op, "x");
     p.x = in.x.data_as<const uint16_t>();
   }
   p.staging = has_put_peers_ ? ensure_zero_copy(lay.zero_copy_bytes()) : nullptr;
@@ -382,7 +374,7 @@ TensorView NvshmemLowLatencyMode::next_combine_buffer(const LowLatencyHandle& ha
 // Collective and host-synchronous: after it no flag, counter or parity remembers earlier calls.
 void NvshmemLowLatencyMode::clean(int max_tokens_per_rank, int hidden, int num_experts, cudaStream_t stream) {
   check_usable("clean_low_latency_buffer");
-  check_limits(max_tokens_per_rank, hidden, num_experts, "clean_low_latency_buffer");
+  check_capacity(max_tokens_per_rank, hidden, num_experts, "clean_low_latency_buffer");
   DeviceGuard guard(device_);
   EPCOMM_CUDA_CHECK(cudaStreamSynchronize(stream));
   EPCOMM_CUDA_CHECK(cudaDeviceSynchronize());
@@ -446,6 +438,8 @@ void launch_check(cudaError_t status, const char* what) {
   if (status != cudaSuccess) throw_cuda_error(status, what, __FILE__, __LINE__);
 }
 }  // namespace ll
+
+bool low_latency_mode_built() { return true; }
 
 std::unique_ptr<LowLatencyMode> make_low_latency_mode(const CudaContext& ctx) {
   return std::make_unique<NvshmemLowLatencyMode>(ctx);
