@@ -1,5 +1,6 @@
 #include "core/environment.hpp"
 
+#include <cctype>
 #include <cerrno>
 #include <climits>
 #include <cmath>
@@ -48,6 +49,9 @@ constexpr EnvVariable kTable[] = {
      "of mapping the shared segments, for the tests that check nothing is left in /dev/shm."},
 };
 
+// strtod / strtoll skip leading blanks; a value with them is as malformed as one with trailing ones.
+bool starts_blank(const std::string& text) { return !text.empty() && std::isspace(static_cast<unsigned char>(text[0])); }
+
 [[noreturn]] void reject(const EnvVariable& variable, const char* expected, const std::string& text) {
   throw_error(ErrorCode::kInvalidArgument, concat(variable.name, ": expected ", expected, ", got '", text, "'"));
 }
@@ -86,7 +90,8 @@ double parse_seconds(const EnvVariable& variable, const std::string& text) {
   errno = 0;
   const double value = std::strtod(text.c_str(), &end);
   // strtod accepts "inf" and "nan": both are rejected by the range test (nan compares false).
-  if (text.empty() || end != text.c_str() + text.size() || errno == ERANGE || !std::isfinite(value) ||
+  if (text.empty() || starts_blank(text) || end != text.c_str() + text.size() || errno == ERANGE ||
+      !std::isfinite(value) ||
       !(value >= variable.min && value <= variable.max))
     reject(variable, expected.c_str(), text);
   return value;
@@ -97,7 +102,8 @@ int64_t parse_int(const EnvVariable& variable, const std::string& text) {
   char* end = nullptr;
   errno = 0;
   const long long value = std::strtoll(text.c_str(), &end, 10);
-  if (text.empty() || end != text.c_str() + text.size() || errno == ERANGE || double(value) < variable.min ||
+  if (text.empty() || starts_blank(text) || end != text.c_str() + text.size() || errno == ERANGE ||
+      double(value) < variable.min ||
       double(value) > variable.max)
     reject(variable, expected.c_str(), text);
   return value;
