@@ -45,7 +45,8 @@ void note_skipped(BenchContext& ctx, const WorkloadData& data, const std::string
 // T_max beyond its kernels) is noted and skipped: the backend's Limits say so before any call, the
 // same on every rank.
 void run_mode(BenchContext& ctx, const std::string& what, void (*mode)(BenchContext&, const WorkloadData&),
-              std::optional<std::string> (*unsupported)(const Limits&, const Workload&, int), const WorkloadData& data) {
+              std::optional<std::string> (*unsupported)(const Limits&, const Workload&, int),
+              const WorkloadData& data) {
   if (const auto why = unsupported(backend_limits(ctx.platform.backend()), data.workload, ctx.ranks))
     return note_skipped(ctx, data, what, *why);
   mode(ctx, data);
@@ -64,8 +65,7 @@ void run_baseline(BenchContext& ctx, const WorkloadData& data) {
 void run_workload(BenchContext& ctx, const Workload& workload) {
   const WorkloadData data = prepare_workload(ctx, workload);
   if (workload.normal_mode) run_mode(ctx, "normal mode", run_normal_mode, normal_mode_unsupported, data);
-  if (workload.low_latency)
-    run_mode(ctx, "low-latency mode", run_low_latency_mode, low_latency_mode_unsupported, data);
+  if (workload.low_latency) run_mode(ctx, "low-latency mode", run_low_latency_mode, low_latency_mode_unsupported, data);
   if (ctx.platform.backend() == BackendKind::kCuda && ctx.options.baseline) run_baseline(ctx, data);
 }
 

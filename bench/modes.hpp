@@ -8,7 +8,6 @@
 #include <vector>
 
 #include "epcomm/limits.hpp"
-
 #include "measure.hpp"
 #include "oracle.hpp"
 #include "workload.hpp"

@@ -67,7 +67,8 @@ void bind_limits(py::module_& m) {
       [](const std::string& name) {
         if (name == "cpu") return limits_to_dict(backend_limits(BackendKind::kCpu));
         if (name == "cuda") return limits_to_dict(backend_limits(BackendKind::kCuda));
-        throw Error(ErrorCode::kInvalidArgument, "backend_limits: backend: expected 'cpu' or 'cuda', got '" + name + "'");
+        throw Error(ErrorCode::kInvalidArgument,
+                    "backend_limits: backend: expected 'cpu' or 'cuda', got '" + name + "'");
       },
       py::arg("backend"));
 }

@@ -50,7 +50,9 @@ constexpr EnvVariable kTable[] = {
 };
 
 // strtod / strtoll skip leading blanks; a value with them is as malformed as one with trailing ones.
-bool starts_blank(const std::string& text) { return !text.empty() && std::isspace(static_cast<unsigned char>(text[0])); }
+bool starts_blank(const std::string& text) {
+  return !text.empty() && std::isspace(static_cast<unsigned char>(text[0]));
+}
 
 [[noreturn]] void reject(const EnvVariable& variable, const char* expected, const std::string& text) {
   throw_error(ErrorCode::kInvalidArgument, concat(variable.name, ": expected ", expected, ", got '", text, "'"));
@@ -91,8 +93,7 @@ double parse_seconds(const EnvVariable& variable, const std::string& text) {
   const double value = std::strtod(text.c_str(), &end);
   // strtod accepts "inf" and "nan": both are rejected by the range test (nan compares false).
   if (text.empty() || starts_blank(text) || end != text.c_str() + text.size() || errno == ERANGE ||
-      !std::isfinite(value) ||
-      !(value >= variable.min && value <= variable.max))
+      !std::isfinite(value) || !(value >= variable.min && value <= variable.max))
     reject(variable, expected.c_str(), text);
   return value;
 }
@@ -103,8 +104,7 @@ int64_t parse_int(const EnvVariable& variable, const std::string& text) {
   errno = 0;
   const long long value = std::strtoll(text.c_str(), &end, 10);
   if (text.empty() || starts_blank(text) || end != text.c_str() + text.size() || errno == ERANGE ||
-      double(value) < variable.min ||
-      double(value) > variable.max)
+      double(value) < variable.min || double(value) > variable.max)
     reject(variable, expected.c_str(), text);
   return value;
 }

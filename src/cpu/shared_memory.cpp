@@ -107,8 +107,8 @@ SharedSegment SharedSegment::create_unique(size_t bytes, const std::function<std
     if (fd < 0 && errno != EEXIST) throw_system("shm_open", name, bytes);
   }
   if (fd < 0)
-    throw_error(ErrorCode::kInternal, concat("shared memory: shm_open: ", kNameAttempts,
-                                             " fresh names existed already (last: ", name, ")"));
+    throw_error(ErrorCode::kInternal,
+                concat("shared memory: shm_open: ", kNameAttempts, " fresh names existed already (last: ", name, ")"));
   SharedSegment segment;
   segment.name_ = name;
   segment.owner_ = true;

@@ -2,12 +2,11 @@
 // and nothing left in /dev/shm when a rank is killed at any step of a Buffer's construction.
 #include <dirent.h>
 #include <fcntl.h>
+#include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
-
-#include <gtest/gtest.h>
 
 #include <cstdlib>
 #include <string>
@@ -57,9 +56,8 @@ TEST(SharedMemory, TakenNameIsSkipped) {
   close(fd);
   int calls = 0;
   {
-    cpu::SharedSegment segment = cpu::SharedSegment::create_unique(4096, [&] {
-      return ++calls == 1 ? planted : cpu::random_segment_name(0);
-    });
+    cpu::SharedSegment segment =
+        cpu::SharedSegment::create_unique(4096, [&] { return ++calls == 1 ? planted : cpu::random_segment_name(0); });
     EXPECT_EQ(calls, 2);
     EXPECT_NE(segment.name(), planted);
     EXPECT_EQ(segment.data()[100], std::byte{0});
