@@ -45,9 +45,9 @@ BufferOptions cpu_options(bool low_latency = false) {
 // One rank's inputs of an FP8 dispatch with per-rank random sizes of the group's shape.
 struct Fp8Tokens {
   int T, hidden, K, E;
-  std::vector<uint8_t> x;        // [T, hidden] e4m3 bit patterns (finite)
-  std::vector<int32_t> scales;   // [T, S] or, column-major, [S, T]
-  std::vector<int64_t> topk;     // [T, K]
+  std::vector<uint8_t> x;       // [T, hidden] e4m3 bit patterns (finite)
+  std::vector<int32_t> scales;  // [T, S] or, column-major, [S, T]
+  std::vector<int64_t> topk;    // [T, K]
   bool column_major = false;
 
   Fp8Tokens(std::mt19937& rng, int rank, int hidden_, int S, bool column_major_)

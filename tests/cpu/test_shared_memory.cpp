@@ -74,19 +74,29 @@ TEST(SharedMemory, TakenNameIsSkipped) {
 
 // A segment whose creator died unlinked is removed by the sweep; a live owner's is not.
 TEST(SharedMemory, SweepRemovesOnlyOrphans) {
+  int ready[2];
+  ASSERT_EQ(pipe(ready), 0);
   const pid_t child = fork();
   if (child == 0) {
     cpu::SharedSegment segment = cpu::SharedSegment::create_unique(4096, [] { return cpu::random_segment_name(0); });
-    kill(getpid(), SIGKILL);  // dies holding the name
+    const char byte = 1;
+    (void)!write(ready[1], &byte, 1);
+    pause();  // holds the name until killed
   }
   ASSERT_GT(child, 0);
+  char byte = 0;
+  ASSERT_EQ(read(ready[0], &byte, 1), 1);
+  cpu::remove_orphaned_segments();
+  EXPECT_EQ(segments_of(child).size(), 1u) << "the segment of a live process was removed";
+  kill(child, SIGKILL);  // dies holding the name
   int status = 0;
   waitpid(child, &status, 0);
-  ASSERT_EQ(segments_of(child).size(), 1u);
   cpu::SharedSegment mine = cpu::SharedSegment::create_unique(4096, [] { return cpu::random_segment_name(0); });
-  EXPECT_GE(cpu::remove_orphaned_segments(), 1);
-  EXPECT_TRUE(segments_of(child).empty());
+  cpu::remove_orphaned_segments();
+  EXPECT_TRUE(segments_of(child).empty()) << "the orphan of a killed process was kept";
   EXPECT_EQ(segments_of(getpid()).size(), 1u);  // ours stays while we live
+  close(ready[0]);
+  close(ready[1]);
 }
 
 // A rank killed (SIGKILL, via the test hook) after creating its segment, or after mapping its
@@ -109,7 +119,9 @@ TEST_P(KilledInConstruction, NothingIsLeftBehind) {
   ASSERT_TRUE(killed.signaled && killed.signal == SIGKILL) << killed.how();
   EXPECT_FALSE(result.ranks[0].ok()) << "rank 0 built a Buffer with a dead peer";
   EXPECT_TRUE(segments_of(result.ranks[0].pid).empty()) << "the surviving rank left its segment";
-  EXPECT_EQ(segments_of(killed.pid).size(), 1u) << "the hook did not kill at " << step;
+  // The killed rank's segment is left now, unless a Buffer of a test running in parallel swept it
+  // already: what must hold is that it is gone after the next Buffer.
+  EXPECT_LE(segments_of(killed.pid).size(), 1u) << "at " << step;
 
   run_ranks(2, [](Bootstrap& bootstrap) {
     Buffer buffer(bootstrap, small_cpu_buffer());
