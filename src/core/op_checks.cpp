@@ -175,11 +175,13 @@ GroupGeometry check_buffer_options(const Limits& limits, const BufferOptions& op
   GroupGeometry g;
   g.rank = rank;
   g.num_ranks = num_ranks;
-  require(num_ranks >= 1 && num_ranks <= limits.max_ranks, op, "group", "expected 1..", limits.max_ranks,
-          " ranks, got ", num_ranks);
+  // A backend that is not built has no limits: its factory says so after the common checks.
+  const int max_ranks = limits.available ? limits.max_ranks : kMaxRanks;
+  const int max_per_node = limits.available ? limits.max_ranks_per_node : kMaxRanksPerNode;
+  require(num_ranks >= 1 && num_ranks <= max_ranks, op, "group", "expected 1..", max_ranks, " ranks, got ", num_ranks);
   g.ranks_per_node = options.ranks_per_node == 0 ? num_ranks : options.ranks_per_node;
-  require(g.ranks_per_node >= 1 && g.ranks_per_node <= kMaxRanksPerNode && num_ranks % g.ranks_per_node == 0, op,
-          "ranks_per_node", "expected 1..", kMaxRanksPerNode, " dividing the group size ", num_ranks, ", got ",
+  require(g.ranks_per_node >= 1 && g.ranks_per_node <= max_per_node && num_ranks % g.ranks_per_node == 0, op,
+          "ranks_per_node", "expected 1..", max_per_node, " dividing the group size ", num_ranks, ", got ",
           options.ranks_per_node);
   // A backend that is not built, or a mode it lacks, is said here: before any collective step.
   if (limits.available && options.low_latency_mode && !limits.low_latency_mode)
