@@ -182,6 +182,20 @@ void note_timing_floor(BenchContext& ctx, const Workload& w) {
 
 }  // namespace
 
+std::optional<std::string> low_latency_mode_unsupported(const Limits& limits, const Workload& w, int ranks) {
+  if (!limits.available || !limits.low_latency_mode) return "the backend has no low-latency mode in this build";
+  if (ranks > limits.max_ranks) return concat(ranks, " ranks: the backend takes at most ", limits.max_ranks);
+  if (w.tokens > limits.max_low_latency_tokens_per_rank)
+    return concat("T_max = ", w.tokens, ": the backend takes at most ", limits.max_low_latency_tokens_per_rank);
+  if (w.experts > limits.max_low_latency_experts)
+    return concat("E = ", w.experts, ": the backend takes at most ", limits.max_low_latency_experts);
+  if (w.topk > limits.max_low_latency_topk)
+    return concat("K = ", w.topk, ": the backend takes at most ", limits.max_low_latency_topk);
+  if (w.hidden % limits.low_latency_hidden_multiple != 0)
+    return concat("hidden = ", w.hidden, " is not a multiple of ", limits.low_latency_hidden_multiple);
+  return std::nullopt;
+}
+
 void run_low_latency_mode(BenchContext& ctx, const WorkloadData& data) {
   const Workload& w = data.workload;
   BufferOptions options;

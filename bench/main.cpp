@@ -36,25 +36,37 @@ void check_workloads(const std::vector<Workload>& workloads, int ranks) {
             ranks, " ranks do not divide");
 }
 
-// A mode this build or backend does not provide (e.g. low-latency mode without NVSHMEM) is noted
-// and skipped; the same build raises it on every rank alike.
+void note_skipped(BenchContext& ctx, const WorkloadData& data, const std::string& what, const std::string& why) {
+  if (ctx.rank == 0) ctx.report.note(concat(data.workload.label(), " ", what, ": skipped: ", why));
+  progress(ctx, concat(data.workload.label(), " ", what, ": skipped (not supported): ", why));
+}
+
+// A mode the backend does not provide for this workload (e.g. low-latency mode without NVSHMEM, a
+// T_max beyond its kernels) is noted and skipped: the backend's Limits say so before any call, the
+// same on every rank.
 void run_mode(BenchContext& ctx, const std::string& what, void (*mode)(BenchContext&, const WorkloadData&),
+              std::optional<std::string> (*unsupported)(const Limits&, const Workload&, int),
               const WorkloadData& data) {
+  if (const auto why = unsupported(backend_limits(ctx.platform.backend()), data.workload, ctx.ranks))
+    return note_skipped(ctx, data, what, *why);
+  mode(ctx, data);
+}
+
+// The NCCL baseline is part of the bench's own CUDA build (not an epcomm limit).
+void run_baseline(BenchContext& ctx, const WorkloadData& data) {
   try {
-    mode(ctx, data);
+    run_nccl_baseline(ctx, data);
   } catch (const Error& error) {
     if (error.code() != ErrorCode::kUnsupported) throw;
-    if (ctx.rank == 0) ctx.report.note(concat(data.workload.label(), " ", what, ": skipped: ", error.what()));
-    progress(ctx, concat(data.workload.label(), " ", what, ": skipped (not supported): ", error.what()));
+    note_skipped(ctx, data, "NCCL baseline", error.what());
   }
 }
 
 void run_workload(BenchContext& ctx, const Workload& workload) {
   const WorkloadData data = prepare_workload(ctx, workload);
-  if (workload.normal_mode) run_mode(ctx, "normal mode", run_normal_mode, data);
-  if (workload.low_latency) run_mode(ctx, "low-latency mode", run_low_latency_mode, data);
-  if (ctx.platform.backend() == BackendKind::kCuda && ctx.options.baseline)
-    run_mode(ctx, "NCCL baseline", run_nccl_baseline, data);
+  if (workload.normal_mode) run_mode(ctx, "normal mode", run_normal_mode, normal_mode_unsupported, data);
+  if (workload.low_latency) run_mode(ctx, "low-latency mode", run_low_latency_mode, low_latency_mode_unsupported, data);
+  if (ctx.platform.backend() == BackendKind::kCuda && ctx.options.baseline) run_baseline(ctx, data);
 }
 
 int run_rank(const Options& given, Bootstrap& bootstrap) {

@@ -8,7 +8,7 @@
 namespace epcomm::bench {
 namespace {
 
-enum FirstCallStatus : int { kPassed = 0, kUnsupported = 1, kWrong = 2 };
+enum FirstCallStatus : int { kPassed = 0, kWrong = 1 };
 
 }  // namespace
 
@@ -35,28 +35,16 @@ void progress(const BenchContext& ctx, const std::string& line) {
 }
 
 bool first_call_ok(BenchContext& ctx, const std::string& what, const std::function<Mismatch()>& first) {
+  // What the backend does not support is skipped before (run_mode asks its Limits): an error here is real.
   int status = kPassed;
-  std::string message;
-  try {
-    const Mismatch mismatch = first();
-    if (mismatch && ctx.options.check) {
-      status = kWrong;
-      message = *mismatch;
-    }
-  } catch (const Error& error) {
-    if (error.code() != ErrorCode::kUnsupported) throw;
-    status = kUnsupported;
-    message = error.what();
-  }
+  const Mismatch mismatch = first();
+  if (mismatch && ctx.options.check) status = kWrong;
   const int worst = max_over_ranks(ctx.platform.bootstrap(), status);
-  if (status == kWrong) std::fprintf(stderr, "CHECK FAILED: %s: %s\n", what.c_str(), message.c_str());
-  if (status == kUnsupported && ctx.rank == 0) ctx.report.note(concat(what, ": skipped: ", message));
+  if (status == kWrong) std::fprintf(stderr, "CHECK FAILED: %s: %s\n", what.c_str(), mismatch->c_str());
   if (worst == kWrong) {
     ++ctx.failures;
     if (ctx.rank == 0) ctx.report.note(concat(what, ": CHECK FAILED, no figure recorded (see the ranks' messages)"));
   }
-  if (worst == kUnsupported && status != kUnsupported && ctx.rank == 0)
-    ctx.report.note(concat(what, ": skipped: not supported on some rank"));
   return worst == kPassed;
 }
 

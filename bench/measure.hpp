@@ -42,8 +42,8 @@ struct BenchContext {
 
 // Runs `first` (one call plus, when options.check, its comparison with the oracle) on every rank and
 // agrees on the outcome. False on every rank when any rank's result was wrong (counted in
-// ctx.failures, no figure may be recorded) or the call is not supported (noted, skipped).
-// Other errors propagate.
+// ctx.failures, no figure may be recorded). Errors propagate (what the backend does not support is
+// skipped before, from its Limits).
 bool first_call_ok(BenchContext& ctx, const std::string& what, const std::function<Mismatch()>& first);
 
 // Times `op` (warm-up, then options.iters iterations), each call preceded by an L2 flush and an

@@ -3,8 +3,11 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
+#include <string>
 #include <vector>
 
+#include "epcomm/limits.hpp"
 #include "measure.hpp"
 #include "oracle.hpp"
 #include "workload.hpp"
@@ -25,6 +28,11 @@ struct WorkloadData {
 
 // Collective (gathers the routing).
 WorkloadData prepare_workload(BenchContext& ctx, const Workload& workload);
+
+// Why the backend with `limits` cannot run the mode on this workload over `ranks` ranks (one
+// node), or nullopt when it can.
+std::optional<std::string> normal_mode_unsupported(const Limits& limits, const Workload& w, int ranks);
+std::optional<std::string> low_latency_mode_unsupported(const Limits& limits, const Workload& w, int ranks);
 
 void run_normal_mode(BenchContext& ctx, const WorkloadData& data);
 void run_low_latency_mode(BenchContext& ctx, const WorkloadData& data);

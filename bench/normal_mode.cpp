@@ -199,6 +199,19 @@ void NormalModeBench::at_sms(std::optional<int> num_sms) {
 
 }  // namespace
 
+std::optional<std::string> normal_mode_unsupported(const Limits& limits, const Workload& w, int ranks) {
+  if (!limits.available || !limits.normal_mode) return "the backend has no high-throughput mode in this build";
+  if (ranks > limits.max_ranks_per_node)
+    return concat(ranks, " ranks in one node: the backend takes at most ", limits.max_ranks_per_node);
+  if (w.topk > limits.max_topk) return concat("K = ", w.topk, ": the backend takes at most ", limits.max_topk);
+  if (w.experts / ranks > limits.max_local_experts)
+    return concat(w.experts / ranks, " experts per rank: the backend takes at most ", limits.max_local_experts);
+  for (const DType dtype : {DType::kBFloat16, DType::kFloat8E4M3})
+    if (std::find(limits.x_dtypes.begin(), limits.x_dtypes.end(), dtype) == limits.x_dtypes.end())
+      return concat("x of dtype ", to_string(dtype), " is not supported by the backend");
+  return std::nullopt;
+}
+
 void run_normal_mode(BenchContext& ctx, const WorkloadData& data) {
   progress(ctx, concat(data.workload.label(), ": normal mode"));
   BufferOptions options;

@@ -8,6 +8,7 @@
 #include <fstream>
 
 #include "core/check.hpp"
+#include "core/environment.hpp"
 #include "stats.hpp"
 
 namespace epcomm::bench {
@@ -198,9 +199,6 @@ std::string utc_now() {
   return text;
 }
 
-std::string commit_id() {
-  const char* env = std::getenv("EPCOMM_COMMIT");
-  return env != nullptr && *env != '\0' ? std::string(env) : std::string(build_commit());
-}
+std::string commit_id() { return env_text("EPCOMM_COMMIT").value_or(std::string(build_commit())); }
 
 }  // namespace epcomm::bench

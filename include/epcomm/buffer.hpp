@@ -28,6 +28,7 @@
 #include "epcomm/bootstrap.hpp"
 #include "epcomm/config.hpp"
 #include "epcomm/error.hpp"
+#include "epcomm/limits.hpp"
 #include "epcomm/ops.hpp"
 #include "epcomm/tensor.hpp"
 
@@ -102,6 +103,9 @@ class Buffer {
   const BufferOptions& options() const;
   Device device() const;
   StreamHandle comm_stream() const;  // nullptr on the CPU backend
+  // What this Buffer's backend accepts on its device (epcomm/limits.hpp). A call inside these
+  // limits is never rejected as unsupported.
+  const Limits& limits() const;
 
   // ---- high-throughput mode (SPEC §3) ----
   LayoutResult get_dispatch_layout(const TensorView& topk_idx, int num_experts, const StreamOptions& stream = {});

@@ -6,6 +6,7 @@
 #include "epcomm/config.hpp"
 #include "epcomm/error.hpp"
 #include "epcomm/event.hpp"
+#include "epcomm/limits.hpp"
 #include "epcomm/ops.hpp"
 #include "epcomm/tensor.hpp"
 #include "epcomm/version.hpp"

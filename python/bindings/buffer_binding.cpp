@@ -101,7 +101,7 @@ std::unique_ptr<PyBuffer> make_buffer(int rank, int size, py::object all_gather,
   options.low_latency_mode = low_latency_mode;
   options.ranks_per_node = ranks_per_node;
   options.device = device;
-  options.timeout = std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000.0));
+  options.timeout = timeout_from_seconds(timeout_s);
   options.num_qps_per_rank = num_qps_per_rank;
   options.allow_nvlink_for_low_latency_mode = allow_nvlink_for_low_latency_mode;
   options.allow_mnnvl = allow_mnnvl;
@@ -317,6 +317,7 @@ void bind_buffer(py::module_& m) {
       .def_property_readonly("rank", [](PyBuffer& b) { return b.get().rank(); })
       .def_property_readonly("num_ranks", [](PyBuffer& b) { return b.get().num_ranks(); })
       .def_property_readonly("ranks_per_node", [](PyBuffer& b) { return b.get().ranks_per_node(); })
+      .def("limits", [](PyBuffer& b) { return limits_to_dict(b.get().limits()); })
       .def_property_readonly("comm_stream",
                              [](PyBuffer& b) { return reinterpret_cast<uintptr_t>(b.get().comm_stream()); })
       .def("destroy", &destroy)

@@ -27,6 +27,14 @@ from .event import EventHandle, EventOverlap
 TokenTensor = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 Bias = Union[None, torch.Tensor, Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]
 LowLatencyHandle = Tuple[torch.Tensor, torch.Tensor, int, int, int]
+
+
+def _limits_with_torch_dtypes(limits: dict) -> dict:
+    for key in ("x_dtypes", "scale_dtypes"):
+        limits[key] = [getattr(torch, name) for name in limits[key]]
+    return limits
+
+
 #: (dtype code, shape, CUDA device or -1) -> (tensor, data_ptr): how epcomm._C creates outputs.
 Allocate = Callable[[int, Tuple[int, ...], int], Tuple[torch.Tensor, int]]
 
@@ -169,6 +177,19 @@ class Buffer:
         the host (num_worst_tokens, cached dispatch, combine, CUDA-graph replays) report errors
         only at the next call or here."""
         self.runtime.check_errors()
+
+    def limits(self) -> dict:
+        """epcomm extension: what this buffer's backend accepts on its device (``epcomm::Limits``):
+        modes, ``max_topk``, ``row_alignment_bytes``, ``x_dtypes`` / ``scale_dtypes`` (torch dtypes),
+        ``max_low_latency_tokens_per_rank``, ``max_low_latency_experts``, ... A call inside these
+        limits is never rejected as unsupported: ask instead of catching ``UnsupportedError``."""
+        return _limits_with_torch_dtypes(self.runtime.limits())
+
+    @staticmethod
+    def backend_limits(backend: str) -> dict:
+        """epcomm extension: ``limits()`` of ``backend`` ('cpu' or 'cuda') in this build, before any
+        buffer exists (``available`` is False when the backend is not built in)."""
+        return _limits_with_torch_dtypes(_C.backend_limits(str(backend)))
 
     def get_comm_stream(self) -> Optional[torch.cuda.Stream]:
         """The communication stream (a ``torch.cuda.Stream``); None on the CPU backend."""

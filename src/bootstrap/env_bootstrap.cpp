@@ -13,6 +13,7 @@
 
 #include "bootstrap/wire.hpp"
 #include "core/check.hpp"
+#include "core/environment.hpp"
 #include "core/timeout.hpp"
 #include "epcomm/bootstrap.hpp"
 
@@ -225,27 +226,23 @@ class SocketBootstrap final : public Bootstrap {
   ErrorCode unusable_code_ = ErrorCode::kInternal;
 };
 
-// Reads an integer environment variable in [min, max]; throws kInvalidArgument naming it.
-int env_int(const char* name, int min, int max) {
-  const char* text = std::getenv(name);
-  require(text != nullptr && *text != '\0', "bootstrap_from_env", name,
+// A variable epcomm-run sets: its value through the table (core/environment.cpp), required here.
+template <class T>
+T required(const std::optional<T>& value, const char* name) {
+  require(value.has_value(), "bootstrap_from_env", name,
           "not set (start the program with `epcomm-run -n N program ...`)");
-  char* end = nullptr;
-  errno = 0;
-  const long value = std::strtol(text, &end, 10);
-  require(errno == 0 && end != text && *end == '\0' && value >= min && value <= max, "bootstrap_from_env", name,
-          "expected an integer in [", min, ", ", max, "], got '", text, "'");
-  return static_cast<int>(value);
+  return *value;
 }
 
 }  // namespace
 
 std::unique_ptr<Bootstrap> bootstrap_from_env(std::chrono::milliseconds timeout) {
-  const int size = env_int("EPCOMM_WORLD_SIZE", 1, INT_MAX);
-  const int rank = env_int("EPCOMM_RANK", 0, size - 1);
-  const char* address_text = std::getenv("EPCOMM_BOOTSTRAP");
-  require(address_text != nullptr && *address_text != '\0', "bootstrap_from_env", "EPCOMM_BOOTSTRAP",
-          "not set (start the program with `epcomm-run -n N program ...`)");
+  const int size = static_cast<int>(required(env_int("EPCOMM_WORLD_SIZE"), "EPCOMM_WORLD_SIZE"));
+  const int rank = static_cast<int>(required(env_int("EPCOMM_RANK"), "EPCOMM_RANK"));
+  require(rank < size, "bootstrap_from_env", "EPCOMM_RANK", "expected an integer in [0, ", size - 1, "], got '", rank,
+          "' (EPCOMM_WORLD_SIZE = ", size, ")");
+  const std::string address_string = required(env_text("EPCOMM_BOOTSTRAP"), "EPCOMM_BOOTSTRAP");
+  const char* address_text = address_string.c_str();
   wire::Address address;
   require(wire::parse_address(address_text, address), "bootstrap_from_env", "EPCOMM_BOOTSTRAP",
           "expected 'unix:<socket path>', got '", address_text, "'");

@@ -9,6 +9,7 @@
 
 #include "epcomm/bootstrap.hpp"
 #include "epcomm/buffer.hpp"
+#include "epcomm/limits.hpp"
 #include "epcomm/ops.hpp"
 
 namespace epcomm {
@@ -101,6 +102,8 @@ class Backend {
 
   virtual const GroupGeometry& geometry() const = 0;
   virtual Device device() const = 0;
+  // What this backend accepts (op_checks.cpp checks every call against it before handing it over).
+  virtual const Limits& limits() const = 0;
   virtual StreamHandle comm_stream() const { return nullptr; }
 
   virtual LayoutResult layout(const LayoutArgs& args, const StreamOptions& stream) = 0;
@@ -149,6 +152,13 @@ class Backend {
  private:
   const uint64_t id_;
 };
+
+// SPEC's ranges (§1): the limits a backend starts from and narrows to its own.
+Limits spec_limits();
+// The limits of each backend in this build, without a Buffer; cuda_backend_limits() has
+// available = false in a build without CUDA. Never throw.
+Limits cpu_backend_limits();
+Limits cuda_backend_limits();
 
 // Factories; each throws Error(kUnsupported) when the backend is not compiled in.
 std::unique_ptr<Backend> make_cpu_backend(Bootstrap& bootstrap, const BufferOptions& options,

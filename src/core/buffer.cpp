@@ -2,12 +2,10 @@
 #include "epcomm/buffer.hpp"
 
 #include <atomic>
-#include <cstdlib>
 #include <vector>
 
 #include "core/backend.hpp"
 #include "core/check.hpp"
-#include "core/layouts.hpp"
 #include "core/op_checks.hpp"
 #include "core/timeout.hpp"
 
@@ -42,18 +40,6 @@ void check_same_on_every_rank(Bootstrap& bootstrap, const BufferOptions& options
     differs("ranks_per_node", o.ranks_per_node, mine.ranks_per_node);
     differs("enable_shrink", o.enable_shrink, mine.enable_shrink);
   }
-}
-
-GroupGeometry make_geometry(const Bootstrap& bootstrap, const BufferOptions& options) {
-  GroupGeometry g;
-  g.rank = bootstrap.rank();
-  g.num_ranks = bootstrap.size();
-  require(g.num_ranks >= 1 && g.num_ranks <= kMaxRanks, "Buffer", "group", "expected 1..", kMaxRanks, " ranks, got ",
-          g.num_ranks);
-  g.ranks_per_node = options.ranks_per_node == 0 ? g.num_ranks : options.ranks_per_node;
-  require(g.ranks_per_node >= 1 && g.ranks_per_node <= 8 && g.num_ranks % g.ranks_per_node == 0, "Buffer",
-          "ranks_per_node", "expected 1..8 dividing the group size ", g.num_ranks, ", got ", options.ranks_per_node);
-  return g;
 }
 
 }  // namespace
@@ -93,10 +79,9 @@ bool backend_available(BackendKind kind) {
 }
 
 Buffer::Buffer(Bootstrap& bootstrap, const BufferOptions& options) : options_(options) {
-  require(options.num_nvl_bytes >= 0, "Buffer", "num_nvl_bytes", "expected >= 0, got ", options.num_nvl_bytes);
-  require(options.num_rdma_bytes >= 0, "Buffer", "num_rdma_bytes", "expected >= 0, got ", options.num_rdma_bytes);
+  const GroupGeometry geometry =
+      check_buffer_options(backend_limits(options.backend), options, bootstrap.rank(), bootstrap.size());
   options_.timeout = resolve_timeout(options.timeout);
-  const GroupGeometry geometry = make_geometry(bootstrap, options_);
   check_same_on_every_rank(bootstrap, options_);
   backend_ = options_.backend == BackendKind::kCpu ? make_cpu_backend(bootstrap, options_, geometry)
                                                    : make_cuda_backend(bootstrap, options_, geometry);
@@ -187,10 +172,11 @@ int Buffer::ranks_per_node() const { return live_backend("ranks_per_node").geome
 const BufferOptions& Buffer::options() const { return options_; }
 Device Buffer::device() const { return live_backend("device").device(); }
 StreamHandle Buffer::comm_stream() const { return live_backend("comm_stream").comm_stream(); }
+const Limits& Buffer::limits() const { return live_backend("limits").limits(); }
 
 namespace {
 CheckContext context_of(const Backend& backend, const BufferOptions& options) {
-  return CheckContext{backend.geometry(), backend.device(), backend.id(), options};
+  return CheckContext{backend.geometry(), backend.limits(), backend.device(), backend.id(), options};
 }
 }  // namespace
 
@@ -250,24 +236,15 @@ LowLatencyCombineResult Buffer::low_latency_combine(const LowLatencyCombineInput
 
 TensorView Buffer::next_low_latency_combine_buffer(const LowLatencyHandle& handle) {
   return guarded("get_next_low_latency_combine_buffer", [&](Backend& backend) {
-    const CheckContext ctx = context_of(backend, options_);
-    check_low_latency_handle(ctx, handle, "get_next_low_latency_combine_buffer");
-    require(options_.low_latency_mode, "get_next_low_latency_combine_buffer", "Buffer",
-            "was not created with low_latency_mode=True");
+    check_next_low_latency_combine_buffer(context_of(backend, options_), handle);
     return backend.next_low_latency_combine_buffer(handle);
   });
 }
 
 void Buffer::clean_low_latency_buffer(int max_tokens_per_rank, int hidden, int num_experts, StreamHandle stream) {
-  const char* op = "clean_low_latency_buffer";
-  guarded(op, [&](Backend& backend) {
+  guarded("clean_low_latency_buffer", [&](Backend& backend) {
     checked(backend, CollectiveKind::kCleanLowLatency, [&] {
-      require(options_.low_latency_mode, op, "Buffer", "was not created with low_latency_mode=True");
-      const int64_t needed =
-          low_latency_buffer_size_hint(max_tokens_per_rank, hidden, backend.geometry().num_ranks, num_experts);
-      if (needed > options_.num_rdma_bytes)
-        throw_error(ErrorCode::kOutOfCapacity, concat(op, ": num_rdma_bytes: the buffer has ", options_.num_rdma_bytes,
-                                                      " bytes, these sizes need ", needed));
+      check_clean_low_latency_buffer(context_of(backend, options_), max_tokens_per_rank, hidden, num_experts);
       return 0;
     });
     backend.clean_low_latency_buffer(max_tokens_per_rank, hidden, num_experts, stream);
@@ -275,27 +252,22 @@ void Buffer::clean_low_latency_buffer(int max_tokens_per_rank, int hidden, int n
 }
 
 void Buffer::low_latency_update_mask_buffer(int rank, bool mask, StreamHandle stream) {
-  const char* op = "low_latency_update_mask_buffer";
-  guarded(op, [&](Backend& backend) {
-    require(options_.enable_shrink, op, "Buffer", "was not created with enable_shrink=True");
-    const int R = backend.geometry().num_ranks;
-    require(rank >= 0 && rank < R, op, "rank", "expected 0..", R - 1, ", got ", rank);
+  guarded("low_latency_update_mask_buffer", [&](Backend& backend) {
+    check_mask_call(context_of(backend, options_), "low_latency_update_mask_buffer", rank);
     backend.update_mask(rank, mask, stream);
   });
 }
 
 TensorView Buffer::low_latency_query_mask_buffer() {
   return guarded("low_latency_query_mask_buffer", [&](Backend& backend) {
-    require(options_.enable_shrink, "low_latency_query_mask_buffer", "Buffer",
-            "was not created with enable_shrink=True");
+    check_mask_call(context_of(backend, options_), "low_latency_query_mask_buffer");
     return backend.query_mask();
   });
 }
 
 void Buffer::low_latency_clean_mask_buffer(StreamHandle stream) {
   guarded("low_latency_clean_mask_buffer", [&](Backend& backend) {
-    require(options_.enable_shrink, "low_latency_clean_mask_buffer", "Buffer",
-            "was not created with enable_shrink=True");
+    check_mask_call(context_of(backend, options_), "low_latency_clean_mask_buffer");
     backend.clean_mask(stream);
   });
 }
@@ -303,14 +275,8 @@ void Buffer::low_latency_clean_mask_buffer(StreamHandle stream) {
 TensorView Buffer::local_buffer(DType dtype, int64_t offset_bytes, std::optional<int64_t> num_elements,
                                 bool rdma_memory) const {
   const Backend& backend = usable_backend("get_local_buffer_tensor");
-  const char* op = "get_local_buffer_tensor";
-  const int64_t total = rdma_memory ? options_.num_rdma_bytes : options_.num_nvl_bytes;
-  const int64_t elem = static_cast<int64_t>(dtype_size(dtype));
-  require(offset_bytes >= 0 && offset_bytes <= total && offset_bytes % elem == 0, op, "offset", "expected 0..", total,
-          " and a multiple of ", elem, ", got ", offset_bytes);
-  const int64_t count = num_elements ? *num_elements : (total - offset_bytes) / elem;
-  require(count >= 0 && offset_bytes + count * elem <= total, op, "size", count, " elements at offset ", offset_bytes,
-          " exceed the ", total, "-byte ", rdma_memory ? "rdma" : "nvl", " buffer");
+  const int64_t count =
+      check_local_buffer(context_of(backend, options_), dtype, offset_bytes, num_elements, rdma_memory);
   return backend.local_buffer(dtype, offset_bytes, count, rdma_memory);
 }
 

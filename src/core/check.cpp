@@ -19,7 +19,7 @@ void check_shape(const TensorView& t, const char* op, const char* arg, std::init
   }
 }
 
-void check_dtype(const TensorView& t, const char* op, const char* arg, std::initializer_list<DType> allowed) {
+void check_dtype(const TensorView& t, const char* op, const char* arg, std::span<const DType> allowed) {
   for (DType d : allowed)
     if (t.dtype == d) return;
   std::string names;

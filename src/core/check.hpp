@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <initializer_list>
+#include <span>
 #include <sstream>
 #include <string>
 
@@ -34,7 +35,10 @@ inline void require(bool condition, const char* op, const char* arg, const Parts
 // An entry of -1 in `shape` accepts any size in that dimension.
 void check_shape(const TensorView& t, const char* op, const char* arg, std::initializer_list<int64_t> shape,
                  const char* dims_doc);
-void check_dtype(const TensorView& t, const char* op, const char* arg, std::initializer_list<DType> allowed);
+void check_dtype(const TensorView& t, const char* op, const char* arg, std::span<const DType> allowed);
+inline void check_dtype(const TensorView& t, const char* op, const char* arg, std::initializer_list<DType> allowed) {
+  check_dtype(t, op, arg, std::span<const DType>(allowed.begin(), allowed.size()));
+}
 void check_device(const TensorView& t, const char* op, const char* arg, const Device& expected);
 void check_contiguous(const TensorView& t, const char* op, const char* arg);
 // The usual trio for an input the kernels read densely.

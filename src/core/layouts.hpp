@@ -46,7 +46,8 @@ namespace epcomm {
 constexpr int kMaxTopk = 32;            // K in normal mode
 constexpr int kMaxLowLatencyTopk = 16;  // K in low-latency mode
 constexpr int kMaxRanks = 1024;
-constexpr int kFp8GroupSize = 128;  // channels per FP8 scale
+constexpr int kMaxRanksPerNode = 8;  // G (SPEC §1)
+constexpr int kFp8GroupSize = 128;   // channels per FP8 scale
 constexpr int64_t kNormalControlBytes = int64_t(1) << 20;
 constexpr int64_t kLowLatencyControlBytes = int64_t(1) << 20;
 

@@ -1,22 +1,19 @@
 #include "core/timeout.hpp"
 
-#include <cstdlib>
-#include <string>
-
 #include "core/check.hpp"
+#include "core/environment.hpp"
 
 namespace epcomm {
 
 std::chrono::milliseconds resolve_timeout(std::chrono::milliseconds requested) {
+  require(requested.count() >= 0, "Buffer", "timeout", "expected >= 0 ms (0 = $EPCOMM_TIMEOUT_S, else ",
+          kDefaultTimeout.count() / 1000, " s), got ", requested.count(), " ms");
+  require(requested <= kMaxTimeout, "Buffer", "timeout", "expected at most ", kMaxTimeout.count(), " ms, got ",
+          requested.count(), " ms");
   if (requested.count() > 0) return requested;
-  const char* env = std::getenv("EPCOMM_TIMEOUT_S");
-  if (env == nullptr || *env == '\0') return kDefaultTimeout;
-  char* end = nullptr;
-  const double seconds = std::strtod(env, &end);
-  if (end == env || *end != '\0' || !(seconds >= 0.001))
-    throw_error(ErrorCode::kInvalidArgument,
-                concat("EPCOMM_TIMEOUT_S: expected a number of seconds >= 0.001, got '", env, "'"));
-  return std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000.0));
+  const std::optional<double> seconds = env_seconds("EPCOMM_TIMEOUT_S");
+  if (!seconds) return kDefaultTimeout;
+  return std::chrono::milliseconds(static_cast<int64_t>(*seconds * 1000.0));
 }
 
 }  // namespace epcomm

@@ -15,6 +15,18 @@ size_t rdma_area_offset(const BufferOptions& options) {
 }
 }  // namespace
 
+// The reference implements all of SPEC: its limits are SPEC's, both modes, any number of nodes
+// (emulated on one machine).
+Limits reference_limits() {
+  Limits limits = spec_limits();
+  limits.backend = BackendKind::kCpu;
+  limits.available = true;
+  limits.low_latency_mode = true;
+  limits.normal_inter_node = true;
+  limits.low_latency_inter_node = true;
+  return limits;
+}
+
 CpuBackend::CpuBackend(Bootstrap& bootstrap, const BufferOptions& options, const GroupGeometry& geometry)
     : geometry_(geometry),
       options_(options),
@@ -22,7 +34,8 @@ CpuBackend::CpuBackend(Bootstrap& bootstrap, const BufferOptions& options, const
       nvl_area_{&memory_, kSyncBlockBytes, size_t(options.num_nvl_bytes)},
       rdma_area_{&memory_, rdma_area_offset(options), size_t(options.num_rdma_bytes)},
       sync_(memory_, geometry.rank, resolve_timeout(options.timeout)),
-      context_{geometry_, &options_, &sync_, id()} {
+      context_{geometry_, &options_, &sync_, id()},
+      limits_(reference_limits()) {
   normal_ = std::make_unique<NormalMode>(context_, nvl_area_);
   if (options.low_latency_mode) low_latency_ = std::make_unique<LowLatencyMode>(context_, rdma_area_);
 }
@@ -42,9 +55,9 @@ CombineResult CpuBackend::combine(const CombineArgs& args, const StreamOptions& 
   return normal_->combine(args, stream.stream);
 }
 
+// The front (op_checks.cpp) rejects low-latency calls of a Buffer without low_latency_mode.
 LowLatencyMode& CpuBackend::low_latency(const char* op) {
-  if (!low_latency_)
-    throw_error(ErrorCode::kInvalidArgument, concat(op, ": Buffer: was not created with low_latency_mode=True"));
+  if (!low_latency_) throw_error(ErrorCode::kInternal, concat(op, ": reached a Buffer without low-latency mode"));
   return *low_latency_;
 }
 
@@ -122,6 +135,8 @@ void CpuBackend::destroy(bool collective) {
 }
 
 }  // namespace cpu
+
+Limits cpu_backend_limits() { return cpu::reference_limits(); }
 
 std::unique_ptr<Backend> make_cpu_backend(Bootstrap& bootstrap, const BufferOptions& options,
                                           const GroupGeometry& geometry) {

@@ -11,6 +11,8 @@
 
 namespace epcomm::cpu {
 
+Limits reference_limits();
+
 class CpuBackend final : public Backend {
  public:
   // Collective over `bootstrap`: maps every rank's segment.
@@ -19,6 +21,7 @@ class CpuBackend final : public Backend {
 
   const GroupGeometry& geometry() const override { return geometry_; }
   Device device() const override { return Device::cpu(); }
+  const Limits& limits() const override { return limits_; }
 
   LayoutResult layout(const LayoutArgs& args, const StreamOptions& stream) override;
   DispatchResult dispatch(const DispatchArgs& args, const StreamOptions& stream) override;
@@ -61,6 +64,7 @@ class CpuBackend final : public Backend {
   CpuContext context_;
   std::unique_ptr<NormalMode> normal_;
   std::unique_ptr<LowLatencyMode> low_latency_;
+  Limits limits_;
   bool released_ = false;
 };
 

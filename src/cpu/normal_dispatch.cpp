@@ -10,14 +10,15 @@
 namespace epcomm::cpu {
 namespace {
 
-float* scale_at(const TensorView& scales, int64_t row, int s) {
-  return scales.data_as<float>() + row * scales.stride(0) + s * scales.stride(1);
+// Scales are 4-byte words, float32 or UE8M0-packed int32 (SPEC §1): moved as bits, never converted.
+uint32_t* scale_at(const TensorView& scales, int64_t row, int s) {
+  return scales.data_as<uint32_t>() + row * scales.stride(0) + s * scales.stride(1);
 }
 
 void write_record(const TokenRecord& format, std::byte* record, const DispatchSend& send, int token) {
   const DispatchInputs& in = *send.inputs;
   std::memcpy(record, static_cast<const std::byte*>(in.x.data) + token * format.x_bytes, format.x_bytes);
-  auto* scales = reinterpret_cast<float*>(record + format.scales_offset());
+  auto* scales = reinterpret_cast<uint32_t*>(record + format.scales_offset());
   for (int s = 0; s < format.num_scales; ++s) scales[s] = *scale_at(*in.x_scales, token, s);
   auto* topk = reinterpret_cast<int64_t*>(record + format.topk_offset());
   for (int k = 0; k < format.num_topk; ++k) topk[k] = topk_at(*in.topk_idx, token, k);
@@ -31,7 +32,7 @@ void write_record(const TokenRecord& format, std::byte* record, const DispatchSe
 // Copies one received record into row `row`, keeping only the top-k slots of local experts.
 void read_record(const TokenRecord& format, const std::byte* record, DispatchReceive& out, int64_t row, int token) {
   std::memcpy(out.x + row * format.x_bytes, record, format.x_bytes);
-  const auto* scales = reinterpret_cast<const float*>(record + format.scales_offset());
+  const auto* scales = reinterpret_cast<const uint32_t*>(record + format.scales_offset());
   for (int s = 0; s < format.num_scales; ++s) *scale_at(out.scales, row, s) = scales[s];
   const auto* topk = reinterpret_cast<const int64_t*>(record + format.topk_offset());
   const auto* weights = reinterpret_cast<const float*>(record + format.weights_offset());
@@ -46,7 +47,7 @@ void read_record(const TokenRecord& format, const std::byte* record, DispatchRec
 
 void clear_row(const TokenRecord& format, DispatchReceive& out, int64_t row) {
   std::memset(out.x + row * format.x_bytes, 0, format.x_bytes);
-  for (int s = 0; s < format.num_scales; ++s) *scale_at(out.scales, row, s) = 0.0f;
+  for (int s = 0; s < format.num_scales; ++s) *scale_at(out.scales, row, s) = 0;
   for (int k = 0; k < format.num_topk; ++k) {
     out.topk_idx[row * format.num_topk + k] = -1;
     if (out.topk_weights) out.topk_weights[row * format.num_topk + k] = 0.0f;

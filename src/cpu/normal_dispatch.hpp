@@ -11,7 +11,7 @@
 namespace epcomm::cpu {
 
 // One token as a dispatch round publishes it. Every rank agreed on the fields that size it.
-//   | x (x_bytes) | topk_idx int64 [K] | topk_weights float32 [K] | scales float32 [S] | flags uint8 [R] |
+//   | x (x_bytes) | topk_idx int64 [K] | topk_weights float32 [K] | scales [S] (4-byte words) | flags uint8 [R] |
 // x_bytes is a multiple of 16 (checked by the front), so every field is naturally aligned.
 struct TokenRecord {
   size_t x_bytes = 0;        // hidden x dtype size
@@ -37,7 +37,7 @@ struct DispatchSend {
 // The receiving side of this rank: where received tokens land. Pointers are null for absent outputs.
 struct DispatchReceive {
   std::byte* x = nullptr;          // [rows, hidden]
-  TensorView scales;               // [rows, S] float32, row- or column-major (written through strides)
+  TensorView scales;               // [rows, S] float32 or int32, row- or column-major (written through strides)
   int64_t* topk_idx = nullptr;     // [rows, K]: local expert index or -1
   float* topk_weights = nullptr;   // [rows, K]: 0 where the index is -1
   int32_t* src_idx = nullptr;      // [rows]: token index on the source

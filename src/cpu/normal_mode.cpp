@@ -32,12 +32,12 @@ Tensor flags_tensor(Allocator& allocator, const Routing& routing, StreamHandle s
   return tensor_of(allocator, DType::kBool, {routing.num_tokens, routing.num_ranks}, routing.in_rank, stream);
 }
 
-// recv_x_scales keeps the majorness of x_scales: row-major in -> [rows, S] contiguous; otherwise
-// allocated [S, rows] contiguous and returned transposed.
+// recv_x_scales keeps the dtype (float32 or int32 UE8M0-packed) and the majorness of x_scales:
+// row-major in -> [rows, S] contiguous; otherwise allocated [S, rows] contiguous and returned transposed.
 Tensor allocate_scales(Allocator& allocator, const TensorView& x_scales, int rows, int num_scales,
                        StreamHandle stream) {
-  if (x_scales.stride(1) == 1) return allocate(allocator, DType::kFloat32, {rows, num_scales}, stream);
-  const Tensor column_major = allocate(allocator, DType::kFloat32, {num_scales, rows}, stream);
+  if (x_scales.stride(1) == 1) return allocate(allocator, x_scales.dtype, {rows, num_scales}, stream);
+  const Tensor column_major = allocate(allocator, x_scales.dtype, {num_scales, rows}, stream);
   return column_major.with_view(column_major.transposed(0, 1));
 }
 

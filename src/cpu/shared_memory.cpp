@@ -1,21 +1,31 @@
 #include "cpu/shared_memory.hpp"
 
+#include <dirent.h>
 #include <fcntl.h>
+#include <sys/file.h>
 #include <sys/mman.h>
+#include <sys/random.h>
 #include <unistd.h>
 
-#include <atomic>
 #include <cerrno>
+#include <csignal>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <optional>
+#include <random>
 #include <utility>
 
 #include "core/check.hpp"
+#include "core/environment.hpp"
 
 namespace epcomm::cpu {
 namespace {
 
 constexpr size_t kNameBytes = 64;
+constexpr int kNameAttempts = 8;
+constexpr const char* kShmDirectory = "/dev/shm";  // where glibc's shm_open keeps its names
+constexpr const char* kPrefix = "epcomm-";
 
 [[noreturn]] void throw_system(const char* call, const std::string& name, size_t bytes) {
   const int err = errno;
@@ -29,36 +39,90 @@ std::byte* map(int fd, const std::string& name, size_t bytes) {
   return static_cast<std::byte*>(data);
 }
 
-std::string unique_name(int rank) {
-  static std::atomic<int> counter{0};
-  return concat("/epcomm-", getpid(), "-", rank, "-", counter.fetch_add(1));
+uint64_t random_bits() {
+  uint64_t bits = 0;
+  if (getrandom(&bits, sizeof(bits), 0) == sizeof(bits)) return bits;
+  std::random_device device;  // getrandom unavailable: the library's own source
+  return (uint64_t(device()) << 32) ^ device();
+}
+
+// Test hook ($EPCOMM_TEST_SHM_FAULT, core/environment.cpp): dies like a killed rank at `step`.
+void fault_point(const char* step) {
+  const std::optional<std::string> fault = env_text("EPCOMM_TEST_SHM_FAULT");
+  if (!fault) return;
+  require(*fault == "after_create" || *fault == "after_open", "Buffer", "EPCOMM_TEST_SHM_FAULT",
+          "expected after_create or after_open, got '", *fault, "'");
+  if (*fault == step) ::kill(::getpid(), SIGKILL);
+}
+
+// The creator's pid in "epcomm-<pid>-...", or 0.
+pid_t creator_of(const char* file_name) {
+  if (std::strncmp(file_name, kPrefix, std::strlen(kPrefix)) != 0) return 0;
+  char* end = nullptr;
+  const long pid = std::strtol(file_name + std::strlen(kPrefix), &end, 10);
+  return pid > 0 && *end == '-' ? static_cast<pid_t>(pid) : 0;
+}
+
+bool is_dead(pid_t pid) { return ::kill(pid, 0) != 0 && errno == ESRCH; }
+
+// Unlinks /<file_name> if nobody holds its lock. Another user's segment does not open (mode 0600).
+bool remove_if_unlocked(const char* file_name) {
+  const std::string name = std::string("/") + file_name;
+  const int fd = shm_open(name.c_str(), O_RDWR, 0600);
+  if (fd < 0) return false;
+  const bool orphaned = ::flock(fd, LOCK_EX | LOCK_NB) == 0;
+  if (orphaned) shm_unlink(name.c_str());
+  ::close(fd);
+  return orphaned;
 }
 
 }  // namespace
 
-SharedSegment SharedSegment::create(const std::string& name, size_t bytes) {
-  const int fd = shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
-  if (fd < 0) throw_system("shm_open", name, bytes);
+std::string random_segment_name(int rank) {
+  char suffix[17];
+  std::snprintf(suffix, sizeof(suffix), "%016llx", static_cast<unsigned long long>(random_bits()));
+  return concat("/", kPrefix, ::getpid(), "-", rank, "-", suffix);
+}
+
+int remove_orphaned_segments() noexcept {
+  DIR* directory = ::opendir(kShmDirectory);
+  if (directory == nullptr) return 0;
+  int removed = 0;
+  while (const dirent* entry = ::readdir(directory)) {
+    const pid_t creator = creator_of(entry->d_name);
+    // Both tests: a live pid may be a reused one (kept, harmless); a free lock alone may be a
+    // creator between its shm_open and its flock.
+    if (creator != 0 && is_dead(creator) && remove_if_unlocked(entry->d_name)) ++removed;
+  }
+  ::closedir(directory);
+  return removed;
+}
+
+SharedSegment SharedSegment::create_unique(size_t bytes, const std::function<std::string()>& next_name) {
+  std::string name;
+  int fd = -1;
+  for (int attempt = 0; attempt < kNameAttempts && fd < 0; ++attempt) {
+    name = next_name();
+    fd = shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
+    if (fd < 0 && errno != EEXIST) throw_system("shm_open", name, bytes);
+  }
+  if (fd < 0)
+    throw_error(ErrorCode::kInternal,
+                concat("shared memory: shm_open: ", kNameAttempts, " fresh names existed already (last: ", name, ")"));
   SharedSegment segment;
   segment.name_ = name;
   segment.owner_ = true;
   segment.size_ = bytes;
+  segment.lock_fd_ = fd;  // closed (and unlinked) by release() on every error below
+  if (::flock(fd, LOCK_EX) != 0) throw_system("flock", name, bytes);
+  fault_point("after_create");
   // posix_fallocate reserves the pages now, so a full /dev/shm fails here instead of with SIGBUS later.
   const int status = posix_fallocate(fd, 0, static_cast<off_t>(bytes));
   if (status != 0) {
     errno = status;
-    close(fd);
-    shm_unlink(name.c_str());
     throw_system("posix_fallocate", name, bytes);
   }
-  try {
-    segment.data_ = map(fd, name, bytes);
-  } catch (...) {
-    close(fd);
-    shm_unlink(name.c_str());
-    throw;
-  }
-  close(fd);
+  segment.data_ = map(fd, name, bytes);
   return segment;
 }
 
@@ -89,6 +153,7 @@ SharedSegment& SharedSegment::operator=(SharedSegment&& other) noexcept {
     size_ = std::exchange(other.size_, 0);
     name_ = std::move(other.name_);
     owner_ = std::exchange(other.owner_, false);
+    lock_fd_ = std::exchange(other.lock_fd_, -1);
   }
   return *this;
 }
@@ -96,6 +161,8 @@ SharedSegment& SharedSegment::operator=(SharedSegment&& other) noexcept {
 void SharedSegment::unlink() noexcept {
   if (owner_) shm_unlink(name_.c_str());
   owner_ = false;
+  if (lock_fd_ >= 0) ::close(lock_fd_);  // releases the lock: the name is gone already
+  lock_fd_ = -1;
 }
 
 void SharedSegment::release() noexcept {
@@ -107,7 +174,9 @@ void SharedSegment::release() noexcept {
 PeerMemory::PeerMemory(Bootstrap& bootstrap, size_t bytes_per_rank) : rank_(bootstrap.rank()), bytes_(bytes_per_rank) {
   const int num_ranks = bootstrap.size();
   segments_.resize(num_ranks);
-  segments_[rank_] = SharedSegment::create(unique_name(rank_), bytes_per_rank);
+  remove_orphaned_segments();  // of ranks killed inside an earlier construction
+  const int rank = rank_;
+  segments_[rank_] = SharedSegment::create_unique(bytes_per_rank, [rank] { return random_segment_name(rank); });
 
   char mine[kNameBytes] = {};
   std::snprintf(mine, kNameBytes, "%s", segments_[rank_].name().c_str());
@@ -115,6 +184,7 @@ PeerMemory::PeerMemory(Bootstrap& bootstrap, size_t bytes_per_rank) : rank_(boot
   bootstrap.all_gather(mine, names.data(), kNameBytes);
   for (int r = 0; r < num_ranks; ++r)
     if (r != rank_) segments_[r] = SharedSegment::open(std::string(&names[r * kNameBytes]), bytes_per_rank);
+  fault_point("after_open");
   // Once every rank has mapped every segment the names are no longer needed: unlinking now means
   // nothing is left in /dev/shm even if a process dies later.
   bootstrap.barrier();

@@ -1,13 +1,33 @@
 #include "cuda/cuda_backend.hpp"
 
+#include <algorithm>
+
 #include "core/check.hpp"
 #include "core/cuda_check.hpp"
+#include "cuda/low_latency/ll_params.hpp"
 
 namespace epcomm {
 
 std::unique_ptr<Backend> make_cuda_backend(Bootstrap& bootstrap, const BufferOptions& options,
                                            const GroupGeometry& geometry) {
   return std::make_unique<cuda::CudaBackend>(bootstrap, options, geometry);
+}
+
+// What the kernels of this backend handle (see normal/protocol.hpp and low_latency/ll_params.hpp).
+Limits cuda_backend_limits() {
+  Limits limits = spec_limits();
+  limits.backend = BackendKind::kCuda;
+  limits.available = true;
+  limits.low_latency_mode = cuda::low_latency_mode_built();
+  limits.normal_inter_node = false;  // one NVLink domain
+  limits.low_latency_inter_node = limits.low_latency_mode;
+  limits.max_ranks_per_node = cuda::kMaxNvlRanks;
+  limits.data_alignment_bytes = 16;  // 16-byte vector loads and stores
+  limits.max_num_sms = 2 * cuda::kMaxChannels;
+  limits.max_local_experts = cuda::kMaxLocalExperts;
+  limits.max_low_latency_tokens_per_rank = cuda::ll::kMaxTokensPerRank;
+  limits.max_low_latency_experts = cuda::ll::kMaxExperts;
+  return limits;
 }
 
 namespace cuda {
@@ -36,6 +56,8 @@ CudaBackend::CudaBackend(Bootstrap& bootstrap, const BufferOptions& options, con
   ctx_.timeout = options.timeout;
   DeviceGuard guard(ctx_.device);
   EPCOMM_CUDA_CHECK(cudaDeviceGetAttribute(&ctx_.num_device_sms, cudaDevAttrMultiProcessorCount, ctx_.device));
+  limits_ = cuda_backend_limits();
+  limits_.max_num_sms = std::min(limits_.max_num_sms, ctx_.num_device_sms);
   owns_comm_stream_ = options.comm_stream == nullptr;
   if (owns_comm_stream_)
     EPCOMM_CUDA_CHECK(cudaStreamCreateWithFlags(&ctx_.comm_stream, cudaStreamNonBlocking));
@@ -76,9 +98,9 @@ CombineResult CudaBackend::combine(const CombineArgs& args, const StreamOptions&
   return normal_->combine(args, stream);
 }
 
+// The front (op_checks.cpp) rejects low-latency calls of a Buffer without low_latency_mode.
 LowLatencyMode& CudaBackend::low_latency(const char* op) const {
-  if (!low_latency_)
-    throw_error(ErrorCode::kInvalidArgument, concat(op, ": Buffer: was not created with low_latency_mode=True"));
+  if (!low_latency_) throw_error(ErrorCode::kInternal, concat(op, ": reached a Buffer without low-latency mode"));
   return *low_latency_;
 }
 

@@ -27,6 +27,7 @@ class CudaBackend final : public Backend {
 
   const GroupGeometry& geometry() const override { return ctx_.geometry; }
   Device device() const override { return ctx_.tensor_device(); }
+  const Limits& limits() const override { return limits_; }
   StreamHandle comm_stream() const override { return reinterpret_cast<StreamHandle>(ctx_.comm_stream); }
 
   LayoutResult layout(const LayoutArgs& args, const StreamOptions& stream) override;
@@ -58,6 +59,7 @@ class CudaBackend final : public Backend {
 
   BufferOptions options_;
   CudaContext ctx_;
+  Limits limits_;  // cuda_backend_limits(), num_sms capped at this GPU's SMs
   std::unique_ptr<DeviceErrors> errors_;
   std::unique_ptr<NormalMemory> normal_memory_;
   std::unique_ptr<NormalMode> normal_;

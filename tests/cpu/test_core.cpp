@@ -4,8 +4,13 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <fstream>
 #include <random>
+#include <set>
+#include <sstream>
 
+#include "core/backend.hpp"
+#include "core/environment.hpp"
 #include "core/layouts.hpp"
 #include "core/numerics.hpp"
 #include "core/timeout.hpp"
@@ -147,6 +152,110 @@ TEST(Timeout, EnvironmentVariableIsParsedAndChecked) {
   EXPECT_NE(message.find("EPCOMM_TIMEOUT_S"), std::string::npos) << message;
   unsetenv("EPCOMM_TIMEOUT_S");
   EXPECT_EQ(resolve_timeout(std::chrono::milliseconds(0)), kDefaultTimeout);
+}
+
+// inf overflowed to a negative timeout (every wait failed at once); nan, negative values and garbage
+// must name the variable too, and so must a negative BufferOptions::timeout.
+TEST(Timeout, NonFiniteNegativeOrHugeValuesAreRejected) {
+  std::mt19937 rng(std::random_device{}());
+  const std::string too_long = std::to_string(400 * 24 * 3600 + int(rng() % 1000));
+  for (const std::string bad : {"inf", "-inf", "nan", "-1", "0", "1e400", "2x", " 1", too_long.c_str()}) {
+    setenv("EPCOMM_TIMEOUT_S", bad.c_str(), 1);
+    const std::string message =
+        error_message([] { resolve_timeout(std::chrono::milliseconds(0)); }, ErrorCode::kInvalidArgument);
+    EXPECT_NE(message.find("EPCOMM_TIMEOUT_S"), std::string::npos) << bad << ": " << message;
+    EXPECT_NE(message.find("'" + bad + "'"), std::string::npos) << message;
+  }
+  const int seconds = 1 + int(rng() % 1000);
+  setenv("EPCOMM_TIMEOUT_S", std::to_string(seconds).c_str(), 1);
+  EXPECT_EQ(resolve_timeout(std::chrono::milliseconds(0)).count(), seconds * 1000);
+  unsetenv("EPCOMM_TIMEOUT_S");
+  const int negative = -1 - int(rng() % 1000);
+  const std::string message =
+      error_message([&] { resolve_timeout(std::chrono::milliseconds(negative)); }, ErrorCode::kInvalidArgument);
+  EXPECT_NE(message.find("timeout"), std::string::npos) << message;
+  EXPECT_NE(message.find(std::to_string(negative)), std::string::npos) << message;
+  error_message([] { resolve_timeout(kMaxTimeout + std::chrono::milliseconds(1)); }, ErrorCode::kInvalidArgument);
+}
+
+// ---- the environment table (core/environment.cpp) ----
+
+TEST(Environment, TableIsWellFormed) {
+  std::set<std::string> names;
+  for (const EnvVariable& v : environment_table()) {
+    EXPECT_TRUE(names.insert(v.name).second) << v.name << " is declared twice";
+    EXPECT_GT(std::string(v.doc).size(), 10u) << v.name;
+    EXPECT_GT(std::string(v.fallback).size(), 0u) << v.name;
+    if (v.type == EnvType::kSeconds || v.type == EnvType::kInt) EXPECT_LE(v.min, v.max) << v.name;
+    EXPECT_EQ(&environment_variable(v.name), &v);
+  }
+  error_message([] { environment_variable("EPCOMM_NOT_A_VARIABLE"); }, ErrorCode::kInternal);
+  // Reading a variable with another type than declared is a bug of the reader.
+  error_message([] { env_int("EPCOMM_TIMEOUT_S"); }, ErrorCode::kInternal);
+}
+
+TEST(Environment, ValuesAreParsedWithinTheirRange) {
+  std::mt19937 rng(std::random_device{}());
+  const EnvVariable& tokens = environment_variable("EPCOMM_LL_DISPATCH_OVERLAP_MAX_TOKENS");
+  const int value = int(rng() % 100000);
+  EXPECT_EQ(parse_int(tokens, std::to_string(value)), value);
+  for (const char* bad : {"-1", "12ab", "", "99999999999999999999", "1.5"}) {
+    const std::string message = error_message([&] { parse_int(tokens, bad); }, ErrorCode::kInvalidArgument);
+    EXPECT_NE(message.find("EPCOMM_LL_DISPATCH_OVERLAP_MAX_TOKENS: expected an integer in [0, 2147483647]"),
+              std::string::npos)
+        << message;
+  }
+  const EnvVariable& pdl = environment_variable("EPCOMM_LL_PDL");
+  EXPECT_TRUE(parse_flag(pdl, "1"));
+  EXPECT_FALSE(parse_flag(pdl, "0"));
+  const std::string message = error_message([&] { parse_flag(pdl, "yes"); }, ErrorCode::kInvalidArgument);
+  EXPECT_NE(message.find("EPCOMM_LL_PDL: expected 0 or 1, got 'yes'"), std::string::npos) << message;
+  const EnvVariable& timeout = environment_variable("EPCOMM_TIMEOUT_S");
+  const double seconds = 0.5 + rng() % 1000;
+  EXPECT_DOUBLE_EQ(parse_seconds(timeout, std::to_string(seconds)), seconds);
+}
+
+TEST(Environment, ReadsGoThroughTheTable) {
+  const std::string value = std::to_string(std::random_device{}() % 5000);
+  setenv("EPCOMM_LL_DISPATCH_OVERLAP_MAX_TOKENS", value.c_str(), 1);
+  EXPECT_EQ(env_int("EPCOMM_LL_DISPATCH_OVERLAP_MAX_TOKENS"), std::stoll(value));
+  setenv("EPCOMM_LL_DISPATCH_OVERLAP_MAX_TOKENS", "", 1);  // empty = unset
+  EXPECT_FALSE(env_int("EPCOMM_LL_DISPATCH_OVERLAP_MAX_TOKENS").has_value());
+  setenv("EPCOMM_LL_DISPATCH_OVERLAP_MAX_TOKENS", "many", 1);
+  error_message([] { env_int("EPCOMM_LL_DISPATCH_OVERLAP_MAX_TOKENS"); }, ErrorCode::kInvalidArgument);
+  unsetenv("EPCOMM_LL_DISPATCH_OVERLAP_MAX_TOKENS");
+  EXPECT_FALSE(env_int("EPCOMM_LL_DISPATCH_OVERLAP_MAX_TOKENS").has_value());
+}
+
+// docs/ENVIRONMENT.md documents every variable of the table (one heading or table row each).
+TEST(Environment, EveryVariableIsDocumented) {
+  std::ifstream file(EPCOMM_SOURCE_DIR "/docs/ENVIRONMENT.md");
+  ASSERT_TRUE(file.good()) << "docs/ENVIRONMENT.md not found";
+  std::stringstream text;
+  text << file.rdbuf();
+  for (const EnvVariable& v : environment_table())
+    EXPECT_NE(text.str().find(std::string("`") + v.name + "`"), std::string::npos)
+        << v.name << " is not documented in docs/ENVIRONMENT.md";
+}
+
+// ---- Limits ----
+
+TEST(Limits, CpuBackendHasSpecLimitsAndBothModes) {
+  const Limits cpu = backend_limits(BackendKind::kCpu);
+  EXPECT_TRUE(cpu.available && cpu.normal_mode && cpu.low_latency_mode && cpu.normal_inter_node);
+  EXPECT_EQ(cpu.max_topk, kMaxTopk);
+  EXPECT_EQ(cpu.max_low_latency_topk, kMaxLowLatencyTopk);
+  EXPECT_EQ(cpu.low_latency_hidden_multiple, kFp8GroupSize);
+  EXPECT_EQ(cpu.max_ranks_per_node, 8);
+  EXPECT_EQ(cpu.scale_dtypes, (std::vector<DType>{DType::kFloat32, DType::kInt32}));
+  EXPECT_FALSE(cpu.use_logfmt);
+  const Limits cuda = backend_limits(BackendKind::kCuda);
+  EXPECT_EQ(cuda.available, backend_available(BackendKind::kCuda));
+  if (cuda.available) {
+    EXPECT_FALSE(cuda.normal_inter_node);
+    EXPECT_LT(cuda.max_low_latency_tokens_per_rank, INT32_MAX);
+    EXPECT_EQ(cuda.data_alignment_bytes, 16);
+  }
 }
 
 // bf16 round-to-nearest-even, checked against a reference computed in double: the nearest of the

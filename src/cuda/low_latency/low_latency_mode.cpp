@@ -20,6 +20,7 @@
 #include "core/allocate.hpp"
 #include "core/check.hpp"
 #include "core/cuda_check.hpp"
+#include "core/environment.hpp"
 #include "core/layouts.hpp"
 #include "cuda/low_latency/ll_params.hpp"
 #include "cuda/low_latency/nvshmem_runtime.hpp"
@@ -37,6 +38,7 @@ struct DispatchRecord {
   int num_experts = 0;
 };
 
+// Inputs are checked by the front (Limits::data_alignment_bytes); this checks what the allocator returns.
 void require_aligned(const void* pointer, const char* op, const char* arg) {
   require(reinterpret_cast<uintptr_t>(pointer) % 16 == 0, op, arg,
           "data must be 16-byte aligned for vector access, got address ", pointer);
@@ -47,9 +49,9 @@ void require_aligned(const void* pointer, const char* op, const char* arg) {
 LowLatencyPutPath resolve_put_path(const BufferOptions& options) {
   if (!options.allow_nvlink_for_low_latency_mode) return LowLatencyPutPath::kAll;
   if (options.low_latency_put_path != LowLatencyPutPath::kAuto) return options.low_latency_put_path;
-  const char* env = std::getenv("EPCOMM_LL_PUT_PATH");
-  if (env == nullptr || *env == '\0') return LowLatencyPutPath::kAuto;
-  const std::string value(env);
+  const std::optional<std::string> env = env_text("EPCOMM_LL_PUT_PATH");
+  if (!env || env->empty()) return LowLatencyPutPath::kAuto;
+  const std::string& value = *env;
   if (value == "auto") return LowLatencyPutPath::kAuto;
   if (value == "mapped") return LowLatencyPutPath::kMapped;
   if (value == "all") return LowLatencyPutPath::kAll;
@@ -106,7 +108,8 @@ class NvshmemLowLatencyMode final : public LowLatencyMode {
   int32_t* mask() const { return reinterpret_cast<int32_t*>(control(ControlLayout::kMask)); }
   ll::Common common() const;
   void check_usable(const char* op);
-  void check_limits(int max_tokens, int hidden, int num_experts, const char* op) const;
+  // The sizes against this Buffer's symmetric memory (T_max and E against Limits: op_checks.cpp).
+  void check_capacity(int max_tokens, int hidden, int num_experts, const char* op) const;
   int find_dispatch(const LowLatencyHandle& handle) const;
   // A device region of at least `bytes` for `region` (zero_copy_ or staging_), registered with
   // NVSHMEM as a source of puts when a remote transport carries some of them.
@@ -175,10 +178,9 @@ NvshmemLowLatencyMode::NvshmemLowLatencyMode(const CudaContext& ctx)
   const int64_t bytes = ctx.options->num_rdma_bytes;
   require(bytes >= kLowLatencyControlBytes, "Buffer", "num_rdma_bytes", "low-latency mode needs at least ",
           kLowLatencyControlBytes, " bytes (see get_low_latency_rdma_size_hint), got ", bytes);
-  const char* pdl = std::getenv("EPCOMM_LL_PDL");
-  overlap_send_ = pdl == nullptr || std::string(pdl) != "0";
-  if (const char* limit = std::getenv("EPCOMM_LL_DISPATCH_OVERLAP_MAX_TOKENS"))
-    dispatch_overlap_max_tokens_ = std::atoi(limit);
+  overlap_send_ = env_flag("EPCOMM_LL_PDL").value_or(true);
+  dispatch_overlap_max_tokens_ =
+      static_cast<int>(env_int("EPCOMM_LL_DISPATCH_OVERLAP_MAX_TOKENS").value_or(kDefaultDispatchOverlapMaxTokens));
   const LowLatencyPutPath put_path = resolve_put_path(*ctx.options);
   DeviceGuard guard(device_);
   const bool one_host = all_on_one_host(*ctx.bootstrap);
@@ -235,15 +237,7 @@ void NvshmemLowLatencyMode::check_usable(const char* op) {
   errors_->throw_if_set();  // timeouts stay set; other errors are re-armed by DeviceErrors
 }
 
-void NvshmemLowLatencyMode::check_limits(int max_tokens, int hidden, int num_experts, const char* op) const {
-  if (max_tokens > ll::kMaxTokensPerRank)
-    throw_error(ErrorCode::kUnsupported,
-                concat(op, ": num_max_dispatch_tokens_per_rank = ", max_tokens,
-                       " is not supported yet by the CUDA backend (at most ", ll::kMaxTokensPerRank, ")"));
-  if (num_experts > ll::kMaxExperts)
-    throw_error(ErrorCode::kUnsupported,
-                concat(op, ": num_experts = ", num_experts, " is not supported yet by the CUDA backend (at most ",
-                       ll::kMaxExperts, ")"));
+void NvshmemLowLatencyMode::check_capacity(int max_tokens, int hidden, int num_experts, const char* op) const {
   const int64_t needed = layout(max_tokens, hidden, num_experts).total_bytes();
   if (needed > symmetric_bytes_)
     throw_error(ErrorCode::kOutOfCapacity,
@@ -340,8 +334,7 @@ LowLatencyDispatchResult NvshmemLowLatencyMode::dispatch(const LowLatencyDispatc
   check_usable(op);
   DeviceGuard guard(device_);
   const int T_max = args.max_tokens_per_rank;
-  check_limits(T_max, args.hidden, args.num_experts, op);
-  require_aligned(args.inputs->x.data, op, "x");
+  check_capacity(T_max, args.hidden, args.num_experts, op);
   const LowLatencyLayout lay = layout(T_max, args.hidden, args.num_experts);
 
   LowLatencyDispatchResult result = allocate_dispatch_outputs(args, lay.num_rows(), options.stream);
@@ -386,7 +379,6 @@ ll::CombineParams NvshmemLowLatencyMode::combine_params(const LowLatencyCombineA
     p.x = static_cast<const uint16_t*>(zero_copy_);
     p.x_is_staging = 1;
   } else {
-    require_aligned(in.x.data, op, "x");
     p.x = in.x.data_as<const uint16_t>();
   }
   p.staging =
@@ -416,14 +408,14 @@ LowLatencyCombineResult NvshmemLowLatencyMode::combine(const LowLatencyCombineAr
   DeviceGuard guard(device_);
   const LowLatencyCombineInputs& in = *args.inputs;
   const int dispatch_parity = find_dispatch(*in.handle);
-  check_limits(args.max_tokens_per_rank, args.hidden, args.num_experts, op);
+  check_capacity(args.max_tokens_per_rank, args.hidden, args.num_experts, op);
   const LowLatencyLayout lay = layout(args.max_tokens_per_rank, args.hidden, args.num_experts);
 
   LowLatencyCombineResult result;
   result.combined_x = in.out ? Tensor::borrowed(*in.out)
                              : allocate(*args.allocator, DType::kBFloat16, {args.num_tokens, args.hidden},
                                         Device::cuda(device_), options.stream);
-  require_aligned(result.combined_x.data, op, "out");
+  if (!in.out) require_aligned(result.combined_x.data, op, "combined_x (from the allocator)");
   const ll::CombineParams p = combine_params(args, lay, dispatch_parity, result.combined_x, op);
   ll::launch_combine_send(p, num_sms_, options.stream);
   receive(p, &ll::launch_combine_recv, overlap_send_, {result.combined_x}, op, options, result.event, result.hook);
@@ -463,7 +455,7 @@ TensorView NvshmemLowLatencyMode::next_combine_buffer(const LowLatencyHandle& ha
 // Collective and host-synchronous: after it no flag, counter or parity remembers earlier calls.
 void NvshmemLowLatencyMode::clean(int max_tokens_per_rank, int hidden, int num_experts, cudaStream_t stream) {
   check_usable("clean_low_latency_buffer");
-  check_limits(max_tokens_per_rank, hidden, num_experts, "clean_low_latency_buffer");
+  check_capacity(max_tokens_per_rank, hidden, num_experts, "clean_low_latency_buffer");
   DeviceGuard guard(device_);
   EPCOMM_CUDA_CHECK(cudaStreamSynchronize(stream));
   EPCOMM_CUDA_CHECK(cudaDeviceSynchronize());
@@ -523,6 +515,8 @@ void NvshmemLowLatencyMode::destroy(bool collective) {
 }
 
 }  // namespace
+
+bool low_latency_mode_built() { return true; }
 
 std::unique_ptr<LowLatencyMode> make_low_latency_mode(const CudaContext& ctx) {
   return std::make_unique<NvshmemLowLatencyMode>(ctx);

@@ -32,5 +32,7 @@ class LowLatencyMode {
 // options.num_rdma_bytes of symmetric memory. Throws Error(kUnsupported) when epcomm was built
 // without NVSHMEM.
 std::unique_ptr<LowLatencyMode> make_low_latency_mode(const CudaContext& ctx);
+// False when epcomm was built without NVSHMEM (make_low_latency_mode then throws).
+bool low_latency_mode_built();
 
 }  // namespace epcomm::cuda

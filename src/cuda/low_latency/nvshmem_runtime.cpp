@@ -9,6 +9,7 @@
 
 #include "core/check.hpp"
 #include "core/cuda_check.hpp"
+#include "core/environment.hpp"
 #include "core/layouts.hpp"
 
 namespace epcomm::cuda::ll {
@@ -48,7 +49,7 @@ void set_environment(int64_t symmetric_bytes, bool single_node) {
     setenv("NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME", "lo", 0);
     setenv("NVSHMEM_DISABLE_LOCAL_ONLY_PROXY", "1", 0);
   }
-  if (std::getenv("NVSHMEM_SYMMETRIC_SIZE") == nullptr) {
+  if (!env_text("NVSHMEM_SYMMETRIC_SIZE")) {
     const int64_t heap = align_up(symmetric_bytes, int64_t(2) << 20) + kHeapMargin;
     setenv("NVSHMEM_SYMMETRIC_SIZE", std::to_string(heap).c_str(), 1);
   }
@@ -112,10 +113,10 @@ void ensure_nvshmem(Bootstrap& bootstrap, int device, int64_t symmetric_bytes, b
 void* allocate_symmetric(int64_t bytes) {
   void* pointer = nvshmem_malloc(static_cast<size_t>(bytes));
   if (pointer == nullptr) {
-    const char* env = std::getenv("NVSHMEM_SYMMETRIC_SIZE");
+    const std::string env = env_text("NVSHMEM_SYMMETRIC_SIZE").value_or("(default)");
     throw_error(ErrorCode::kOutOfCapacity,
                 concat("Buffer: num_rdma_bytes: nvshmem_malloc(", bytes, ") failed; the NVSHMEM symmetric heap is ",
-                       env ? env : "(default)", " bytes, sized when the first low-latency Buffer of this process was ",
+                       env, " bytes, sized when the first low-latency Buffer of this process was ",
                        "created: set NVSHMEM_SYMMETRIC_SIZE larger before that"));
   }
   return pointer;

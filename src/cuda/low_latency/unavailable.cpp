@@ -5,6 +5,8 @@
 
 namespace epcomm::cuda {
 
+bool low_latency_mode_built() { return false; }
+
 std::unique_ptr<LowLatencyMode> make_low_latency_mode(const CudaContext&) {
   throw_error(ErrorCode::kUnsupported,
               "Buffer: low_latency_mode: low-latency mode on GPUs is not built yet in this version of epcomm "

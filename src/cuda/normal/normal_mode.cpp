@@ -62,15 +62,6 @@ NormalMode::~NormalMode() {
 
 NormalCommon NormalMode::common_params(const Config& config, const RecordLayout& record, const char* op) const {
   const GroupGeometry& g = ctx_.geometry;
-  if (g.num_nodes() > 1)
-    throw_error(ErrorCode::kUnsupported,
-                concat(op, ": high-throughput mode across ", g.num_nodes(),
-                       " nodes is not supported by the CUDA backend yet (one NVLink domain of up to ", kMaxNvlRanks,
-                       " ranks is)"));
-  require(config.num_sms <= ctx_.num_device_sms, op, "config.num_sms", config.num_sms, " exceeds the ",
-          ctx_.num_device_sms, " SMs of GPU ", ctx_.device);
-  require(config.num_sms / 2 <= kMaxChannels, op, "config.num_sms", "at most ", 2 * kMaxChannels, " supported, got ",
-          config.num_sms);
 
   NormalCommon c{};
   for (int r = 0; r < kMaxNvlRanks; ++r) c.peers[r] = memory_ != nullptr ? memory_->peer(r) : nullptr;

@@ -50,8 +50,8 @@ class NormalMode {
   int size_outputs(const FreshDispatch& call, DispatchResult& result, const char* op) const;
   void move_tokens(const FreshDispatch& call, int rows, DispatchResult& result);
   DispatchResult cached_dispatch(const DispatchArgs& args, const StreamOptions& stream);
-  // Checks what a call needs (one node, SMs, buffer size) and fills the part of the kernel params
-  // shared by every kernel of the call.
+  // Checks the buffer size a call needs and fills the part of the kernel params shared by every
+  // kernel of the call (one node and the SM count are checked by the front against Limits).
   NormalCommon common_params(const Config& config, const RecordLayout& record, const char* op) const;
   // Waits until notify published the counts of the dispatch numbered `sequence`.
   void wait_for_counts(int32_t sequence, const char* op) const;

@@ -1,0 +1,148 @@
+// The CPU backend's shared segments (src/cpu/shared_memory.*): random names that skip taken ones,
+// and nothing left in /dev/shm when a rank is killed at any step of a Buffer's construction.
+#include <dirent.h>
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "cpu/shared_memory.hpp"
+#include "epcomm/epcomm.hpp"
+#include "support/multirank.hpp"
+
+namespace epcomm::testing {
+namespace {
+
+// Names in /dev/shm made by process `pid` (epcomm-<pid>-...).
+std::vector<std::string> segments_of(pid_t pid) {
+  std::vector<std::string> found;
+  const std::string prefix = "epcomm-" + std::to_string(pid) + "-";
+  DIR* directory = opendir("/dev/shm");
+  if (directory == nullptr) return found;
+  while (const dirent* entry = readdir(directory))
+    if (std::string(entry->d_name).rfind(prefix, 0) == 0) found.push_back(entry->d_name);
+  closedir(directory);
+  return found;
+}
+
+BufferOptions small_cpu_buffer() {
+  BufferOptions options;
+  options.backend = BackendKind::kCpu;
+  options.num_nvl_bytes = 1 << 16;
+  options.timeout = std::chrono::milliseconds(3000);
+  return options;
+}
+
+TEST(SharedMemory, NamesAreRandomAndCarryThePid) {
+  const std::string a = cpu::random_segment_name(3), b = cpu::random_segment_name(3);
+  EXPECT_NE(a, b);
+  const std::string prefix = "/epcomm-" + std::to_string(getpid()) + "-3-";
+  EXPECT_EQ(a.rfind(prefix, 0), 0u) << a;
+  EXPECT_EQ(a.size(), prefix.size() + 16) << a;
+}
+
+// A name that exists already (planted by another process or user) is skipped, and the planted
+// segment is left alone.
+TEST(SharedMemory, TakenNameIsSkipped) {
+  const std::string planted = cpu::random_segment_name(0);
+  const int fd = shm_open(planted.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
+  ASSERT_GE(fd, 0);
+  close(fd);
+  int calls = 0;
+  {
+    cpu::SharedSegment segment =
+        cpu::SharedSegment::create_unique(4096, [&] { return ++calls == 1 ? planted : cpu::random_segment_name(0); });
+    EXPECT_EQ(calls, 2);
+    EXPECT_NE(segment.name(), planted);
+    EXPECT_EQ(segment.data()[100], std::byte{0});
+  }
+  EXPECT_EQ(segments_of(getpid()).size(), 1u);  // the planted one; ours was unlinked
+  shm_unlink(planted.c_str());
+  // Only taken names: a named error after a few attempts, not a hang.
+  const int fd2 = shm_open(planted.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
+  ASSERT_GE(fd2, 0);
+  close(fd2);
+  EXPECT_THROW(cpu::SharedSegment::create_unique(4096, [&] { return planted; }), Error);
+  shm_unlink(planted.c_str());
+}
+
+// A segment whose creator died unlinked is removed by the sweep; a live owner's is not.
+TEST(SharedMemory, SweepRemovesOnlyOrphans) {
+  int ready[2];
+  ASSERT_EQ(pipe(ready), 0);
+  const pid_t child = fork();
+  if (child == 0) {
+    cpu::SharedSegment segment = cpu::SharedSegment::create_unique(4096, [] { return cpu::random_segment_name(0); });
+    const char byte = 1;
+    (void)!write(ready[1], &byte, 1);
+    pause();  // holds the name until killed
+  }
+  ASSERT_GT(child, 0);
+  char byte = 0;
+  ASSERT_EQ(read(ready[0], &byte, 1), 1);
+  cpu::remove_orphaned_segments();
+  EXPECT_EQ(segments_of(child).size(), 1u) << "the segment of a live process was removed";
+  kill(child, SIGKILL);  // dies holding the name
+  int status = 0;
+  waitpid(child, &status, 0);
+  cpu::SharedSegment mine = cpu::SharedSegment::create_unique(4096, [] { return cpu::random_segment_name(0); });
+  cpu::remove_orphaned_segments();
+  EXPECT_TRUE(segments_of(child).empty()) << "the orphan of a killed process was kept";
+  EXPECT_EQ(segments_of(getpid()).size(), 1u);  // ours stays while we live
+  close(ready[0]);
+  close(ready[1]);
+}
+
+// A rank killed (SIGKILL, via the test hook) after creating its segment, or after mapping its
+// peers', leaves its segment behind; the next Buffer of any process removes it.
+class KilledInConstruction : public ::testing::TestWithParam<const char*> {};
+
+TEST_P(KilledInConstruction, NothingIsLeftBehind) {
+  const char* step = GetParam();
+  RunRanksOptions options;
+  options.timeout = std::chrono::seconds(60);
+  const launch::LaunchResult result = run_ranks_unchecked(
+      2,
+      [&](Bootstrap& bootstrap) {
+        if (bootstrap.rank() == 1) setenv("EPCOMM_TEST_SHM_FAULT", step, 1);
+        Buffer buffer(bootstrap, small_cpu_buffer());  // rank 0 throws: its peer died
+      },
+      options);
+  ASSERT_EQ(result.ranks.size(), 2u);
+  const launch::RankResult& killed = result.ranks[1];
+  ASSERT_TRUE(killed.signaled && killed.signal == SIGKILL) << killed.how();
+  EXPECT_FALSE(result.ranks[0].ok()) << "rank 0 built a Buffer with a dead peer";
+  EXPECT_TRUE(segments_of(result.ranks[0].pid).empty()) << "the surviving rank left its segment";
+  // The killed rank's segment is left now, unless a Buffer of a test running in parallel swept it
+  // already: what must hold is that it is gone after the next Buffer.
+  EXPECT_LE(segments_of(killed.pid).size(), 1u) << "at " << step;
+
+  run_ranks(2, [](Bootstrap& bootstrap) {
+    Buffer buffer(bootstrap, small_cpu_buffer());
+    buffer.destroy();
+  });
+  EXPECT_TRUE(segments_of(killed.pid).empty()) << "the next Buffer did not remove the orphan";
+}
+
+INSTANTIATE_TEST_SUITE_P(Steps, KilledInConstruction, ::testing::Values("after_create", "after_open"));
+
+TEST(SharedMemory, UnknownFaultStepIsNamed) {
+  run_ranks(1, [](Bootstrap& bootstrap) {
+    setenv("EPCOMM_TEST_SHM_FAULT", "sometimes", 1);
+    try {
+      Buffer buffer(bootstrap, small_cpu_buffer());
+      ADD_FAILURE() << "an unknown EPCOMM_TEST_SHM_FAULT was accepted";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("EPCOMM_TEST_SHM_FAULT"), std::string::npos) << e.what();
+    }
+  });
+}
+
+}  // namespace
+}  // namespace epcomm::testing
