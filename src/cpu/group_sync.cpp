@@ -29,11 +29,28 @@ GroupSync::GroupSync(const PeerMemory& memory, int rank, std::chrono::millisecon
       rank_(rank),
       timeout_(timeout),
       local_sequence_(kSyncChannels, 0),
-      masked_(memory.num_ranks(), false) {}
+      masked_(memory.num_ranks(), false),
+      monitor_(JobMonitor::current()) {
+  JobMonitor::publish(identity(rank_));
+}
 
 std::atomic<uint64_t>& GroupSync::counter(int rank, int channel) const {
   auto* counters = reinterpret_cast<std::atomic<uint64_t>*>(memory_.base(rank));
   return counters[channel * 8];  // one cache line per channel
+}
+
+JobIdentity& GroupSync::identity(int rank) const {
+  return *reinterpret_cast<JobIdentity*>(memory_.base(rank) + kJobIdentityOffset);
+}
+
+// A peer that ended without arriving will never arrive: a peer failure now, not a timeout later.
+// One that arrived and then left (after destroy()) is fine, hence the second look at its counter.
+void GroupSync::throw_if_departed(int peer, int channel, uint64_t sequence, const char* op) const {
+  if (monitor_ == nullptr) return;
+  const std::string how = monitor_->departure(identity(peer));
+  if (how.empty() || counter(peer, channel).load(std::memory_order_acquire) >= sequence) return;
+  throw_error(ErrorCode::kPeerFailure, concat(op, ": rank ", peer, " ", how, " while rank ", rank_,
+                                              " waited for it (it left inside this call, without Buffer::destroy()?)"));
 }
 
 uint64_t GroupSync::arrive(int channel) {
@@ -50,6 +67,7 @@ std::chrono::nanoseconds GroupSync::wait_for(int peer, int channel, uint64_t seq
     if (deadline.passed())
       throw_error(ErrorCode::kTimeout,
                   concat(op, ": rank ", rank_, " timed out after ", timeout_.count(), " ms waiting for rank ", peer));
+    if (spins % 64 == 0) throw_if_departed(peer, channel, sequence, op);
     pause(spins);
   }
   return std::chrono::steady_clock::now() - start;
@@ -73,6 +91,8 @@ void GroupSync::barrier(int channel, const char* op) {
       throw_error(ErrorCode::kTimeout, concat(op, ": rank ", rank_, " timed out after ", timeout_.count(),
                                               " ms waiting for rank(s) ", names));
     }
+    if (spins % 64 == 0)
+      for (int peer : late_peers()) throw_if_departed(peer, channel, sequence, op);
     pause(spins);
   }
 }

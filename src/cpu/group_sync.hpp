@@ -4,7 +4,8 @@
 //
 // Every rank performs the same sequence of steps per channel, so "step n of channel c" means the
 // same point on every rank. A wait that does not complete within the timeout throws
-// Error(kTimeout) naming the operation and the ranks that did not arrive.
+// Error(kTimeout) naming the operation and the ranks that did not arrive; a peer that ended
+// (epcomm-run's JobMonitor says so) without arriving throws Error(kPeerFailure) at once.
 #pragma once
 
 #include <atomic>
@@ -12,12 +13,16 @@
 #include <cstdint>
 #include <vector>
 
+#include "bootstrap/job_monitor.hpp"
 #include "cpu/shared_memory.hpp"
 
 namespace epcomm::cpu {
 
 constexpr int kSyncChannels = 16;
 constexpr size_t kSyncBlockBytes = 4096;  // at the start of each rank's segment
+// Where in its sync block a rank publishes who it is in the job (for JobMonitor): the last line.
+constexpr size_t kJobIdentityOffset = kSyncBlockBytes - 64;
+static_assert(kSyncChannels * 64 <= kJobIdentityOffset, "the counters and the identity must not overlap");
 
 class GroupSync {
  public:
@@ -39,12 +44,15 @@ class GroupSync {
 
  private:
   std::atomic<uint64_t>& counter(int rank, int channel) const;
+  JobIdentity& identity(int rank) const;
+  void throw_if_departed(int peer, int channel, uint64_t sequence, const char* op) const;
 
   const PeerMemory& memory_;
   int rank_;
   std::chrono::milliseconds timeout_;
   std::vector<uint64_t> local_sequence_;
   std::vector<bool> masked_;
+  const JobMonitor* monitor_;  // nullptr when not started by epcomm-run
 };
 
 }  // namespace epcomm::cpu
