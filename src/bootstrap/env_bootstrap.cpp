@@ -199,11 +199,11 @@ class SocketBootstrap final : public Bootstrap {
 
   void collective(wire::CollectiveOp op, const void* send, void* recv, size_t bytes) {
     if (!unusable_.empty()) throw_error(unusable_code_, unusable_);
-    const uint64_t sequence = next_sequence_++;
     const std::string what =
-        concat("bootstrap ", wire::to_string(op), " #", sequence, " (rank ", rank_, " of ", size_, ")");
+        concat("bootstrap ", wire::to_string(op), " #", next_sequence_, " (rank ", rank_, " of ", size_, ")");
     const std::string too_big = wire::size_refusal(bytes, size_);
-    require(too_big.empty(), what.c_str(), "bytes", too_big);
+    require(too_big.empty(), what.c_str(), "bytes", too_big);  // before the call is numbered: nothing sent
+    const uint64_t sequence = next_sequence_++;
     const auto start = Clock::now();
     auto deadline = start + timeout_;
     bool sent = false, queried = false;

@@ -28,7 +28,7 @@ bool read_int(const char* name, long min, long max, long& out) {
 const JobMonitor* open_from_env() {
   long fd = -1, rank = -1;
   if (!read_int(job_status::kFdVariable, 0, INT_MAX, fd) || !read_int("EPCOMM_RANK", 0, INT_MAX, rank)) return nullptr;
-  struct stat info{};
+  struct stat info {};
   if (::fstat(static_cast<int>(fd), &info) != 0 || info.st_size < static_cast<off_t>(job_status::kHeaderBytes))
     return nullptr;
   void* page = ::mmap(nullptr, static_cast<size_t>(info.st_size), PROT_READ, MAP_SHARED, static_cast<int>(fd), 0);

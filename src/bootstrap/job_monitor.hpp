@@ -16,8 +16,8 @@ namespace epcomm {
 
 // What a rank publishes where its peers can read it (the CPU backend: its sync block).
 struct JobIdentity {
-  std::atomic<uint64_t> token;     // the job's token; 0: not started by epcomm-run
-  std::atomic<int64_t> job_rank;   // EPCOMM_RANK
+  std::atomic<uint64_t> token;    // the job's token; 0: not started by epcomm-run
+  std::atomic<int64_t> job_rank;  // EPCOMM_RANK
 };
 
 class JobMonitor {

@@ -49,8 +49,8 @@ void GroupSync::throw_if_departed(int peer, int channel, uint64_t sequence, cons
   if (monitor_ == nullptr) return;
   const std::string how = monitor_->departure(identity(peer));
   if (how.empty() || counter(peer, channel).load(std::memory_order_acquire) >= sequence) return;
-  throw_error(ErrorCode::kPeerFailure, concat(op, ": rank ", peer, " ", how, " while rank ", rank_,
-                                              " waited for it (it left inside this call, without Buffer::destroy()?)"));
+  throw_error(ErrorCode::kPeerFailure, concat(op, ": rank ", peer, " ", how, " before it got here, while rank ", rank_,
+                                              " waited for it (a rank must call Buffer::destroy() before it exits)"));
 }
 
 uint64_t GroupSync::arrive(int channel) {

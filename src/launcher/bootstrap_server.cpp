@@ -321,6 +321,7 @@ BootstrapServer::Collective* BootstrapServer::collective_for(Client& c, uint64_t
                 current_->failure);
       return nullptr;
     }
+    if (refuse_size(c, *current_)) return nullptr;
     return &*current_;
   }
   const uint64_t next = current_ ? current_->sequence + 1 : 0;
@@ -332,14 +333,7 @@ BootstrapServer::Collective* BootstrapServer::collective_for(Client& c, uint64_t
     current_->bytes = h.bytes;
     current_->arrived.assign(world_size_, false);
     current_->sizes.assign(world_size_, 0);
-    // Checked before allocating: the result is world * bytes.
-    const std::string too_big = wire::size_refusal(h.bytes, world_size_);
-    if (!too_big.empty()) {
-      current_->arrived[c.rank] = true;  // so that it hears the error too
-      fail(*current_, ErrorCode::kInvalidArgument,
-           concat("rank ", c.rank, " announced ", name(*current_), " of ", too_big, "; refused"));
-      return nullptr;
-    }
+    if (refuse_size(c, *current_)) return nullptr;  // before allocating: the result is world * bytes
     current_->result = std::make_shared<std::vector<char>>(static_cast<size_t>(h.bytes) * world_size_);
     return &*current_;
   }
@@ -351,6 +345,17 @@ BootstrapServer::Collective* BootstrapServer::collective_for(Client& c, uint64_t
   protocol_error(c, concat("rank ", c.rank, " sent collective #", sequence, " while the group is at #",
                            current_ ? current_->sequence : 0, " (do all ranks make the same bootstrap calls?)"));
   return nullptr;
+}
+
+// An announced size beyond the caps fails the collective for every rank (naming the one that sent
+// it) without allocating anything; its payload, if it comes, is dropped.
+bool BootstrapServer::refuse_size(Client& c, Collective& col) {
+  const std::string too_big = wire::size_refusal(c.incoming.bytes, world_size_);
+  if (too_big.empty()) return false;
+  col.arrived[c.rank] = true;  // so that it hears the error too
+  fail(col, ErrorCode::kInvalidArgument,
+       concat("rank ", c.rank, " announced ", name(col), " of ", too_big, "; refused"));
+  return true;
 }
 
 void BootstrapServer::on_collective_header(Client& c) {

@@ -110,6 +110,7 @@ class BootstrapServer {
   void on_collective_header(Client& c);
   void on_query(Client& c);
   Collective* collective_for(Client& c, uint64_t sequence);
+  bool refuse_size(Client& c, Collective& col);
   void contribution_done(Client& c);
   void evaluate();
   void fail(Collective& col, ErrorCode code, const std::string& text);
