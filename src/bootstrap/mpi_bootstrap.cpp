@@ -1,6 +1,7 @@
 // The MPI bootstrap (epcomm/mpi_bootstrap.hpp): non-blocking collectives polled against a deadline.
 #include "epcomm/mpi_bootstrap.hpp"
 
+#include <cstddef>
 #include <cstdint>
 #include <string>
 #include <thread>
@@ -62,9 +63,17 @@ class MpiBootstrap final : public Bootstrap {
     if (bytes == 0) return;
     require(bytes <= static_cast<size_t>(INT32_MAX), op.c_str(), "bytes", "expected at most ", INT32_MAX, ", got ",
             bytes);
+    // MPI forbids a send buffer inside the receive buffer; the interface allows it.
+    const auto* from = static_cast<const std::byte*>(send);
+    const auto* to = static_cast<const std::byte*>(recv);
+    std::vector<std::byte> copy;
+    if (from < to + bytes * size_ && to < from + bytes) {
+      copy.assign(from, from + bytes);
+      from = copy.data();
+    }
     collective(op, [&](MPI_Request* r) {
       const int count = static_cast<int>(bytes);
-      return MPI_Iallgather(send == recv ? MPI_IN_PLACE : send, count, MPI_BYTE, recv, count, MPI_BYTE, comm_, r);
+      return MPI_Iallgather(from, count, MPI_BYTE, recv, count, MPI_BYTE, comm_, r);
     });
   }
 
