@@ -53,7 +53,8 @@ TEST(MpiBootstrap, AllGatherDeliversEveryByteInRankOrder) {
     group->all_gather(send.data(), recv.data(), bytes);
     for (int r = 0; r < world_size; ++r)
       for (size_t i = 0; i < bytes; ++i)
-        ASSERT_EQ(recv[r * bytes + i], pattern(seed, round, r, i)) << "round " << round << " rank " << r << " byte " << i;
+        ASSERT_EQ(recv[r * bytes + i], pattern(seed, round, r, i))
+            << "round " << round << " rank " << r << " byte " << i;
     for (size_t i = bytes * world_size; i < recv.size(); ++i) ASSERT_EQ(recv[i], 0xA5) << "wrote past the end";
     ++round;
   }
@@ -133,8 +134,9 @@ int main(int argc, char** argv) {
   ::testing::InitGoogleTest(&argc, argv);
   int rank = 0;
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-  if (rank != 0) delete ::testing::UnitTest::GetInstance()->listeners().Release(
-      ::testing::UnitTest::GetInstance()->listeners().default_result_printer());
+  if (rank != 0)
+    delete ::testing::UnitTest::GetInstance()->listeners().Release(
+        ::testing::UnitTest::GetInstance()->listeners().default_result_printer());
   const int failed = RUN_ALL_TESTS();
   int any_failed = 0;
   MPI_Allreduce(&failed, &any_failed, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
