@@ -615,6 +615,23 @@ TEST(TcpBootstrap, ARankThatLeavesFailsThePeersWaitingForItAtOnce) {
   for (const auto& r : run.ranks) EXPECT_TRUE(r.ok()) << r.how() << "\n" << testing::format_output(r);
 }
 
+TEST(TcpBootstrap, EpcommBootstrapMayNameATcpAddressServedByRankZero) {
+  const uint64_t seed = fresh_seed();
+  const int port = free_tcp_port();
+  launch::LaunchOptions options;
+  options.num_ranks = 3;
+  options.timeout = std::chrono::seconds(60);
+  const auto run = launch::launch_functions(options, [&](int) {
+    ::setenv("EPCOMM_BOOTSTRAP", ("tcp:127.0.0.1:" + std::to_string(port)).c_str(), 1);
+    ::unsetenv("EPCOMM_BOOTSTRAP_SECRET");  // then a token derived from the job, alike on every rank
+    auto group = bootstrap_from_env(milliseconds(20000));
+    check_all_gather(*group, seed, 0, 1000);
+    group->barrier();
+    return ::testing::Test::HasFailure() ? 1 : 0;
+  });
+  for (const auto& r : run.ranks) EXPECT_TRUE(r.ok()) << r.how() << "\n" << testing::format_output(r);
+}
+
 TEST(TcpBootstrap, MissingVariablesAreNamed) {
   ScopedEnv env;
   for (const char* name : {"RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "MASTER_ADDR", "MASTER_PORT",
