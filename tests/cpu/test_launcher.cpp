@@ -425,6 +425,17 @@ TEST(EpcommRun, TheTimeoutStopsAHangingRun) {
   EXPECT_TRUE(contains(run.err, "  [rank 1] hanging")) << run.err;
 }
 
+TEST(EpcommRun, ARankLeavingWithoutDestroyIsAPeerFailureForTheOthersAtOnce) {
+  const auto start = Clock::now();
+  const ToolRun run = run_tool("-n 3 " + kProbe + " leave 2");
+  EXPECT_EQ(run.status, 0) << run.out << run.err;
+  EXPECT_LT(ms_since(start), 10000);
+  for (int r : {0, 1})
+    EXPECT_TRUE(contains(run.out, "[rank " + std::to_string(r) + "] rank " + std::to_string(r) + " saw after"))
+        << run.out;
+  EXPECT_TRUE(contains(run.out, "destroy: rank 2 exited with code 0 before it got here")) << run.out;
+}
+
 TEST(EpcommRun, UsageErrorsAndHelp) {
   const ToolRun help = run_tool("--help");
   EXPECT_EQ(help.status, 0);
