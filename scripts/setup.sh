@@ -16,6 +16,9 @@ command -v clang-format >/dev/null || need_apt+=(clang-format)
 [ -f /usr/include/gtest/gtest.h ] || need_apt+=(libgtest-dev)
 [ -f /usr/include/gmock/gmock.h ] || need_apt+=(libgmock-dev)
 python3 -c "import venv, ensurepip" 2>/dev/null || need_apt+=(python3-venv)
+# Debian's Open MPI: the MPI bootstrap (epcomm_mpi) is built and tested under mpirun when found.
+command -v mpicxx >/dev/null || need_apt+=(libopenmpi-dev)
+command -v mpirun >/dev/null || need_apt+=(openmpi-bin)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "== apt-get install ${need_apt[*]}"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"

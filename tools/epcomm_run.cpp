@@ -13,12 +13,16 @@ namespace {
 constexpr const char* kUsage = R"(usage: epcomm-run -n N [--timeout SECONDS] [--quiet] [--] program [args...]
 
 Starts N processes ("ranks") of `program` on this machine and serves the bootstrap they use to find
-each other (epcomm::bootstrap_from_env()). Each rank gets these environment variables:
+each other (epcomm::bootstrap_from_env()); for several hosts use torchrun, srun or mpirun with
+epcomm::tcp_bootstrap_from_env() or epcomm::mpi_bootstrap(). Each rank gets these environment variables:
   EPCOMM_RANK              its rank, 0 .. N-1
   EPCOMM_WORLD_SIZE        N
   EPCOMM_LOCAL_RANK        its rank on this machine (equal to EPCOMM_RANK)
   EPCOMM_LOCAL_WORLD_SIZE  N
-  EPCOMM_BOOTSTRAP         the bootstrap server's address (unix:<socket path>)
+  EPCOMM_BOOTSTRAP         the bootstrap server's address (unix:@<abstract socket name>)
+  EPCOMM_BOOTSTRAP_SECRET  a random secret of this run; the server refuses ranks without it
+  EPCOMM_JOB_STATUS_FD     a descriptor of the job-status page: how each rank ended, so that a
+                           peer waiting for a rank that exited (even with code 0) hears it at once
 
 Options:
   -n, --nproc N        number of ranks to start (required, >= 1)
@@ -28,8 +32,9 @@ Options:
   -h, --help           print this help
 
 Every line a rank prints is shown as "[rank K] line", stdout lines on stdout and stderr lines on
-stderr. When a rank exits with a non-zero code or is killed by a signal, the bootstrap fails every
-collective that waits for it (the other ranks get epcomm::Error(kPeerFailure)); ranks still running
+stderr. When a rank exits (with any code, before the others are done with it) or is killed, the
+bootstrap and the CPU backend fail every wait for it (the other ranks get
+epcomm::Error(kPeerFailure)). When it exited with a non-zero code or was killed, ranks still running
 2 s later are sent SIGTERM, then SIGKILL 3 s after that. epcomm-run then reports which rank failed,
 how, and its last 50 lines of output.
 

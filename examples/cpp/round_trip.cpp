@@ -1,16 +1,24 @@
 // A dispatch -> (identity expert) -> combine round trip with the C++ API, on the CPU backend.
 //
-//   build/tools/epcomm-run -n 4 build/examples/cpp/epcomm_example_round_trip
+//   build/tools/epcomm-run -n 4 build/examples/epcomm_example_round_trip
+//   mpirun -n 4 build/examples/epcomm_example_round_trip           (when built with MPI)
+//   scripts/tcp_local_run.sh 4 build/examples/epcomm_example_round_trip   (torchrun's variables)
 //
+// The bootstrap comes from the environment: epcomm-run's, else MPI's, else torchrun's / srun's.
 // Every token goes to the ranks of its top-k experts; each rank sends the rows back unchanged, so
 // combine must return x times the number of ranks the token went to. Prints one line per rank.
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <epcomm/epcomm.hpp>
+#include <memory>
 #include <random>
 #include <vector>
+#ifdef EPCOMM_EXAMPLE_WITH_MPI
+#include <epcomm/mpi_bootstrap.hpp>
+#endif
 
 namespace {
 
@@ -27,10 +35,48 @@ float from_bf16(uint16_t bf16) {
   return value;
 }
 
+bool set(const char* name) { return std::getenv(name) != nullptr; }
+
+// Which launcher started us, from the variables each one sets.
+std::unique_ptr<epcomm::Bootstrap> bootstrap_from_launcher(int& argc, char**& argv) {
+  if (set("EPCOMM_BOOTSTRAP")) return epcomm::bootstrap_from_env();  // epcomm-run
+#ifdef EPCOMM_EXAMPLE_WITH_MPI
+  if (set("OMPI_COMM_WORLD_SIZE") || set("PMI_SIZE") || set("PMIX_RANK")) {  // mpirun (Open MPI, MPICH)
+    MPI_Init(&argc, &argv);
+    return epcomm::mpi_bootstrap(MPI_COMM_WORLD);
+  }
+#endif
+  (void)argc, (void)argv;
+  if (set("MASTER_ADDR")) return epcomm::tcp_bootstrap_from_env();  // torchrun, or srun with MASTER_ADDR
+  return epcomm::bootstrap_from_env();                              // names what is missing
+}
+
+void finish_launcher() {
+#ifdef EPCOMM_EXAMPLE_WITH_MPI
+  int initialized = 0;
+  MPI_Initialized(&initialized);
+  if (initialized) MPI_Finalize();
+#endif
+}
+
+int run(epcomm::Bootstrap& group);
+
 }  // namespace
 
-int main() {
-  auto bootstrap = epcomm::bootstrap_from_env();
+int main(int argc, char** argv) {
+  int status = 1;
+  {
+    auto bootstrap = bootstrap_from_launcher(argc, argv);
+    status = run(*bootstrap);
+  }  // the bootstrap goes before MPI does
+  finish_launcher();
+  return status;
+}
+
+namespace {
+
+int run(epcomm::Bootstrap& group) {
+  epcomm::Bootstrap* bootstrap = &group;
   const int rank = bootstrap->rank(), R = bootstrap->size();
   const int T = 64, hidden = 256, K = 4, num_experts = 8 * R;
 
@@ -82,3 +128,5 @@ int main() {
   buffer.destroy();
   return wrong == 0 ? 0 : 1;
 }
+
+}  // namespace

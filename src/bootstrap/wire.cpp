@@ -31,7 +31,9 @@ void wait_ready(int fd, short events, Clock::time_point& deadline, const ExpiryH
 
 [[noreturn]] void throw_closed(const std::string& what) {
   throw_error(ErrorCode::kPeerFailure,
-              concat(what, ": the bootstrap server closed the connection (did epcomm-run exit?)"));
+              concat(what,
+                     ": the bootstrap server closed the connection (did epcomm-run, or rank 0 of a tcp "
+                     "bootstrap, exit?)"));
 }
 
 }  // namespace

@@ -7,7 +7,8 @@
 // are little-endian.
 //
 //   client -> server                         server -> client
-//   kHello     rank, aux = world size        kWelcome   (hello accepted)
+//   kHello     rank, aux = world size,       kWelcome   (hello accepted)
+//              payload = the job's secret
 //   kCollective rank, aux = CollectiveOp,    kResult    sequence, payload = world * bytes,
 //              sequence, payload                        rank r's contribution at r * bytes
 //   kQuery     sequence (after a timeout)    kStatus    sequence, payload = who is missing (text)
@@ -15,6 +16,10 @@
 //
 // Sequence numbers count each client's collectives from 0; every rank performs the same sequence,
 // so the server can only ever have one collective in flight.
+//
+// The secret: the launcher (epcomm-run) or the serving rank (TCP) knows the job's secret and
+// refuses a hello that does not carry it, so a stray process (another job's rank, a process with a
+// stale environment, another user on the network) cannot take a rank's place.
 #pragma once
 
 #include <chrono>
@@ -27,11 +32,34 @@
 
 namespace epcomm::wire {
 
-constexpr uint32_t kMagic = 0x31435045;  // "EPC1" read as little-endian bytes; bump on format change
+constexpr uint32_t kMagic = 0x32435045;  // "EPC2" read as little-endian bytes; bump on format change
 constexpr size_t kHeaderBytes = 32;
-// A contribution larger than this is refused (a garbled header must not make the server allocate
-// terabytes); the result of an all_gather is world * bytes.
-constexpr uint64_t kMaxContributionBytes = uint64_t{1} << 32;
+// A contribution larger than this, or one whose all_gather result (world * bytes) would be larger
+// than kMaxResultBytes, is refused before anything is allocated: a garbled or hostile header must
+// not make the server allocate world * 4 GiB. epcomm itself gathers a few hundred bytes per rank.
+constexpr uint64_t kMaxContributionBytes = uint64_t{256} << 20;
+constexpr uint64_t kMaxResultBytes = uint64_t{4} << 30;
+// The longest secret a hello may carry.
+constexpr uint64_t kMaxSecretBytes = 256;
+
+// Why a contribution of `bytes` from each of `world` ranks is refused, or "" when it is accepted.
+inline std::string size_refusal(uint64_t bytes, int world) {
+  if (bytes > kMaxContributionBytes)
+    return std::to_string(bytes) + " bytes per rank is more than the bootstrap accepts (" +
+           std::to_string(kMaxContributionBytes) + " bytes per rank)";
+  if (world > 0 && bytes > kMaxResultBytes / static_cast<uint64_t>(world))
+    return std::to_string(bytes) + " bytes per rank from " + std::to_string(world) +
+           " ranks is more than the bootstrap accepts in all (" + std::to_string(kMaxResultBytes) + " bytes)";
+  return "";
+}
+
+// Compares secrets in time independent of where they differ.
+inline bool same_secret(std::string_view a, std::string_view b) {
+  unsigned char diff = a.size() == b.size() ? 0 : 1;
+  for (size_t i = 0; i < a.size() && i < b.size(); ++i)
+    diff |= static_cast<unsigned char>(a[i]) ^ static_cast<unsigned char>(b[i]);
+  return diff == 0;
+}
 
 enum class MessageKind : uint32_t {
   kHello = 1,
@@ -96,12 +124,29 @@ inline Header decode(const unsigned char in[kHeaderBytes]) {
   return h;
 }
 
-// Addresses look like "unix:/path/to/socket" (local ranks). "tcp:host:port" is reserved for
-// multi-node use and not implemented yet.
+// Addresses look like "unix:/path/to/socket" or "unix:@name" (an abstract socket: no file, so
+// nothing is left behind when the launcher is killed), and "tcp:host:port" (served by rank 0).
 struct Address {
   enum class Transport { kUnix, kTcp } transport = Transport::kUnix;
-  std::string location;  // the socket path for kUnix, "host:port" for kTcp
+  std::string location;  // the socket path ('@' first: abstract) for kUnix, "host:port" for kTcp
 };
+
+// Splits "host:port" / "[v6 address]:port"; false when malformed.
+inline bool split_host_port(std::string_view text, std::string& host, int& port) {
+  const size_t colon = text.rfind(':');
+  if (colon == std::string_view::npos || colon == 0 || colon + 1 >= text.size()) return false;
+  std::string_view h = text.substr(0, colon);
+  if (h.size() >= 2 && h.front() == '[' && h.back() == ']') h = h.substr(1, h.size() - 2);
+  int value = 0;
+  for (char c : text.substr(colon + 1)) {
+    if (c < '0' || c > '9' || value > 65535) return false;
+    value = value * 10 + (c - '0');
+  }
+  if (value < 1 || value > 65535 || h.empty()) return false;
+  host = std::string(h);
+  port = value;
+  return true;
+}
 
 // Parses an EPCOMM_BOOTSTRAP value; returns false when it is malformed.
 inline bool parse_address(std::string_view text, Address& out) {
@@ -109,7 +154,9 @@ inline bool parse_address(std::string_view text, Address& out) {
     out = Address{Address::Transport::kUnix, std::string(text.substr(5))};
     return true;
   }
-  if (text.starts_with("tcp:") && text.find(':', 4) != std::string_view::npos) {
+  std::string host;
+  int port = 0;
+  if (text.starts_with("tcp:") && split_host_port(text.substr(4), host, port)) {
     out = Address{Address::Transport::kTcp, std::string(text.substr(4))};
     return true;
   }

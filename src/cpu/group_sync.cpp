@@ -31,7 +31,10 @@ GroupSync::GroupSync(const PeerMemory& memory, int rank, std::chrono::millisecon
       rank_(rank),
       timeout_(timeout),
       local_sequence_(kSyncChannels, 0),
-      masked_(memory.num_ranks(), false) {}
+      masked_(memory.num_ranks(), false),
+      monitor_(JobMonitor::current()) {
+  JobMonitor::publish(identity(rank_));
+}
 
 std::atomic<uint64_t>& GroupSync::counter(int rank, int channel) const {
   auto* counters = reinterpret_cast<std::atomic<uint64_t>*>(memory_.base(rank));
@@ -45,7 +48,7 @@ std::atomic<uint64_t>& GroupSync::failed_flag(int rank) const {
 void GroupSync::mark_failed(const std::string& cause) noexcept {
   if (failed_flag(rank_).load(std::memory_order_relaxed) != 0) return;
   char* text = reinterpret_cast<char*>(memory_.base(rank_) + kFailureTextOffset);
-  const size_t length = std::min(cause.size(), kSyncBlockBytes - kFailureTextOffset - 1);
+  const size_t length = std::min(cause.size(), kFailureTextBytes - 1);
   std::memcpy(text, cause.data(), length);
   text[length] = '\0';
   failed_flag(rank_).store(1, std::memory_order_release);
@@ -55,7 +58,7 @@ std::string GroupSync::failure_of(int rank) const {
   if (failed_flag(rank).load(std::memory_order_acquire) == 0) return "";
   const char* text = reinterpret_cast<const char*>(memory_.base(rank) + kFailureTextOffset);
   // The peer wrote a terminated string, but a reader never trusts it to have.
-  return std::string(text, strnlen(text, kSyncBlockBytes - kFailureTextOffset - 1));
+  return std::string(text, strnlen(text, kFailureTextBytes - 1));
 }
 
 void GroupSync::throw_if_failed(int peer, int channel, const char* op) const {
@@ -64,6 +67,20 @@ void GroupSync::throw_if_failed(int peer, int channel, const char* op) const {
   if (!cause.empty())
     throw_error(ErrorCode::kPeerFailure,
                 concat(op, ": rank ", rank_, " was waiting for rank ", peer, ", whose Buffer failed: ", cause));
+}
+
+JobIdentity& GroupSync::identity(int rank) const {
+  return *reinterpret_cast<JobIdentity*>(memory_.base(rank) + kJobIdentityOffset);
+}
+
+// A peer that ended without arriving will never arrive: a peer failure now, not a timeout later.
+// One that arrived and then left (after destroy()) is fine, hence the second look at its counter.
+void GroupSync::throw_if_departed(int peer, int channel, uint64_t sequence, const char* op) const {
+  if (monitor_ == nullptr) return;
+  const std::string how = monitor_->departure(identity(peer));
+  if (how.empty() || counter(peer, channel).load(std::memory_order_acquire) >= sequence) return;
+  throw_error(ErrorCode::kPeerFailure, concat(op, ": rank ", peer, " ", how, " before it got here, while rank ", rank_,
+                                              " waited for it (a rank must call Buffer::destroy() before it exits)"));
 }
 
 uint64_t GroupSync::arrive(int channel) {
@@ -81,6 +98,7 @@ std::chrono::nanoseconds GroupSync::wait_for(int peer, int channel, uint64_t seq
     if (deadline.passed())
       throw_error(ErrorCode::kTimeout,
                   concat(op, ": rank ", rank_, " timed out after ", timeout_.count(), " ms waiting for rank ", peer));
+    if (spins % 64 == 0) throw_if_departed(peer, channel, sequence, op);
     pause(spins);
   }
   return std::chrono::steady_clock::now() - start;
@@ -107,6 +125,8 @@ void GroupSync::barrier(int channel, const char* op) {
       throw_error(ErrorCode::kTimeout, concat(op, ": rank ", rank_, " timed out after ", timeout_.count(),
                                               " ms waiting for rank(s) ", names));
     }
+    if (spins % 64 == 0)
+      for (int peer : late_peers()) throw_if_departed(peer, channel, sequence, op);
     pause(spins);
   }
 }

@@ -4,7 +4,8 @@
 //
 // Every rank performs the same sequence of steps per channel, so "step n of channel c" means the
 // same point on every rank. A wait that does not complete within the timeout throws
-// Error(kTimeout) naming the operation and the ranks that did not arrive.
+// Error(kTimeout) naming the operation and the ranks that did not arrive; a peer that ended
+// (epcomm-run's JobMonitor says so) without arriving throws Error(kPeerFailure) at once.
 #pragma once
 
 #include <atomic>
@@ -13,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "bootstrap/job_monitor.hpp"
 #include "cpu/shared_memory.hpp"
 
 namespace epcomm::cpu {
@@ -21,8 +23,12 @@ constexpr int kSyncChannels = 16;
 constexpr int kLifecycleChannel = 15;     // construction / destroy: waits there ignore failed peers
 constexpr size_t kSyncBlockBytes = 4096;  // at the start of each rank's segment
 // The sync block: | counters, one cache line per channel | ... | failed flag (at kFailedOffset) | its cause |
+// | who this rank is in the job (kJobIdentityOffset, the last line, for JobMonitor) |
 constexpr size_t kFailedOffset = 2048;
 constexpr size_t kFailureTextOffset = kFailedOffset + 64;
+constexpr size_t kJobIdentityOffset = kSyncBlockBytes - 64;
+constexpr size_t kFailureTextBytes = kJobIdentityOffset - kFailureTextOffset;  // terminator included
+static_assert(kSyncChannels * 64 <= kFailedOffset, "the counters and the failed flag must not overlap");
 
 class GroupSync {
  public:
@@ -54,12 +60,15 @@ class GroupSync {
   std::atomic<uint64_t>& failed_flag(int rank) const;
   // Throws kPeerFailure when `peer` failed and `channel` is not the lifecycle channel.
   void throw_if_failed(int peer, int channel, const char* op) const;
+  JobIdentity& identity(int rank) const;
+  void throw_if_departed(int peer, int channel, uint64_t sequence, const char* op) const;
 
   const PeerMemory& memory_;
   int rank_;
   std::chrono::milliseconds timeout_;
   std::vector<uint64_t> local_sequence_;
   std::vector<bool> masked_;
+  const JobMonitor* monitor_;  // nullptr when not started by epcomm-run
 };
 
 }  // namespace epcomm::cpu

@@ -1,10 +1,13 @@
 #include "launcher/bootstrap_server.hpp"
 
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstddef>
 #include <cstring>
 #include <stdexcept>
 
@@ -24,11 +27,72 @@ std::shared_ptr<const std::vector<char>> text_payload(const std::string& text) {
   return std::make_shared<const std::vector<char>>(text.begin(), text.end());
 }
 
+// A listening TCP socket on every local address: IPv6 with IPv4 mapped where the host has IPv6,
+// else IPv4 only.
+int listen_tcp_socket(int port) {
+  int fd = ::socket(AF_INET6, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+  if (fd >= 0) {
+    const int off = 0, on = 1;
+    ::setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &off, sizeof(off));
+    ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &on, sizeof(on));
+    sockaddr_in6 addr{};
+    addr.sin6_family = AF_INET6;
+    addr.sin6_addr = in6addr_any;
+    addr.sin6_port = htons(static_cast<uint16_t>(port));
+    if (::bind(fd, reinterpret_cast<const sockaddr*>(&addr), sizeof(addr)) == 0) return fd;
+    if (errno == EADDRINUSE) {
+      ::close(fd);
+      throw_system(concat("bind TCP port ", port, " (is another job or a torch.distributed store using it?)"));
+    }
+    ::close(fd);
+  }
+  fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+  if (fd < 0) throw_system("socket");
+  const int on = 1;
+  ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &on, sizeof(on));
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_ANY);
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  if (::bind(fd, reinterpret_cast<const sockaddr*>(&addr), sizeof(addr)) != 0) {
+    ::close(fd);
+    throw_system(concat("bind TCP port ", port));
+  }
+  return fd;
+}
+
+int bound_port(int fd) {
+  sockaddr_storage addr{};
+  socklen_t length = sizeof(addr);
+  if (::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &length) != 0) return 0;
+  if (addr.ss_family == AF_INET6) return ntohs(reinterpret_cast<const sockaddr_in6*>(&addr)->sin6_port);
+  return ntohs(reinterpret_cast<const sockaddr_in*>(&addr)->sin_port);
+}
+
 }  // namespace
 
-BootstrapServer::BootstrapServer(int world_size, std::string socket_path)
+BootstrapServer::BootstrapServer(int world_size, int listen_fd, int port, std::string secret)
+    : world_size_(world_size),
+      secret_(std::move(secret)),
+      listen_fd_(listen_fd),
+      port_(port),
+      fd_of_rank_(world_size, -1),
+      ever_connected_(world_size, false),
+      discard_(kDiscardChunk) {}
+
+std::unique_ptr<BootstrapServer> BootstrapServer::listen_tcp(int world_size, int port, std::string secret) {
+  const int fd = listen_tcp_socket(port);
+  if (::listen(fd, SOMAXCONN) != 0) {
+    ::close(fd);
+    throw_system(concat("listen on TCP port ", port));
+  }
+  return std::unique_ptr<BootstrapServer>(new BootstrapServer(world_size, fd, bound_port(fd), std::move(secret)));
+}
+
+BootstrapServer::BootstrapServer(int world_size, std::string socket_path, std::string secret)
     : world_size_(world_size),
       path_(std::move(socket_path)),
+      secret_(std::move(secret)),
       fd_of_rank_(world_size, -1),
       ever_connected_(world_size, false),
       discard_(kDiscardChunk) {
@@ -37,24 +101,37 @@ BootstrapServer::BootstrapServer(int world_size, std::string socket_path)
   if (path_.size() >= sizeof(addr.sun_path))
     throw std::runtime_error(
         concat("epcomm bootstrap server: socket path longer than ", sizeof(addr.sun_path) - 1, " bytes: ", path_));
+  const bool abstract = path_.starts_with('@');
   std::memcpy(addr.sun_path, path_.c_str(), path_.size() + 1);
+  if (abstract) addr.sun_path[0] = '\0';
+  const socklen_t length = abstract ? static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + path_.size())
+                                    : static_cast<socklen_t>(sizeof(addr));
+  const std::string shown = path_;
+  if (abstract) path_.clear();  // nothing to unlink
   listen_fd_ = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
   if (listen_fd_ < 0) throw_system("socket");
-  if (::bind(listen_fd_, reinterpret_cast<const sockaddr*>(&addr), sizeof(addr)) != 0) {
+  if (::bind(listen_fd_, reinterpret_cast<const sockaddr*>(&addr), length) != 0) {
     ::close(listen_fd_);
-    throw_system("bind " + path_);
+    throw_system("bind " + shown);
   }
   if (::listen(listen_fd_, SOMAXCONN) != 0) {
     ::close(listen_fd_);
-    ::unlink(path_.c_str());
-    throw_system("listen " + path_);
+    if (!path_.empty()) ::unlink(path_.c_str());
+    throw_system("listen " + shown);
   }
+  address_ = "unix:" + shown;
 }
 
 BootstrapServer::~BootstrapServer() {
   for (auto& [fd, c] : clients_) ::close(fd);
   ::close(listen_fd_);
-  ::unlink(path_.c_str());
+  if (!path_.empty()) ::unlink(path_.c_str());
+}
+
+bool BootstrapServer::sending() const {
+  for (const auto& [fd, c] : clients_)
+    if (!c.closed && !c.out.empty()) return true;
+  return false;
 }
 
 void BootstrapServer::close_fds_in_child() const {
@@ -89,6 +166,10 @@ void BootstrapServer::accept_clients() {
   for (;;) {
     const int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
     if (fd >= 0) {
+      if (port_ != 0) {  // small request/answer messages: do not wait to fill a segment
+        const int on = 1;
+        ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof(on));
+      }
       clients_[fd].fd = fd;
       continue;
     }
@@ -142,15 +223,21 @@ void BootstrapServer::on_header(Client& c) {
   c.contributing = false;
   const wire::Header& h = c.incoming;
   if (h.magic != wire::kMagic) return protocol_error(c, "bad magic number (not an epcomm bootstrap client?)");
-  if (h.kind == wire::MessageKind::kHello || h.kind == wire::MessageKind::kQuery) {
-    if (h.bytes != 0) return protocol_error(c, "a hello or query carries no payload");
+  if (h.kind == wire::MessageKind::kHello) {
+    if (h.bytes > wire::kMaxSecretBytes)
+      return protocol_error(
+          c, concat("a hello carrying ", h.bytes, " bytes (a secret has at most ", wire::kMaxSecretBytes, ")"));
+    if (h.bytes > 0) c.payload_buffer = std::make_shared<std::vector<char>>(h.bytes);  // the secret
+    return;
+  }
+  if (h.kind == wire::MessageKind::kQuery) {
+    if (h.bytes != 0) return protocol_error(c, "a query carries no payload");
     return;
   }
   if (h.kind != wire::MessageKind::kCollective)
     return protocol_error(c, concat("unexpected message kind ", static_cast<uint32_t>(h.kind)));
   if (c.rank < 0) return protocol_error(c, "a collective before the hello");
   if (h.rank != c.rank) return protocol_error(c, concat("rank ", c.rank, " sent a collective as rank ", h.rank));
-  if (h.bytes > wire::kMaxContributionBytes) return protocol_error(c, concat("contribution of ", h.bytes, " bytes"));
   on_collective_header(c);
 }
 
@@ -178,8 +265,13 @@ void BootstrapServer::on_message(Client& c) {
 void BootstrapServer::on_hello(Client& c) {
   const wire::Header& h = c.incoming;
   std::string refusal;
+  const std::string_view secret =
+      c.payload_buffer ? std::string_view(c.payload_buffer->data(), c.payload_buffer->size()) : std::string_view();
   if (c.rank >= 0)
     refusal = "a second hello on one connection";
+  else if (!secret_.empty() && !wire::same_secret(secret, secret_))
+    refusal = concat(secret.empty() ? "no" : "a wrong", " bootstrap secret (rank ", h.rank,
+                     "); a rank must be started by the job's launcher, with its EPCOMM_BOOTSTRAP_SECRET");
   else if (h.aux != world_size_)
     refusal = concat("EPCOMM_WORLD_SIZE is ", h.aux, " but the launcher started ", world_size_, " ranks");
   else if (h.rank < 0 || h.rank >= world_size_)
@@ -229,6 +321,7 @@ BootstrapServer::Collective* BootstrapServer::collective_for(Client& c, uint64_t
                 current_->failure);
       return nullptr;
     }
+    if (refuse_size(c, *current_)) return nullptr;
     return &*current_;
   }
   const uint64_t next = current_ ? current_->sequence + 1 : 0;
@@ -240,6 +333,7 @@ BootstrapServer::Collective* BootstrapServer::collective_for(Client& c, uint64_t
     current_->bytes = h.bytes;
     current_->arrived.assign(world_size_, false);
     current_->sizes.assign(world_size_, 0);
+    if (refuse_size(c, *current_)) return nullptr;  // before allocating: the result is world * bytes
     current_->result = std::make_shared<std::vector<char>>(static_cast<size_t>(h.bytes) * world_size_);
     return &*current_;
   }
@@ -251,6 +345,17 @@ BootstrapServer::Collective* BootstrapServer::collective_for(Client& c, uint64_t
   protocol_error(c, concat("rank ", c.rank, " sent collective #", sequence, " while the group is at #",
                            current_ ? current_->sequence : 0, " (do all ranks make the same bootstrap calls?)"));
   return nullptr;
+}
+
+// An announced size beyond the caps fails the collective for every rank (naming the one that sent
+// it) without allocating anything; its payload, if it comes, is dropped.
+bool BootstrapServer::refuse_size(Client& c, Collective& col) {
+  const std::string too_big = wire::size_refusal(c.incoming.bytes, world_size_);
+  if (too_big.empty()) return false;
+  col.arrived[c.rank] = true;  // so that it hears the error too
+  fail(col, ErrorCode::kInvalidArgument,
+       concat("rank ", c.rank, " announced ", name(col), " of ", too_big, "; refused"));
+  return true;
 }
 
 void BootstrapServer::on_collective_header(Client& c) {

@@ -7,6 +7,11 @@
 // It gathers each collective's contributions, answers every rank with the concatenation, and fails
 // a collective for everyone as soon as a rank it still waits for is known to be gone (its
 // connection closed or the launcher saw it exit): no rank waits for a dead peer until its timeout.
+//
+// It serves local ranks over a unix socket (epcomm-run, the test harness) and the ranks of several
+// hosts over TCP (rank 0 of a tcp bootstrap runs it in a thread, src/bootstrap/tcp_bootstrap.cpp).
+// A hello must carry the job's secret when one is set; sizes are capped before anything is
+// allocated (wire::size_refusal).
 #pragma once
 
 #include <poll.h>
@@ -26,15 +31,23 @@ namespace epcomm::launch {
 
 class BootstrapServer {
  public:
-  // Listens on a new unix socket at `socket_path` (which must not exist yet) for `world_size` ranks.
-  // Throws std::runtime_error when the socket cannot be created.
-  BootstrapServer(int world_size, std::string socket_path);
+  // Listens on a new unix socket at `socket_path` (which must not exist yet; a path that starts
+  // with '@' names an abstract socket, which leaves no file behind) for `world_size` ranks. With a
+  // non-empty `secret`, only clients whose hello carries it are accepted. Throws
+  // std::runtime_error when the socket cannot be created.
+  BootstrapServer(int world_size, std::string socket_path, std::string secret = "");
+  // Listens on TCP `port` of every local address (0: a free port, see port()).
+  static std::unique_ptr<BootstrapServer> listen_tcp(int world_size, int port, std::string secret);
   ~BootstrapServer();
   BootstrapServer(const BootstrapServer&) = delete;
   BootstrapServer& operator=(const BootstrapServer&) = delete;
 
-  // The value for EPCOMM_BOOTSTRAP: "unix:<socket path>".
-  std::string address() const { return "unix:" + path_; }
+  // The value for EPCOMM_BOOTSTRAP: "unix:<socket path>" (unix sockets only).
+  const std::string& address() const { return address_; }
+  // The TCP port listened on (0 for a unix socket).
+  int port() const { return port_; }
+  // True while a reply is still queued for some client (a serving rank drains before it stops).
+  bool sending() const;
 
   // One turn of the caller's poll loop: append our descriptors, poll, then pass the whole array
   // back (entries that are not ours are skipped).
@@ -88,6 +101,7 @@ class BootstrapServer {
     std::string failure;  // empty when it succeeded (or is not done)
   };
 
+  BootstrapServer(int world_size, int listen_fd, int port, std::string secret);
   void accept_clients();
   void read_from(Client& c);
   void on_header(Client& c);
@@ -96,6 +110,7 @@ class BootstrapServer {
   void on_collective_header(Client& c);
   void on_query(Client& c);
   Collective* collective_for(Client& c, uint64_t sequence);
+  bool refuse_size(Client& c, Collective& col);
   void contribution_done(Client& c);
   void evaluate();
   void fail(Collective& col, ErrorCode code, const std::string& text);
@@ -110,8 +125,11 @@ class BootstrapServer {
   std::string departure_text(const std::vector<int>& ranks) const;
 
   int world_size_;
-  std::string path_;
+  std::string address_;
+  std::string path_;  // the socket file to remove at the end; empty for TCP and abstract sockets
+  std::string secret_;
   int listen_fd_ = -1;
+  int port_ = 0;
   std::map<int, Client> clients_;  // by descriptor
   std::vector<int> fd_of_rank_;    // -1 while the rank has no connection
   std::vector<bool> ever_connected_;

@@ -2,7 +2,9 @@
 
 #include <fcntl.h>
 #include <poll.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
+#include <sys/random.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -14,6 +16,7 @@
 #include <optional>
 #include <stdexcept>
 
+#include "bootstrap/job_status.hpp"
 #include "core/check.hpp"  // concat (header-only use)
 #include "launcher/bootstrap_server.hpp"
 
@@ -25,29 +28,68 @@ using Clock = std::chrono::steady_clock;
 constexpr int kPollIntervalMs = 20;                     // how often exits and deadlines are checked
 constexpr size_t kMaxLineBytes = 64 * 1024;             // a longer line is cut into pieces
 constexpr std::chrono::milliseconds kDrainGrace{1000};  // after the last exit, for output still in flight
-constexpr size_t kMaxSocketPath = 100;                  // sockaddr_un::sun_path holds 108
 
 [[noreturn]] void throw_system(const std::string& what) {
   throw std::runtime_error(concat("epcomm launcher: ", what, ": ", std::strerror(errno)));
 }
 
-// A private directory (mode 0700) for the bootstrap socket, removed at the end.
-class RunDirectory {
- public:
-  RunDirectory() {
-    const char* tmp = std::getenv("TMPDIR");
-    std::string base = (tmp && *tmp && std::strlen(tmp) + 40 < kMaxSocketPath) ? tmp : "/tmp";
-    std::string pattern = base + "/epcomm-XXXXXX";
-    if (::mkdtemp(pattern.data()) == nullptr) throw_system("mkdtemp " + pattern);
-    path_ = pattern;
+// Random bytes from the kernel, as hex.
+std::string random_hex(size_t bytes) {
+  std::vector<unsigned char> raw(bytes);
+  size_t got = 0;
+  while (got < bytes) {
+    const ssize_t n = ::getrandom(raw.data() + got, bytes - got, 0);
+    if (n < 0 && errno != EINTR) throw_system("getrandom");
+    if (n > 0) got += static_cast<size_t>(n);
   }
-  ~RunDirectory() { ::rmdir(path_.c_str()); }
-  RunDirectory(const RunDirectory&) = delete;
-  RunDirectory& operator=(const RunDirectory&) = delete;
-  std::string socket_path() const { return path_ + "/bootstrap.sock"; }
+  static const char kDigits[] = "0123456789abcdef";
+  std::string text;
+  for (unsigned char b : raw) text += {kDigits[b >> 4], kDigits[b & 15]};
+  return text;
+}
+
+// The job-status page (bootstrap/job_status.hpp) in a memfd: it has no name, so nothing of it
+// outlives the job, whatever happens to the launcher.
+class JobStatusPage {
+ public:
+  explicit JobStatusPage(int world_size) : bytes_(job_status::page_bytes(world_size)) {
+    fd_ = ::memfd_create("epcomm-job-status", MFD_CLOEXEC);
+    if (fd_ < 0) throw_system("memfd_create");
+    if (::ftruncate(fd_, static_cast<off_t>(bytes_)) != 0) {
+      ::close(fd_);
+      throw_system("ftruncate (job status)");
+    }
+    void* page = ::mmap(nullptr, bytes_, PROT_READ | PROT_WRITE, MAP_SHARED, fd_, 0);
+    if (page == MAP_FAILED) {
+      ::close(fd_);
+      throw_system("mmap (job status)");
+    }
+    page_ = page;
+    uint64_t token = 0;
+    while (token == 0) token = std::stoull(random_hex(8), nullptr, 16);  // 0 means "no job"
+    *job_status::header(page_) = {job_status::kMagic, static_cast<uint32_t>(world_size), token};
+  }
+  ~JobStatusPage() {
+    ::munmap(page_, bytes_);
+    ::close(fd_);
+  }
+  JobStatusPage(const JobStatusPage&) = delete;
+  JobStatusPage& operator=(const JobStatusPage&) = delete;
+
+  // In a child: keep the descriptor open across exec.
+  void inherit() const { ::fcntl(fd_, F_SETFD, 0); }
+  int fd() const { return fd_; }
+
+  void mark_ended(int rank, const std::string& how) {
+    job_status::Slot* slot = job_status::slot(page_, rank);
+    std::snprintf(slot->how, sizeof(slot->how), "%s", how.c_str());
+    slot->ended.store(1, std::memory_order_release);
+  }
 
  private:
-  std::string path_;
+  size_t bytes_;
+  int fd_ = -1;
+  void* page_ = nullptr;
 };
 
 struct OutputPipe {
@@ -66,8 +108,13 @@ void set_env(const char* name, const std::string& value) { ::setenv(name, value.
 
 class Run {
  public:
+  // The socket is abstract (no file to leave behind) and random; the secret keeps others out.
   explicit Run(const LaunchOptions& options)
-      : options_(options), server_(options.num_ranks, directory_.socket_path()), ranks_(options.num_ranks) {
+      : options_(options),
+        secret_(random_hex(32)),
+        server_(options.num_ranks, "@epcomm-" + random_hex(12), secret_),
+        status_(options.num_ranks),
+        ranks_(options.num_ranks) {
     for (int r = 0; r < options.num_ranks; ++r) {
       ranks_[r].result.rank = r;
       ranks_[r].out.stream = OutputStream::kStdout;
@@ -169,6 +216,9 @@ class Run {
     set_env("EPCOMM_LOCAL_RANK", std::to_string(rank));
     set_env("EPCOMM_LOCAL_WORLD_SIZE", std::to_string(options_.num_ranks));
     set_env("EPCOMM_BOOTSTRAP", server_.address());
+    set_env("EPCOMM_BOOTSTRAP_SECRET", secret_);
+    status_.inherit();
+    set_env(job_status::kFdVariable, std::to_string(status_.fd()));
     int status = 1;
     try {
       status = rank_main(rank);
@@ -196,8 +246,10 @@ class Run {
       r.signaled = WIFSIGNALED(status);
       r.signal = r.signaled ? WTERMSIG(status) : 0;
       // Peers read this as "rank 3 exited with code 1" / "rank 3 exited: killed by signal 9 (SIGKILL)".
-      server_.rank_ended(
-          r.rank, r.exited ? r.how() : concat("exited: killed by signal ", r.signal, " (", signal_name(r.signal), ")"));
+      const std::string how =
+          r.exited ? r.how() : concat("exited: killed by signal ", r.signal, " (", signal_name(r.signal), ")");
+      status_.mark_ended(r.rank, how);  // for peers waiting in shared memory (JobMonitor)
+      server_.rank_ended(r.rank, how);  // for peers waiting in the bootstrap
       if (!r.ok() && !r.stopped_by_launcher && result_.first_failure < 0) {
         result_.first_failure = r.rank;
         failure_seen_at_ = Clock::now();
@@ -317,8 +369,9 @@ class Run {
   }
 
   const LaunchOptions& options_;
-  RunDirectory directory_;  // declared before server_: the socket is removed before its directory
+  std::string secret_;
   BootstrapServer server_;
+  JobStatusPage status_;
   std::vector<Rank> ranks_;
   LaunchResult result_;
   std::optional<Clock::time_point> failure_seen_at_;

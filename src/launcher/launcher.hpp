@@ -4,8 +4,9 @@
 // Everything runs in the calling thread, in one poll loop (no threads, no signal handlers), so it
 // can be used from a process that forks, such as a gtest binary.
 //
-// Failure policy: when a rank exits non-zero or is killed, the bootstrap server at once fails every
-// collective that waits for it (the others get Error(kPeerFailure)); the others then have
+// Failure policy: when a rank exits (with any code) or is killed, the bootstrap server at once fails
+// every collective that waits for it and the job-status page tells the CPU backend's waits (the
+// others get Error(kPeerFailure)). When the exit was non-zero or a kill, the others then have
 // `failure_grace` to finish on their own before they are sent SIGTERM, and `kill_grace` more before
 // SIGKILL. The overall `timeout` stops every rank the same way. Nothing is left running on return.
 #pragma once
@@ -67,7 +68,10 @@ struct LaunchResult {
 
 // Runs `rank_main(rank)` in `options.num_ranks` forked processes; the return value is the child's
 // exit status, and an exception leaving `rank_main` is printed and gives status 1. Each child has
-// EPCOMM_RANK, EPCOMM_WORLD_SIZE, EPCOMM_LOCAL_RANK, EPCOMM_LOCAL_WORLD_SIZE and EPCOMM_BOOTSTRAP
+// EPCOMM_RANK, EPCOMM_WORLD_SIZE, EPCOMM_LOCAL_RANK, EPCOMM_LOCAL_WORLD_SIZE, EPCOMM_BOOTSTRAP
+// (an abstract unix socket: "unix:@epcomm-<random>"), EPCOMM_BOOTSTRAP_SECRET (random per run;
+// the server refuses a hello without it) and EPCOMM_JOB_STATUS_FD (the job-status page, see
+// bootstrap/job_status.hpp: how each rank ended, for peers waiting in shared memory)
 // set, stdin from /dev/null, stdout and stderr to pipes, and leaves with _exit() after flushing
 // stdio (no atexit handlers, no static destructors of the parent's state). Returns once every
 // child has ended. Throws std::runtime_error when the run cannot be set up.

@@ -6,8 +6,12 @@
 //   run_probe crash <rank>            <rank> aborts (SIGABRT); the others as above
 //   run_probe hang <rank>             <rank> sleeps forever (for --timeout)
 //   run_probe env                     each rank prints its EPCOMM_* variables
+//   run_probe leave <rank>            every rank makes a CPU Buffer; <rank> exits 0 without
+//                                     destroy(), the others' destroy() must fail with kPeerFailure
+//                                     naming it at once (their timeout is 60 s)
 #include <unistd.h>
 
+#include <chrono>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
@@ -15,6 +19,7 @@
 #include <string>
 
 #include "epcomm/bootstrap.hpp"
+#include "epcomm/epcomm.hpp"
 #include "epcomm/error.hpp"
 
 namespace {
@@ -28,6 +33,27 @@ int wait_for_peer_failure(epcomm::Bootstrap& group) {
   }
   std::printf("rank %d: the barrier completed although a rank left\n", group.rank());
   return 11;
+}
+
+// Under epcomm-run (exec'd, unlike run_ranks' forked ranks) the job-status page must reach the rank.
+int leave_without_destroy(epcomm::Bootstrap& group, int target) {
+  epcomm::BufferOptions options;
+  options.backend = epcomm::BackendKind::kCpu;
+  options.num_nvl_bytes = 1 << 16;
+  options.timeout = std::chrono::seconds(60);
+  epcomm::Buffer buffer(group, options);
+  if (group.rank() == target) return 0;  // the Buffer's destructor only releases it
+  const auto start = std::chrono::steady_clock::now();
+  try {
+    buffer.destroy();
+  } catch (const epcomm::Error& e) {
+    const auto ms =
+        std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - start).count();
+    std::printf("rank %d saw after %lld ms: %s\n", group.rank(), static_cast<long long>(ms), e.what());
+    return e.code() == epcomm::ErrorCode::kPeerFailure && ms < 10000 ? 0 : 12;
+  }
+  std::printf("rank %d: destroy completed although rank %d left\n", group.rank(), target);
+  return 13;
 }
 
 }  // namespace
@@ -48,6 +74,7 @@ int main(int argc, char** argv) {
       std::printf("%s=%s\n", name, std::getenv(name));
     return 0;
   }
+  if (mode == "leave") return leave_without_destroy(*group, target);
   if (group->rank() != target) return wait_for_peer_failure(*group);
   if (mode == "exit") {
     for (int i = 0; i < 60; ++i) std::printf("line %d of the failing rank\n", i);

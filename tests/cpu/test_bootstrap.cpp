@@ -2,21 +2,26 @@
 // all_gather and barrier results, and that every failure surfaces as the right epcomm::Error
 // quickly instead of a hang.
 #include <gtest/gtest.h>
+#include <netinet/in.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
 
 #include <chrono>
 #include <csignal>
+#include <cstddef>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
+#include <optional>
 #include <random>
 #include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "bootstrap/wire.hpp"
 #include "epcomm/bootstrap.hpp"
 #include "epcomm/error.hpp"
 #include "launcher/launcher.hpp"
@@ -67,6 +72,42 @@ void check_all_gather(Bootstrap& group, uint64_t seed, int round, size_t bytes) 
 
 int64_t ms_since(Clock::time_point start) {
   return std::chrono::duration_cast<milliseconds>(Clock::now() - start).count();
+}
+
+// ---- a raw client of the launcher's server (what a stray or hostile process could send) ----------
+
+// Connects to the server named by EPCOMM_BOOTSTRAP (abstract or path); -1 on failure.
+int connect_to_launcher() {
+  const std::string path = std::string(std::getenv("EPCOMM_BOOTSTRAP")).substr(5);
+  const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::strncpy(addr.sun_path, path.c_str(), sizeof(addr.sun_path) - 1);
+  socklen_t length = sizeof(addr);
+  if (path.starts_with('@')) {
+    addr.sun_path[0] = '\0';
+    length = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + path.size());
+  }
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), length) != 0) {
+    ::close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+bool send_header(int fd, const wire::Header& h) {
+  unsigned char raw[wire::kHeaderBytes];
+  wire::encode(h, raw);
+  return ::send(fd, raw, sizeof(raw), MSG_NOSIGNAL) == ssize_t(sizeof(raw));
+}
+
+// Reads one reply (header and text payload); false when the connection closed first.
+bool read_reply(int fd, wire::Header& h, std::string& text) {
+  unsigned char raw[wire::kHeaderBytes];
+  if (::recv(fd, raw, sizeof(raw), MSG_WAITALL) != ssize_t(sizeof(raw))) return false;
+  h = wire::decode(raw);
+  text.assign(h.bytes, '\0');
+  return h.bytes == 0 || ::recv(fd, text.data(), h.bytes, MSG_WAITALL) == ssize_t(h.bytes);
 }
 
 // ---- single rank ---------------------------------------------------------------------------------
@@ -282,12 +323,8 @@ TEST(BootstrapFailure, AStrangerWritingGarbageToTheSocketDoesNotDisturbTheGroup)
   const uint64_t seed = fresh_seed();
   run_ranks(2, [&](Bootstrap& group) {
     if (group.rank() == 0) {
-      const std::string path = std::string(std::getenv("EPCOMM_BOOTSTRAP")).substr(5);
-      const int fd = ::socket(AF_UNIX, SOCK_STREAM, 0);
-      sockaddr_un addr{};
-      addr.sun_family = AF_UNIX;
-      std::strncpy(addr.sun_path, path.c_str(), sizeof(addr.sun_path) - 1);
-      ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+      const int fd = connect_to_launcher();
+      ASSERT_GE(fd, 0);
       std::vector<char> garbage(100);
       for (size_t i = 0; i < garbage.size(); ++i) garbage[i] = static_cast<char>(pattern(seed, 0, 9, i));
       ASSERT_EQ(::write(fd, garbage.data(), garbage.size()), ssize_t(garbage.size()));
@@ -368,9 +405,11 @@ TEST(BootstrapFromEnv, MissingOrBadVariablesAreNamed) {
   env.set("EPCOMM_RANK", "1");
   expect_error(ErrorCode::kInvalidArgument, "EPCOMM_BOOTSTRAP: not set");
   env.set("EPCOMM_BOOTSTRAP", "/tmp/x.sock");
-  expect_error(ErrorCode::kInvalidArgument, "expected 'unix:<socket path>', got '/tmp/x.sock'");
-  env.set("EPCOMM_BOOTSTRAP", "tcp:node0:29500");
-  expect_error(ErrorCode::kUnsupported, "not supported yet");
+  expect_error(ErrorCode::kInvalidArgument, "expected 'unix:<socket path>' or 'tcp:<host>:<port>', got '/tmp/x.sock'");
+  env.set("EPCOMM_BOOTSTRAP", "tcp:node0");
+  expect_error(ErrorCode::kInvalidArgument, "got 'tcp:node0'");
+  env.set("EPCOMM_BOOTSTRAP", "tcp:node0:70000");
+  expect_error(ErrorCode::kInvalidArgument, "got 'tcp:node0:70000'");
 }
 
 TEST(BootstrapFromEnv, NoServerIsATimeoutNamingTheSocket) {
@@ -397,6 +436,233 @@ TEST(BootstrapFromEnv, ARankConnectingTwiceIsRefused) {
     }
     group.barrier();  // the refused connection does not disturb the group
   });
+}
+
+// ---- the launcher's secret and size caps (issue 11, item 6) -------------------------------------------
+
+// Rank 1 tries to join with no secret and with a wrong one (a stray process with a stale or
+// foreign environment): both refused by name, and neither takes its slot; then it joins for real.
+TEST(BootstrapSecret, AHelloWithoutTheJobsSecretIsRefused) {
+  launch::LaunchOptions options;
+  options.num_ranks = 2;
+  options.timeout = std::chrono::seconds(60);
+  const auto run = launch::launch_functions(options, [](int rank) {
+    const std::string secret = std::getenv("EPCOMM_BOOTSTRAP_SECRET");
+    if (secret.size() < 32) return 30;  // the launcher hands out a long random secret
+    if (rank == 1) {
+      for (const char* wrong : {"", "not-the-secret"}) {
+        ::setenv("EPCOMM_BOOTSTRAP_SECRET", wrong, 1);
+        try {
+          bootstrap_from_env(milliseconds(5000));
+          std::printf("joined with secret '%s'\n", wrong);
+          return 31;
+        } catch (const Error& e) {
+          std::printf("refused: %s\n", e.what());
+          const bool named = std::string(e.what()).find(*wrong ? "a wrong bootstrap secret (rank 1)"
+                                                               : "no bootstrap secret (rank 1)") != std::string::npos;
+          if (e.code() != ErrorCode::kInvalidArgument || !named) return 32;
+        }
+      }
+      ::setenv("EPCOMM_BOOTSTRAP_SECRET", secret.c_str(), 1);
+    }
+    auto group = bootstrap_from_env(milliseconds(20000));
+    group->barrier();
+    return 0;
+  });
+  for (const auto& r : run.ranks) EXPECT_TRUE(r.ok()) << r.how() << "\n" << testing::format_output(r);
+}
+
+// A message announcing 4 GiB must not make the server allocate world x 4 GiB: the collective is
+// refused for every rank, naming the sender and the size, at once.
+TEST(BootstrapLimits, AnAnnouncedHugeContributionIsRefusedWithoutAllocating) {
+  for (const bool huge_first : {true, false}) {
+    launch::LaunchOptions options;
+    options.num_ranks = 3;
+    options.timeout = std::chrono::seconds(60);
+    const FileLatch rank0_waiting;
+    const auto run = launch::launch_functions(options, [&](int rank) {
+      if (rank == 2) {  // speaks the protocol by hand
+        if (!huge_first && !rank0_waiting.wait(2, std::chrono::seconds(30))) return 40;
+        const int fd = connect_to_launcher();
+        const std::string secret = std::getenv("EPCOMM_BOOTSTRAP_SECRET");
+        if (fd < 0 ||
+            !send_header(fd, {.kind = wire::MessageKind::kHello, .rank = 2, .aux = 3, .bytes = secret.size()}) ||
+            ::send(fd, secret.data(), secret.size(), MSG_NOSIGNAL) != ssize_t(secret.size()))
+          return 41;
+        wire::Header reply;
+        std::string text;
+        if (!read_reply(fd, reply, text) || reply.kind != wire::MessageKind::kWelcome) return 42;
+        if (!send_header(
+                fd, {.kind = wire::MessageKind::kCollective, .rank = 2, .sequence = 0, .bytes = uint64_t{4} << 30}))
+          return 43;
+        const auto start = Clock::now();
+        if (!read_reply(fd, reply, text)) return 44;
+        std::printf("rank 2 heard: %s (after %lld ms)\n", text.c_str(), static_cast<long long>(ms_since(start)));
+        ::close(fd);
+        return reply.kind == wire::MessageKind::kError && text.find("refused") != std::string::npos ? 0 : 45;
+      }
+      auto group = bootstrap_from_env(milliseconds(30000));
+      std::vector<char> send(8, 'x'), recv(8 * 3);
+      const auto start = Clock::now();
+      try {
+        if (!huge_first) rank0_waiting.arrive(rank);  // just before: the 4 GiB arrives mid-collective
+        group->all_gather(send.data(), recv.data(), 8);
+        return 46;
+      } catch (const Error& e) {
+        std::printf("rank %d: %s (after %lld ms)\n", rank, e.what(), static_cast<long long>(ms_since(start)));
+        const bool named = std::string(e.what()).find("rank 2 announced all_gather #0 of 4294967296 bytes per rank") !=
+                           std::string::npos;
+        return e.code() == ErrorCode::kInvalidArgument && named && ms_since(start) < 10000 ? 0 : 47;
+      }
+    });
+    for (const auto& r : run.ranks)
+      EXPECT_TRUE(r.ok()) << (huge_first ? "huge first: " : "huge second: ") << r.how() << "\n"
+                          << testing::format_output(r);
+  }
+}
+
+TEST(BootstrapLimits, TheClientRefusesAnOversizedContributionBeforeSendingIt) {
+  run_ranks(2, [](Bootstrap& group) {
+    try {
+      group.all_gather(nullptr, nullptr, size_t(wire::kMaxContributionBytes) + 1);
+      ADD_FAILURE() << "an oversized all_gather was accepted";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument) << e.what();
+      EXPECT_NE(std::string(e.what()).find("bytes per rank is more than the bootstrap accepts"), std::string::npos)
+          << e.what();
+    }
+    check_all_gather(group, 99, 0, 64);  // nothing was sent: the group goes on
+  });
+}
+
+// ---- the TCP bootstrap (torchrun's variables) on loopback ----------------------------------------------
+
+// A TCP port that was free a moment ago (the kernel's pick), for MASTER_PORT + 1.
+int free_tcp_port() {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_port = 0;
+  socklen_t length = sizeof(addr);
+  if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
+      ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &length) != 0)
+    throw std::runtime_error("no free TCP port");
+  ::close(fd);
+  return ntohs(addr.sin_port);
+}
+
+// Runs `body(rank)` on `num_ranks` processes with torchrun's variables set; the body's return is
+// the rank's exit status.
+launch::LaunchResult run_with_torchrun_env(int num_ranks, const std::function<int(int)>& body) {
+  launch::LaunchOptions options;
+  options.num_ranks = num_ranks;
+  options.timeout = std::chrono::seconds(90);
+  const int port = free_tcp_port();
+  const std::string secret = "tcp-test-" + std::to_string(fresh_seed());
+  return launch::launch_functions(options, [&](int rank) {
+    ::setenv("MASTER_ADDR", "127.0.0.1", 1);
+    ::setenv("MASTER_PORT", std::to_string(port - 1).c_str(), 1);
+    ::setenv("RANK", std::to_string(rank).c_str(), 1);
+    ::setenv("WORLD_SIZE", std::to_string(num_ranks).c_str(), 1);
+    ::setenv("LOCAL_WORLD_SIZE", std::to_string(num_ranks).c_str(), 1);
+    ::setenv("EPCOMM_BOOTSTRAP_SECRET", secret.c_str(), 1);
+    return body(rank);
+  });
+}
+
+TEST(TcpBootstrap, FourRanksOnLoopbackGatherEveryByteAndAStrangerIsKeptOut) {
+  const uint64_t seed = fresh_seed();
+  const auto run = run_with_torchrun_env(4, [&](int rank) {
+    if (rank == 3) {  // first as a process of another job: refused, and its slot stays free
+      const std::string secret = std::getenv("EPCOMM_BOOTSTRAP_SECRET");
+      ::setenv("EPCOMM_BOOTSTRAP_SECRET", "another-job", 1);
+      try {
+        tcp_bootstrap_from_env(milliseconds(20000));
+        return 50;
+      } catch (const Error& e) {
+        std::printf("stranger refused: %s\n", e.what());
+        if (std::string(e.what()).find("a wrong bootstrap secret (rank 3)") == std::string::npos) return 51;
+      }
+      ::setenv("EPCOMM_BOOTSTRAP_SECRET", secret.c_str(), 1);
+    }
+    auto group = tcp_bootstrap_from_env(milliseconds(20000));
+    if (group->rank() != rank || group->size() != 4) return 52;
+    const size_t sizes[] = {8, 0, 1, 4096, 65537, 3 << 20, 13};
+    int round = 0;
+    for (size_t bytes : sizes) check_all_gather(*group, seed, round++, bytes);
+    for (int i = 0; i < 50; ++i) group->barrier();
+    return ::testing::Test::HasFailure() ? 53 : 0;
+  });
+  for (const auto& r : run.ranks) EXPECT_TRUE(r.ok()) << r.how() << "\n" << testing::format_output(r);
+}
+
+TEST(TcpBootstrap, ARankThatLeavesFailsThePeersWaitingForItAtOnce) {
+  const auto run = run_with_torchrun_env(3, [&](int rank) {
+    auto group = tcp_bootstrap_from_env(std::chrono::seconds(60));
+    group->barrier();
+    if (rank == 2) return 0;  // leaves: its connection closes
+    const auto start = Clock::now();
+    int status = 0;
+    try {
+      group->barrier();
+      status = 60;
+    } catch (const Error& e) {
+      std::printf("rank %d: %s\n", rank, e.what());
+      const bool named = std::string(e.what()).find("rank 2 exited") != std::string::npos;
+      status = e.code() == ErrorCode::kPeerFailure && named && ms_since(start) < 10000 ? 0 : 61;
+    }
+    // Rank 0 serves: it stays until rank 1 has heard (had it gone, rank 1 would hear that instead).
+    if (rank == 0) std::this_thread::sleep_for(milliseconds(1000));
+    return status;
+  });
+  for (const auto& r : run.ranks) EXPECT_TRUE(r.ok()) << r.how() << "\n" << testing::format_output(r);
+}
+
+TEST(TcpBootstrap, EpcommBootstrapMayNameATcpAddressServedByRankZero) {
+  const uint64_t seed = fresh_seed();
+  const int port = free_tcp_port();
+  launch::LaunchOptions options;
+  options.num_ranks = 3;
+  options.timeout = std::chrono::seconds(60);
+  const auto run = launch::launch_functions(options, [&](int) {
+    ::setenv("EPCOMM_BOOTSTRAP", ("tcp:127.0.0.1:" + std::to_string(port)).c_str(), 1);
+    ::unsetenv("EPCOMM_BOOTSTRAP_SECRET");  // then a token derived from the job, alike on every rank
+    auto group = bootstrap_from_env(milliseconds(20000));
+    check_all_gather(*group, seed, 0, 1000);
+    group->barrier();
+    return ::testing::Test::HasFailure() ? 1 : 0;
+  });
+  for (const auto& r : run.ranks) EXPECT_TRUE(r.ok()) << r.how() << "\n" << testing::format_output(r);
+}
+
+TEST(TcpBootstrap, MissingVariablesAreNamed) {
+  ScopedEnv env;
+  for (const char* name : {"RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "MASTER_ADDR", "MASTER_PORT",
+                           "EPCOMM_BOOTSTRAP_PORT", "LOCAL_WORLD_SIZE"})
+    env.set(name, nullptr);
+  auto expect = [](const std::string& fragment) {
+    try {
+      tcp_bootstrap_from_env(milliseconds(300));
+      ADD_FAILURE() << "tcp_bootstrap_from_env succeeded; expected '" << fragment << "'";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument) << e.what();
+      EXPECT_NE(std::string(e.what()).find(fragment), std::string::npos) << e.what();
+    }
+  };
+  expect("tcp_bootstrap_from_env: WORLD_SIZE: not set");
+  env.set("SLURM_NTASKS", "4");  // the SLURM fallback
+  expect("tcp_bootstrap_from_env: RANK: not set");
+  env.set("SLURM_PROCID", "5");
+  expect("SLURM_PROCID: expected an integer in [0, 3], got '5'");
+  env.set("RANK", "1");
+  expect("MASTER_ADDR: not set");
+  env.set("MASTER_ADDR", "127.0.0.1");
+  expect("MASTER_PORT: not set");
+  env.set("MASTER_PORT", "65535");
+  expect("MASTER_PORT: expected an integer in [1, 65534], got '65535'");
+  env.set("LOCAL_WORLD_SIZE", "8");
+  expect("LOCAL_WORLD_SIZE: expected an integer in [1, 4], got '8'");
 }
 
 }  // namespace

@@ -6,6 +6,7 @@
 #include <cstring>
 #include <filesystem>
 #include <string>
+#include <thread>
 
 #include "support/multirank.hpp"
 #include "support/normal_checks.hpp"
@@ -86,6 +87,10 @@ TEST(CpuBackend, DestroyWithoutAPeerTimesOutNamingIt) {
         EXPECT_NE(std::string(e.what()).find("destroy"), std::string::npos) << e.what();
         EXPECT_NE(std::string(e.what()).find("rank(s) 1"), std::string::npos) << e.what();
       }
+    } else {
+      // Alive but absent: a timeout. (Had it exited, rank 0 would hear a peer failure at once:
+      // test_launcher.cpp, JobMonitor.)
+      std::this_thread::sleep_for(1500ms);
     }
   });  // rank 1's buffer and, after the failed destroy, rank 0's are released by their destructors
 }

@@ -11,12 +11,15 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <functional>
+#include <random>
 #include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "epcomm/bootstrap.hpp"
+#include "epcomm/epcomm.hpp"
 #include "launcher/launcher.hpp"
 #include "support/multirank.hpp"
 
@@ -196,6 +199,94 @@ TEST(Launcher, ZeroRanksIsRefused) {
   EXPECT_THROW(launch::launch_functions(options, [](int) { return 0; }), std::invalid_argument);
 }
 
+// ---- a rank that leaves while its peers wait in shared memory (issue 11, item 6) -------------------
+
+constexpr int kHidden = 64, kTokens = 16, kTopK = 2;
+
+Buffer make_cpu_buffer(Bootstrap& group, milliseconds timeout) {
+  BufferOptions options;
+  options.backend = BackendKind::kCpu;
+  options.num_nvl_bytes = default_dispatch_config(group.size()).nvl_buffer_size_hint(kHidden * 2, group.size());
+  options.timeout = timeout;
+  return Buffer(group, options);
+}
+
+// One dispatch of fresh random bf16 rows (small integers) routed to random experts.
+void dispatch_once(Buffer& buffer, Bootstrap& group, uint64_t seed) {
+  std::mt19937_64 rng(seed + group.rank());
+  const int num_experts = 4 * group.size();
+  std::vector<uint16_t> x(kTokens * kHidden);
+  for (auto& v : x) v = static_cast<uint16_t>(0x3f80 + rng() % 64);
+  std::vector<int64_t> topk_idx(kTokens * kTopK);
+  std::vector<float> weights(kTokens * kTopK, 0.5f);
+  for (int t = 0; t < kTokens; ++t) {
+    topk_idx[t * kTopK] = int64_t(rng() % num_experts);
+    topk_idx[t * kTopK + 1] = (topk_idx[t * kTopK] + 1 + int64_t(rng() % (num_experts - 1))) % num_experts;
+  }
+  const Device cpu = Device::cpu();
+  DispatchInputs in;
+  in.x = TensorView::contiguous(x.data(), DType::kBFloat16, {kTokens, kHidden}, cpu);
+  in.topk_idx = TensorView::contiguous(topk_idx.data(), DType::kInt64, {kTokens, kTopK}, cpu);
+  in.topk_weights = TensorView::contiguous(weights.data(), DType::kFloat32, {kTokens, kTopK}, cpu);
+  in.num_experts = num_experts;
+  buffer.dispatch(in);
+}
+
+// Rank 3 leaves (exit code 0, no destroy()) where the others enter `step`: they must get
+// kPeerFailure naming it within a few seconds, although their timeout is a minute.
+void expect_departure_is_heard(const char* step, const std::function<void(Buffer&, Bootstrap&)>& enter) {
+  const uint64_t seed = std::random_device{}();
+  const auto run = testing::run_ranks_unchecked(4, [&](Bootstrap& group) {
+    Buffer buffer = make_cpu_buffer(group, std::chrono::seconds(60));
+    dispatch_once(buffer, group, seed);  // a healthy call first
+    if (group.rank() == 3) return;       // leaves: its Buffer is released, not destroyed
+    const auto start = Clock::now();
+    try {
+      enter(buffer, group);
+      ADD_FAILURE() << step << " completed without rank 3";
+    } catch (const Error& e) {
+      std::printf("rank %d after %lld ms: %s\n", group.rank(), static_cast<long long>(ms_since(start)), e.what());
+      EXPECT_EQ(e.code(), ErrorCode::kPeerFailure) << e.what();
+      EXPECT_TRUE(contains(e.what(), "rank 3 exited with code 0")) << e.what();
+    }
+    EXPECT_LT(ms_since(start), 5000) << step << ": the departure was heard late (the timeout is 60 s)";
+  });
+  for (const auto& r : run.ranks)
+    EXPECT_TRUE(r.ok()) << step << ": rank " << r.rank << " " << r.how() << "\n" << testing::format_output(r);
+}
+
+TEST(JobMonitor, ARankThatExitsZeroWithoutDestroyFailsThePeersInDestroyAtOnce) {
+  expect_departure_is_heard("destroy", [](Buffer& buffer, Bootstrap&) { buffer.destroy(); });
+}
+
+TEST(JobMonitor, ARankThatExitsZeroInsteadOfDispatchingFailsThePeersDispatchAtOnce) {
+  const uint64_t seed = std::random_device{}();
+  expect_departure_is_heard("dispatch", [&](Buffer& buffer, Bootstrap& group) { dispatch_once(buffer, group, seed); });
+}
+
+// The normal end: every rank destroys, and each leaves the moment its destroy() returns, while
+// slower peers may still be looking at its counter. No peer failure may be reported.
+TEST(JobMonitor, RanksLeavingRightAfterDestroyAreNotAFailure) {
+  const uint64_t seed = std::random_device{}();
+  run_ranks(4, [&](Bootstrap& group) {
+    for (int round = 0; round < 5; ++round) {
+      Buffer buffer = make_cpu_buffer(group, std::chrono::seconds(60));
+      dispatch_once(buffer, group, seed + round);
+      if (group.rank() != 0) std::this_thread::sleep_for(milliseconds(group.rank() * 7 * round));
+      buffer.destroy();
+    }
+  });
+}
+
+TEST(JobMonitor, TheLauncherUsesNothingWithANameThatCouldOutliveTheJob) {
+  // The bootstrap socket is abstract and the job-status page a memfd: nothing in /tmp or /dev/shm.
+  const auto run = launch::launch_functions(options_for(2), [](int) {
+    const std::string address = std::getenv("EPCOMM_BOOTSTRAP");
+    return address.rfind("unix:@epcomm-", 0) == 0 && std::getenv("EPCOMM_JOB_STATUS_FD") != nullptr ? 0 : 70;
+  });
+  EXPECT_TRUE(run.ok());
+}
+
 // ---- run_ranks: each failed rank becomes one failure in the parent ----------------------------------
 
 TEST(RunRanks, AGtestFailureInARankFailsTheTestWithItsOutput) {
@@ -332,6 +423,17 @@ TEST(EpcommRun, TheTimeoutStopsAHangingRun) {
   EXPECT_TRUE(contains(run.err, "epcomm-run: timed out after 1 s")) << run.err;
   EXPECT_TRUE(contains(run.err, "epcomm-run: the bootstrap was at barrier #1: waiting for rank 1")) << run.err;
   EXPECT_TRUE(contains(run.err, "  [rank 1] hanging")) << run.err;
+}
+
+TEST(EpcommRun, ARankLeavingWithoutDestroyIsAPeerFailureForTheOthersAtOnce) {
+  const auto start = Clock::now();
+  const ToolRun run = run_tool("-n 3 " + kProbe + " leave 2");
+  EXPECT_EQ(run.status, 0) << run.out << run.err;
+  EXPECT_LT(ms_since(start), 10000);
+  for (int r : {0, 1})
+    EXPECT_TRUE(contains(run.out, "[rank " + std::to_string(r) + "] rank " + std::to_string(r) + " saw after"))
+        << run.out;
+  EXPECT_TRUE(contains(run.out, "destroy: rank 2 exited with code 0 before it got here")) << run.out;
 }
 
 TEST(EpcommRun, UsageErrorsAndHelp) {
