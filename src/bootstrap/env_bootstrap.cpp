@@ -349,7 +349,7 @@ T required(const std::optional<T>& value, const char* name, const char* op = "bo
 // The first of `names` that is set, or nullptr.
 const char* first_set(std::initializer_list<const char*> names) {
   for (const char* name : names)
-    if (env_text(name).has_value()) return name;
+    if (env_int(name).has_value()) return name;
   return nullptr;
 }
 
@@ -410,9 +410,9 @@ std::unique_ptr<Bootstrap> tcp_bootstrap_from_env(std::chrono::milliseconds time
   rank_name = rank_name ? rank_name : "RANK";
   const int size = static_cast<int>(required(env_int(size_name), size_name, kOp, kHint));
   const int rank = static_cast<int>(required(env_int(rank_name), rank_name, kOp, kHint));
-  require(rank < size, kOp, rank_name, "expected an integer in [0, ", size - 1, "], got ", rank);
+  require(rank < size, kOp, rank_name, "expected an integer in [0, ", size - 1, "], got '", rank, "'");
   if (const std::optional<int64_t> local = env_int("LOCAL_WORLD_SIZE"))  // the node size: checked early
-    require(*local <= size, kOp, "LOCAL_WORLD_SIZE", "expected at most ", size_name, " = ", size, ", got ", *local);
+    require(*local <= size, kOp, "LOCAL_WORLD_SIZE", "expected an integer in [1, ", size, "], got '", *local, "'");
   const std::string host = required(env_text("MASTER_ADDR"), "MASTER_ADDR", kOp, kHint);
   // MASTER_PORT itself is torch.distributed's store (torchrun's agent listens there): take the next.
   const std::optional<int64_t> explicit_port = env_int("EPCOMM_BOOTSTRAP_PORT");
