@@ -24,6 +24,7 @@ namespace epcomm::cuda {
 namespace {
 
 using ll::ControlLayout;
+using ll::LocalControlLayout;
 
 // What combine needs to know about one of the last two dispatches.
 struct DispatchRecord {
@@ -75,7 +76,8 @@ class NvshmemLowLatencyMode final : public LowLatencyMode {
     return LowLatencyLayout{max_tokens, hidden, geometry_.num_ranks, num_experts, symmetric_bytes_};
   }
   uint8_t* control(int64_t offset) const { return symmetric_ + offset; }
-  int32_t* mask() const { return reinterpret_cast<int32_t*>(control(ControlLayout::kMask)); }
+  uint64_t* peer_bases() const { return reinterpret_cast<uint64_t*>(local_control_ + LocalControlLayout::kPeerBases); }
+  int32_t* mask() const { return reinterpret_cast<int32_t*>(local_control_ + LocalControlLayout::kMask); }
   ll::Common common() const;
   void check_usable(const char* op);
   void check_limits(int max_tokens, int hidden, int num_experts, const char* op) const;
@@ -97,6 +99,7 @@ class NvshmemLowLatencyMode final : public LowLatencyMode {
 
   uint8_t* symmetric_ = nullptr;
   int64_t symmetric_bytes_ = 0;
+  uint8_t* local_control_ = nullptr;  // LocalControlLayout, outside what get_local_buffer_tensor views
   bool has_put_peers_ = false;
 
   int dispatch_parity_ = 0;  // parity of the next dispatch
@@ -131,14 +134,15 @@ NvshmemLowLatencyMode::NvshmemLowLatencyMode(const CudaContext& ctx)
   symmetric_ = static_cast<uint8_t*>(ll::allocate_symmetric(bytes));
   symmetric_bytes_ = bytes;
   EPCOMM_CUDA_CHECK(cudaMemset(symmetric_, 0, static_cast<size_t>(bytes)));
+  local_control_ = static_cast<uint8_t*>(malloc_outside_capture(LocalControlLayout::kEnd));
+  EPCOMM_CUDA_CHECK(cudaMemset(local_control_, 0, static_cast<size_t>(LocalControlLayout::kEnd)));
 
   std::vector<uint64_t> peers(geometry_.num_ranks);
   for (int r = 0; r < geometry_.num_ranks; ++r) {
     peers[r] = reinterpret_cast<uint64_t>(ll::peer_pointer(symmetric_, r));
     has_put_peers_ |= peers[r] == 0;
   }
-  EPCOMM_CUDA_CHECK(cudaMemcpy(control(ControlLayout::kPeerBases), peers.data(), peers.size() * sizeof(uint64_t),
-                               cudaMemcpyHostToDevice));
+  EPCOMM_CUDA_CHECK(cudaMemcpy(peer_bases(), peers.data(), peers.size() * sizeof(uint64_t), cudaMemcpyHostToDevice));
   int max_smem = 0;
   EPCOMM_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device_));
   ll::prepare_dispatch_kernels(max_smem);
@@ -150,7 +154,7 @@ NvshmemLowLatencyMode::NvshmemLowLatencyMode(const CudaContext& ctx)
 ll::Common NvshmemLowLatencyMode::common() const {
   ll::Common c;
   c.local = symmetric_;
-  c.peer_bases = reinterpret_cast<const uint64_t*>(control(ControlLayout::kPeerBases));
+  c.peer_bases = peer_bases();
   c.mask = mask();
   c.counters = reinterpret_cast<uint32_t*>(control(ControlLayout::kCounters));
   c.errors = errors_->sink();
@@ -434,6 +438,8 @@ void NvshmemLowLatencyMode::destroy(bool collective) {
       cudaFree(region);
     }
     old_zero_copy_.clear();
+    cudaFree(local_control_);
+    local_control_ = nullptr;
   } catch (...) {
     if (collective) throw;
   }
