@@ -164,3 +164,221 @@ def test_megatron_fused_a2a(world, async_finish: bool) -> None:
 @pytest.mark.parametrize("async_finish", [False, True], ids=["sync", "async"])
 def test_megatron_deepep_manager(world, async_finish: bool) -> None:
     world.run(check_megatron_deepep_manager, async_finish, seed=12)
+
+
+# ---- SGLang and vLLM (replays of their call sequences) -------------------------------------------
+
+MAX_TOKENS = 8  # num_max_dispatch_tokens_per_rank of the low-latency calls
+
+
+def routed_inputs(ctx: Any, num_tokens: int, num_experts: int, seed: int):
+    x = ref.dyadic_tokens(ctx.rank, (num_tokens, HIDDEN), seed)
+    topk_idx, weights = ref.routing(ctx.rank, num_tokens, NUM_TOPK, num_experts, seed)
+    return x.to(ctx.device), topk_idx.to(ctx.device), weights.to(ctx.device)
+
+
+def weighted_expert_rows(ctx: Any, recv_x: torch.Tensor, recv_topk_idx: torch.Tensor, recv_weights: torch.Tensor,
+                         num_experts: int) -> torch.Tensor:
+    """Normal-mode experts that apply the routing weights themselves (SGLang's and vLLM's experts do):
+    row * sum_k weight_k * scale(expert_k) over this rank's slots, in bf16."""
+    local = num_experts // ctx.size
+    scales = expert_scales(num_experts)[ctx.rank * local:(ctx.rank + 1) * local].to(ctx.device)
+    weight = torch.where(recv_topk_idx >= 0, recv_weights * scales[recv_topk_idx.clamp(min=0)], torch.zeros(()))
+    return (recv_x.float() * weight.sum(dim=1, keepdim=True)).to(torch.bfloat16)
+
+
+def dense_weighted(x: torch.Tensor, topk_idx: torch.Tensor, weights: torch.Tensor, num_experts: int) -> torch.Tensor:
+    topk_idx, weights = cpu(topk_idx), cpu(weights)
+    scales = expert_scales(num_experts)
+    slot = torch.where(topk_idx >= 0, weights * scales[topk_idx.clamp(min=0)], torch.zeros(()))
+    return cpu(x).float() * slot.sum(dim=1, keepdim=True)
+
+
+def check_received(ctx: Any, x: Any, topk_idx: torch.Tensor, weights: torch.Tensor, received: Tuple[Any, ...],
+                   num_experts: int, expert_alignment: int) -> None:
+    """dispatch's results against the reference (x may be an (fp8, scales) pair)."""
+    recv_x, recv_topk_idx, recv_weights, counts = received
+    in_rank = ref.layout(cpu(topk_idx), ctx.size, num_experts, ctx.size)[3]
+    tokens = x if isinstance(x, tuple) else (x,)
+    received_tokens = recv_x if isinstance(recv_x, tuple) else (recv_x,)
+    everyone_in_rank = ctx.gather(in_rank)
+    for part, (sent, got) in enumerate(zip(tokens, received_tokens)):
+        expected = ref.dispatch(ctx.rank, num_experts, ctx.gather(cpu(sent)), everyone_in_rank)
+        assert_equal(got, expected["recv_x"], f"recv_x[{part}]")
+    expected = ref.dispatch(ctx.rank, num_experts, ctx.gather(cpu(tokens[0])), everyone_in_rank,
+                            ctx.gather(cpu(topk_idx)), ctx.gather(cpu(weights)), expert_alignment=expert_alignment)
+    assert_equal(recv_topk_idx, expected["recv_topk_idx"], "recv_topk_idx")
+    assert_equal(recv_weights, expected["recv_topk_weights"], "recv_topk_weights")
+    assert counts == expected["counts"], f"num_recv_tokens_per_expert_list {counts} != {expected['counts']}"
+    assert all(c % expert_alignment == 0 for c in counts)
+
+
+def low_latency_round(ctx: Any, buffer: Any, num_experts: int, seed: int, use_fp8: bool, **combine_kwargs: Any) -> None:
+    """low_latency_dispatch with a receive hook, experts scaling each local expert's rows, then
+    low_latency_combine with a hook, checked against the reference (exact: dyadic values)."""
+    num_tokens = MAX_TOKENS - ctx.rank % 2
+    x, topk_idx, weights = routed_inputs(ctx, num_tokens, num_experts, seed)
+    topk_idx = ref.duplicate_slots(cpu(topk_idx)).to(ctx.device)
+    recv, recv_count, handle, _, hook = buffer.low_latency_dispatch(
+        x, topk_idx, MAX_TOKENS, num_experts, use_fp8=use_fp8, async_finish=False, return_recv_hook=True)
+    hook()
+    all_topk = ctx.gather(cpu(topk_idx))
+    all_rows = [ref.low_latency_rows(r, num_experts, all_topk) for r in range(ctx.size)]
+    rows = all_rows[ctx.rank]
+    assert_equal(recv_count, torch.tensor([len(r) for r in rows], dtype=torch.int32), "recv_count")
+    if use_fp8:  # dequantize, as the FP8 grouped GEMM's inputs mean
+        fp8, scales = recv
+        recv = (fp8.float().view(*fp8.shape[:2], -1, 128) * scales.unsqueeze(-1)).view(fp8.shape)
+    local = num_experts // ctx.size
+    everyone = ctx.gather(cpu(x))
+    for l, expert_rows in enumerate(rows):
+        if expert_rows:
+            sent = torch.stack([everyone[s][t] for s, t in expert_rows]).float()
+            got = cpu(recv[l, :len(expert_rows)]).float()
+            torch.testing.assert_close(got, sent, rtol=0.07, atol=1e-3, msg=f"received rows of local expert {l}")
+    scales = expert_scales(num_experts)[ctx.rank * local:(ctx.rank + 1) * local].to(ctx.device)
+    count = torch.arange(recv.size(1), device=ctx.device).unsqueeze(0) < recv_count.unsqueeze(1)  # [L, N]
+    expert_x = (cpu(recv).to(torch.bfloat16).to(ctx.device).float() * scales.view(-1, 1, 1) * count.unsqueeze(-1))
+    expert_x = expert_x.to(torch.bfloat16)
+    combined, _, hook = buffer.low_latency_combine(expert_x, topk_idx, weights, handle, async_finish=False,
+                                                   return_recv_hook=True, **combine_kwargs)
+    hook()
+    expected = ref.low_latency_combine(ctx.rank, num_experts, MAX_TOKENS, cpu(topk_idx), cpu(weights),
+                                       ctx.gather(cpu(expert_x)), all_rows)
+    assert_equal(combined, expected.to(torch.bfloat16), "low_latency_combine")
+    if "out" in combine_kwargs:
+        assert combined is combine_kwargs["out"]
+
+
+def check_sglang_sequence(ctx: Any, seed: int) -> None:
+    import deep_ep
+    from deep_ep import Buffer, Config
+    num_experts = 4 * ctx.size
+    # DeepEPConfig: a tuned config file, read with Config(**json) (SGLang's --deepep-config)
+    tuned = json.loads(json.dumps({
+        "normal_dispatch": {"num_sms": 24, "num_max_nvl_chunked_send_tokens": 8,
+                            "num_max_nvl_chunked_recv_tokens": 256, "num_max_rdma_chunked_send_tokens": 6,
+                            "num_max_rdma_chunked_recv_tokens": 128},
+        "normal_combine": {"num_sms": 24, "num_max_nvl_chunked_send_tokens": 6,
+                           "num_max_nvl_chunked_recv_tokens": 256, "num_max_rdma_chunked_send_tokens": 6,
+                           "num_max_rdma_chunked_recv_tokens": 128}}))
+    dispatch_config, combine_config = Config(**tuned["normal_dispatch"]), Config(**tuned["normal_combine"])
+    Buffer.set_num_sms(dispatch_config.num_sms)
+    # DeepEPBuffer.get_deepep_buffer (auto mode: normal and low-latency on one buffer)
+    hidden_bytes = HIDDEN * 2
+    num_nvl_bytes = num_rdma_bytes = 0
+    for config in (dispatch_config, combine_config):
+        num_nvl_bytes = max(config.get_nvl_buffer_size_hint(hidden_bytes, ctx.size), num_nvl_bytes)
+        num_rdma_bytes = max(config.get_rdma_buffer_size_hint(hidden_bytes, ctx.size), num_rdma_bytes)
+    num_rdma_bytes = max(Buffer.get_low_latency_rdma_size_hint(MAX_TOKENS, HIDDEN, ctx.size, num_experts),
+                         num_rdma_bytes)
+    buffer = deep_ep.Buffer(ctx.group, num_nvl_bytes, num_rdma_bytes, low_latency_mode=True,
+                            num_qps_per_rank=num_experts // ctx.size, allow_mnnvl=False)
+    try:
+        for round_index in range(2):  # normal, low-latency, normal, low-latency
+            sglang_normal_round(ctx, buffer, num_experts, dispatch_config, combine_config, seed + round_index)
+            buffer.clean_low_latency_buffer(MAX_TOKENS, HIDDEN, num_experts)  # set_dispatch_mode_as_low_latency
+            overlap_args: dict = {}  # single-batch overlap off: SGLang passes no fork argument
+            low_latency_round(ctx, buffer, num_experts, seed + 10 + round_index, use_fp8=False, **overlap_args)
+    finally:
+        Buffer.set_num_sms(20)
+    buffer.destroy()
+
+
+def sglang_normal_round(ctx: Any, buffer: Any, num_experts: int, dispatch_config: Any, combine_config: Any,
+                        seed: int) -> None:
+    """DeepEPNormalDispatcher: async, on the comm stream, expert_alignment=128 (DeepGEMM's layout)."""
+    from deep_ep import Buffer
+    x, topk_idx, weights = routed_inputs(ctx, 12 + ctx.rank, num_experts, seed)
+    previous_event = Buffer.capture()
+    (num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank,
+     previous_event) = buffer.get_dispatch_layout(topk_idx, num_experts, previous_event=previous_event,
+                                                  async_finish=True, allocate_on_comm_stream=True)
+    recv_x, recv_topk_idx, recv_weights, counts, handle, event = buffer.dispatch(
+        x, topk_idx=topk_idx, topk_weights=weights, num_tokens_per_rank=num_tokens_per_rank,
+        num_tokens_per_rdma_rank=num_tokens_per_rdma_rank, is_token_in_rank=is_token_in_rank,
+        num_tokens_per_expert=num_tokens_per_expert, previous_event=previous_event, async_finish=True,
+        allocate_on_comm_stream=True, expert_alignment=128, config=dispatch_config)
+    event.current_stream_wait()
+    check_received(ctx, x, topk_idx, weights, (recv_x, recv_topk_idx, recv_weights, counts), num_experts, 128)
+    expert_out = weighted_expert_rows(ctx, recv_x, recv_topk_idx, recv_weights, num_experts)
+    previous_event = Buffer.capture()
+    combined, _, event = buffer.combine(expert_out, handle, async_finish=True, previous_event=previous_event,
+                                        allocate_on_comm_stream=True, config=combine_config)
+    event.current_stream_wait()
+    close(combined, dense_weighted(x, topk_idx, weights, num_experts), "SGLang normal combine")
+
+
+def check_vllm_sequence(ctx: Any, seed: int) -> None:
+    import torch.distributed as dist
+
+    import deep_ep
+    num_experts = 2 * ctx.size
+    # DeepEPHTAll2AllManager: the gloo cpu_group bootstraps a buffer for the model's tensors
+    ht = deep_ep.Buffer(group=ctx.group, num_nvl_bytes=deep_ep.Config().get_nvl_buffer_size_hint(HIDDEN * 2, ctx.size),
+                        num_rdma_bytes=0, low_latency_mode=False, num_qps_per_rank=10)
+    assert ht.backend == ctx.kind
+    ht.set_num_sms(20)
+    vllm_high_throughput_round(ctx, ht, num_experts, seed)
+    ht.destroy()
+    # DeepEPLLAll2AllManager, with a rank mask as elastic EP uses it
+    ll = deep_ep.Buffer(group=ctx.group, num_nvl_bytes=0,
+                        num_rdma_bytes=deep_ep.Buffer.get_low_latency_rdma_size_hint(MAX_TOKENS, HIDDEN, ctx.size,
+                                                                                     num_experts),
+                        low_latency_mode=True, num_qps_per_rank=num_experts // ctx.size,
+                        allow_nvlink_for_low_latency_mode=True, allow_mnnvl=False, enable_shrink=True)
+    output = torch.empty(MAX_TOKENS - ctx.rank % 2, HIDDEN, dtype=torch.bfloat16, device=ctx.device)
+    low_latency_round(ctx, ll, num_experts, seed + 1, use_fp8=True, out=output, zero_copy=False)
+    peer = (ctx.rank + 1) % ctx.size
+    ll.low_latency_update_mask_buffer(peer, True)
+    # the buffer reset: zeroes the whole low-latency memory of this rank
+    ll.get_local_buffer_tensor(torch.int8, use_rdma_buffer=True).zero_()
+    if ctx.device.type == "cuda":
+        torch.cuda.synchronize()
+    dist.barrier(group=ctx.group)  # every rank is reset before anyone sends again
+    status = torch.zeros(ctx.size, dtype=torch.int32, device=ctx.device)
+    ll.low_latency_query_mask_buffer(status)
+    assert cpu(status).tolist() == [int(r == peer) for r in range(ctx.size)], "the mask survives the reset"
+    ll.low_latency_clean_mask_buffer()
+    ll.low_latency_query_mask_buffer(status)
+    assert not bool(cpu(status).any())
+    low_latency_round(ctx, ll, num_experts, seed + 2, use_fp8=True, out=output, zero_copy=False)
+    low_latency_round(ctx, ll, num_experts, seed + 3, use_fp8=False)
+    ll.destroy()
+
+
+def vllm_high_throughput_round(ctx: Any, buffer: Any, num_experts: int, seed: int) -> None:
+    """DeepEPHTPrepareAndFinalize: block-FP8 tokens (fp8, float32 scales), synchronous, then combine
+    without weights (vLLM's experts applied them)."""
+    x, topk_idx, weights = routed_inputs(ctx, 10 + 2 * ctx.rank, num_experts, seed)
+    fp8, scales = ref.fp8_cast(cpu(x), round_scale=False)
+    token_data = (fp8.to(ctx.device), scales.to(ctx.device))
+    (num_tokens_per_rank, num_tokens_per_rdma_rank, dispatch_expert_num_tokens, is_token_in_rank,
+     event) = buffer.get_dispatch_layout(topk_idx=topk_idx, num_experts=num_experts, previous_event=None,
+                                         async_finish=False, allocate_on_comm_stream=False)
+    (token_data, expert_topk_ids, expert_topk_weights, expert_num_tokens_per_expert_list, handle,
+     event) = buffer.dispatch(x=token_data, handle=None, num_tokens_per_rank=num_tokens_per_rank,
+                              num_tokens_per_rdma_rank=num_tokens_per_rdma_rank, is_token_in_rank=is_token_in_rank,
+                              num_tokens_per_expert=dispatch_expert_num_tokens, topk_idx=topk_idx,
+                              topk_weights=weights, expert_alignment=1,
+                              config=buffer.get_dispatch_config(ctx.size), previous_event=None, async_finish=False,
+                              allocate_on_comm_stream=False)
+    check_received(ctx, (fp8, scales), topk_idx, weights,
+                   (token_data, expert_topk_ids, expert_topk_weights, expert_num_tokens_per_expert_list),
+                   num_experts, 1)
+    recv_fp8, recv_scales = token_data
+    dequantized = (recv_fp8.float().view(recv_fp8.size(0), -1, 128) * recv_scales.unsqueeze(-1)).view(recv_fp8.shape)
+    fused_expert_output = weighted_expert_rows(ctx, dequantized, expert_topk_ids, expert_topk_weights, num_experts)
+    combined_x, _, event = buffer.combine(x=fused_expert_output, handle=handle, topk_weights=None,
+                                          config=buffer.get_combine_config(ctx.size), previous_event=None,
+                                          async_finish=False, allocate_on_comm_stream=False)
+    sent = (fp8.float().view(fp8.size(0), -1, 128) * scales.unsqueeze(-1)).view(fp8.shape)
+    close(combined_x, dense_weighted(sent, topk_idx, weights, num_experts), "vLLM high-throughput combine")
+
+
+def test_sglang_call_sequence(world) -> None:
+    world.run(check_sglang_sequence, seed=21)
+
+
+def test_vllm_call_sequence(world) -> None:
+    world.run(check_vllm_sequence, seed=31)
