@@ -256,8 +256,9 @@ class Buffer:
         """Sends every token to the ranks holding its experts (SPEC §3.2).
 
         Arguments:
-            x: [T, hidden] bf16, or a tuple (x [T, hidden] float8_e4m3fn, scales [T, S] float32 with any
-                strides).
+            x: [T, hidden] bf16, or a tuple (x [T, hidden] float8_e4m3fn, scales): scales [T, S] float32
+                with any strides, or [T, hidden / 512] int32 UE8M0-packed (DeepEP V1.2; passed through
+                to the core as given, which checks whether it supports them).
             handle: a handle from an earlier dispatch: cached dispatch with that routing (topk_idx,
                 topk_weights and the layout tensors must then be None).
             num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank, num_tokens_per_expert: from

@@ -199,3 +199,39 @@ def test_low_latency_combine_rejects_a_normal_handle(world) -> None:
 
 def test_check_nvlink_connections(world) -> None:
     world.run(check_nvlink_connections)
+
+
+def _stub_functions(body: list) -> dict:
+    import ast
+    functions = {}
+    for node in body:
+        is_property = isinstance(node, ast.FunctionDef) and any(
+            isinstance(d, ast.Name) and d.id in ("property", "staticmethod") for d in node.decorator_list)
+        if isinstance(node, ast.FunctionDef) and not is_property and not node.name.startswith("__"):
+            names = [a.arg for a in node.args.args + node.args.kwonlyargs if a.arg != "self"]
+            functions[node.name] = names
+    return functions
+
+
+def _binding_arguments(function: Any) -> list:
+    import re
+    signature = function.__doc__.splitlines()[0]
+    inside = signature[signature.index("(") + 1:signature.rindex(")")]
+    return [n for n in re.findall(r"(?:^|, )(\w+)(?=:|,|$)", inside) if n != "self"]
+
+
+def test_stub_matches_the_binding() -> None:
+    """epcomm/_C.pyi names every function and Buffer operation of _C with the binding's argument names."""
+    import ast
+    stub = ast.parse((pathlib.Path(epcomm.__file__).parent / "_C.pyi").read_text())
+    buffer_class = next(n for n in stub.body if isinstance(n, ast.ClassDef) and n.name == "Buffer")
+    checked = 0
+    for owner, functions in ((epcomm._C, _stub_functions(stub.body)),
+                             (epcomm._C.Buffer, _stub_functions(buffer_class.body))):
+        for name, arguments in functions.items():
+            assert hasattr(owner, name), f"_C.pyi declares {name}, which the binding lacks"
+            assert _binding_arguments(getattr(owner, name)) == arguments, f"arguments of {name}"
+            checked += 1
+    bound = [n for n in dir(epcomm._C.Buffer) if not n.startswith("_") and callable(getattr(epcomm._C.Buffer, n))]
+    assert sorted(bound) == sorted(_stub_functions(buffer_class.body)), "Buffer operations missing from _C.pyi"
+    assert checked > 20
