@@ -167,6 +167,8 @@ def run_check(group: Any, device: torch.device, hidden: int = 256, num_tokens: i
 def _spawned(rank: int, num_ranks: int, use_cuda: bool, init_file: str) -> None:
     if use_cuda:
         torch.cuda.set_device(rank)
+    else:  # the CPU backend on CPU tensors, also where CUDA is available (epcomm would choose it)
+        os.environ.setdefault("EPCOMM_BACKEND", "cpu")
     dist.init_process_group("nccl" if use_cuda else "gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=num_ranks)
     device = torch.device("cuda", rank) if use_cuda else torch.device("cpu")

@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <vector>
 #include <string>
 
 #include "epcomm/bootstrap.hpp"
@@ -135,6 +136,11 @@ class Buffer {
   // [R] int32 view: 1 where a rank is masked.
   TensorView low_latency_query_mask_buffer();
   void low_latency_clean_mask_buffer(StreamHandle stream = nullptr);
+
+  // Low-latency mode: entry r is true when this rank reaches rank r with NVSHMEM puts instead of
+  // NVLink stores (SPEC §4.2b; BufferOptions::low_latency_put_path). All false on the CPU backend,
+  // which has no put path. For tests and diagnostics.
+  std::vector<bool> low_latency_put_peers() const;
 
   // A view of this rank's own communication memory (SPEC §6 get_local_buffer_tensor).
   TensorView local_buffer(DType dtype, int64_t offset_bytes, std::optional<int64_t> num_elements,

@@ -1,11 +1,13 @@
-// epcomm._C.Buffer: the C++ Buffer seen from Python. Arguments arrive already in epcomm's terms
-// (tensor description tuples, stream handles as ints, configs as 5-tuples) from epcomm/buffer.py,
-// which owns the DeepEP-compatible surface; results go back as torch tensors.
+// epcomm._C.Buffer: the C++ Buffer seen from Python. Arguments arrive by keyword, already in
+// epcomm's terms (tensor description tuples, stream handles as ints, configs as dicts of their field
+// names) from epcomm/buffer.py, which owns the DeepEP-compatible surface and builds DeepEP's tuples;
+// results go back as dicts of torch tensors keyed by name (the names of epcomm/_C.pyi).
 #include <pybind11/stl.h>
 
 #include <chrono>
 #include <memory>
 #include <string>
+#include <utility>
 
 #include "bindings.hpp"
 #include "bootstrap_bridge.hpp"
@@ -39,16 +41,28 @@ const DispatchHandle* handle_from(const py::handle& object) {
   return object.cast<const PyDispatchHandle&>().handle.get();
 }
 
+// A Config crosses as a dict of its five field names (epcomm/config.py Config._as_dict).
 std::optional<Config> config_from(const py::handle& object) {
   if (object.is_none()) return std::nullopt;
-  auto t = object.cast<py::tuple>();
-  if (t.size() != 5) throw py::value_error("config: expected 5 fields");
-  return Config{t[0].cast<int>(), t[1].cast<int>(), t[2].cast<int>(), t[3].cast<int>(), t[4].cast<int>()};
+  if (!py::isinstance<py::dict>(object))
+    throw Error(ErrorCode::kInvalidArgument, "config: expected a dict of the Config fields");
+  const auto fields = object.cast<py::dict>();
+  auto field = [&](const char* name) {
+    if (!fields.contains(name)) throw Error(ErrorCode::kInvalidArgument, std::string("config: missing field ") + name);
+    return fields[name].cast<int>();
+  };
+  return Config{field("num_sms"), field("num_max_nvl_chunked_send_tokens"), field("num_max_nvl_chunked_recv_tokens"),
+                field("num_max_rdma_chunked_send_tokens"), field("num_max_rdma_chunked_recv_tokens")};
 }
 
-py::tuple config_to_tuple(const Config& c) {
-  return py::make_tuple(c.num_sms, c.num_max_nvl_chunked_send_tokens, c.num_max_nvl_chunked_recv_tokens,
-                        c.num_max_rdma_chunked_send_tokens, c.num_max_rdma_chunked_recv_tokens);
+py::dict config_to_dict(const Config& c) {
+  py::dict d;
+  d["num_sms"] = c.num_sms;
+  d["num_max_nvl_chunked_send_tokens"] = c.num_max_nvl_chunked_send_tokens;
+  d["num_max_nvl_chunked_recv_tokens"] = c.num_max_nvl_chunked_recv_tokens;
+  d["num_max_rdma_chunked_send_tokens"] = c.num_max_rdma_chunked_send_tokens;
+  d["num_max_rdma_chunked_recv_tokens"] = c.num_max_rdma_chunked_recv_tokens;
+  return d;
 }
 
 // The per-call stream arguments of normal mode, and the allocator they imply.
@@ -83,6 +97,16 @@ BackendKind backend_from(const std::string& name) {
   throw Error(ErrorCode::kInvalidArgument, "Buffer: backend: expected 'cpu' or 'cuda', got '" + name + "'");
 }
 
+// Results cross as dicts keyed by the names epcomm/buffer.py (and _C.pyi) use.
+template <typename... Items>
+py::dict named(Items&&... items) {
+  py::dict d;
+  ((d[items.first] = std::move(items.second)), ...);
+  return d;
+}
+
+std::pair<const char*, py::object> item(const char* name, py::object value) { return {name, std::move(value)}; }
+
 py::object hook_or_none(RecvHook hook) {
   if (!hook) return py::none();
   return py::cast(std::move(hook));
@@ -116,9 +140,9 @@ std::unique_ptr<PyBuffer> make_buffer(int rank, int size, py::object all_gather,
   return result;
 }
 
-py::tuple get_dispatch_layout(py::object self, const py::handle& topk_idx, int num_experts, uintptr_t stream,
-                              const py::object& previous_event, bool async_finish, bool allocate_on_comm_stream,
-                              py::object allocate) {
+py::dict get_dispatch_layout(py::object self, const py::handle& topk_idx, int num_experts, uintptr_t stream,
+                             const py::object& previous_event, bool async_finish, bool allocate_on_comm_stream,
+                             py::object allocate) {
   Buffer& buffer = self.cast<PyBuffer&>().get();
   const TensorView topk = view_from_python(topk_idx, "get_dispatch_layout: topk_idx");
   CallStream call(stream, previous_event, async_finish, allocate_on_comm_stream, std::move(allocate));
@@ -127,16 +151,18 @@ py::tuple get_dispatch_layout(py::object self, const py::handle& topk_idx, int n
     py::gil_scoped_release release;
     r = buffer.get_dispatch_layout(topk, num_experts, call.options);
   }
-  return py::make_tuple(to_torch(r.num_tokens_per_rank, self), to_torch_optional(r.num_tokens_per_rdma_rank, self),
-                        to_torch(r.num_tokens_per_expert, self), to_torch(r.is_token_in_rank, self), r.event);
+  return named(item("num_tokens_per_rank", to_torch(r.num_tokens_per_rank, self)),
+               item("num_tokens_per_rdma_rank", to_torch_optional(r.num_tokens_per_rdma_rank, self)),
+               item("num_tokens_per_expert", to_torch(r.num_tokens_per_expert, self)),
+               item("is_token_in_rank", to_torch(r.is_token_in_rank, self)), item("event", py::cast(r.event)));
 }
 
-py::tuple dispatch(py::object self, const py::handle& x, const py::handle& x_scales, const py::handle& topk_idx,
-                   const py::handle& topk_weights, const py::handle& num_tokens_per_rank,
-                   const py::handle& num_tokens_per_rdma_rank, const py::handle& is_token_in_rank,
-                   const py::handle& num_tokens_per_expert, const py::handle& handle, int expert_alignment,
-                   int num_worst_tokens, const py::handle& config, uintptr_t stream, const py::object& previous_event,
-                   bool async_finish, bool allocate_on_comm_stream, py::object allocate) {
+py::dict dispatch(py::object self, const py::handle& x, const py::handle& x_scales, const py::handle& topk_idx,
+                  const py::handle& topk_weights, const py::handle& num_tokens_per_rank,
+                  const py::handle& num_tokens_per_rdma_rank, const py::handle& is_token_in_rank,
+                  const py::handle& num_tokens_per_expert, const py::handle& handle, int expert_alignment,
+                  int num_worst_tokens, const py::handle& config, uintptr_t stream, const py::object& previous_event,
+                  bool async_finish, bool allocate_on_comm_stream, py::object allocate) {
   Buffer& buffer = self.cast<PyBuffer&>().get();
   DispatchInputs in;
   in.x = view_from_python(x, "dispatch: x");
@@ -157,25 +183,30 @@ py::tuple dispatch(py::object self, const py::handle& x, const py::handle& x_sca
     py::gil_scoped_release release;
     r = buffer.dispatch(in, call.options);
   }
-  py::object handle_object = py::none();
-  py::object handle_tensors = py::none();
+  // `handle`: the tensors of a new handle by name, and the opaque C++ handle as "native" (None for a
+  // cached dispatch, which makes no new handle).
+  py::object new_handle = py::none();
   if (r.handle) {
-    handle_tensors =
-        py::make_tuple(to_torch(r.handle->rank_prefix_matrix, self), to_torch(r.handle->is_token_in_rank, self),
-                       to_torch(r.handle->send_row, self), to_torch(r.handle->recv_src_idx, self));
-    handle_object = py::cast(PyDispatchHandle{r.handle});
+    new_handle = named(item("rank_prefix_matrix", to_torch(r.handle->rank_prefix_matrix, self)),
+                       item("is_token_in_rank", to_torch(r.handle->is_token_in_rank, self)),
+                       item("send_row", to_torch(r.handle->send_row, self)),
+                       item("recv_src_idx", to_torch(r.handle->recv_src_idx, self)),
+                       item("native", py::cast(PyDispatchHandle{r.handle})));
   }
   py::object counts = py::none();
   if (!in.handle) counts = py::cast(r.num_recv_tokens_per_expert);
-  return py::make_tuple(to_torch(r.recv_x, self), to_torch_optional(r.recv_x_scales, self),
-                        to_torch_optional(r.recv_topk_idx, self), to_torch_optional(r.recv_topk_weights, self), counts,
-                        handle_object, handle_tensors, r.event);
+  return named(item("recv_x", to_torch(r.recv_x, self)),
+               item("recv_x_scales", to_torch_optional(r.recv_x_scales, self)),
+               item("recv_topk_idx", to_torch_optional(r.recv_topk_idx, self)),
+               item("recv_topk_weights", to_torch_optional(r.recv_topk_weights, self)),
+               item("num_recv_tokens_per_expert_list", std::move(counts)), item("handle", std::move(new_handle)),
+               item("event", py::cast(r.event)));
 }
 
-py::tuple combine(py::object self, const py::handle& x, const py::handle& handle, const py::handle& topk_weights,
-                  const py::handle& bias_0, const py::handle& bias_1, const py::handle& config, uintptr_t stream,
-                  const py::object& previous_event, bool async_finish, bool allocate_on_comm_stream,
-                  py::object allocate) {
+py::dict combine(py::object self, const py::handle& x, const py::handle& handle, const py::handle& topk_weights,
+                 const py::handle& bias_0, const py::handle& bias_1, const py::handle& config, uintptr_t stream,
+                 const py::object& previous_event, bool async_finish, bool allocate_on_comm_stream,
+                 py::object allocate) {
   Buffer& buffer = self.cast<PyBuffer&>().get();
   CombineInputs in;
   in.x = view_from_python(x, "combine: x");
@@ -190,15 +221,17 @@ py::tuple combine(py::object self, const py::handle& x, const py::handle& handle
     py::gil_scoped_release release;
     r = buffer.combine(in, call.options);
   }
-  return py::make_tuple(to_torch(r.combined_x, self), to_torch_optional(r.combined_topk_weights, self), r.event);
+  return named(item("combined_x", to_torch(r.combined_x, self)),
+               item("combined_topk_weights", to_torch_optional(r.combined_topk_weights, self)),
+               item("event", py::cast(r.event)));
 }
 
-py::tuple low_latency_dispatch(py::object self, const py::handle& x, const py::handle& topk_idx,
-                               int num_max_dispatch_tokens_per_rank, int num_experts,
-                               const py::handle& cumulative_local_expert_recv_stats,
-                               const py::handle& dispatch_wait_recv_cost_stats, bool use_fp8, bool round_scale,
-                               bool use_ue8m0, uintptr_t stream, bool async_finish, bool return_recv_hook,
-                               py::object allocate) {
+py::dict low_latency_dispatch(py::object self, const py::handle& x, const py::handle& topk_idx,
+                              int num_max_dispatch_tokens_per_rank, int num_experts,
+                              const py::handle& cumulative_local_expert_recv_stats,
+                              const py::handle& dispatch_wait_recv_cost_stats, bool use_fp8, bool round_scale,
+                              bool use_ue8m0, uintptr_t stream, bool async_finish, bool return_recv_hook,
+                              py::object allocate) {
   Buffer& buffer = self.cast<PyBuffer&>().get();
   LowLatencyDispatchInputs in;
   in.x = view_from_python(x, "low_latency_dispatch: x");
@@ -219,9 +252,11 @@ py::tuple low_latency_dispatch(py::object self, const py::handle& x, const py::h
     py::gil_scoped_release release;
     r = buffer.low_latency_dispatch(in, options);
   }
-  return py::make_tuple(to_torch(r.recv_x, self), to_torch_optional(r.recv_x_scales, self),
-                        to_torch(r.recv_count, self), to_torch(r.handle.src_info, self),
-                        to_torch(r.handle.layout_range, self), r.event, hook_or_none(std::move(r.hook)));
+  return named(item("recv_x", to_torch(r.recv_x, self)),
+               item("recv_x_scales", to_torch_optional(r.recv_x_scales, self)),
+               item("recv_count", to_torch(r.recv_count, self)), item("src_info", to_torch(r.handle.src_info, self)),
+               item("layout_range", to_torch(r.handle.layout_range, self)), item("event", py::cast(r.event)),
+               item("hook", hook_or_none(std::move(r.hook))));
 }
 
 LowLatencyHandle low_latency_handle(const py::handle& src_info, const py::handle& layout_range,
@@ -236,12 +271,11 @@ LowLatencyHandle low_latency_handle(const py::handle& src_info, const py::handle
   return h;
 }
 
-py::tuple low_latency_combine(py::object self, const py::handle& x, const py::handle& topk_idx,
-                              const py::handle& topk_weights, const py::handle& src_info,
-                              const py::handle& layout_range, int num_max_dispatch_tokens_per_rank, int hidden,
-                              int num_experts, bool use_logfmt, bool zero_copy, const py::handle& out,
-                              const py::handle& combine_wait_recv_cost_stats, uintptr_t stream, bool async_finish,
-                              bool return_recv_hook, py::object allocate) {
+py::dict low_latency_combine(py::object self, const py::handle& x, const py::handle& topk_idx,
+                             const py::handle& topk_weights, const py::handle& src_info, const py::handle& layout_range,
+                             int num_max_dispatch_tokens_per_rank, int hidden, int num_experts, bool use_logfmt,
+                             bool zero_copy, const py::handle& out, const py::handle& combine_wait_recv_cost_stats,
+                             uintptr_t stream, bool async_finish, bool return_recv_hook, py::object allocate) {
   Buffer& buffer = self.cast<PyBuffer&>().get();
   const LowLatencyHandle h = low_latency_handle(src_info, layout_range, num_max_dispatch_tokens_per_rank, hidden,
                                                 num_experts, "low_latency_combine");
@@ -264,7 +298,8 @@ py::tuple low_latency_combine(py::object self, const py::handle& x, const py::ha
   }
   // With `out`, the result is that tensor; the Python side returns the caller's object for it.
   py::object combined = in.out ? py::none() : to_torch(r.combined_x, self);
-  return py::make_tuple(combined, r.event, hook_or_none(std::move(r.hook)));
+  return named(item("combined_x", std::move(combined)), item("event", py::cast(r.event)),
+               item("hook", hook_or_none(std::move(r.hook))));
 }
 
 py::object next_low_latency_combine_buffer(py::object self, const py::handle& src_info, const py::handle& layout_range,
@@ -326,42 +361,80 @@ void bind_buffer(py::module_& m) {
              py::gil_scoped_release release;
              b.get().check_errors();
            })
-      .def("get_dispatch_layout", &get_dispatch_layout)
-      .def("dispatch", &dispatch)
-      .def("combine", &combine)
-      .def("low_latency_dispatch", &low_latency_dispatch)
-      .def("low_latency_combine", &low_latency_combine)
-      .def("next_low_latency_combine_buffer", &next_low_latency_combine_buffer)
-      .def("clean_low_latency_buffer",
-           [](PyBuffer& b, int max_tokens, int hidden, int num_experts, uintptr_t stream) {
-             Buffer& buffer = b.get();
-             py::gil_scoped_release release;
-             buffer.clean_low_latency_buffer(max_tokens, hidden, num_experts, stream_from_int(stream));
-           })
-      .def("update_mask",
-           [](PyBuffer& b, int rank, bool mask, uintptr_t stream) {
-             Buffer& buffer = b.get();
-             py::gil_scoped_release release;
-             buffer.low_latency_update_mask_buffer(rank, mask, stream_from_int(stream));
-           })
+      // Every operation takes keyword arguments only (the names of epcomm/_C.pyi) and returns a dict.
+      .def("get_dispatch_layout", &get_dispatch_layout, py::kw_only(), py::arg("topk_idx"), py::arg("num_experts"),
+           py::arg("stream"), py::arg("previous_event"), py::arg("async_finish"), py::arg("allocate_on_comm_stream"),
+           py::arg("allocate"))
+      .def("dispatch", &dispatch, py::kw_only(), py::arg("x"), py::arg("x_scales"), py::arg("topk_idx"),
+           py::arg("topk_weights"), py::arg("num_tokens_per_rank"), py::arg("num_tokens_per_rdma_rank"),
+           py::arg("is_token_in_rank"), py::arg("num_tokens_per_expert"), py::arg("handle"),
+           py::arg("expert_alignment"), py::arg("num_worst_tokens"), py::arg("config"), py::arg("stream"),
+           py::arg("previous_event"), py::arg("async_finish"), py::arg("allocate_on_comm_stream"), py::arg("allocate"))
+      .def("combine", &combine, py::kw_only(), py::arg("x"), py::arg("handle"), py::arg("topk_weights"),
+           py::arg("bias_0"), py::arg("bias_1"), py::arg("config"), py::arg("stream"), py::arg("previous_event"),
+           py::arg("async_finish"), py::arg("allocate_on_comm_stream"), py::arg("allocate"))
+      .def("low_latency_dispatch", &low_latency_dispatch, py::kw_only(), py::arg("x"), py::arg("topk_idx"),
+           py::arg("num_max_dispatch_tokens_per_rank"), py::arg("num_experts"),
+           py::arg("cumulative_local_expert_recv_stats"), py::arg("dispatch_wait_recv_cost_stats"), py::arg("use_fp8"),
+           py::arg("round_scale"), py::arg("use_ue8m0"), py::arg("stream"), py::arg("async_finish"),
+           py::arg("return_recv_hook"), py::arg("allocate"))
+      .def("low_latency_combine", &low_latency_combine, py::kw_only(), py::arg("x"), py::arg("topk_idx"),
+           py::arg("topk_weights"), py::arg("src_info"), py::arg("layout_range"),
+           py::arg("num_max_dispatch_tokens_per_rank"), py::arg("hidden"), py::arg("num_experts"),
+           py::arg("use_logfmt"), py::arg("zero_copy"), py::arg("out"), py::arg("combine_wait_recv_cost_stats"),
+           py::arg("stream"), py::arg("async_finish"), py::arg("return_recv_hook"), py::arg("allocate"))
+      .def("next_low_latency_combine_buffer", &next_low_latency_combine_buffer, py::kw_only(), py::arg("src_info"),
+           py::arg("layout_range"), py::arg("num_max_dispatch_tokens_per_rank"), py::arg("hidden"),
+           py::arg("num_experts"))
+      .def(
+          "clean_low_latency_buffer",
+          [](PyBuffer& b, int max_tokens, int hidden, int num_experts, uintptr_t stream) {
+            Buffer& buffer = b.get();
+            py::gil_scoped_release release;
+            buffer.clean_low_latency_buffer(max_tokens, hidden, num_experts, stream_from_int(stream));
+          },
+          py::kw_only(), py::arg("num_max_dispatch_tokens_per_rank"), py::arg("hidden"), py::arg("num_experts"),
+          py::arg("stream"))
+      .def(
+          "update_mask",
+          [](PyBuffer& b, int rank, bool mask, uintptr_t stream) {
+            Buffer& buffer = b.get();
+            py::gil_scoped_release release;
+            buffer.low_latency_update_mask_buffer(rank, mask, stream_from_int(stream));
+          },
+          py::kw_only(), py::arg("rank"), py::arg("mask"), py::arg("stream"))
       .def("query_mask", &query_mask)
-      .def("clean_mask",
-           [](PyBuffer& b, uintptr_t stream) {
-             Buffer& buffer = b.get();
-             py::gil_scoped_release release;
-             buffer.low_latency_clean_mask_buffer(stream_from_int(stream));
-           })
-      .def("local_buffer_bytes", &local_buffer_bytes);
+      .def(
+          "clean_mask",
+          [](PyBuffer& b, uintptr_t stream) {
+            Buffer& buffer = b.get();
+            py::gil_scoped_release release;
+            buffer.low_latency_clean_mask_buffer(stream_from_int(stream));
+          },
+          py::kw_only(), py::arg("stream"))
+      .def("local_buffer_bytes", &local_buffer_bytes, py::kw_only(), py::arg("offset"), py::arg("num_bytes"),
+           py::arg("rdma"));
 
-  m.def("default_dispatch_config", [](int num_ranks) { return config_to_tuple(default_dispatch_config(num_ranks)); });
-  m.def("default_combine_config", [](int num_ranks) { return config_to_tuple(default_combine_config(num_ranks)); });
-  m.def("validate_config", [](const py::tuple& config) { config_from(config)->validate(); });
-  m.def("nvl_buffer_size_hint", [](const py::tuple& config, int64_t hidden_bytes, int num_ranks) {
-    return config_from(config)->nvl_buffer_size_hint(hidden_bytes, num_ranks);
-  });
-  m.def("rdma_buffer_size_hint", [](const py::tuple& config, int64_t hidden_bytes, int num_ranks, int ranks_per_node) {
-    return config_from(config)->rdma_buffer_size_hint(hidden_bytes, num_ranks, ranks_per_node);
-  });
+  m.def(
+      "default_dispatch_config", [](int num_ranks) { return config_to_dict(default_dispatch_config(num_ranks)); },
+      py::arg("num_ranks"));
+  m.def(
+      "default_combine_config", [](int num_ranks) { return config_to_dict(default_combine_config(num_ranks)); },
+      py::arg("num_ranks"));
+  m.def(
+      "validate_config", [](const py::dict& config) { config_from(config)->validate(); }, py::arg("config"));
+  m.def(
+      "nvl_buffer_size_hint",
+      [](const py::dict& config, int64_t hidden_bytes, int num_ranks) {
+        return config_from(config)->nvl_buffer_size_hint(hidden_bytes, num_ranks);
+      },
+      py::arg("config"), py::arg("hidden_bytes"), py::arg("num_ranks"));
+  m.def(
+      "rdma_buffer_size_hint",
+      [](const py::dict& config, int64_t hidden_bytes, int num_ranks, int ranks_per_node) {
+        return config_from(config)->rdma_buffer_size_hint(hidden_bytes, num_ranks, ranks_per_node);
+      },
+      py::arg("config"), py::arg("hidden_bytes"), py::arg("num_ranks"), py::arg("ranks_per_node"));
 }
 
 }  // namespace epcomm::python

@@ -24,11 +24,15 @@ void bind_library(py::module_& m) {
     codes[py::str(to_string(d))] = dtype_code(d);
   m.attr("dtype_codes") = codes;
 
-  m.def("backend_available", [](const std::string& name) {
-    if (name == "cpu") return backend_available(BackendKind::kCpu);
-    if (name == "cuda") return backend_available(BackendKind::kCuda);
-    throw Error(ErrorCode::kInvalidArgument, "backend_available: name: expected 'cpu' or 'cuda', got '" + name + "'");
-  });
+  m.def(
+      "backend_available",
+      [](const std::string& name) {
+        if (name == "cpu") return backend_available(BackendKind::kCpu);
+        if (name == "cuda") return backend_available(BackendKind::kCuda);
+        throw Error(ErrorCode::kInvalidArgument,
+                    "backend_available: name: expected 'cpu' or 'cuda', got '" + name + "'");
+      },
+      py::arg("name"));
   m.def("set_default_num_sms", &set_default_num_sms, py::arg("num_sms"));
   m.def("default_num_sms", &default_num_sms);
   m.def("low_latency_buffer_size_hint", &low_latency_buffer_size_hint, py::arg("num_max_dispatch_tokens_per_rank"),

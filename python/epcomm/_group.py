@@ -1,5 +1,5 @@
 """How a Buffer's ranks find each other from Python: collectives over a ``torch.distributed`` group
-(or an ``mpi4py`` communicator), the backend a group implies, and the ranks-per-node default."""
+(or an ``mpi4py`` communicator), the backend a Buffer runs, and the ranks-per-node default."""
 from __future__ import annotations
 
 import os
@@ -9,9 +9,12 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
+from . import _C
 from ._errors import invalid_argument, unsupported
 
 BACKENDS = ("cpu", "cuda")
+#: Chooses the backend of every Buffer that is not given ``backend=``.
+BACKEND_VARIABLE = "EPCOMM_BACKEND"
 
 
 @dataclass
@@ -42,20 +45,23 @@ def group_collectives(group: Optional[Any], comm: Optional[Any]) -> GroupCollect
     raise invalid_argument("Buffer", "group", "either group (a torch.distributed ProcessGroup) or comm must be given")
 
 
-def choose_backend(group: Optional[Any], requested: Optional[str]) -> str:
-    """``requested`` if given; else 'cpu' for a gloo group, 'cuda' for an NCCL group. A group with both
-    (``cpu:gloo,cuda:nccl``) or an mpi4py communicator gives 'cuda' when CUDA is available."""
+def choose_backend(requested: Optional[str]) -> str:
+    """The backend of a new Buffer: ``requested`` if given, else $EPCOMM_BACKEND, else 'cuda' when torch
+    sees a CUDA device and this build has the CUDA backend, else 'cpu'.
+
+    The group does not choose: as in DeepEP it only bootstraps the ranks, so a gloo group (vLLM's
+    ``cpu_group``) drives the CUDA backend for CUDA tensors. Ask for 'cpu' to run the CPU reference
+    backend on a machine with GPUs.
+    """
+    source = "backend"
+    if requested is None and os.environ.get(BACKEND_VARIABLE):
+        requested, source = os.environ[BACKEND_VARIABLE], BACKEND_VARIABLE
     if requested is not None:
         if requested not in BACKENDS:
-            raise invalid_argument("Buffer", "backend", f"expected one of {BACKENDS}, got {requested!r}")
+            raise invalid_argument("Buffer", source, f"expected one of {BACKENDS}, got {requested!r}")
         return requested
-    if group is not None:
-        name = str(dist.get_backend(group)).lower()
-        if name == "gloo":
-            return "cpu"
-        if name == "nccl":
-            return "cuda"
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    cuda_usable = torch.cuda.is_available() and _C.backend_available("cuda")
+    return "cuda" if cuda_usable else "cpu"
 
 
 def backend_device(backend: str) -> torch.device:
@@ -64,7 +70,7 @@ def backend_device(backend: str) -> torch.device:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise unsupported("Buffer", "backend 'cuda' needs a CUDA device but torch.cuda.is_available() is False "
-                                    "(use a gloo group or backend='cpu')")
+                                    "(use backend='cpu' or EPCOMM_BACKEND=cpu)")
     return torch.device("cuda", torch.cuda.current_device())
 
 

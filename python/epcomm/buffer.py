@@ -13,11 +13,12 @@ every call completes before it returns.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
 from . import _C
+from ._arguments import LOW_LATENCY_FORK_ARGUMENTS, int32, reject_fork_arguments
 from ._errors import invalid_argument
 from ._group import backend_device, choose_backend, group_collectives, resolve_ranks_per_node
 from ._tensors import DTYPES_BY_CODE, current_stream_handle, describe, describe_optional, is_capturing
@@ -42,7 +43,8 @@ Allocate = Callable[[int, Tuple[int, ...], int], Tuple[torch.Tensor, int]]
 class DispatchHandle(NamedTuple):
     """The handle ``dispatch`` returns: everything ``combine`` and cached dispatch need.
 
-    Element 0 is ``rank_prefix_matrix`` as in DeepEP; the other elements are epcomm's own.
+    Element 0 is ``rank_prefix_matrix`` as in DeepEP; the other elements are epcomm's own. Built by
+    name from what epcomm._C.Buffer.dispatch returns under ``"handle"``.
     """
 
     rank_prefix_matrix: torch.Tensor  # [R, R] int32: [i][j] = tokens rank j receives from ranks 0..i
@@ -90,8 +92,9 @@ class Buffer:
             comm: an ``mpi4py`` communicator, used when ``group`` is None.
         Keyword-only arguments (epcomm's):
             backend: 'cpu' (ranks are processes of one machine, CPU tensors) or 'cuda' (a GPU per
-                rank). Default: 'cpu' for a gloo group, 'cuda' for an NCCL group, else 'cuda' when
-                CUDA is available.
+                rank, the current CUDA device). Default: $EPCOMM_BACKEND, else 'cuda' when CUDA is
+                available (and this build has the CUDA backend), else 'cpu'. The group only
+                bootstraps (a gloo group, as vLLM's cpu_group, works for CUDA tensors too).
             ranks_per_node: G, ranks per NVLink domain. Default: $EPCOMM_RANKS_PER_NODE, else
                 $LOCAL_WORLD_SIZE (capped at R), else min(R, 8).
             timeout_s: bound of every wait for a peer. Default: $EPCOMM_TIMEOUT_S, else 100 s.
@@ -105,7 +108,7 @@ class Buffer:
         self.low_latency_mode = bool(low_latency_mode)
         self.explicitly_destroy = bool(explicitly_destroy)
         self.enable_shrink = bool(enable_shrink)
-        self.backend = choose_backend(group, backend)
+        self.backend = choose_backend(backend)
         self.device = backend_device(self.backend)
         # The communication stream comes from torch's stream pool, whose streams are never destroyed:
         # tensors record_stream-ed on it may be freed after destroy() (a stream the Buffer created and
@@ -135,7 +138,11 @@ class Buffer:
 
     @staticmethod
     def is_sm90_compiled() -> bool:
-        """True when libepcomm contains CUDA kernels for Hopper (sm_90 / sm_90a)."""
+        """True when libepcomm contains CUDA kernels for Hopper (sm_90 / sm_90a).
+
+        False on a CPU-only build (``-DEPCOMM_WITH_CUDA=OFF``, or no nvcc at build time): such a build
+        runs the CPU backend only, and ``Buffer(..., backend="cuda")`` raises ``UnsupportedError``.
+        """
         architectures = _C.cuda_architectures.replace(",", ";").split(";")
         return _C.backend_available("cuda") and any(a.strip().startswith("90") for a in architectures)
 
@@ -154,20 +161,26 @@ class Buffer:
     def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
                                        num_experts: int) -> int:
         """Bytes of ``num_rdma_bytes`` always enough for low-latency calls with these sizes."""
-        return _C.low_latency_buffer_size_hint(int(num_max_dispatch_tokens_per_rank), int(hidden), int(num_ranks),
-                                               int(num_experts))
+        op = "get_low_latency_rdma_size_hint"
+        return _C.low_latency_buffer_size_hint(
+            num_max_dispatch_tokens_per_rank=int32(op, "num_max_dispatch_tokens_per_rank",
+                                                   num_max_dispatch_tokens_per_rank),
+            hidden=int32(op, "hidden", hidden), num_ranks=int32(op, "num_ranks", num_ranks),
+            num_experts=int32(op, "num_experts", num_experts))
 
     @staticmethod
     def get_dispatch_config(num_ranks: int) -> Config:
         """A good dispatch ``Config`` for R = ``num_ranks`` (any R), with ``num_sms = Buffer.num_sms``."""
-        config = Config._from_tuple(_C.default_dispatch_config(int(num_ranks)))
+        config = Config._from_dict(_C.default_dispatch_config(num_ranks=int32("get_dispatch_config", "num_ranks",
+                                                                              num_ranks)))
         config.num_sms = Buffer.num_sms
         return config
 
     @staticmethod
     def get_combine_config(num_ranks: int) -> Config:
         """A good combine ``Config`` for R = ``num_ranks`` (any R), with ``num_sms = Buffer.num_sms``."""
-        config = Config._from_tuple(_C.default_combine_config(int(num_ranks)))
+        config = Config._from_dict(_C.default_combine_config(num_ranks=int32("get_combine_config", "num_ranks",
+                                                                            num_ranks)))
         config.num_sms = Buffer.num_sms
         return config
 
@@ -218,7 +231,7 @@ class Buffer:
         else:
             shape = torch.Size([size]) if isinstance(size, int) else torch.Size(size)
             numel = shape.numel()
-        raw = self.runtime.local_buffer_bytes(offset, numel * element, bool(use_rdma_buffer))
+        raw = self.runtime.local_buffer_bytes(offset=offset, num_bytes=numel * element, rdma=bool(use_rdma_buffer))
         tensor = raw.view(dtype)
         return tensor if shape is None else tensor.view(shape)
 
@@ -241,13 +254,15 @@ class Buffer:
             event: ``EventOverlap`` (an event only with ``async_finish``).
         """
         op = "get_dispatch_layout"
-        per_rank, per_rdma_rank, per_expert, in_rank, native_event = self.runtime.get_dispatch_layout(
-            describe(topk_idx, op, "topk_idx"), int(num_experts), self._stream(),
-            self._native_event(previous_event, op), bool(async_finish), bool(allocate_on_comm_stream),
-            self._allocator(allocate_on_comm_stream))
-        outputs = (per_rank, per_rdma_rank, per_expert, in_rank)
-        event = self._finish(native_event, async_finish, allocate_on_comm_stream, (topk_idx,), outputs)
-        return per_rank, per_rdma_rank, per_expert, in_rank, event
+        r = self.runtime.get_dispatch_layout(
+            topk_idx=describe(topk_idx, op, "topk_idx"), num_experts=int32(op, "num_experts", num_experts),
+            stream=self._stream(), previous_event=self._native_event(previous_event, op),
+            async_finish=bool(async_finish), allocate_on_comm_stream=bool(allocate_on_comm_stream),
+            allocate=self._allocator(allocate_on_comm_stream))
+        outputs = (r["num_tokens_per_rank"], r["num_tokens_per_rdma_rank"], r["num_tokens_per_expert"],
+                   r["is_token_in_rank"])
+        event = self._finish(r["event"], async_finish, allocate_on_comm_stream, (topk_idx,), outputs)
+        return outputs + (event,)
 
     def dispatch(self, x: TokenTensor, handle: Optional[DispatchHandle] = None,
                  num_tokens_per_rank: Optional[torch.Tensor] = None,
@@ -262,8 +277,9 @@ class Buffer:
         """Sends every token to the ranks holding its experts (SPEC §3.2).
 
         Arguments:
-            x: [T, hidden] bf16, or a tuple (x [T, hidden] float8_e4m3fn, scales [T, S] float32 with any
-                strides).
+            x: [T, hidden] bf16, or a tuple (x [T, hidden] float8_e4m3fn, scales): scales [T, S] float32
+                with any strides, or [T, hidden / 512] int32 UE8M0-packed (DeepEP V1.2; passed through
+                to the core as given, which checks whether it supports them).
             handle: a handle from an earlier dispatch: cached dispatch with that routing (topk_idx,
                 topk_weights and the layout tensors must then be None).
             num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank, num_tokens_per_expert: from
@@ -292,26 +308,30 @@ class Buffer:
             raise invalid_argument(op, "num_tokens_per_expert", "required with topk_idx (get_dispatch_layout returns "
                                                                 "it): its length gives the number of experts")
         config = config if config is not None else self.get_dispatch_config(self.group_size)
-        result = self.runtime.dispatch(
-            describe(x_data, op, "x"), describe_optional(x_scales, op, "x_scales"),
-            describe_optional(topk_idx, op, "topk_idx"), describe_optional(topk_weights, op, "topk_weights"),
-            describe_optional(num_tokens_per_rank, op, "num_tokens_per_rank"),
-            describe_optional(num_tokens_per_rdma_rank, op, "num_tokens_per_rdma_rank"),
-            describe_optional(is_token_in_rank, op, "is_token_in_rank"),
-            describe_optional(num_tokens_per_expert, op, "num_tokens_per_expert"), native_handle,
-            int(expert_alignment), int(num_worst_tokens), self._config_tuple(config, op), self._stream(),
-            self._native_event(previous_event, op), bool(async_finish), bool(allocate_on_comm_stream),
-            self._allocator(allocate_on_comm_stream))
-        recv_x, recv_scales, recv_topk_idx, recv_topk_weights, counts, new_native, handle_tensors, native_event = result
+        r = self.runtime.dispatch(
+            x=describe(x_data, op, "x"), x_scales=describe_optional(x_scales, op, "x_scales"),
+            topk_idx=describe_optional(topk_idx, op, "topk_idx"),
+            topk_weights=describe_optional(topk_weights, op, "topk_weights"),
+            num_tokens_per_rank=describe_optional(num_tokens_per_rank, op, "num_tokens_per_rank"),
+            num_tokens_per_rdma_rank=describe_optional(num_tokens_per_rdma_rank, op, "num_tokens_per_rdma_rank"),
+            is_token_in_rank=describe_optional(is_token_in_rank, op, "is_token_in_rank"),
+            num_tokens_per_expert=describe_optional(num_tokens_per_expert, op, "num_tokens_per_expert"),
+            handle=native_handle, expert_alignment=int32(op, "expert_alignment", expert_alignment),
+            num_worst_tokens=int32(op, "num_worst_tokens", num_worst_tokens), config=self._config_fields(config, op),
+            stream=self._stream(), previous_event=self._native_event(previous_event, op),
+            async_finish=bool(async_finish), allocate_on_comm_stream=bool(allocate_on_comm_stream),
+            allocate=self._allocator(allocate_on_comm_stream))
+        new_handle = DispatchHandle(**r["handle"]) if r["handle"] is not None else None
         inputs = (x_data, x_scales, topk_idx, topk_weights, num_tokens_per_rank, num_tokens_per_rdma_rank,
-                  is_token_in_rank, num_tokens_per_expert) + (tuple(handle[:4]) if handle is not None else ())
-        outputs = (recv_x, recv_scales, recv_topk_idx, recv_topk_weights) + (handle_tensors or ())
-        event = self._finish(native_event, async_finish, allocate_on_comm_stream, inputs, outputs)
-        received = (recv_x, recv_scales) if x_scales is not None else recv_x
+                  is_token_in_rank, num_tokens_per_expert) + self._handle_tensors(handle)
+        outputs = (r["recv_x"], r["recv_x_scales"], r["recv_topk_idx"], r["recv_topk_weights"]) + \
+            self._handle_tensors(new_handle)
+        event = self._finish(r["event"], async_finish, allocate_on_comm_stream, inputs, outputs)
+        received = (r["recv_x"], r["recv_x_scales"]) if x_scales is not None else r["recv_x"]
         if native_handle is not None:
             return received, None, None, None, None, event
-        new_handle = DispatchHandle(*handle_tensors, new_native)
-        return received, recv_topk_idx, recv_topk_weights, counts, new_handle, event
+        return (received, r["recv_topk_idx"], r["recv_topk_weights"], r["num_recv_tokens_per_expert_list"], new_handle,
+                event)
 
     def combine(self, x: torch.Tensor, handle: DispatchHandle, topk_weights: Optional[torch.Tensor] = None,
                 bias: Bias = None, config: Optional[Config] = None, previous_event: Optional[EventOverlap] = None,
@@ -335,15 +355,17 @@ class Buffer:
         native_handle = self._native_dispatch_handle(handle, op)
         bias_0, bias_1 = Buffer._unpack_bias(bias)
         config = config if config is not None else self.get_combine_config(self.group_size)
-        combined_x, combined_weights, native_event = self.runtime.combine(
-            describe(x, op, "x"), native_handle, describe_optional(topk_weights, op, "topk_weights"),
-            describe_optional(bias_0, op, "bias[0]"), describe_optional(bias_1, op, "bias[1]"),
-            self._config_tuple(config, op), self._stream(), self._native_event(previous_event, op), bool(async_finish),
-            bool(allocate_on_comm_stream), self._allocator(allocate_on_comm_stream))
-        inputs = (x, topk_weights, bias_0, bias_1) + tuple(handle[:4])
-        outputs = (combined_x, combined_weights)
-        event = self._finish(native_event, async_finish, allocate_on_comm_stream, inputs, outputs)
-        return combined_x, combined_weights, event
+        r = self.runtime.combine(
+            x=describe(x, op, "x"), handle=native_handle,
+            topk_weights=describe_optional(topk_weights, op, "topk_weights"),
+            bias_0=describe_optional(bias_0, op, "bias[0]"), bias_1=describe_optional(bias_1, op, "bias[1]"),
+            config=self._config_fields(config, op), stream=self._stream(),
+            previous_event=self._native_event(previous_event, op), async_finish=bool(async_finish),
+            allocate_on_comm_stream=bool(allocate_on_comm_stream), allocate=self._allocator(allocate_on_comm_stream))
+        inputs = (x, topk_weights, bias_0, bias_1) + self._handle_tensors(handle)
+        outputs = (r["combined_x"], r["combined_topk_weights"])
+        event = self._finish(r["event"], async_finish, allocate_on_comm_stream, inputs, outputs)
+        return r["combined_x"], r["combined_topk_weights"], event
 
     def internode_dispatch(self, x: TokenTensor, handle: Optional[DispatchHandle] = None,
                            num_tokens_per_rank: Optional[torch.Tensor] = None,
@@ -374,14 +396,18 @@ class Buffer:
 
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
         """Collective: resets the low-latency state for calls with these sizes (SPEC §4.3)."""
-        self.runtime.clean_low_latency_buffer(int(num_max_dispatch_tokens_per_rank), int(hidden), int(num_experts),
-                                              self._stream())
+        op = "clean_low_latency_buffer"
+        self.runtime.clean_low_latency_buffer(
+            num_max_dispatch_tokens_per_rank=int32(op, "num_max_dispatch_tokens_per_rank",
+                                                   num_max_dispatch_tokens_per_rank),
+            hidden=int32(op, "hidden", hidden), num_experts=int32(op, "num_experts", num_experts),
+            stream=self._stream())
 
     def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
                              num_experts: int, cumulative_local_expert_recv_stats: Optional[torch.Tensor] = None,
                              dispatch_wait_recv_cost_stats: Optional[torch.Tensor] = None, use_fp8: bool = True,
                              round_scale: bool = False, use_ue8m0: bool = False, async_finish: bool = False,
-                             return_recv_hook: bool = False) -> \
+                             return_recv_hook: bool = False, **fork_arguments: Any) -> \
             Tuple[TokenTensor, torch.Tensor, LowLatencyHandle, EventOverlap, Optional[Callable[[], None]]]:
         """Low-latency dispatch into fixed-size per-expert slots (SPEC §4.1). No host synchronisation.
 
@@ -397,6 +423,8 @@ class Buffer:
             use_ue8m0: scales packed as exponent bytes (needs round_scale).
             async_finish: return an event instead of ordering the current stream.
             return_recv_hook: only issue the sends; the returned hook runs the receive half.
+            fork_arguments: keyword arguments of DeepEP forks (``use_nvfp4``, ``x_global_scale``, ...):
+                accepted at their defaults, else ``UnsupportedError`` naming them.
         Returns:
             recv_x: [L, R*T_max, hidden] bf16, or with use_fp8 a tuple (float8_e4m3fn [L, R*T_max, hidden],
                 scales): float32 [L, R*T_max, S] or with use_ue8m0 int32 [L, R*T_max, hidden/512]; the
@@ -407,26 +435,30 @@ class Buffer:
             hook: a callable with return_recv_hook, else None.
         """
         op = "low_latency_dispatch"
-        recv_x, recv_scales, recv_count, src_info, layout_range, native_event, native_hook = \
-            self.runtime.low_latency_dispatch(
-                describe(x, op, "x"), describe(topk_idx, op, "topk_idx"), int(num_max_dispatch_tokens_per_rank),
-                int(num_experts), describe_optional(cumulative_local_expert_recv_stats, op,
-                                                    "cumulative_local_expert_recv_stats"),
-                describe_optional(dispatch_wait_recv_cost_stats, op, "dispatch_wait_recv_cost_stats"), bool(use_fp8),
-                bool(round_scale), bool(use_ue8m0), self._stream(), bool(async_finish), bool(return_recv_hook),
-                self._allocate_here)
-        handle = (src_info, layout_range, int(num_max_dispatch_tokens_per_rank), x.size(1), int(num_experts))
-        in_flight = (x, topk_idx, recv_x, recv_scales, recv_count, src_info, layout_range,
+        reject_fork_arguments(op, fork_arguments, LOW_LATENCY_FORK_ARGUMENTS)
+        max_tokens = int32(op, "num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank)
+        num_experts = int32(op, "num_experts", num_experts)
+        r = self.runtime.low_latency_dispatch(
+            x=describe(x, op, "x"), topk_idx=describe(topk_idx, op, "topk_idx"),
+            num_max_dispatch_tokens_per_rank=max_tokens, num_experts=num_experts,
+            cumulative_local_expert_recv_stats=describe_optional(cumulative_local_expert_recv_stats, op,
+                                                                 "cumulative_local_expert_recv_stats"),
+            dispatch_wait_recv_cost_stats=describe_optional(dispatch_wait_recv_cost_stats, op,
+                                                            "dispatch_wait_recv_cost_stats"),
+            use_fp8=bool(use_fp8), round_scale=bool(round_scale), use_ue8m0=bool(use_ue8m0), stream=self._stream(),
+            async_finish=bool(async_finish), return_recv_hook=bool(return_recv_hook), allocate=self._allocate_here)
+        handle = (r["src_info"], r["layout_range"], max_tokens, x.size(1), num_experts)
+        in_flight = (x, topk_idx, r["recv_x"], r["recv_x_scales"], r["recv_count"], r["src_info"], r["layout_range"],
                      cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats)
-        event = self._low_latency_event(native_event, async_finish, in_flight)
-        received = (recv_x, recv_scales) if use_fp8 else recv_x
-        return received, recv_count, handle, event, self._wrap_hook(native_hook, in_flight)
+        event = self._low_latency_event(r["event"], async_finish, in_flight)
+        received = (r["recv_x"], r["recv_x_scales"]) if use_fp8 else r["recv_x"]
+        return received, r["recv_count"], handle, event, self._wrap_hook(r["hook"], in_flight)
 
     def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
                             handle: LowLatencyHandle, use_logfmt: bool = False, zero_copy: bool = False,
                             async_finish: bool = False, return_recv_hook: bool = False,
                             out: Optional[torch.Tensor] = None,
-                            combine_wait_recv_cost_stats: Optional[torch.Tensor] = None) -> \
+                            combine_wait_recv_cost_stats: Optional[torch.Tensor] = None, **fork_arguments: Any) -> \
             Tuple[torch.Tensor, EventOverlap, Optional[Callable[[], None]]]:
         """Low-latency weighted combine (SPEC §4.2).
 
@@ -438,37 +470,46 @@ class Buffer:
             zero_copy: x was already written into ``get_next_low_latency_combine_buffer(handle)``.
             out: [T, hidden] bf16 to write the result into.
             combine_wait_recv_cost_stats: [R] int64, wait time per source rank added in nanoseconds.
+            fork_arguments: keyword arguments of DeepEP forks (SGLang's single-batch overlap: ``overlap``,
+                ``packed_recv_count``, ``comp_signal``, ``block_m``, ``threshold``, ``num_sms``,
+                ``src_signals``, ``src_signal_expect_value``): accepted at their defaults, else
+                ``UnsupportedError`` naming them.
         Returns:
             combined_x: [T, hidden] bf16, sum over k of topk_weights[t, k] * row (float32 fused
                 multiply-add in ascending k, one rounding); ``out`` when given.
             event: ``EventOverlap``; hook: a callable with return_recv_hook, else None.
         """
         op = "low_latency_combine"
+        reject_fork_arguments(op, fork_arguments, LOW_LATENCY_FORK_ARGUMENTS)
         src_info, layout_range, max_tokens, hidden, num_experts = self._unpack_low_latency_handle(handle, op)
-        combined_x, native_event, native_hook = self.runtime.low_latency_combine(
-            describe(x, op, "x"), describe(topk_idx, op, "topk_idx"), describe(topk_weights, op, "topk_weights"),
-            describe(src_info, op, "handle[0]"), describe(layout_range, op, "handle[1]"), max_tokens, hidden,
-            num_experts, bool(use_logfmt), bool(zero_copy), describe_optional(out, op, "out"),
-            describe_optional(combine_wait_recv_cost_stats, op, "combine_wait_recv_cost_stats"), self._stream(),
-            bool(async_finish), bool(return_recv_hook), self._allocate_here)
-        if out is not None:
-            combined_x = out
+        r = self.runtime.low_latency_combine(
+            x=describe(x, op, "x"), topk_idx=describe(topk_idx, op, "topk_idx"),
+            topk_weights=describe(topk_weights, op, "topk_weights"), src_info=describe(src_info, op, "handle[0]"),
+            layout_range=describe(layout_range, op, "handle[1]"), num_max_dispatch_tokens_per_rank=max_tokens,
+            hidden=hidden, num_experts=num_experts, use_logfmt=bool(use_logfmt), zero_copy=bool(zero_copy),
+            out=describe_optional(out, op, "out"),
+            combine_wait_recv_cost_stats=describe_optional(combine_wait_recv_cost_stats, op,
+                                                           "combine_wait_recv_cost_stats"),
+            stream=self._stream(), async_finish=bool(async_finish), return_recv_hook=bool(return_recv_hook),
+            allocate=self._allocate_here)
+        combined_x = out if out is not None else r["combined_x"]
         in_flight = (x, topk_idx, topk_weights, src_info, layout_range, combined_x, combine_wait_recv_cost_stats)
-        event = self._low_latency_event(native_event, async_finish, in_flight)
-        return combined_x, event, self._wrap_hook(native_hook, in_flight)
+        event = self._low_latency_event(r["event"], async_finish, in_flight)
+        return combined_x, event, self._wrap_hook(r["hook"], in_flight)
 
     def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
         """[L, R*T_max, hidden] bf16 view of the memory the next ``zero_copy`` combine reads."""
         op = "get_next_low_latency_combine_buffer"
         src_info, layout_range, max_tokens, hidden, num_experts = self._unpack_low_latency_handle(handle, op)
-        return self.runtime.next_low_latency_combine_buffer(describe(src_info, op, "handle[0]"),
-                                                            describe(layout_range, op, "handle[1]"), max_tokens,
-                                                            hidden, num_experts)
+        return self.runtime.next_low_latency_combine_buffer(
+            src_info=describe(src_info, op, "handle[0]"), layout_range=describe(layout_range, op, "handle[1]"),
+            num_max_dispatch_tokens_per_rank=max_tokens, hidden=hidden, num_experts=num_experts)
 
     def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
         """Masks (``mask=True``) or unmasks a rank: low-latency calls skip a masked rank instead of
         waiting for it. Needs ``enable_shrink=True``."""
-        self.runtime.update_mask(int(rank_to_mask), bool(mask), self._stream())
+        op = "low_latency_update_mask_buffer"
+        self.runtime.update_mask(rank=int32(op, "rank_to_mask", rank_to_mask), mask=bool(mask), stream=self._stream())
 
     def low_latency_query_mask_buffer(self, mask_status: torch.Tensor) -> None:
         """Writes the mask into ``mask_status`` ([R] int32 on the buffer's device): 1 = masked."""
@@ -480,7 +521,7 @@ class Buffer:
 
     def low_latency_clean_mask_buffer(self) -> None:
         """Unmasks every rank. Needs ``enable_shrink=True``."""
-        self.runtime.clean_mask(self._stream())
+        self.runtime.clean_mask(stream=self._stream())
 
     # ---- helpers ---------------------------------------------------------------------------------
 
@@ -505,19 +546,32 @@ class Buffer:
 
     @staticmethod
     def _native_dispatch_handle(handle: Any, op: str) -> _C.DispatchHandle:
-        if isinstance(handle, tuple) and len(handle) == 5 and isinstance(handle[-1], _C.DispatchHandle):
+        if isinstance(handle, DispatchHandle):
+            return handle.native
+        if isinstance(handle, tuple) and handle and isinstance(handle[-1], _C.DispatchHandle):
             return handle[-1]
         raise invalid_argument(op, "handle",
                                f"expected the handle tuple returned by dispatch, got {type(handle).__name__}")
 
     @staticmethod
+    def _handle_tensors(handle: Optional[DispatchHandle]) -> Tuple[torch.Tensor, ...]:
+        """The tensors of a dispatch handle (kept alive by asynchronous calls that use it)."""
+        if not isinstance(handle, tuple):
+            return ()
+        return tuple(t for t in handle if isinstance(t, torch.Tensor))
+
+    @staticmethod
     def _unpack_low_latency_handle(handle: Any, op: str) -> Tuple[torch.Tensor, torch.Tensor, int, int, int]:
+        if isinstance(handle, DispatchHandle):
+            raise invalid_argument(op, "handle", "got the handle of a normal-mode dispatch (Buffer.dispatch); "
+                                                 "pass the handle low_latency_dispatch returned")
         if not isinstance(handle, (tuple, list)) or len(handle) != 5:
             raise invalid_argument(op, "handle", "expected the 5-tuple (src_info, layout_range, "
                                                  "num_max_dispatch_tokens_per_rank, hidden, num_experts) returned by "
                                                  "low_latency_dispatch")
         src_info, layout_range, max_tokens, hidden, num_experts = handle
-        return src_info, layout_range, int(max_tokens), int(hidden), int(num_experts)
+        return (src_info, layout_range, int32(op, "handle[2] (num_max_dispatch_tokens_per_rank)", max_tokens),
+                int32(op, "handle[3] (hidden)", hidden), int32(op, "handle[4] (num_experts)", num_experts))
 
     @staticmethod
     def _native_event(previous_event: Any, op: str) -> Optional[_C.Event]:
@@ -534,10 +588,10 @@ class Buffer:
         raise invalid_argument(op, "previous_event", f"expected an EventOverlap, got {type(previous_event).__name__}")
 
     @staticmethod
-    def _config_tuple(config: Any, op: str) -> Tuple[int, int, int, int, int]:
+    def _config_fields(config: Any, op: str) -> Dict[str, int]:
         if not isinstance(config, Config):
             raise invalid_argument(op, "config", f"expected an epcomm.Config, got {type(config).__name__}")
-        return config._as_tuple()
+        return {name: int32(op, f"config.{name}", value) for name, value in config._as_dict().items()}
 
     def _stream(self) -> int:
         return current_stream_handle(self.device)

@@ -1,7 +1,7 @@
 """``Config``: per-call tuning of high-throughput mode (SPEC §3.5, §6)."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, Optional
 
 from . import _C
 from ._group import resolve_ranks_per_node
@@ -9,6 +9,8 @@ from ._group import resolve_ranks_per_node
 
 class Config:
     """SM count and chunk sizes of high-throughput dispatch / combine.
+
+    ``Config(**json.load(f))`` works with a JSON object of these names (what SGLang's tuned configs are).
 
     Arguments (all ``int``, accepted as given and checked when used):
         num_sms: streaming multiprocessors the kernels may occupy (even, >= 2); honoured exactly.
@@ -38,7 +40,7 @@ class Config:
             num_ranks: ranks of the group (a size for ``num_ranks`` ranks in one NVLink domain, which is
                 also enough when the group spans several nodes).
         """
-        return _C.nvl_buffer_size_hint(self._as_tuple(), int(hidden_bytes), int(num_ranks))
+        return _C.nvl_buffer_size_hint(config=self._as_dict(), hidden_bytes=int(hidden_bytes), num_ranks=int(num_ranks))
 
     def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int,
                                   ranks_per_node: Optional[int] = None) -> int:
@@ -48,18 +50,19 @@ class Config:
         ``min(num_ranks, 8)``).
         """
         rpn = resolve_ranks_per_node(int(num_ranks), ranks_per_node)
-        return _C.rdma_buffer_size_hint(self._as_tuple(), int(hidden_bytes), int(num_ranks), rpn)
+        return _C.rdma_buffer_size_hint(config=self._as_dict(), hidden_bytes=int(hidden_bytes),
+                                        num_ranks=int(num_ranks), ranks_per_node=rpn)
 
-    def _as_tuple(self) -> Tuple[int, int, int, int, int]:
-        return (self.num_sms, self.num_max_nvl_chunked_send_tokens, self.num_max_nvl_chunked_recv_tokens,
-                self.num_max_rdma_chunked_send_tokens, self.num_max_rdma_chunked_recv_tokens)
+    def _as_dict(self) -> Dict[str, int]:
+        """The fields by name, as epcomm._C takes a config."""
+        return {name: getattr(self, name) for name in self.__slots__}
 
     @classmethod
-    def _from_tuple(cls, fields: Tuple[int, int, int, int, int]) -> "Config":
-        return cls(*fields)
+    def _from_dict(cls, fields: Dict[str, int]) -> "Config":
+        return cls(**fields)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Config) and self._as_tuple() == other._as_tuple()
+        return isinstance(other, Config) and self._as_dict() == other._as_dict()
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{name}={getattr(self, name)}" for name in self.__slots__)

@@ -5,7 +5,8 @@ then runs test functions on request: ``pool.run(fn, *args)`` calls ``fn(rank_con
 rank and returns the per-rank results, or raises with every failing rank's traceback. Test functions
 are looked up by module and name in the workers, so they must be module-level functions.
 
-Ranks use gloo (CPU backend) or NCCL (CUDA backend, one GPU per rank), with a file:// rendezvous.
+Ranks use gloo (CPU backend) or NCCL (CUDA backend, one GPU per rank), with a file:// rendezvous;
+$EPCOMM_BACKEND is set to the world's backend in every rank process.
 """
 from __future__ import annotations
 
@@ -74,6 +75,9 @@ def _from_wire(value: Any) -> Any:
 
 def _worker(rank: int, size: int, kind: str, init_file: str, tasks: Any, results: Any) -> None:
     os.environ.setdefault("EPCOMM_TIMEOUT_S", WORKER_TIMEOUT_S)
+    # The backend is the world's, whatever the machine has: a Buffer over a gloo group would choose
+    # the CUDA backend wherever CUDA is available (epcomm/_group.py choose_backend).
+    os.environ["EPCOMM_BACKEND"] = kind
     # A crash prints the Python stack of every thread; SIGUSR1 (sent by a pool.run() that timed out)
     # prints it without stopping, so a hang shows where each rank waits.
     faulthandler.enable(all_threads=True)

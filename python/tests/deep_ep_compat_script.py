@@ -3,7 +3,10 @@ whole public surface and checking every result. It runs unchanged on epcomm: the
 its only epcomm-specific line (with DeepEP installed, ``import deep_ep`` runs the same script on GPUs).
 
     torchrun --nproc-per-node 4 deep_ep_compat_script.py          # NCCL on GPUs, else gloo on CPUs
-    DEEP_EP_COMPAT_BACKEND=gloo torchrun --nproc-per-node 2 deep_ep_compat_script.py
+    EPCOMM_BACKEND=cpu DEEP_EP_COMPAT_BACKEND=gloo torchrun --nproc-per-node 2 deep_ep_compat_script.py
+
+(A gloo group alone does not choose epcomm's CPU backend on a machine with GPUs: the backend follows
+CUDA's availability, as DeepEP's does, unless $EPCOMM_BACKEND says otherwise.)
 
 The tests call ``main(group)`` inside their rank pools (python/tests/test_compat.py).
 """

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <memory>
+#include <vector>
 #include <string>
 
 #include "epcomm/bootstrap.hpp"
@@ -127,6 +128,9 @@ class Backend {
   // Throws the first error that asynchronous work of this buffer recorded (waiting for that work to
   // finish first). Backends whose calls report every error before returning do nothing.
   virtual void check_errors() {}
+
+  // Low-latency mode: [R], true where this rank sends to that peer with NVSHMEM puts.
+  virtual std::vector<bool> low_latency_put_peers() const { return std::vector<bool>(geometry().num_ranks, false); }
 
   // The front found this rank's inputs of a collective call bad (`error`). The backend
   // still takes part in the call's exchange with a "rejected" status, so that every peer raises

@@ -272,6 +272,10 @@ void Buffer::low_latency_clean_mask_buffer(StreamHandle stream) {
   });
 }
 
+std::vector<bool> Buffer::low_latency_put_peers() const {
+  return live_backend("low_latency_put_peers").low_latency_put_peers();
+}
+
 TensorView Buffer::local_buffer(DType dtype, int64_t offset_bytes, std::optional<int64_t> num_elements,
                                 bool rdma_memory) const {
   const Backend& backend = usable_backend("get_local_buffer_tensor");

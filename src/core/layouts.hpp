@@ -14,7 +14,7 @@
 // Low-latency mode (num_rdma_bytes, symmetric memory: every rank has the same layout):
 //   | region                    | size                                              | written by
 //   |---------------------------|---------------------------------------------------|------------
-//   | control                   | kLowLatencyControlBytes (flags, counters, mask)   | peers (flags), owner
+//   | control                   | kLowLatencyControlBytes (flags, counters)         | peers (flags), owner
 //   | parity 0 block            | parity_bytes(), right after control               |
 //   |   ... free space when num_rdma_bytes > the hint ...                           |
 //   | parity 1 block            | parity_bytes(), ending at the end of the buffer   |

@@ -145,6 +145,10 @@ void CudaBackend::clean_mask(StreamHandle stream) {
   low_latency("low_latency_clean_mask_buffer").clean_mask(reinterpret_cast<cudaStream_t>(stream));
 }
 
+std::vector<bool> CudaBackend::low_latency_put_peers() const {
+  return low_latency_ ? low_latency_->put_peers() : Backend::low_latency_put_peers();
+}
+
 TensorView CudaBackend::local_buffer(DType dtype, int64_t offset_bytes, std::optional<int64_t> num_elements,
                                      bool rdma_memory) const {
   // A buffer without the memory asked for gives an empty view, as on the CPU backend.

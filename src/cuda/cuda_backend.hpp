@@ -50,6 +50,7 @@ class CudaBackend final : public Backend {
 
   // Waits for the work queued on the comm stream, then throws the first error a kernel recorded.
   void check_errors() override;
+  std::vector<bool> low_latency_put_peers() const override;
   void destroy(bool collective) override;
 
  private:

@@ -20,11 +20,11 @@ namespace epcomm::cuda::ll {
 // The control region at offset 0 of the symmetric memory (kLowLatencyControlBytes).
 //   | flags        | u64 [4][kMaxRanks]: dispatch parity 0/1, combine parity 0/1; [.][s] set by source s |
 //   | counters     | u32 [kNumCounters]: receive-side reader counts and gates                      |
-//   | peer bases   | u64 [kMaxRanks]: rank r's symmetric memory as mapped here; 0 = use puts       |
-//   | mask         | i32 [kMaxRanks]: 1 = rank is masked (enable_shrink)                           |
 // Flags and counters return to zero after every call (the receiver clears what it consumed), so
-// nothing that depends on a call count is baked into a CUDA graph. A flag sums the arrivals of the
-// source's sending blocks (kernels/common.cuh, kFlagDone).
+// nothing that depends on a call count is baked into a CUDA graph, and zeroing the whole symmetric
+// memory between calls (vLLM's get_local_buffer_tensor(...).zero_()) leaves them as they were. A
+// flag sums the arrivals of the source's sending blocks (kernels/common.cuh, kFlagDone).
+// What is not zero at rest lives outside the symmetric memory (LocalControlLayout).
 enum Counter : int {
   kDispatchReaders = 0,  // + parity: receive blocks that have passed the wait
   kCombineReaders = 2,
@@ -40,13 +40,21 @@ struct ControlLayout {
   static constexpr int64_t kFlags = 0;
   static constexpr int64_t kCounters = kFlags + 4 * int64_t(kMaxRanks) * 8;
   static constexpr int64_t kResetEnd = kCounters + kNumCounters * 4;  // clean() zeroes [0, kResetEnd)
-  static constexpr int64_t kPeerBases = align_up(kResetEnd, 256);
-  static constexpr int64_t kMask = kPeerBases + int64_t(kMaxRanks) * 8;
-  static constexpr int64_t kEnd = kMask + int64_t(kMaxRanks) * 4;
+  static constexpr int64_t kEnd = kResetEnd;
 
   EPCOMM_HOST_DEVICE static constexpr int64_t flag(int set, int rank) {
     return kFlags + (int64_t(set) * kMaxRanks + rank) * 8;
   }
+};
+
+// The rank's own control state, in ordinary device memory apart from the symmetric memory (only this
+// rank reads or writes it), so that no view of num_rdma_bytes can overwrite it.
+//   | peer bases   | u64 [kMaxRanks]: rank r's symmetric memory as mapped here; 0 = use puts       |
+//   | mask         | i32 [kMaxRanks]: 1 = rank is masked (enable_shrink)                           |
+struct LocalControlLayout {
+  static constexpr int64_t kPeerBases = 0;
+  static constexpr int64_t kMask = kPeerBases + int64_t(kMaxRanks) * 8;
+  static constexpr int64_t kEnd = kMask + int64_t(kMaxRanks) * 4;
 };
 static_assert(ControlLayout::kEnd <= kLowLatencyControlBytes, "control region too small");
 

@@ -29,6 +29,7 @@ namespace epcomm::cuda {
 namespace {
 
 using ll::ControlLayout;
+using ll::LocalControlLayout;
 
 // What combine needs to know about one of the last two dispatches.
 struct DispatchRecord {
@@ -98,6 +99,7 @@ class NvshmemLowLatencyMode final : public LowLatencyMode {
   TensorView query_mask() override;
   void clean_mask(cudaStream_t stream) override;
   void* local_memory() const override { return symmetric_; }
+  std::vector<bool> put_peers() const override { return put_peers_; }
   void destroy(bool collective) override;
 
  private:
@@ -105,7 +107,8 @@ class NvshmemLowLatencyMode final : public LowLatencyMode {
     return LowLatencyLayout{max_tokens, hidden, geometry_.num_ranks, num_experts, symmetric_bytes_};
   }
   uint8_t* control(int64_t offset) const { return symmetric_ + offset; }
-  int32_t* mask() const { return reinterpret_cast<int32_t*>(control(ControlLayout::kMask)); }
+  uint64_t* peer_bases() const { return reinterpret_cast<uint64_t*>(local_control_ + LocalControlLayout::kPeerBases); }
+  int32_t* mask() const { return reinterpret_cast<int32_t*>(local_control_ + LocalControlLayout::kMask); }
   ll::Common common() const;
   void check_usable(const char* op);
   // The sizes against this Buffer's symmetric memory (T_max and E against Limits: op_checks.cpp).
@@ -145,6 +148,8 @@ class NvshmemLowLatencyMode final : public LowLatencyMode {
 
   uint8_t* symmetric_ = nullptr;
   int64_t symmetric_bytes_ = 0;
+  uint8_t* local_control_ = nullptr;  // LocalControlLayout, outside what get_local_buffer_tensor views
+  std::vector<bool> put_peers_;       // [R]: the peer table's zero entries, as built
   bool has_put_peers_ = false;     // some peer gets puts (the kernels quiet before they signal)
   bool has_remote_peers_ = false;  // some peer has no NVLink mapping: a remote transport carries its puts,
                                    // and the combine staging region must be registered with NVSHMEM
@@ -188,6 +193,9 @@ NvshmemLowLatencyMode::NvshmemLowLatencyMode(const CudaContext& ctx)
   symmetric_ = static_cast<uint8_t*>(ll::allocate_symmetric(bytes));
   symmetric_bytes_ = bytes;
   EPCOMM_CUDA_CHECK(cudaMemset(symmetric_, 0, static_cast<size_t>(bytes)));
+  local_control_ = static_cast<uint8_t*>(malloc_outside_capture(LocalControlLayout::kEnd));
+  EPCOMM_CUDA_CHECK(cudaMemset(local_control_, 0, static_cast<size_t>(LocalControlLayout::kEnd)));
+
   build_peer_table(put_path);
   int max_smem = 0;
   EPCOMM_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device_));
@@ -203,23 +211,25 @@ NvshmemLowLatencyMode::NvshmemLowLatencyMode(const CudaContext& ctx)
 void NvshmemLowLatencyMode::build_peer_table(LowLatencyPutPath path) {
   const int me = geometry_.rank;
   std::vector<uint64_t> peers(geometry_.num_ranks);
+  put_peers_.assign(geometry_.num_ranks, false);
   for (int r = 0; r < geometry_.num_ranks; ++r) {
     const uint64_t mapped = reinterpret_cast<uint64_t>(ll::peer_pointer(symmetric_, r));
     const bool other_node = geometry_.node_of(r) != geometry_.node_of(me);
     const bool puts =
         mapped == 0 || path == LowLatencyPutPath::kAll || (path == LowLatencyPutPath::kAuto && other_node);
     peers[r] = puts ? 0 : mapped;
+    put_peers_[r] = puts;
     has_put_peers_ |= puts;
     has_remote_peers_ |= mapped == 0;
   }
-  EPCOMM_CUDA_CHECK(cudaMemcpy(control(ControlLayout::kPeerBases), peers.data(), peers.size() * sizeof(uint64_t),
+  EPCOMM_CUDA_CHECK(cudaMemcpy(peer_bases(), peers.data(), peers.size() * sizeof(uint64_t),
                                cudaMemcpyHostToDevice));
 }
 
 ll::Common NvshmemLowLatencyMode::common() const {
   ll::Common c;
   c.local = symmetric_;
-  c.peer_bases = reinterpret_cast<const uint64_t*>(control(ControlLayout::kPeerBases));
+  c.peer_bases = peer_bases();
   c.mask = mask();
   c.counters = reinterpret_cast<uint32_t*>(control(ControlLayout::kCounters));
   c.errors = errors_->sink();
@@ -509,6 +519,8 @@ void NvshmemLowLatencyMode::destroy(bool collective) {
       cudaFree(region);
     }
     old_regions_.clear();
+    cudaFree(local_control_);
+    local_control_ = nullptr;
   } catch (...) {
     if (collective) throw;
   }

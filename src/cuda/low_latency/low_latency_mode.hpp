@@ -4,6 +4,7 @@
 #pragma once
 
 #include <memory>
+#include <vector>
 
 #include "cuda/cuda_context.hpp"
 
@@ -22,6 +23,8 @@ class LowLatencyMode {
   virtual TensorView query_mask() = 0;
   virtual void clean_mask(cudaStream_t stream) = 0;
 
+  // [R]: true where this rank sends to that peer with NVSHMEM puts (the peer table's zero entries).
+  virtual std::vector<bool> put_peers() const = 0;
   // This rank's symmetric memory (num_rdma_bytes), for get_local_buffer_tensor.
   virtual void* local_memory() const = 0;
   // Collective when `collective`; releases NVSHMEM state. Idempotent, never throws when !collective.

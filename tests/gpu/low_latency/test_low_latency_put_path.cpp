@@ -19,14 +19,12 @@
 #include <string>
 #include <vector>
 
-#include "cuda/low_latency/ll_params.hpp"  // ControlLayout::kPeerBases: the table the kernels use
 #include "ll_support.hpp"
 #include "support/multirank.hpp"
 
 namespace epcomm::testing::ll {
 namespace {
 
-using epcomm::cuda::ll::ControlLayout;
 
 RunRanksOptions long_run() {
   RunRanksOptions options;
@@ -108,23 +106,15 @@ Case interleave_case(int R) {
   return c;
 }
 
-// This rank's peer table as the kernels read it: entry r is rank r's memory mapped here, 0 where r
-// gets puts.
-std::vector<uint64_t> peer_table(Buffer& gpu, int num_ranks) {
-  const TensorView view = gpu.local_buffer(DType::kInt64, ControlLayout::kPeerBases, num_ranks, /*rdma_memory=*/true);
-  std::vector<uint64_t> table(num_ranks);
-  cuda_check(cudaMemcpy(table.data(), view.data, table.size() * 8, cudaMemcpyDeviceToHost), "cudaMemcpy peer table");
-  return table;
-}
-
 // Without this the comparison below could pass on the store path alone.
 void expect_put_peers(Buffer& gpu, const PutConfig& config, int rank) {
-  const std::vector<uint64_t> table = peer_table(gpu, config.ranks);
+  const std::vector<bool> puts = gpu.low_latency_put_peers();
+  ASSERT_EQ(static_cast<int>(puts.size()), config.ranks);
   for (int r = 0; r < config.ranks; ++r) {
     if (config.puts(rank, r)) {
-      EXPECT_EQ(table[r], 0u) << "rank " << rank << " (" << config.name() << "): peer " << r
+      EXPECT_TRUE(puts[r]) << "rank " << rank << " (" << config.name() << "): peer " << r
                               << " must be reached with NVSHMEM puts, but the peer table maps it (stores)";
-    } else if (table[r] == 0) {
+    } else if (puts[r]) {
       std::printf("[put-path] rank %d (%s): peer %d of the same node is not mapped by NVSHMEM: puts too\n", rank,
                   config.name().c_str(), r);
     }
@@ -289,8 +279,8 @@ std::unique_ptr<Buffer> gpu_buffer(Bootstrap& group, const std::function<void(Bu
 
 // Which peers the buffer reaches with puts (its peer table's zero entries).
 std::vector<bool> put_peers(Buffer& gpu, int num_ranks) {
-  std::vector<bool> puts;
-  for (uint64_t base : peer_table(gpu, num_ranks)) puts.push_back(base == 0);
+  std::vector<bool> puts = gpu.low_latency_put_peers();
+  EXPECT_EQ(static_cast<int>(puts.size()), num_ranks);
   return puts;
 }
 
