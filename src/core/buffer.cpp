@@ -7,6 +7,7 @@
 #include "core/backend.hpp"
 #include "core/check.hpp"
 #include "core/layouts.hpp"
+#include "core/node_size.hpp"
 #include "core/op_checks.hpp"
 #include "core/timeout.hpp"
 
@@ -72,6 +73,7 @@ Buffer::Buffer(Bootstrap& bootstrap, const BufferOptions& options) : options_(op
   require(options.num_nvl_bytes >= 0, "Buffer", "num_nvl_bytes", "expected >= 0, got ", options.num_nvl_bytes);
   require(options.num_rdma_bytes >= 0, "Buffer", "num_rdma_bytes", "expected >= 0, got ", options.num_rdma_bytes);
   options_.timeout = resolve_timeout(options.timeout);
+  options_.ranks_per_node = resolve_ranks_per_node(options.ranks_per_node, bootstrap.size());
   const GroupGeometry geometry = make_geometry(bootstrap, options_);
   check_same_on_every_rank(bootstrap, options_);
   backend_ = options_.backend == BackendKind::kCpu ? make_cpu_backend(bootstrap, options_, geometry)

@@ -168,3 +168,35 @@ TEST(Internode, TooSmallBufferNamesTheSizeNeeded) {
 
 }  // namespace
 }  // namespace epcomm::testing
+
+namespace epcomm::testing {
+namespace {
+
+// BufferOptions::ranks_per_node = 0: $EPCOMM_RANKS_PER_NODE, else $LOCAL_WORLD_SIZE, else one node.
+TEST(Internode, NodeSizeFromTheEnvironment) {
+  run_ranks(4, [](Bootstrap& bootstrap) {
+    auto node_size = [&](const char* epcomm, const char* local) {
+      epcomm ? setenv("EPCOMM_RANKS_PER_NODE", epcomm, 1) : unsetenv("EPCOMM_RANKS_PER_NODE");
+      local ? setenv("LOCAL_WORLD_SIZE", local, 1) : unsetenv("LOCAL_WORLD_SIZE");
+      Buffer buffer(bootstrap, cpu_buffer_options(1 << 16));
+      const int g = buffer.ranks_per_node();
+      EXPECT_EQ(buffer.options().ranks_per_node, g);
+      buffer.destroy();
+      return g;
+    };
+    EXPECT_EQ(node_size(nullptr, nullptr), 4);
+    EXPECT_EQ(node_size("2", "4"), 2);
+    EXPECT_EQ(node_size(nullptr, "1"), 1);
+    EXPECT_EQ(node_size(nullptr, "16"), 4) << "capped at the group size";
+    try {
+      node_size("two", nullptr);
+      ADD_FAILURE() << "a bad $EPCOMM_RANKS_PER_NODE was accepted";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("EPCOMM_RANKS_PER_NODE"), std::string::npos) << e.what();
+    }
+    unsetenv("EPCOMM_RANKS_PER_NODE");
+  });
+}
+
+}  // namespace
+}  // namespace epcomm::testing
