@@ -22,6 +22,8 @@ namespace py = pybind11;
 struct PyBuffer {
   std::unique_ptr<PyBootstrap> bootstrap;
   std::unique_ptr<Buffer> buffer;
+  // Bytes the last dispatch / combine put on the emulated network per destination node (N > 1, CPU).
+  std::vector<int64_t> last_network_bytes;
 
   // After destroy() the C++ Buffer stays and answers every call with "<op>: the Buffer was destroyed".
   Buffer& get() { return *buffer; }
@@ -157,12 +159,15 @@ py::tuple dispatch(py::object self, const py::handle& x, const py::handle& x_sca
     py::gil_scoped_release release;
     r = buffer.dispatch(in, call.options);
   }
+  self.cast<PyBuffer&>().last_network_bytes = r.network_bytes_per_node;
   py::object handle_object = py::none();
   py::object handle_tensors = py::none();
   if (r.handle) {
     handle_tensors =
         py::make_tuple(to_torch(r.handle->rank_prefix_matrix, self), to_torch(r.handle->is_token_in_rank, self),
-                       to_torch(r.handle->send_row, self), to_torch(r.handle->recv_src_idx, self));
+                       to_torch(r.handle->send_row, self), to_torch(r.handle->recv_src_idx, self),
+                       to_torch_optional(r.handle->recv_gbl_rank_prefix_sum, self),
+                       to_torch_optional(r.handle->recv_rdma_rank_prefix_sum, self));
     handle_object = py::cast(PyDispatchHandle{r.handle});
   }
   py::object counts = py::none();
@@ -190,6 +195,7 @@ py::tuple combine(py::object self, const py::handle& x, const py::handle& handle
     py::gil_scoped_release release;
     r = buffer.combine(in, call.options);
   }
+  self.cast<PyBuffer&>().last_network_bytes = r.network_bytes_per_node;
   return py::make_tuple(to_torch(r.combined_x, self), to_torch_optional(r.combined_topk_weights, self), r.event);
 }
 
@@ -317,6 +323,7 @@ void bind_buffer(py::module_& m) {
       .def_property_readonly("rank", [](PyBuffer& b) { return b.get().rank(); })
       .def_property_readonly("num_ranks", [](PyBuffer& b) { return b.get().num_ranks(); })
       .def_property_readonly("ranks_per_node", [](PyBuffer& b) { return b.get().ranks_per_node(); })
+      .def_property_readonly("last_network_bytes", [](PyBuffer& b) { return b.last_network_bytes; })
       .def_property_readonly("comm_stream",
                              [](PyBuffer& b) { return reinterpret_cast<uintptr_t>(b.get().comm_stream()); })
       .def("destroy", &destroy)
