@@ -4,6 +4,7 @@
 
 #include "core/check.hpp"
 #include "modes.hpp"
+#include "traffic.hpp"
 
 namespace epcomm::bench {
 namespace {
@@ -72,7 +73,7 @@ class NormalModeBench {
         w_(data.workload),
         buffer_(buffer),
         in_(upload_inputs(ctx.platform, data, ctx.rank)),
-        oracle_(w_, data.routing, data.values, ctx.rank) {}
+        oracle_(w_, data.routing, data.values, ctx.rank, buffer.ranks_per_node()) {}
 
   void layout();
   void at_sms(std::optional<int> num_sms);
@@ -86,6 +87,8 @@ class NormalModeBench {
   Mismatch check_full_dispatch(bool fp8, const Config& config, DispatchResult* keep = nullptr);
   Mismatch check_cached_dispatch(bool fp8, const DispatchHandle& handle, const Config& config);
   Mismatch check_combine(const DispatchResult& fresh, const Config& config);
+  // Across emulated nodes: the network bytes of the fresh BF16 dispatch and of a combine with weights.
+  void report_network_bytes(const DispatchResult& fresh, const Config& combine_config);
 
   double recv_bytes(bool fp8) const {
     const int64_t per_token = fp8 ? w_.hidden + w_.hidden / 128 * 4 : int64_t(w_.hidden) * 2;
@@ -170,6 +173,18 @@ Mismatch NormalModeBench::check_combine(const DispatchResult& fresh, const Confi
   return check() ? oracle_.combine(ctx_.platform, result, /*with_weights=*/true) : std::nullopt;
 }
 
+void NormalModeBench::report_network_bytes(const DispatchResult& fresh, const Config& combine_config) {
+  const int G = buffer_.ranks_per_node();
+  if (G == ctx_.ranks) return;
+  const int64_t per_token =
+      dispatch_bytes_per_token(int64_t(w_.hidden) * 2, 0, w_.topk, /*with_weights=*/true, ctx_.ranks);
+  report_traffic(ctx_, concat(w_.label(), " dispatch bf16"), fresh.network_bytes_per_node,
+                 dispatch_minimum(data_.routing, ctx_.rank, G, per_token));
+  const CombineResult combined = combine(fresh, combine_config, /*with_weights=*/true);
+  report_traffic(ctx_, concat(w_.label(), " combine"), combined.network_bytes_per_node,
+                 combine_minimum(data_.routing, ctx_.rank, G, combine_bytes_per_row(w_.hidden, w_.topk)));
+}
+
 void NormalModeBench::at_sms(std::optional<int> num_sms) {
   const Config dispatch_config = with_sms(ctx_, default_dispatch_config(ctx_.ranks), num_sms);
   const Config combine_config = with_sms(ctx_, default_combine_config(ctx_.ranks), num_sms);
@@ -185,6 +200,7 @@ void NormalModeBench::at_sms(std::optional<int> num_sms) {
   const bool have_handle = first_call_ok(ctx_, name("dispatch (handle)", false, num_sms),
                                          [&] { return check_full_dispatch(false, dispatch_config, &fresh); });
   if (!have_handle) return;
+  report_network_bytes(fresh, combine_config);
   for (const bool fp8 : {false, true}) {
     measure(
         ctx_, name("dispatch_cached", fp8, num_sms), key("dispatch_cached", fp8, num_sms), recv_bytes(fp8),
@@ -218,7 +234,12 @@ void run_normal_mode(BenchContext& ctx, const WorkloadData& data) {
   options.backend = ctx.platform.backend();
   options.device = ctx.platform.device().is_cuda() ? ctx.platform.device().index : -1;
   options.num_nvl_bytes = buffer_bytes(ctx, data.workload);
+  options.ranks_per_node = ctx.options.ranks_per_node;
   Buffer buffer(ctx.platform.bootstrap(), options);
+  if (buffer.ranks_per_node() < ctx.ranks && ctx.rank == 0)
+    ctx.report.note(concat(data.workload.label(), ": ", ctx.ranks / buffer.ranks_per_node(), " emulated nodes of ",
+                           buffer.ranks_per_node(),
+                           " ranks: times on emulated nodes are functional figures, not network figures"));
   {
     NormalModeBench bench(ctx, data, buffer);
     bench.layout();

@@ -26,6 +26,7 @@ struct Options {
   int64_t flush_bytes = int64_t(256) << 20;  // GPU L2 flush buffer written before each timed call
   int nvl_chunk_tokens = 0;                  // --nvl-chunk: Config.num_max_nvl_chunked_send_tokens (0 = default)
   int nvl_queue_tokens = 0;                  // --nvl-queue: Config.num_max_nvl_chunked_recv_tokens (0 = default)
+  int ranks_per_node = 0;                    // --ranks-per-node G: normal mode across emulated nodes (0 = default)
   bool help = false;
 };
 

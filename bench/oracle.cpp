@@ -111,6 +111,29 @@ Mismatch Oracle::layout(Platform& platform, const LayoutResult& result) const {
     if (element<int32_t>(per_expert, e) != expert_count[e])
       return concat("rank ", me_, ": layout: num_tokens_per_expert[", e, "] is ", element<int32_t>(per_expert, e),
                     ", expected ", expert_count[e]);
+  return layout_per_node(platform, result);
+}
+
+Mismatch Oracle::layout_per_node(Platform& platform, const LayoutResult& result) const {
+  const int G = ranks_per_node_ > 0 ? ranks_per_node_ : routing_.num_ranks, N = routing_.num_ranks / G;
+  if (N == 1)
+    return result.num_tokens_per_rdma_rank ? std::optional<std::string>(concat(
+                                                 "rank ", me_, ": layout: num_tokens_per_rdma_rank given for one node"))
+                                           : std::nullopt;
+  if (!result.num_tokens_per_rdma_rank)
+    return concat("rank ", me_, ": layout: no num_tokens_per_rdma_rank for ", N, " nodes");
+  const Tensor per_node = platform.download(*result.num_tokens_per_rdma_rank);
+  for (int n = 0; n < N; ++n) {
+    int expected = 0;
+    for (int64_t t = 0; t < w_.tokens; ++t) {
+      bool any = false;
+      for (int r = n * G; r < (n + 1) * G; ++r) any = any || routing_.sends_to(me_, t, r);
+      expected += any ? 1 : 0;
+    }
+    if (element<int32_t>(per_node, n) != expected)
+      return concat("rank ", me_, ": layout: num_tokens_per_rdma_rank[", n, "] is ", element<int32_t>(per_node, n),
+                    ", expected ", expected);
+  }
   return std::nullopt;
 }
 
@@ -213,11 +236,21 @@ Mismatch Oracle::combine(Platform& platform, const CombineResult& result, bool w
   const Tensor out = platform.download(result.combined_x);
   if (Mismatch m = shape_mismatch("combined_x", out, w_.tokens)) return concat("rank ", me_, ": ", *m);
   std::vector<uint16_t> x(w_.hidden);
+  const int G = ranks_per_node_ > 0 ? ranks_per_node_ : routing_.num_ranks;
+  std::vector<float> copies(routing_.num_ranks / G);
   for (int64_t t = 0; t < w_.tokens; ++t) {
     const float n = static_cast<float>(routing_.receivers(me_, t));
+    for (size_t node = 0; node < copies.size(); ++node) {
+      copies[node] = 0.0f;
+      for (int r = int(node) * G; r < int(node + 1) * G; ++r)
+        copies[node] += routing_.sends_to(me_, t, r) ? 1.0f : 0.0f;
+    }
     values_.bf16_row(me_, t, w_.hidden, x.data());
     for (int h = 0; h < w_.hidden; ++h) {
-      const uint16_t expected = float_to_bf16(n * bf16_to_float(x[h]));
+      float acc = 0.0f;
+      for (const float c : copies)
+        if (c > 0.0f) acc += bf16_to_float(float_to_bf16(c * bf16_to_float(x[h])));
+      const uint16_t expected = float_to_bf16(acc);
       if (element<uint16_t>(out, t, h) != expected)
         return concat("rank ", me_, ": combined_x[", t, ", ", h, "] (sent to ", n, " ranks): got ",
                       hex(element<uint16_t>(out, t, h)), ", expected ", hex(expected));

@@ -47,14 +47,16 @@ using Mismatch = std::optional<std::string>;
 
 class Oracle {
  public:
-  Oracle(const Workload& workload, const Routing& routing, const InputValues& values, int rank)
-      : w_(workload), routing_(routing), values_(values), me_(rank) {}
+  // `ranks_per_node` = G of the Buffer checked (normal mode): N > 1 selects SPEC §3.6's combine order.
+  Oracle(const Workload& workload, const Routing& routing, const InputValues& values, int rank, int ranks_per_node = 0)
+      : w_(workload), routing_(routing), values_(values), me_(rank), ranks_per_node_(ranks_per_node) {}
 
   Mismatch layout(Platform& platform, const LayoutResult& result) const;
   // `fresh`: a dispatch with topk_idx (checks recv_topk_*, per-expert counts, the handle).
   Mismatch dispatch(Platform& platform, const DispatchResult& result, bool fp8, bool fresh) const;
-  // Combine of the BF16 dispatch's own recv_x: every receiver sends the token back unchanged, so
-  // combined_x = bf16(n * x) exactly (n <= 8 copies add without rounding in float32).
+  // Combine of the BF16 dispatch's own recv_x: every receiver sends the token back unchanged, so a
+  // node's partial is bf16(c_n * x) (c_n <= 8 copies add without rounding in float32) and
+  // combined_x = bf16(0 + partials of the nodes ascending) (SPEC §3.6; one node: bf16(n * x)).
   Mismatch combine(Platform& platform, const CombineResult& result, bool with_weights) const;
   Mismatch low_latency_dispatch(Platform& platform, const LowLatencyDispatchResult& result, bool fp8) const;
   // Low-latency combine of the BF16 dispatch's recv_x: bf16(fma chain of w[t,k] * x[t]).
@@ -64,6 +66,7 @@ class Oracle {
   Mismatch baseline_combine(Platform& platform, const TensorView& combined_x) const;
 
  private:
+  Mismatch layout_per_node(Platform& platform, const LayoutResult& result) const;
   Mismatch normal_topk(Platform& platform, const DispatchResult& result, const std::vector<Source>& rows) const;
   Mismatch normal_counts(Platform& platform, const DispatchResult& result) const;
   Mismatch normal_rows(const TensorView& recv_x, const std::optional<Tensor>& scales, const std::vector<Source>& rows,
@@ -76,6 +79,7 @@ class Oracle {
   const Routing& routing_;
   const InputValues& values_;
   int me_;
+  int ranks_per_node_;  // G; 0 = one node
 };
 
 }  // namespace epcomm::bench

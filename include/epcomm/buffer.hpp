@@ -57,8 +57,10 @@ struct BufferOptions {
   int64_t num_nvl_bytes = 0;   // normal-mode memory shared inside a node (see Config hints)
   int64_t num_rdma_bytes = 0;  // low-latency memory (low_latency_buffer_size_hint), or inter-node
   bool low_latency_mode = false;
-  int ranks_per_node = 0;  // G; 0 = every rank of the group is in one node
-  int device = -1;         // CUDA device of this rank; -1 = the current device
+  // G, ranks per node (SPEC §3.6). 0 = $EPCOMM_RANKS_PER_NODE, else $LOCAL_WORLD_SIZE (capped at R),
+  // else every rank of the group in one node. options() returns the resolved value.
+  int ranks_per_node = 0;
+  int device = -1;  // CUDA device of this rank; -1 = the current device
   // Longest any wait for a peer may take; 0 = $EPCOMM_TIMEOUT_S seconds, else 100 s.
   std::chrono::milliseconds timeout{0};
   // Accepted for DeepEP compatibility (allow_nvlink_for_low_latency_mode = false: every low-latency

@@ -40,14 +40,17 @@ struct LayoutResult {
 // treat as opaque except rank_prefix_matrix. Tied to the Buffer that made it.
 struct DispatchHandle {
   int num_ranks = 0;
-  int num_tokens = 0;                         // T on this rank when the handle was made
-  int num_recv_tokens = 0;                    // rows of recv_x on this rank
-  int num_topk = 0;                           // K of the routing (0 when dispatched without topk_idx)
-  Tensor rank_prefix_matrix;                  // [R, R] int32: [i][j] = tokens rank j receives from ranks 0..i
-  Tensor is_token_in_rank;                    // [T, R] bool: sender side routing
-  Tensor send_row;                            // [T, R] int32: row of token t in rank r's recv_x, or -1
-  Tensor recv_src_idx;                        // [num_recv] int32: each received row's token index on its source
-  std::shared_ptr<const void> backend_state;  // the backend's own (e.g. per-channel prefixes)
+  int num_tokens = 0;         // T on this rank when the handle was made
+  int num_recv_tokens = 0;    // rows of recv_x on this rank
+  int num_topk = 0;           // K of the routing (0 when dispatched without topk_idx)
+  Tensor rank_prefix_matrix;  // [R, R] int32: [i][j] = tokens rank j receives from ranks 0..i
+  Tensor is_token_in_rank;    // [T, R] bool: sender side routing
+  Tensor send_row;            // [T, R] int32: row of token t in rank r's recv_x, or -1
+  Tensor recv_src_idx;        // [num_recv] int32: each received row's token index on its source
+  // Across nodes (N > 1, SPEC §3.6); empty when N == 1. Rows of source s are [prefix[s-1], prefix[s]).
+  std::optional<Tensor> recv_gbl_rank_prefix_sum;   // [R] int32: inclusive prefix over source ranks of rows received
+  std::optional<Tensor> recv_rdma_rank_prefix_sum;  // [N] int32: the same over source nodes
+  std::shared_ptr<const void> backend_state;        // the backend's own (e.g. per-channel prefixes)
   // The unique id of the Buffer that made it (a process-wide counter, never reused: a handle of a
   // destroyed Buffer is rejected by a new one even at the same address). Checked on use.
   uint64_t buffer_id = 0;
@@ -78,7 +81,11 @@ struct DispatchResult {
   std::optional<Tensor> recv_topk_weights;       // [num_recv, K] float32, 0 where idx is -1
   std::vector<int> num_recv_tokens_per_expert;   // [L], aligned; empty with num_worst_tokens or cached
   std::shared_ptr<const DispatchHandle> handle;  // nullptr for a cached dispatch
-  Event event;                                   // complete unless async_finish
+  // Debug / bench counter, CPU backend with N > 1 only (else empty): [N] bytes this rank put on the
+  // (emulated) network for each destination node during this call; 0 for its own node. Measured:
+  // the bytes the two-level transport copied across node boundaries (docs/ARCHITECTURE.md).
+  std::vector<int64_t> network_bytes_per_node;
+  Event event;  // complete unless async_finish
 };
 
 struct CombineInputs {
@@ -93,6 +100,7 @@ struct CombineInputs {
 struct CombineResult {
   Tensor combined_x;                            // [T, hidden] bf16
   std::optional<Tensor> combined_topk_weights;  // [T, K] float32
+  std::vector<int64_t> network_bytes_per_node;  // [N], as DispatchResult's (bytes of per-node partials sent)
   Event event;
 };
 

@@ -24,6 +24,8 @@ namespace py = pybind11;
 struct PyBuffer {
   std::unique_ptr<PyBootstrap> bootstrap;
   std::unique_ptr<Buffer> buffer;
+  // Bytes the last dispatch / combine put on the emulated network per destination node (N > 1, CPU).
+  std::vector<int64_t> last_network_bytes;
 
   // After destroy() the C++ Buffer stays and answers every call with "<op>: the Buffer was destroyed".
   Buffer& get() { return *buffer; }
@@ -183,6 +185,7 @@ py::dict dispatch(py::object self, const py::handle& x, const py::handle& x_scal
     py::gil_scoped_release release;
     r = buffer.dispatch(in, call.options);
   }
+  self.cast<PyBuffer&>().last_network_bytes = r.network_bytes_per_node;
   // `handle`: the tensors of a new handle by name, and the opaque C++ handle as "native" (None for a
   // cached dispatch, which makes no new handle).
   py::object new_handle = py::none();
@@ -191,6 +194,8 @@ py::dict dispatch(py::object self, const py::handle& x, const py::handle& x_scal
                        item("is_token_in_rank", to_torch(r.handle->is_token_in_rank, self)),
                        item("send_row", to_torch(r.handle->send_row, self)),
                        item("recv_src_idx", to_torch(r.handle->recv_src_idx, self)),
+                       item("recv_gbl_rank_prefix_sum", to_torch_optional(r.handle->recv_gbl_rank_prefix_sum, self)),
+                       item("recv_rdma_rank_prefix_sum", to_torch_optional(r.handle->recv_rdma_rank_prefix_sum, self)),
                        item("native", py::cast(PyDispatchHandle{r.handle})));
   }
   py::object counts = py::none();
@@ -221,6 +226,7 @@ py::dict combine(py::object self, const py::handle& x, const py::handle& handle,
     py::gil_scoped_release release;
     r = buffer.combine(in, call.options);
   }
+  self.cast<PyBuffer&>().last_network_bytes = r.network_bytes_per_node;
   return named(item("combined_x", to_torch(r.combined_x, self)),
                item("combined_topk_weights", to_torch_optional(r.combined_topk_weights, self)),
                item("event", py::cast(r.event)));
@@ -353,6 +359,7 @@ void bind_buffer(py::module_& m) {
       .def_property_readonly("num_ranks", [](PyBuffer& b) { return b.get().num_ranks(); })
       .def_property_readonly("ranks_per_node", [](PyBuffer& b) { return b.get().ranks_per_node(); })
       .def("limits", [](PyBuffer& b) { return limits_to_dict(b.get().limits()); })
+      .def_property_readonly("last_network_bytes", [](PyBuffer& b) { return b.last_network_bytes; })
       .def_property_readonly("comm_stream",
                              [](PyBuffer& b) { return reinterpret_cast<uintptr_t>(b.get().comm_stream()); })
       .def("destroy", &destroy)

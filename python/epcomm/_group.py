@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -74,16 +75,72 @@ def backend_device(backend: str) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def resolve_ranks_per_node(num_ranks: int, requested: Optional[int] = None) -> int:
-    """Ranks per NVLink domain: ``requested``, else $EPCOMM_RANKS_PER_NODE, else $LOCAL_WORLD_SIZE (both
-    capped at ``num_ranks``), else ``min(num_ranks, 8)``."""
-    if requested is not None:
-        return int(requested)
+MAX_RANKS_PER_NODE = 8
+HOST_NAME_BYTES = 256  # a host name's record in the all-gather (longer names are cut: 255 is the POSIX bound)
+
+
+def _env_ranks_per_node(num_ranks: int) -> Optional[int]:
+    """$EPCOMM_RANKS_PER_NODE, else $LOCAL_WORLD_SIZE, capped at ``num_ranks``; None when neither is set."""
     for variable in ("EPCOMM_RANKS_PER_NODE", "LOCAL_WORLD_SIZE"):
         value = os.environ.get(variable)
         if value:
             try:
-                return min(int(value), num_ranks)
+                parsed = int(value)
             except ValueError:
                 raise invalid_argument("Buffer", variable, f"expected an integer, got {value!r}") from None
-    return min(num_ranks, 8)
+            if parsed < 1:
+                raise invalid_argument("Buffer", variable, f"expected a positive number of ranks, got {parsed}")
+            return min(parsed, num_ranks)
+    return None
+
+
+def ranks_per_node_from_hosts(hosts: List[str]) -> int:
+    """G from every rank's host name (in rank order): the ranks of a host must be consecutive and every
+    host must hold the same number of them (SPEC §3.6: rank r is on node r / G)."""
+    counts: Dict[str, int] = {}
+    for host in hosts:
+        counts[host] = counts.get(host, 0) + 1
+    sizes = sorted(set(counts.values()))
+    if len(sizes) > 1:
+        described = ", ".join(f"{host}: {n}" for host, n in counts.items())
+        raise invalid_argument("Buffer", "ranks_per_node",
+                               f"the hosts of the group hold different numbers of ranks ({described}); every node "
+                               "must hold the same number (pass ranks_per_node or set $EPCOMM_RANKS_PER_NODE)")
+    size = sizes[0]
+    for rank, host in enumerate(hosts):
+        first = hosts[rank - rank % size]
+        if host != first:
+            raise invalid_argument("Buffer", "ranks_per_node",
+                                   f"rank {rank} is on host {host!r} but rank {rank - rank % size} on {first!r}: the "
+                                   f"ranks of a host must be consecutive ({size} per host)")
+    if size > MAX_RANKS_PER_NODE:
+        raise invalid_argument("Buffer", "ranks_per_node",
+                               f"{size} ranks share host {hosts[0]!r}, more than {MAX_RANKS_PER_NODE} per NVLink "
+                               "domain; pass ranks_per_node (or set $EPCOMM_RANKS_PER_NODE) to emulate nodes")
+    return size
+
+
+def gather_host_names(collectives: GroupCollectives) -> List[str]:
+    """Every rank's host name, in rank order (one all-gather of fixed-size records)."""
+    record = socket.gethostname().encode()[:HOST_NAME_BYTES].ljust(HOST_NAME_BYTES, b"\0")
+    gathered = collectives.all_gather(record)
+    return [gathered[i:i + HOST_NAME_BYTES].rstrip(b"\0").decode(errors="replace")
+            for i in range(0, len(gathered), HOST_NAME_BYTES)]
+
+
+def resolve_ranks_per_node(num_ranks: int, requested: Optional[int] = None,
+                           collectives: Optional[GroupCollectives] = None) -> int:
+    """Ranks per NVLink domain: ``requested``, else $EPCOMM_RANKS_PER_NODE, else $LOCAL_WORLD_SIZE (both
+    capped at ``num_ranks``), else the ranks that share a host name (gathered through ``collectives``),
+    else (no group, e.g. a size hint) ``min(num_ranks, 8)``. With ``collectives`` the host names are
+    always gathered, so that ranks whose environments differ still make the same collective calls (the
+    C++ Buffer then reports their different ranks_per_node)."""
+    hosts = gather_host_names(collectives) if collectives is not None else None
+    if requested is not None:
+        return int(requested)
+    from_env = _env_ranks_per_node(num_ranks)
+    if from_env is not None:
+        return from_env
+    if hosts is not None:
+        return ranks_per_node_from_hosts(hosts)
+    return min(num_ranks, MAX_RANKS_PER_NODE)

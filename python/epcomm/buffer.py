@@ -54,6 +54,27 @@ class DispatchHandle(NamedTuple):
     native: _C.DispatchHandle         # the C++ handle (tied to the Buffer that made it)
 
 
+class InternodeDispatchHandle(NamedTuple):
+    """The handle ``dispatch`` returns when the group spans N > 1 nodes (SPEC §3.6): 10 elements like
+    DeepEP's internode handle. Element 0 is ``is_token_in_rank`` and element -4 (6)
+    ``recv_gbl_rank_prefix_sum``, as in DeepEP; the others are epcomm's own.
+    """
+
+    is_token_in_rank: torch.Tensor           # [T, R] bool: where this rank's tokens went
+    rank_prefix_matrix: torch.Tensor         # [R, R] int32: [i][j] = tokens rank j receives from ranks 0..i
+    send_row: torch.Tensor                   # [T, R] int32: row of token t in rank r's recv_x, or -1
+    recv_src_idx: torch.Tensor               # [num_recv] int32: each received row's token index on its source
+    recv_rdma_rank_prefix_sum: torch.Tensor  # [N] int32: inclusive prefix over source nodes of the rows received
+    is_token_in_node: torch.Tensor           # [T, N] bool: the nodes each token crosses to (or stays in)
+    recv_gbl_rank_prefix_sum: torch.Tensor   # [R] int32: inclusive prefix over source ranks of the rows received
+    recv_src_rank: torch.Tensor              # [num_recv] int32: each received row's source rank, -1 for padding
+    forwarder_rank: torch.Tensor             # [N] int32: the rank of node n that forwards this rank's tokens
+    native: _C.DispatchHandle                # the C++ handle (tied to the Buffer that made it)
+
+
+AnyDispatchHandle = Union[DispatchHandle, InternodeDispatchHandle]
+
+
 class Buffer:
     """Communication memory of one rank and every dispatch / combine operation on it.
 
@@ -96,7 +117,9 @@ class Buffer:
                 available (and this build has the CUDA backend), else 'cpu'. The group only
                 bootstraps (a gloo group, as vLLM's cpu_group, works for CUDA tensors too).
             ranks_per_node: G, ranks per NVLink domain. Default: $EPCOMM_RANKS_PER_NODE, else
-                $LOCAL_WORLD_SIZE (capped at R), else min(R, 8).
+                $LOCAL_WORLD_SIZE (capped at R), else the ranks sharing a host name (all-gathered through
+                the group; hosts holding different numbers of ranks raise). With N = R / G > 1 nodes,
+                dispatch returns the 10-element ``InternodeDispatchHandle``.
             timeout_s: bound of every wait for a peer. Default: $EPCOMM_TIMEOUT_S, else 100 s.
         """
         collectives = group_collectives(group, comm)
@@ -120,12 +143,14 @@ class Buffer:
             collectives.rank, collectives.size, collectives.all_gather, collectives.barrier, backend=self.backend,
             num_nvl_bytes=self.num_nvl_bytes, num_rdma_bytes=self.num_rdma_bytes,
             low_latency_mode=self.low_latency_mode,
-            ranks_per_node=resolve_ranks_per_node(collectives.size, ranks_per_node),
+            ranks_per_node=resolve_ranks_per_node(collectives.size, ranks_per_node, collectives),
             device=self.device.index if self.device.type == "cuda" else -1,
             timeout_s=float(timeout_s) if timeout_s is not None else 0.0, num_qps_per_rank=int(num_qps_per_rank),
             allow_nvlink_for_low_latency_mode=bool(allow_nvlink_for_low_latency_mode), allow_mnnvl=bool(allow_mnnvl),
             use_fabric=bool(use_fabric), explicitly_destroy=self.explicitly_destroy, enable_shrink=self.enable_shrink,
             comm_stream=self._comm_stream.cuda_stream if self._comm_stream is not None else 0)
+        self.ranks_per_node = int(self.runtime.ranks_per_node)
+        self.num_nodes = self.group_size // self.ranks_per_node
         self._allocate_here = self._make_allocator(on_comm_stream=False)
         self._allocate_on_comm = self._make_allocator(on_comm_stream=True)
 
@@ -297,7 +322,9 @@ class Buffer:
             recv_topk_idx: [num_recv, K] int64, local expert index or -1 (None without topk_idx).
             recv_topk_weights: [num_recv, K] float32, 0 where the index is -1 (None without topk_idx).
             num_recv_tokens_per_expert_list: list of L ints (aligned); [] with num_worst_tokens.
-            handle: ``DispatchHandle`` (a tuple, element 0 = rank_prefix_matrix [R, R] int32).
+            handle: ``DispatchHandle`` (a tuple, element 0 = rank_prefix_matrix [R, R] int32); with N > 1
+                nodes an ``InternodeDispatchHandle`` (10 elements, element 0 = is_token_in_rank, element
+                -4 = recv_gbl_rank_prefix_sum [R] int32).
             event: ``EventOverlap``.
             A cached dispatch returns (recv_x, None, None, None, None, event).
         """
@@ -321,7 +348,7 @@ class Buffer:
             stream=self._stream(), previous_event=self._native_event(previous_event, op),
             async_finish=bool(async_finish), allocate_on_comm_stream=bool(allocate_on_comm_stream),
             allocate=self._allocator(allocate_on_comm_stream))
-        new_handle = DispatchHandle(**r["handle"]) if r["handle"] is not None else None
+        new_handle = self._make_handle(r["handle"]) if r["handle"] is not None else None
         inputs = (x_data, x_scales, topk_idx, topk_weights, num_tokens_per_rank, num_tokens_per_rdma_rank,
                   is_token_in_rank, num_tokens_per_expert) + self._handle_tensors(handle)
         outputs = (r["recv_x"], r["recv_x_scales"], r["recv_topk_idx"], r["recv_topk_weights"]) + \
@@ -544,11 +571,36 @@ class Buffer:
             return x[0], x[1]
         return x, None
 
+    def _make_handle(self, fields: Dict[str, Any]) -> AnyDispatchHandle:
+        """The Python handle of a fresh dispatch, built by name from what epcomm._C.Buffer.dispatch returns
+        under ``"handle"``: DeepEP's intranode shape (5 elements) when N == 1, its internode shape
+        (10 elements, SPEC §3.6) when N > 1."""
+        rank_prefix_matrix, is_token_in_rank = fields["rank_prefix_matrix"], fields["is_token_in_rank"]
+        send_row, recv_src_idx, native = fields["send_row"], fields["recv_src_idx"], fields["native"]
+        gbl_prefix, rdma_prefix = fields["recv_gbl_rank_prefix_sum"], fields["recv_rdma_rank_prefix_sum"]
+        if self.num_nodes == 1:
+            return DispatchHandle(rank_prefix_matrix=rank_prefix_matrix, is_token_in_rank=is_token_in_rank,
+                                  send_row=send_row, recv_src_idx=recv_src_idx, native=native)
+        num_tokens, G = is_token_in_rank.size(0), self.ranks_per_node
+        is_token_in_node = is_token_in_rank.view(num_tokens, self.num_nodes, G).any(dim=2)
+        rows = torch.arange(recv_src_idx.size(0), dtype=torch.int32, device=gbl_prefix.device)
+        src_rank = torch.searchsorted(gbl_prefix, rows, right=True).to(torch.int32)
+        src_rank[src_rank >= self.group_size] = -1  # num_worst_tokens padding rows
+        forwarder = (torch.arange(self.num_nodes, dtype=torch.int32) * G + self.rank % G).to(gbl_prefix.device)
+        return InternodeDispatchHandle(is_token_in_rank, rank_prefix_matrix, send_row, recv_src_idx, rdma_prefix,
+                                       is_token_in_node, gbl_prefix, src_rank, forwarder, native)
+
+    def get_network_bytes_per_node(self) -> List[int]:
+        """epcomm extension (debug / bench counter, CPU backend with N > 1 nodes): the bytes the last
+        dispatch or combine of this buffer put on the emulated network for each destination node (0 for
+        its own node). Measured by the CPU backend's two-level transport; [] otherwise."""
+        return list(self.runtime.last_network_bytes)
+
     @staticmethod
     def _native_dispatch_handle(handle: Any, op: str) -> _C.DispatchHandle:
-        if isinstance(handle, DispatchHandle):
+        if isinstance(handle, (DispatchHandle, InternodeDispatchHandle)):
             return handle.native
-        if isinstance(handle, tuple) and handle and isinstance(handle[-1], _C.DispatchHandle):
+        if isinstance(handle, tuple) and len(handle) in (5, 10) and isinstance(handle[-1], _C.DispatchHandle):
             return handle[-1]
         raise invalid_argument(op, "handle",
                                f"expected the handle tuple returned by dispatch, got {type(handle).__name__}")
@@ -562,7 +614,7 @@ class Buffer:
 
     @staticmethod
     def _unpack_low_latency_handle(handle: Any, op: str) -> Tuple[torch.Tensor, torch.Tensor, int, int, int]:
-        if isinstance(handle, DispatchHandle):
+        if isinstance(handle, (DispatchHandle, InternodeDispatchHandle)):
             raise invalid_argument(op, "handle", "got the handle of a normal-mode dispatch (Buffer.dispatch); "
                                                  "pass the handle low_latency_dispatch returned")
         if not isinstance(handle, (tuple, list)) or len(handle) != 5:

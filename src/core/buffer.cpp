@@ -6,6 +6,7 @@
 
 #include "core/backend.hpp"
 #include "core/check.hpp"
+#include "core/node_size.hpp"
 #include "core/op_checks.hpp"
 #include "core/timeout.hpp"
 
@@ -79,8 +80,9 @@ bool backend_available(BackendKind kind) {
 }
 
 Buffer::Buffer(Bootstrap& bootstrap, const BufferOptions& options) : options_(options) {
+  options_.ranks_per_node = resolve_ranks_per_node(options.ranks_per_node, bootstrap.size());
   const GroupGeometry geometry =
-      check_buffer_options(backend_limits(options.backend), options, bootstrap.rank(), bootstrap.size());
+      check_buffer_options(backend_limits(options.backend), options_, bootstrap.rank(), bootstrap.size());
   options_.timeout = resolve_timeout(options.timeout);
   check_same_on_every_rank(bootstrap, options_);
   backend_ = options_.backend == BackendKind::kCpu ? make_cpu_backend(bootstrap, options_, geometry)

@@ -33,6 +33,9 @@ constexpr EnvVariable kTable[] = {
     {"EPCOMM_JOB_STATUS_FD", EnvType::kInt, "set by epcomm-run", 0, kIntMax, "core",
      "Descriptor of epcomm-run's job-status page (a memfd): the CPU backend's waits learn from it that a "
      "peer exited."},
+    {"EPCOMM_RANKS_PER_NODE", EnvType::kInt, "unset", 1, kIntMax, "core",
+     "G, ranks per NVLink domain, when BufferOptions::ranks_per_node (Python: ranks_per_node) is 0 / not "
+     "given (capped at R); else LOCAL_WORLD_SIZE; else the C++ Buffer puts every rank in one node."},
     {"RANK", EnvType::kInt, "required by tcp_bootstrap_from_env() (or SLURM_PROCID)", 0, kIntMax - 1, "core",
      "torchrun's rank of this process."},
     {"WORLD_SIZE", EnvType::kInt, "required by tcp_bootstrap_from_env() (or SLURM_NTASKS)", 1, kIntMax, "core",

@@ -15,6 +15,8 @@ uint32_t* scale_at(const TensorView& scales, int64_t row, int s) {
   return scales.data_as<uint32_t>() + row * scales.stride(0) + s * scales.stride(1);
 }
 
+}  // namespace
+
 void write_record(const TokenRecord& format, std::byte* record, const DispatchSend& send, int token) {
   const DispatchInputs& in = *send.inputs;
   std::memcpy(record, static_cast<const std::byte*>(in.x.data) + token * format.x_bytes, format.x_bytes);
@@ -29,7 +31,6 @@ void write_record(const TokenRecord& format, std::byte* record, const DispatchSe
   std::memcpy(record + format.flags_offset(), send.in_rank + int64_t(token) * format.num_ranks, format.num_ranks);
 }
 
-// Copies one received record into row `row`, keeping only the top-k slots of local experts.
 void read_record(const TokenRecord& format, const std::byte* record, DispatchReceive& out, int64_t row, int token) {
   std::memcpy(out.x + row * format.x_bytes, record, format.x_bytes);
   const auto* scales = reinterpret_cast<const uint32_t*>(record + format.scales_offset());
@@ -54,8 +55,6 @@ void clear_row(const TokenRecord& format, DispatchReceive& out, int64_t row) {
   }
   out.src_idx[row] = -1;
 }
-
-}  // namespace
 
 void move_tokens(const Area& area, GroupSync& sync, int rank, const TokenRecord& record, const DispatchSend& send,
                  DispatchReceive& receive, const std::vector<int32_t>& num_tokens, const char* op) {

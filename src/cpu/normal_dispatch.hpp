@@ -48,6 +48,14 @@ struct DispatchReceive {
   std::vector<int32_t> end_row;    // [R]: one past the last row of each source's tokens (<= num_rows)
 };
 
+// Writes token `token` of the sending side as a record at `record`.
+void write_record(const TokenRecord& format, std::byte* record, const DispatchSend& send, int token);
+// Copies one received record of source token `token` into row `row`, keeping only the top-k slots of
+// local experts.
+void read_record(const TokenRecord& format, const std::byte* record, DispatchReceive& out, int64_t row, int token);
+// Marks row `row` empty (num_worst_tokens padding): x and scales 0, topk_idx -1, weights 0, src_idx -1.
+void clear_row(const TokenRecord& format, DispatchReceive& out, int64_t row);
+
 // Collective. Moves every rank's tokens to their receivers in rounds, then marks rows past the real
 // ones (num_worst_tokens) as empty: x and scales 0, topk_idx -1, weights 0, src_idx -1.
 // `num_tokens` holds every rank's T. A receiver never trusts its senders: a source that flags more

@@ -6,6 +6,8 @@
 #include "cpu/normal_combine.hpp"
 #include "cpu/normal_dispatch.hpp"
 #include "cpu/normal_handle.hpp"
+#include "cpu/normal_internode_combine.hpp"
+#include "cpu/normal_internode_dispatch.hpp"
 #include "cpu/normal_routing.hpp"
 
 namespace epcomm::cpu {
@@ -111,6 +113,34 @@ std::vector<int> recv_tokens_per_expert(const std::vector<PeerCall>& calls, int 
     for (int l = 0; l < num_local_experts; ++l) per_expert[l] += call.counts[R + rank * num_local_experts + l];
   for (int& count : per_expert) count = static_cast<int>(align_up(count, alignment));
   return per_expert;
+}
+
+// N > 1 (SPEC §3.6): the prefix sums of the rows `rank` received, over source ranks (column `rank`
+// of rank_prefix_matrix) and over source nodes.
+void add_internode_fields(DispatchHandle& handle, const std::vector<int32_t>& prefix, const GroupGeometry& g,
+                          Allocator& allocator, StreamHandle stream) {
+  const int R = g.num_ranks;
+  std::vector<int32_t> per_rank(R), per_node(g.num_nodes());
+  for (int s = 0; s < R; ++s) per_rank[s] = prefix[size_t(s) * R + g.rank];
+  for (int n = 0; n < g.num_nodes(); ++n) per_node[n] = per_rank[(n + 1) * g.ranks_per_node - 1];
+  handle.recv_gbl_rank_prefix_sum = int32_tensor(allocator, per_rank, stream);
+  handle.recv_rdma_rank_prefix_sum = int32_tensor(allocator, per_node, stream);
+}
+
+// Checks the area holds one token's round, for the transport the group's node count selects.
+void check_dispatch_area(const Area& area, const GroupGeometry& g, const TokenRecord& record, const char* op) {
+  if (g.num_nodes() == 1) return check_area_fits(area, record.bytes(), op, "one token record");
+  check_area_fits(area, internode_dispatch_min_bytes(record, g.num_nodes()), op,
+                  "one token record, with one inbox slot per other node");
+}
+
+// Moves the tokens in one level (N == 1) or two (N > 1); returns the network bytes per node (N > 1).
+std::vector<int64_t> transport_tokens(const Area& area, GroupSync& sync, const GroupGeometry& g,
+                                      const TokenRecord& record, const DispatchSend& send, DispatchReceive& receive,
+                                      const std::vector<int32_t>& num_tokens, const char* op) {
+  if (g.num_nodes() > 1) return move_tokens_across_nodes(area, sync, g, record, send, receive, num_tokens, op);
+  move_tokens(area, sync, g.rank, record, send, receive, num_tokens, op);
+  return {};
 }
 
 // The handle of a fresh dispatch whose outputs have `rows` rows.
@@ -245,7 +275,7 @@ DispatchResult NormalMode::fresh_dispatch(const DispatchArgs& args, StreamHandle
   // Local checks first: a bad input is rejected in the exchange, so that every rank raises it.
   const TokenRecord record = token_record(args, R, /*with_topk=*/true);
   const Routing routing = before_exchange(CallKind::kDispatch, [&] {
-    check_area_fits(area_, record.bytes(), op, "one token record");
+    check_dispatch_area(area_, ctx_.geometry, record, op);
     return route_for_dispatch(args, ctx_.geometry);
   });
 
@@ -267,11 +297,13 @@ DispatchResult NormalMode::fresh_dispatch(const DispatchArgs& args, StreamHandle
   const int rows = in.num_worst_tokens > 0 ? in.num_worst_tokens : num_recv;
   std::shared_ptr<DispatchHandle> handle =
       make_handle(args, routing, calls, prefix, rank, rows, dispatch_step, ctx_.buffer_id, stream);
+  if (ctx_.geometry.num_nodes() > 1) add_internode_fields(*handle, prefix, ctx_.geometry, *args.allocator, stream);
   DispatchResult result;
   DispatchReceive receive = allocate_receive(args, record, *handle, rank, result, stream);
   receive.src_idx = handle->recv_src_idx.data_as<int32_t>();
   const DispatchSend send{&in, routing.in_rank.data(), args.num_tokens};
-  move_tokens(area_, *ctx_.sync, rank, record, send, receive, handle_state(*handle).num_tokens, op);
+  result.network_bytes_per_node =
+      transport_tokens(area_, *ctx_.sync, ctx_.geometry, record, send, receive, handle_state(*handle).num_tokens, op);
 
   if (in.num_worst_tokens == 0 && !routing.per_expert.empty())
     result.num_recv_tokens_per_expert = recv_tokens_per_expert(calls, rank, args.num_experts / R, in.expert_alignment);
@@ -285,7 +317,7 @@ DispatchResult NormalMode::cached_dispatch(const DispatchArgs& args, StreamHandl
   const DispatchHandle& handle = *args.inputs->handle;
   const TokenRecord record = token_record(args, R, /*with_topk=*/false);
   before_exchange(CallKind::kCachedDispatch, [&] {
-    check_area_fits(area_, record.bytes(), op, "one token record");
+    check_dispatch_area(area_, ctx_.geometry, record, op);
     check_handle_rows(handle, rank, op);
   });
 
@@ -299,7 +331,8 @@ DispatchResult NormalMode::cached_dispatch(const DispatchArgs& args, StreamHandl
   std::vector<int32_t> src_idx(handle.num_recv_tokens);
   receive.src_idx = src_idx.data();
   const DispatchSend send{args.inputs, handle.is_token_in_rank.data_as<const uint8_t>(), args.num_tokens};
-  move_tokens(area_, *ctx_.sync, rank, record, send, receive, handle_state(handle).num_tokens, op);
+  result.network_bytes_per_node =
+      transport_tokens(area_, *ctx_.sync, ctx_.geometry, record, send, receive, handle_state(handle).num_tokens, op);
   return result;
 }
 
@@ -308,8 +341,13 @@ CombineResult NormalMode::combine(const CombineArgs& args, StreamHandle stream) 
   const int R = ctx_.geometry.num_ranks, rank = ctx_.geometry.rank;
   const CombineInputs& in = *args.inputs;
   const DispatchHandle& handle = *in.handle;
+  const GroupGeometry& g = ctx_.geometry;
   before_exchange(CallKind::kCombine, [&] {
-    check_area_fits(area_, combine_min_bytes(R, args.hidden, args.num_topk), op, "one combined token");
+    if (g.num_nodes() == 1)
+      check_area_fits(area_, combine_min_bytes(R, args.hidden, args.num_topk), op, "one combined token");
+    else
+      check_area_fits(area_, internode_combine_min_bytes(R, g.num_nodes(), args.hidden, args.num_topk), op,
+                      "one combined token, with one partial per other node");
     check_handle_rows(handle, rank, op);
     check_handle_sources(handle, rank, op);
   });
@@ -339,7 +377,10 @@ CombineResult NormalMode::combine(const CombineArgs& args, StreamHandle stream) 
   }
   if (in.bias_0) work.bias[0] = in.bias_0->data_as<const uint16_t>();
   if (in.bias_1) work.bias[1] = in.bias_1->data_as<const uint16_t>();
-  combine_rows(area_, *ctx_.sync, rank, work, op);
+  if (g.num_nodes() > 1)
+    result.network_bytes_per_node = combine_rows_across_nodes(area_, *ctx_.sync, g, work, op);
+  else
+    combine_rows(area_, *ctx_.sync, rank, work, op);
   return result;
 }
 

@@ -247,7 +247,8 @@ std::vector<BadCall> bad_calls() {
 
 // Every rank passes the same bad input; the buffer must stay usable.
 TEST(NormalModeErrors, EveryBadInputNamesItsArgumentAndTheBufferKeepsWorking) {
-  const NormalCase c = good_case();
+  NormalCase c = good_case();
+  c.ranks_per_node = 1;  // the reference follows the buffer's two nodes (SPEC §3.6 combine order)
   run_ranks(c.num_ranks, [&](Bootstrap& bootstrap) {
     BufferOptions options = cpu_buffer_options(small_nvl_bytes(c), 20s);
     options.ranks_per_node = 1;  // two nodes: num_tokens_per_rdma_rank exists
@@ -263,7 +264,8 @@ TEST(NormalModeErrors, EveryBadInputNamesItsArgumentAndTheBufferKeepsWorking) {
 }
 
 TEST(NormalModeErrors, InconsistentRdmaCountsNameTheTensor) {
-  const NormalCase c = good_case();
+  NormalCase c = good_case();
+  c.ranks_per_node = 1;
   run_ranks(c.num_ranks, [&](Bootstrap& bootstrap) {
     BufferOptions options = cpu_buffer_options(small_nvl_bytes(c), 20s);
     options.ranks_per_node = 1;

@@ -131,6 +131,22 @@ void cached_fp8_dispatch_and_check(Buffer& buffer, const NormalCase& c, const st
                      scales_column_major(o, all[rank].num_tokens));
 }
 
+// SPEC §3.6: with N > 1 nodes, the prefix sums of the rows received over source ranks and nodes.
+void check_internode_handle(const NormalCase& c, const ExpectedDispatch& expected, const DispatchHandle& handle) {
+  ASSERT_EQ(handle.recv_gbl_rank_prefix_sum.has_value(), c.num_nodes() > 1) << "recv_gbl_rank_prefix_sum";
+  ASSERT_EQ(handle.recv_rdma_rank_prefix_sum.has_value(), c.num_nodes() > 1) << "recv_rdma_rank_prefix_sum";
+  if (c.num_nodes() == 1) return;
+  std::vector<int32_t> per_rank(c.num_ranks, 0), per_node(c.num_nodes(), 0);
+  for (const ReceivedRow& row : expected.rows) {
+    for (int s = row.source; s < c.num_ranks; ++s) per_rank[s] += 1;
+    for (int n = row.source / c.node_size(); n < c.num_nodes(); ++n) per_node[n] += 1;
+  }
+  expect_shape(*handle.recv_gbl_rank_prefix_sum, {c.num_ranks}, DType::kInt32, "recv_gbl_rank_prefix_sum");
+  expect_int32(*handle.recv_gbl_rank_prefix_sum, per_rank, "recv_gbl_rank_prefix_sum");
+  expect_shape(*handle.recv_rdma_rank_prefix_sum, {c.num_nodes()}, DType::kInt32, "recv_rdma_rank_prefix_sum");
+  expect_int32(*handle.recv_rdma_rank_prefix_sum, per_node, "recv_rdma_rank_prefix_sum");
+}
+
 void check_handle(const NormalCase& c, const std::vector<RankInputs>& all, int rank, int num_rows,
                   const ExpectedDispatch& expected, const DispatchHandle& handle) {
   const int R = c.num_ranks, T = all[rank].num_tokens;
@@ -150,6 +166,7 @@ void check_handle(const NormalCase& c, const std::vector<RankInputs>& all, int r
   TensorView real_rows = handle.recv_src_idx;
   real_rows.shape[0] = int64_t(src_idx.size());
   expect_int32(real_rows, src_idx, "handle.recv_src_idx");
+  check_internode_handle(c, expected, handle);
 }
 
 // Rows past the real count (num_worst_tokens) carry no expert: idx -1, weight 0.

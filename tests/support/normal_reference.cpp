@@ -116,22 +116,65 @@ std::vector<uint16_t> bias_row(const NormalCase& c, int rank, int token, int whi
   return row;
 }
 
+namespace {
+
+// SPEC §3.3 (one node): 0 + rows of the receiving ranks ascending + bias_0 + bias_1, one rounding.
+std::vector<float> one_level_sum(const NormalCase& c, const RankInputs& in, int source, int t, int num_biases) {
+  std::vector<float> acc(c.hidden, 0.0f);
+  for (int r = 0; r < c.num_ranks; ++r) {  // receiving ranks, ascending
+    if (!goes_to(c, in, t, r)) continue;
+    const std::vector<uint16_t> row = expert_output_row(c, r, source, t);
+    for (int h = 0; h < c.hidden; ++h) acc[h] = acc[h] + numerics::bf16_to_float(row[h]);
+  }
+  for (int b = 0; b < num_biases; ++b) {
+    const std::vector<uint16_t> bias = bias_row(c, source, t, b);
+    for (int h = 0; h < c.hidden; ++h) acc[h] = acc[h] + numerics::bf16_to_float(bias[h]);
+  }
+  return acc;
+}
+
+// SPEC §3.6 (N > 1): p_n = bf16(0 + rows of node n's receiving ranks ascending); then
+// acc = bias_0 + bias_1 (0 where absent), acc += p_n for the receiving nodes ascending.
+std::vector<float> two_level_sum(const NormalCase& c, const RankInputs& in, int source, int t, int num_biases) {
+  const int G = c.node_size();
+  std::vector<float> acc(c.hidden), partial(c.hidden);
+  std::vector<uint16_t> bias[2];
+  for (int b = 0; b < num_biases; ++b) bias[b] = bias_row(c, source, t, b);
+  for (int h = 0; h < c.hidden; ++h) {
+    const float b0 = num_biases > 0 ? numerics::bf16_to_float(bias[0][h]) : 0.0f;
+    const float b1 = num_biases > 1 ? numerics::bf16_to_float(bias[1][h]) : 0.0f;
+    acc[h] = b0 + b1;
+  }
+  for (int n = 0; n < c.num_nodes(); ++n) {
+    bool received = false;
+    for (float& p : partial) p = 0.0f;
+    for (int r = n * G; r < (n + 1) * G; ++r) {
+      if (!goes_to(c, in, t, r)) continue;
+      received = true;
+      const std::vector<uint16_t> row = expert_output_row(c, r, source, t);
+      for (int h = 0; h < c.hidden; ++h) partial[h] = partial[h] + numerics::bf16_to_float(row[h]);
+    }
+    if (!received) continue;
+    for (int h = 0; h < c.hidden; ++h) acc[h] = acc[h] + numerics::bf16_to_float(numerics::float_to_bf16(partial[h]));
+  }
+  return acc;
+}
+
+// The weight rank r passes back for slot k of (source's) token t: the original where r holds the expert.
+float returned_weight(const NormalCase& c, const RankInputs& in, int t, int k, int r) {
+  const int64_t e = expert_at(c, in, t, k);
+  return (e != -1 && e / c.experts_per_rank() == r) ? in.topk_weights[size_t(t) * c.num_topk + k] : 0.0f;
+}
+
+}  // namespace
+
 std::vector<uint16_t> expected_combined_x(const NormalCase& c, const std::vector<RankInputs>& all, int source,
                                           int num_biases) {
   const RankInputs& in = all[source];
   std::vector<uint16_t> out(size_t(in.num_tokens) * c.hidden);
-  std::vector<float> acc(c.hidden);
   for (int t = 0; t < in.num_tokens; ++t) {
-    for (float& a : acc) a = 0.0f;
-    for (int r = 0; r < c.num_ranks; ++r) {  // receiving ranks, ascending
-      if (!goes_to(c, in, t, r)) continue;
-      const std::vector<uint16_t> row = expert_output_row(c, r, source, t);
-      for (int h = 0; h < c.hidden; ++h) acc[h] = acc[h] + numerics::bf16_to_float(row[h]);
-    }
-    for (int b = 0; b < num_biases; ++b) {
-      const std::vector<uint16_t> bias = bias_row(c, source, t, b);
-      for (int h = 0; h < c.hidden; ++h) acc[h] = acc[h] + numerics::bf16_to_float(bias[h]);
-    }
+    const std::vector<float> acc =
+        c.num_nodes() > 1 ? two_level_sum(c, in, source, t, num_biases) : one_level_sum(c, in, source, t, num_biases);
     for (int h = 0; h < c.hidden; ++h) out[size_t(t) * c.hidden + h] = numerics::float_to_bf16(acc[h]);
   }
   return out;
@@ -139,19 +182,43 @@ std::vector<uint16_t> expected_combined_x(const NormalCase& c, const std::vector
 
 std::vector<float> expected_combined_weights(const NormalCase& c, const std::vector<RankInputs>& all, int source) {
   const RankInputs& in = all[source];
-  const int K = c.num_topk, L = c.experts_per_rank();
+  const int K = c.num_topk, G = c.node_size();
   std::vector<float> out(size_t(in.num_tokens) * K);
   for (int t = 0; t < in.num_tokens; ++t)
     for (int k = 0; k < K; ++k) {
       float sum = 0.0f;
-      for (int r = 0; r < c.num_ranks; ++r) {
-        if (!goes_to(c, in, t, r)) continue;
-        const int64_t e = expert_at(c, in, t, k);
-        sum = sum + ((e != -1 && e / L == r) ? in.topk_weights[size_t(t) * K + k] : 0.0f);
+      for (int n = 0; n < c.num_nodes(); ++n) {  // one node: the plain sum over ranks ascending
+        float node_sum = 0.0f;
+        for (int r = n * G; r < (n + 1) * G; ++r)
+          if (goes_to(c, in, t, r)) node_sum = node_sum + returned_weight(c, in, t, k, r);
+        sum = sum + node_sum;
       }
       out[size_t(t) * K + k] = sum;
     }
   return out;
+}
+
+std::vector<int64_t> tokens_crossing_to_node(const NormalCase& c, const RankInputs& in) {
+  const int G = c.node_size(), own = in.rank / G;
+  std::vector<int64_t> per_node(c.num_nodes(), 0);
+  for (int t = 0; t < in.num_tokens; ++t)
+    for (int n = 0; n < c.num_nodes(); ++n) {
+      bool any = false;
+      for (int r = n * G; r < (n + 1) * G; ++r) any = any || goes_to(c, in, t, r);
+      per_node[n] += (any && n != own) ? 1 : 0;
+    }
+  return per_node;
+}
+
+std::vector<int64_t> partials_from_forwarder(const NormalCase& c, const std::vector<RankInputs>& all, int rank) {
+  const int G = c.node_size(), own = rank / G;
+  std::vector<int64_t> per_node(c.num_nodes(), 0);
+  for (int m = 0; m < c.num_nodes(); ++m) {
+    if (m == own) continue;
+    const RankInputs& source = all[m * G + rank % G];
+    per_node[m] = tokens_crossing_to_node(c, source)[own];
+  }
+  return per_node;
 }
 
 }  // namespace epcomm::testing

@@ -20,9 +20,12 @@ struct NormalCase {
   double empty_fraction = 0.0;  // probability of a -1 slot
   bool fp8 = false;
   bool random_route_flags = false;  // RankInputs::route_flags drawn independently of topk_idx
+  int ranks_per_node = 0;           // G; 0 = every rank in one node. N > 1 selects SPEC §3.6's combine order
   uint64_t seed = 1;
 
   int num_scales() const { return hidden / 128; }
+  int node_size() const { return ranks_per_node == 0 ? num_ranks : ranks_per_node; }
+  int num_nodes() const { return num_ranks / node_size(); }
   int experts_per_rank() const { return num_experts / num_ranks; }
 };
 
@@ -75,10 +78,19 @@ std::vector<uint16_t> expert_output_row(const NormalCase& c, int receiver, int s
 std::vector<uint16_t> bias_row(const NormalCase& c, int rank, int token, int which);
 
 // SPEC §3.3 for the tokens of `source`: combined_x [T, hidden] when every receiver returns
-// expert_output_row, with `num_biases` (0, 1, 2) biases from bias_row.
+// expert_output_row, with `num_biases` (0, 1, 2) biases from bias_row. With N > 1 nodes, SPEC §3.6's
+// two-level order: bf16 partial per node (ranks ascending), then bias_0 + bias_1 + partials (nodes ascending).
 std::vector<uint16_t> expected_combined_x(const NormalCase& c, const std::vector<RankInputs>& all, int source,
                                           int num_biases);
-// combined_topk_weights [T, K] when every receiver passes back its recv_topk_weights.
+// combined_topk_weights [T, K] when every receiver passes back its recv_topk_weights (N > 1: a float32
+// sum per node, then over nodes ascending).
 std::vector<float> expected_combined_weights(const NormalCase& c, const std::vector<RankInputs>& all, int source);
+
+// SPEC §3.6 traffic minimum for `rank`'s dispatch: per destination node, the tokens of `rank` that go
+// to at least one rank of that node (0 for its own node).
+std::vector<int64_t> tokens_crossing_to_node(const NormalCase& c, const RankInputs& in);
+// The combine minimum for `rank` as a forwarder (rank n*G + s%G forwards for source s into node n):
+// per destination node m != own, the tokens of the source m*G + rank%G that some rank of rank's node received.
+std::vector<int64_t> partials_from_forwarder(const NormalCase& c, const std::vector<RankInputs>& all, int rank);
 
 }  // namespace epcomm::testing
