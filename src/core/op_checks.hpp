@@ -8,7 +8,7 @@ namespace epcomm {
 
 struct CheckContext {
   const GroupGeometry& geometry;
-  Device device;      // where tensors must live
+  Device device;       // where tensors must live
   uint64_t buffer_id;  // Backend::id(): handles must carry it
   const BufferOptions& options;
 };

@@ -81,8 +81,9 @@ void bad_step(Buffer& buffer, const Step& step, Draw& d, const LowLatencyCase& c
   const RecvFormat format = draw_format(d, c);
   if (choice == 5) {  // clean with other sizes on one rank: every rank names both
     const int max_tokens = corrupt ? c.max_tokens + 1 : c.max_tokens;
-    expect_rejected(buffer, step, {"clean_low_latency_buffer", "T_max"}, {"clean_low_latency_buffer", "T_max"},
-                    [&] { buffer.clean_low_latency_buffer(max_tokens, c.hidden, c.num_experts); }, counts);
+    expect_rejected(
+        buffer, step, {"clean_low_latency_buffer", "T_max"}, {"clean_low_latency_buffer", "T_max"},
+        [&] { buffer.clean_low_latency_buffer(max_tokens, c.hidden, c.num_experts); }, counts);
     return;
   }
   RankInputs in = make_inputs(c, rank);
@@ -102,10 +103,13 @@ void bad_step(Buffer& buffer, const Step& step, Draw& d, const LowLatencyCase& c
         di.round_scale = false;
       }
     }
-    expect_rejected(buffer, step, {arg}, {rejected, arg}, [&] {
-      LowLatencyDispatchResult r = buffer.low_latency_dispatch(di, {.return_recv_hook = hook});
-      if (r.hook) r.hook();
-    }, counts);
+    expect_rejected(
+        buffer, step, {arg}, {rejected, arg},
+        [&] {
+          LowLatencyDispatchResult r = buffer.low_latency_dispatch(di, {.return_recv_hook = hook});
+          if (r.hook) r.hook();
+        },
+        counts);
     return;
   }
   MicroBatch m(c, RecvFormat::kBf16, rank);
@@ -130,10 +134,13 @@ void bad_step(Buffer& buffer, const Step& step, Draw& d, const LowLatencyCase& c
   ci.topk_idx = TensorView::contiguous(topk_idx.data(), DType::kInt64, {T, c.num_topk}, Device::cpu());
   ci.topk_weights = TensorView::contiguous(weights.data(), DType::kFloat32, {weight_rows, c.num_topk}, Device::cpu());
   ci.handle = &m.dispatched().handle;
-  expect_rejected(buffer, step, {arg}, {rejected, arg}, [&] {
-    LowLatencyCombineResult r = buffer.low_latency_combine(ci, {.return_recv_hook = hook});
-    if (r.hook) r.hook();
-  }, counts);
+  expect_rejected(
+      buffer, step, {arg}, {rejected, arg},
+      [&] {
+        LowLatencyCombineResult r = buffer.low_latency_combine(ci, {.return_recv_hook = hook});
+        if (r.hook) r.hook();
+      },
+      counts);
 }
 
 }  // namespace

@@ -56,7 +56,8 @@ void expect_rejected(Buffer& buffer, const Step& step, const BadCall& bad, Count
   const std::string what = error->what();
   const bool input_error = error->code() == ErrorCode::kInvalidArgument || error->code() == ErrorCode::kOutOfCapacity;
   const std::string peer = "rank " + std::to_string(step.bad_rank) + " rejected its inputs";
-  const bool named = what.find(bad.arg) != std::string::npos && (rank == step.bad_rank || what.find(peer) != std::string::npos);
+  const bool named =
+      what.find(bad.arg) != std::string::npos && (rank == step.bad_rank || what.find(peer) != std::string::npos);
   EXPECT_TRUE(input_error) << "step " << step.seed << ": " << what;
   EXPECT_TRUE(named) << "step " << step.seed << ": expected '" << bad.arg << "'"
                      << (rank == step.bad_rank ? "" : " and '" + peer + "'") << ": " << what;
@@ -159,8 +160,7 @@ void bad_step(Buffer& buffer, const Step& step, Rng& rng, const NormalCase& c, C
         if (corrupt) {
           std::memcpy(prefix.data(), handle.rank_prefix_matrix.data, prefix.size() * 4);
           prefix[size_t(c.num_ranks - 1) * c.num_ranks + rank] = rows + extra_rows;
-          modified.rank_prefix_matrix =
-              Tensor::borrowed(view_of(prefix, DType::kInt32, {c.num_ranks, c.num_ranks}));
+          modified.rank_prefix_matrix = Tensor::borrowed(view_of(prefix, DType::kInt32, {c.num_ranks, c.num_ranks}));
           in.handle = &modified;
         }
     }

@@ -96,9 +96,8 @@ TEST(FailSafe, BadInputOnOneRankIsRaisedByEveryRankOfThatCall) {
     const int rank = bootstrap.rank();
     Buffer buffer(bootstrap, cpu_buffer_options(small_nvl_bytes(c), 1000ms));
     auto expect_rejected = [&](int bad_rank, const std::function<void()>& call, const std::string& arg) {
-      const std::vector<std::string> words = {rank == bad_rank ? arg : "rank " + std::to_string(bad_rank) +
-                                                                           " rejected its inputs",
-                                              arg};
+      const std::vector<std::string> words = {
+          rank == bad_rank ? arg : "rank " + std::to_string(bad_rank) + " rejected its inputs", arg};
       expect_failure(call, ErrorCode::kInvalidArgument, words);
       EXPECT_EQ(buffer.failure(), "");
       round_trip(buffer, small_case(3, 312 + bad_rank), DispatchOptions{}, 0);
@@ -110,14 +109,16 @@ TEST(FailSafe, BadInputOnOneRankIsRaisedByEveryRankOfThatCall) {
       std::vector<float> x32(size_t(call.inputs.num_tokens) * c.hidden, 1.0f);
       DispatchInputs in = call.dispatch;
       if (rank == 2) in.x = view_of(x32, DType::kFloat32, {call.inputs.num_tokens, c.hidden});
-      expect_rejected(2, [&] { buffer.dispatch(in); }, "x");
+      expect_rejected(
+          2, [&] { buffer.dispatch(in); }, "x");
     }
     {
       SCOPED_TRACE("backend check of a fresh dispatch (num_tokens_per_rank) on rank 0");
       std::vector<int32_t> wrong(3, 1000);
       DispatchInputs in = call.dispatch;
       if (rank == 0) in.num_tokens_per_rank = view_of(wrong, DType::kInt32, {3});
-      expect_rejected(0, [&] { buffer.dispatch(in); }, "num_tokens_per_rank");
+      expect_rejected(
+          0, [&] { buffer.dispatch(in); }, "num_tokens_per_rank");
     }
     const DispatchResult dispatched = buffer.dispatch(call.dispatch);
     const int rows = dispatched.handle->num_recv_tokens;
@@ -127,7 +128,8 @@ TEST(FailSafe, BadInputOnOneRankIsRaisedByEveryRankOfThatCall) {
       CombineInputs in;
       in.handle = dispatched.handle.get();
       in.x = view_of(y, DType::kBFloat16, {rank == 1 ? rows + 1 : rows, c.hidden});
-      expect_rejected(1, [&] { buffer.combine(in); }, "x");
+      expect_rejected(
+          1, [&] { buffer.combine(in); }, "x");
     }
     {
       SCOPED_TRACE("front check of a cached dispatch (T) on rank 0");
@@ -135,7 +137,8 @@ TEST(FailSafe, BadInputOnOneRankIsRaisedByEveryRankOfThatCall) {
       in.handle = dispatched.handle.get();
       std::vector<uint16_t> x(size_t(call.inputs.num_tokens + 1) * c.hidden, 0x3F80);
       in.x = view_of(x, DType::kBFloat16, {rank == 0 ? call.inputs.num_tokens + 1 : call.inputs.num_tokens, c.hidden});
-      expect_rejected(0, [&] { buffer.dispatch(in); }, "x");
+      expect_rejected(
+          0, [&] { buffer.dispatch(in); }, "x");
     }
     {
       SCOPED_TRACE("a modified handle (rank_prefix_matrix) on rank 2");
@@ -147,7 +150,8 @@ TEST(FailSafe, BadInputOnOneRankIsRaisedByEveryRankOfThatCall) {
       CombineInputs in;
       in.handle = rank == 2 ? &modified : dispatched.handle.get();
       in.x = view_of(y, DType::kBFloat16, {rows, c.hidden});
-      expect_rejected(2, [&] { buffer.combine(in); }, "handle");
+      expect_rejected(
+          2, [&] { buffer.combine(in); }, "handle");
     }
     buffer.destroy();
   });
@@ -169,7 +173,8 @@ TEST(FailSafe, HandleOfADestroyedOrAnotherBufferIsRejected) {
     CombineInputs combine;
     combine.handle = stale.handle.get();
     combine.x = view_of(y, DType::kBFloat16, {stale.handle->num_recv_tokens, c.hidden});
-    expect_failure([&] { buffer->combine(combine); }, ErrorCode::kInvalidArgument, {"combine", "handle", "another Buffer"});
+    expect_failure([&] { buffer->combine(combine); }, ErrorCode::kInvalidArgument,
+                   {"combine", "handle", "another Buffer"});
     DispatchInputs cached;
     cached.handle = stale.handle.get();
     cached.x = call.dispatch.x;

@@ -45,8 +45,8 @@ void fuzz(int num_ranks) {
         const auto start = std::chrono::steady_clock::now();
         for (int step = 0;; ++step) {
           // Rank 0 decides when to stop, so that every rank makes the same calls.
-          int32_t more = step < kMinSteps || std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
-                                                     .count() < seconds;
+          int32_t more = step < kMinSteps ||
+                         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() < seconds;
           std::vector<int32_t> all(num_ranks);
           bootstrap.all_gather(&more, all.data(), sizeof(more));
           if (!all[0]) break;

@@ -83,8 +83,7 @@ TEST(FailSafeLowLatency, BadInputOnOneRankIsRaisedByEveryRankOfThatCall) {
   run_ranks(3, [&](Bootstrap& bootstrap) {
     const int rank = bootstrap.rank();
     Buffer buffer(bootstrap, short_timeout(kCase));
-    auto expect_rejected = [&](int bad_rank, const std::function<void()>& call, const std::string& arg,
-                               uint64_t seed) {
+    auto expect_rejected = [&](int bad_rank, const std::function<void()>& call, const std::string& arg, uint64_t seed) {
       const std::string peer_words = "rank " + std::to_string(bad_rank) + " rejected its inputs";
       expect_failure(call, ErrorCode::kInvalidArgument, {rank == bad_rank ? arg : peer_words, arg});
       EXPECT_EQ(buffer.failure(), "");
@@ -94,8 +93,8 @@ TEST(FailSafeLowLatency, BadInputOnOneRankIsRaisedByEveryRankOfThatCall) {
       SCOPED_TRACE("a topk_idx value on rank 1 (the send half's check)");
       RankInputs in = make_inputs(kCase, rank);
       if (rank == 1) in.topk_idx[2] = kCase.num_experts + 5;
-      expect_rejected(1, [&] { buffer.low_latency_dispatch(dispatch_inputs(kCase, in, RecvFormat::kFp8)); },
-                      "topk_idx", 411);
+      expect_rejected(
+          1, [&] { buffer.low_latency_dispatch(dispatch_inputs(kCase, in, RecvFormat::kFp8)); }, "topk_idx", 411);
     }
     {
       SCOPED_TRACE("T > T_max on rank 0 (the front's check)");
@@ -104,7 +103,8 @@ TEST(FailSafeLowLatency, BadInputOnOneRankIsRaisedByEveryRankOfThatCall) {
       bigger.tokens = {7, 7, 7};
       RankInputs in = make_inputs(rank == 0 ? bigger : kCase, rank);
       LowLatencyDispatchInputs d = dispatch_inputs(kCase, in, RecvFormat::kFp8);
-      expect_rejected(0, [&] { buffer.low_latency_dispatch(d); }, "num_max_dispatch_tokens_per_rank", 412);
+      expect_rejected(
+          0, [&] { buffer.low_latency_dispatch(d); }, "num_max_dispatch_tokens_per_rank", 412);
     }
     {
       SCOPED_TRACE("a combine's topk_weights on rank 2 (the front's check), with receive hooks");
@@ -166,8 +166,8 @@ TEST(FailSafeLowLatency, HandleOfADestroyedBufferIsRejected) {
     buffer.emplace(bootstrap, short_timeout(kCase));
     expect_failure([&] { m.combine_send(*buffer, {}); }, ErrorCode::kInvalidArgument,
                    {"low_latency_combine", "another Buffer"});
-    expect_failure([&] { buffer->next_low_latency_combine_buffer(m.dispatched().handle); },
-                   ErrorCode::kInvalidArgument, {"another Buffer"});
+    expect_failure([&] { buffer->next_low_latency_combine_buffer(m.dispatched().handle); }, ErrorCode::kInvalidArgument,
+                   {"another Buffer"});
     round_trip(*buffer, kCase, rank, 431);
     buffer->destroy();
   });
