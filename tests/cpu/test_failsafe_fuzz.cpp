@@ -16,7 +16,7 @@
 namespace epcomm::testing {
 namespace {
 
-constexpr int kMinSteps = 1200;
+constexpr int kMinSteps = 5000;
 constexpr uint64_t kSeed = 20261202;
 
 double fuzz_seconds() {
