@@ -31,10 +31,19 @@ def _inputs(ctx: Any, seed: int):
     return x.to(ctx.device), topk_idx.to(ctx.device), weights.to(ctx.device), num_experts
 
 
+def _dispatch(buffer: epcomm.Buffer, x: Any, topk_idx: Any, weights: Any, num_experts: int,
+              layout_topk: Any = None):
+    """A fresh dispatch with the layout of ``layout_topk`` (default: ``topk_idx``)."""
+    per_rank, _, per_expert, in_rank = buffer.get_dispatch_layout(
+        topk_idx if layout_topk is None else layout_topk, num_experts)[:4]
+    return buffer.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                           num_tokens_per_expert=per_expert, topk_idx=topk_idx, topk_weights=weights)
+
+
 def check_stale_handle(ctx: Any) -> None:
     x, topk_idx, weights, num_experts = _inputs(ctx, seed=31)
     old = normal_buffer(ctx, HIDDEN)
-    recv_x, _, _, _, handle, _ = old.dispatch(x, topk_idx=topk_idx, topk_weights=weights, num_experts=num_experts)
+    recv_x, _, _, _, handle, _ = _dispatch(old, x, topk_idx, weights, num_experts)
     old.destroy()
     new = normal_buffer(ctx, HIDDEN)
     expect_error(epcomm.InvalidArgumentError, ("combine", "handle", "another Buffer"),
@@ -49,10 +58,12 @@ def check_bad_input_on_one_rank(ctx: Any) -> None:
     if ctx.rank == 1:
         bad[3, 1] = num_experts + 7
     words = ("topk_idx", str(num_experts + 7)) if ctx.rank == 1 else ("rank 1 rejected its inputs", "topk_idx")
+    # The layout comes from the good indices (get_dispatch_layout is local and would raise on rank 1
+    # alone); the dispatch's own check of topk_idx finds the bad value and every rank raises.
     expect_error(epcomm.InvalidArgumentError, words,
-                 lambda: buffer.dispatch(x, topk_idx=bad, topk_weights=weights, num_experts=num_experts))
+                 lambda: _dispatch(buffer, x, bad, weights, num_experts, layout_topk=topk_idx))
     # The call was matched on every rank: the Buffer is usable and the next call exact.
-    recv_x = buffer.dispatch(x, topk_idx=topk_idx, topk_weights=weights, num_experts=num_experts)[0]
+    recv_x = _dispatch(buffer, x, topk_idx, weights, num_experts)[0]
     everyone = ctx.gather((cpu(x), cpu(topk_idx)))
     in_rank = [ref.layout(t, ctx.size, num_experts, ctx.size)[3] for _, t in everyone]
     expected = ref.dispatch(ctx.rank, num_experts, [e[0] for e in everyone], in_rank)
