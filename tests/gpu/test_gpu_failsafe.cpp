@@ -1,7 +1,7 @@
 // The fail-safe protocol on GPUs (SPEC §5, issue 11), high-throughput mode: a late rank and a rank
 // that skips a call fail the Buffer (every later call raises BufferFailed naming the first cause,
-// never mixed data), a stale handle is rejected, a front rejection on one rank cannot leave its peers
-// pairing its next call with this one, and in every case destroy() works and the next Buffer of the
+// never mixed data), a stale handle is rejected, a front rejection on one rank cannot make its next
+// call pair with its peers' current one, and in every case destroy() works and the next Buffer of the
 // same processes matches the CPU reference bit for bit.
 #include <gtest/gtest.h>
 
@@ -124,10 +124,10 @@ TEST(GpuFailSafe, HandleOfADestroyedBufferIsRejected) {
   });
 }
 
-// The CUDA backend cannot yet tell its peers, within the call, that the front rejected this rank's
-// inputs (the CPU backend can): the rejecting rank's Buffer is failed at once, so that its next call
-// can never pair with its peers' current one; the peers time out naming it.
-TEST(GpuFailSafe, BadInputOnOneRankNeverPairsWithItsPeersNextCall) {
+// The CUDA backend cannot tell its peers within the call that the front rejected this rank's inputs
+// (the CPU backend can). Instead the rejection changes this rank's later call signatures: its next
+// call meets its peers' current one as "a different call" on every rank, never as mixed data.
+TEST(GpuFailSafe, BadInputOnOneRankNeverPairsWithItsPeersCall) {
   EPCOMM_REQUIRE_GPUS(1);
   const int R = smallest_ranks();
   if (R == 0) GTEST_SKIP();
@@ -136,18 +136,38 @@ TEST(GpuFailSafe, BadInputOnOneRankNeverPairsWithItsPeersNextCall) {
     RankInputs inputs(c, group.rank(), R);
     DispatchInputs in = inputs.dispatch_inputs(true);
     gpu.dispatch(in);
+    auto dispatch_and_check = [&] {
+      gpu.dispatch(in);
+      gpu.check_errors();
+    };
     if (group.rank() == 0) {
       DispatchInputs bad = in;
       bad.expert_alignment = 0;
       expect_error(error_of([&] { gpu.dispatch(bad); }), {ErrorCode::kInvalidArgument}, {"expert_alignment"});
-      expect_error(error_of([&] { gpu.dispatch(in); }), {ErrorCode::kBufferFailed}, {"rejected its inputs"});
+      expect_error(error_of(dispatch_and_check), {ErrorCode::kInvalidArgument}, {"different call"});
     } else {
-      expect_error(error_of([&] {
-                     gpu.dispatch(in);
-                     gpu.check_errors();
-                   }),
-                   {ErrorCode::kTimeout}, {"rank 0"});
+      expect_error(error_of(dispatch_and_check), {ErrorCode::kInvalidArgument},
+                   {"rank 0", "rejected a call that its peers made"});
     }
+    // The rejection is remembered: rank 0 stays out of step with its peers until the Buffer goes.
+    expect_error(error_of(dispatch_and_check), {ErrorCode::kInvalidArgument}, {"different call"});
+  });
+}
+
+// The same bad input on every rank: every rank rejects it alike, and the Buffer stays usable.
+TEST(GpuFailSafe, BadInputOnEveryRankLeavesTheBufferUsable) {
+  EPCOMM_REQUIRE_GPUS(1);
+  const int R = smallest_ranks();
+  if (R == 0) GTEST_SKIP();
+  Case c;
+  then_a_new_buffer_works(R, c, [&](Bootstrap& group, Buffer& gpu) {
+    RankInputs inputs(c, group.rank(), R);
+    DispatchInputs bad = inputs.dispatch_inputs(true);
+    bad.expert_alignment = 0;
+    expect_error(error_of([&] { gpu.dispatch(bad); }), {ErrorCode::kInvalidArgument}, {"expert_alignment"});
+    Buffer cpu(group, cpu_options());
+    run_case(c, cpu, gpu, group.rank(), R);
+    cpu.destroy();
   });
 }
 
