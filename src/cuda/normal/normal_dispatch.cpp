@@ -103,10 +103,9 @@ DispatchResult NormalMode::fresh_dispatch(const DispatchArgs& args, const Stream
   // 2. Count exchange (and entry barrier).
   NotifyParams notify{};
   notify.common = common;
-  notify.signature = with_rejections(
-      call_signature(CallKind::kDispatch, args.fp8, in.topk_weights.has_value(), K, record.payload_bytes,
-                     record.num_scales),
-      rejections_);
+  notify.signature = with_rejections(call_signature(CallKind::kDispatch, args.fp8, in.topk_weights.has_value(), K,
+                                                    record.payload_bytes, record.num_scales),
+                                     rejections_);
   notify.num_tokens = T;
   notify.num_worst_tokens = in.num_worst_tokens;
   notify.num_experts = E;
