@@ -80,7 +80,7 @@ struct BufferOptions {
   StreamHandle comm_stream = nullptr;
 };
 
-class Backend;  // internal
+class Backend;                        // internal
 enum class CollectiveKind : int32_t;  // internal (core/backend.hpp)
 
 class Buffer {

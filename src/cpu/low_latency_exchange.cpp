@@ -160,8 +160,9 @@ Disagreement LowLatencyExchange::find_disagreement(const CallHeader& mine) const
       return {ErrorCode::kPeerFailure, concat("rank ", peer, " rejected this call with a message of ",
                                               theirs.message_bytes, " bytes, which this rank cannot trust")};
     const auto* text = reinterpret_cast<const char*>(area_of(peer) + sizeof(CallHeader));
-    return {rejection_code(theirs.rejected), concat("rank ", peer, " rejected its inputs of this call: ",
-                                                    std::string(text, size_t(theirs.message_bytes)))};
+    return {
+        rejection_code(theirs.rejected),
+        concat("rank ", peer, " rejected its inputs of this call: ", std::string(text, size_t(theirs.message_bytes)))};
   }
   for (int peer = 0; peer < num_ranks(); ++peer) {
     if (masked(peer)) continue;

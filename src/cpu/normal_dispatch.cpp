@@ -89,9 +89,9 @@ void move_tokens(const Area& area, GroupSync& sync, int rank, const TokenRecord&
   }
   for (int source = 0; source < num_ranks && violation.empty(); ++source)
     if (next_row[source] != receive.end_row[source])
-      violation = concat("rank ", source, " flagged ", next_row[source] - receive.first_row[source],
-                         " tokens for this rank (", rank, ") but announced ",
-                         receive.end_row[source] - receive.first_row[source]);
+      violation =
+          concat("rank ", source, " flagged ", next_row[source] - receive.first_row[source], " tokens for this rank (",
+                 rank, ") but announced ", receive.end_row[source] - receive.first_row[source]);
   if (!violation.empty())
     throw_error(ErrorCode::kPeerFailure, concat(op, ": ", violation, " (a receiver never trusts its senders)"));
   const int num_real = num_ranks == 0 ? 0 : receive.end_row[num_ranks - 1];

@@ -135,9 +135,8 @@ void check_call_numbers(const std::vector<PeerCall>& calls, int rank, const char
   }
   for (size_t r = 0; r < calls.size(); ++r)
     if (!calls[r].malformed.empty())
-      throw_error(ErrorCode::kPeerFailure,
-                  concat(op, ": rank ", r, " published a call entry this rank (", rank,
-                         ") cannot trust: ", calls[r].malformed));
+      throw_error(ErrorCode::kPeerFailure, concat(op, ": rank ", r, " published a call entry this rank (", rank,
+                                                  ") cannot trust: ", calls[r].malformed));
 }
 
 }  // namespace

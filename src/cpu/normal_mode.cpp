@@ -203,9 +203,9 @@ void check_handle_rows(const DispatchHandle& handle, int rank, const char* op) {
   int32_t previous = 0;
   for (int s = 1; s <= handle.num_ranks; ++s) {
     const int32_t end = first_row_from(handle, s, rank);
-    require(end >= previous && end <= handle.num_recv_tokens, op, "handle",
-            "rank_prefix_matrix[", s - 1, ", ", rank, "] = ", end, " is not a row count between ", previous, " and ",
-            handle.num_recv_tokens, ": the handle was modified");
+    require(end >= previous && end <= handle.num_recv_tokens, op, "handle", "rank_prefix_matrix[", s - 1, ", ", rank,
+            "] = ", end, " is not a row count between ", previous, " and ", handle.num_recv_tokens,
+            ": the handle was modified");
     previous = end;
   }
 }

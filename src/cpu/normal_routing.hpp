@@ -1,6 +1,6 @@
 // Where this rank's tokens go in high-throughput mode (SPEC §3.1), computed locally from the inputs:
 // no communication happens here, so every check in this file fails on the rank with the bad input
-// only (its peers, already waiting for it, then time out naming it).
+// only; normal_mode.cpp then rejects the call in its exchange, so that its peers raise it too.
 #pragma once
 
 #include <cstdint>

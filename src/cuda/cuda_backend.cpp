@@ -98,6 +98,12 @@ CombineResult CudaBackend::combine(const CombineArgs& args, const StreamOptions&
   return normal_->combine(args, stream);
 }
 
+bool CudaBackend::reject_call(CollectiveKind kind, const Error&) {
+  if (is_low_latency(kind)) return low_latency_ == nullptr;  // no low-latency peers to mislead
+  if (normal_) normal_->note_rejection();
+  return true;
+}
+
 // The front (op_checks.cpp) rejects low-latency calls of a Buffer without low_latency_mode.
 LowLatencyMode& CudaBackend::low_latency(const char* op) const {
   if (!low_latency_) throw_error(ErrorCode::kInternal, concat(op, ": reached a Buffer without low-latency mode"));

@@ -48,6 +48,11 @@ class CudaBackend final : public Backend {
   TensorView local_buffer(DType dtype, int64_t offset_bytes, std::optional<int64_t> num_elements,
                           bool rdma_memory) const override;
 
+  // Normal mode: the rejection changes this rank's later call signatures (normal/protocol.hpp
+  // with_rejections), so that its peers never pair its next call with the one it skipped. Low-latency
+  // mode cannot tell its peers yet: false (the front then fails the Buffer).
+  bool reject_call(CollectiveKind kind, const Error& error) override;
+
   // Waits for the work queued on the comm stream, then throws the first error a kernel recorded.
   void check_errors() override;
   std::vector<bool> low_latency_put_peers() const override;

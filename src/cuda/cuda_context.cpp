@@ -78,8 +78,8 @@ const char* kind_name(uint64_t kind) {
 // Decodes cuda::call_signature (normal/protocol.hpp) for a mismatch message.
 std::string describe_signature(uint64_t s) {
   return concat(kind_name(s & 0xF), " with ", (s >> 12) & 0x3FFFFFF, "-byte rows, ", (s >> 4) & 1 ? "fp8" : "bf16",
-                ", K = ", (s >> 6) & 0x3F, (s >> 5) & 1 ? " with" : " without", " weights, ", (s >> 38) & 0x3FFFFFF,
-                " scales");
+                ", K = ", (s >> 6) & 0x3F, (s >> 5) & 1 ? " with" : " without", " weights, ", (s >> 38) & 0x3FFF,
+                " scales", (s >> 52) != 0 ? ", or a rank rejected a call that its peers made" : "");
 }
 
 const char* count_tensor_name(int32_t which) {

@@ -1,7 +1,7 @@
 // Bad inputs to high-throughput mode (SPEC §5): each raises an epcomm::Error that names the argument
 // (and the value), and the buffer keeps working: a good round trip runs after every bad call. Then
-// the failures that cannot keep the group in step: a rank that skips a call, or that alone has bad
-// input, makes its peers time out naming it.
+// a rank that skips a call makes its peers time out naming it, and a bad input on one rank only is
+// raised by every rank at that call (test_failsafe.cpp has the fail-safe protocol's own tests).
 #include <gtest/gtest.h>
 
 #include <functional>

@@ -28,7 +28,8 @@ CombineResult NormalMode::combine(const CombineArgs& args, const StreamOptions& 
   CallStreams streams(ctx_.comm_stream, stream, events_);
   const Device device = ctx_.tensor_device();
 
-  p.signature = call_signature(CallKind::kCombine, false, K > 0, K, record.payload_bytes, 0);
+  p.signature =
+      with_rejections(call_signature(CallKind::kCombine, false, K > 0, K, record.payload_bytes, 0), rejections_);
   p.handle_meta = state.meta.data_as<const int32_t>();
   p.rank_prefix_matrix = handle.rank_prefix_matrix.data_as<const int32_t>();
   p.x = in.x.data_as<const uint16_t>();

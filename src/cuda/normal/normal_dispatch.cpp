@@ -156,8 +156,9 @@ void NormalMode::exchange_counts(FreshDispatch& call) {
   const DispatchInputs& in = call.in;
   NotifyParams notify{};
   notify.common = call.common;
-  notify.signature = call_signature(CallKind::kDispatch, call.args.fp8, in.topk_weights.has_value(), call.K,
-                                    call.record.payload_bytes, call.record.num_scales);
+  notify.signature = with_rejections(call_signature(CallKind::kDispatch, call.args.fp8, in.topk_weights.has_value(),
+                                                    call.K, call.record.payload_bytes, call.record.num_scales),
+                                     rejections_);
   notify.num_tokens = call.T;
   notify.num_worst_tokens = in.num_worst_tokens;
   notify.num_experts = call.E;
@@ -240,7 +241,9 @@ DispatchResult NormalMode::cached_dispatch(const DispatchArgs& args, const Strea
   CallStreams streams(ctx_.comm_stream, stream, events_);
 
   p.cached = 1;
-  p.signature = call_signature(CallKind::kCachedDispatch, args.fp8, false, 0, record.payload_bytes, record.num_scales);
+  p.signature = with_rejections(
+      call_signature(CallKind::kCachedDispatch, args.fp8, false, 0, record.payload_bytes, record.num_scales),
+      rejections_);
   p.handle_meta = state.meta.data_as<const int32_t>();
   p.num_tokens = args.num_tokens;
   p.x = static_cast<const uint8_t*>(in.x.data);

@@ -39,6 +39,8 @@ class NormalMode {
   LayoutResult layout(const LayoutArgs& args, const StreamOptions& stream);
   DispatchResult dispatch(const DispatchArgs& args, const StreamOptions& stream);
   CombineResult combine(const CombineArgs& args, const StreamOptions& stream);
+  // The front rejected this rank's inputs of a call (never launched): see with_rejections().
+  void note_rejection() { ++rejections_; }
 
  private:
   // A fresh dispatch in four phases (normal_dispatch.cpp): route (routing kernel), exchange counts
@@ -63,6 +65,7 @@ class NormalMode {
   HostCounts* host_counts_ = nullptr;         // pinned host memory
   HostCounts* host_counts_device_ = nullptr;  // the same, as the device sees it
   int32_t host_sequence_ = 0;
+  uint64_t rejections_ = 0;
   OrderingEvents events_;
 };
 

@@ -77,6 +77,15 @@ EPCOMM_PROTOCOL_FN uint64_t call_signature(CallKind kind, bool fp8, bool weights
          (uint64_t(payload_bytes) & 0x3FFFFFF) << 12 | (uint64_t(num_scales) & 0x3FFFFFF) << 38;
 }
 
+// The number of this rank's calls that the front rejected (SPEC §5: they were never launched), mod
+// 4096, XORed into the top 12 bits of every signature, which no real scale count reaches: when one
+// rank rejected a call its peers ran, its next call meets theirs with another signature, and every
+// rank sees a mismatch instead of pairing two different calls' data.
+constexpr int kRejectionsShift = 52;
+EPCOMM_PROTOCOL_FN uint64_t with_rejections(uint64_t signature, uint64_t rejections) {
+  return signature ^ ((rejections & 0xFFF) << kRejectionsShift);
+}
+
 // The queue geometry of a call (channels and ring size), compared across ranks like the signature.
 EPCOMM_PROTOCOL_FN uint64_t queue_signature(int num_channels, int queue_tokens) {
   return uint64_t(uint32_t(num_channels)) | uint64_t(uint32_t(queue_tokens)) << 32;

@@ -168,7 +168,8 @@ TEST(NormalModeErrors, RankSkippingAFreshDispatchTimesOutItsPeers) {
         gpu.dispatch(in);               // everybody once
         if (group.rank() == 1) return;  // then rank 1 stays away
         expect_error(error_of([&] { gpu.dispatch(in); }), ErrorCode::kTimeout, {"dispatch", "rank 1"});
-        expect_error(error_of([&] { gpu.dispatch(in); }), ErrorCode::kTimeout, {"rank 1"});  // sticky
+        // Sticky: the Buffer is failed, every later call says so naming the first cause (SPEC §5).
+        expect_error(error_of([&] { gpu.dispatch(in); }), ErrorCode::kBufferFailed, {"rank 1"});
       },
       test_timeout());
 }
