@@ -7,8 +7,9 @@
 #                          time-slice them: correct and with kernel-time rows, but no NCCL baseline
 #                          and no meaningful speed), then R = 1 (or one rank per GPU) with the NCCL
 #                          baseline, both with "timing": "kernel" rows beside the event rows
-#   4. python -m epcomm.bench (skipped without the CUDA Python build; TOOLS_PYTHON=1 builds it)
-# Logs and rows under $OUT: summary.txt (read first), *.log, *.jsonl.
+#   4. python -m epcomm.bench (only with TOOLS_PYTHON=1: builds the package, CUDA on, into build-tools/py)
+# TOOLS_STEPS="fp8 probes bench python" picks steps (default: fp8 probes bench, plus python if TOOLS_PYTHON=1).
+# Under $OUT: summary.txt (read first) and tools.tgz (every log and JSON-rows file).
 # TOOLS_PREBUILT=<build dir> skips the build and runs the binaries of that CUDA build dir (carried).
 #
 #   OUT=/tmp/out scripts/gpu_tools_round.sh
@@ -18,9 +19,11 @@ cd "$root" || exit 1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export EPCOMM_TIMEOUT_S="${EPCOMM_TIMEOUT_S:-60}" EPCOMM_TEST_SHARE_GPUS=1
 export EPCOMM_COMMIT="${EPCOMM_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
-out="${OUT:-$root/tools-out}"
-mkdir -p "$out"
-summary="$out/summary.txt"
+dest="${OUT:-$root/tools-out}"
+out=/tmp/tools-logs  # packed into $dest/tools.tgz at the end
+rm -rf "$out" && mkdir -p "$out" "$dest"
+summary="$dest/summary.txt"
+: >"$summary"
 deadline=$(($(date +%s) + ${TOOLS_DEADLINE_S:-470}))
 start=$(date +%s)
 say() { echo "[$(($(date +%s) - start)) s] $*" | tee -a "$summary"; }
@@ -49,6 +52,8 @@ done
 nvshmem_dir=$("$PY" -c "import nvidia.nvshmem as m; print(list(m.__path__)[0])" 2>/dev/null)
 gpus=$(nvidia-smi -L | wc -l)
 ranks="${TOOLS_RANKS:-2}"
+own=$gpus  # one rank per GPU: the runs with the NCCL baseline
+[ "$own" -gt 8 ] && own=8
 { date -u; nvidia-smi -L; nvidia-smi topo -m; } >"$out/machine.log" 2>&1
 say "tools round on $gpus GPU(s), commit $EPCOMM_COMMIT, R = $ranks time-sliced when > $gpus"
 
@@ -63,13 +68,15 @@ else
   grep -q "kernel-time rows through CUPTI" "$out/build.log" && say "bench: CUPTI found" || say "bench: NO CUPTI"
 fi
 
-step 60 fp8 "$bt/tests/gpu/test_fp8_hw_cast"
-tail -4 "$out/fp8.log" >>"$summary"
+steps="${TOOLS_STEPS:-fp8 probes bench$([ "${TOOLS_PYTHON:-0}" = 1 ] && echo ' python')}"
+has() { [[ " $steps " == *" $1 "* ]]; }
+has fp8 && step 60 fp8 "$bt/tests/gpu/test_fp8_hw_cast"
+has fp8 && tail -4 "$out/fp8.log" >>"$summary"
 
-step 90 probes "$bt/bench/probes/epcomm-probes" --json "$out/probes.jsonl"
-grep -E "NOTE|flag_latency" "$out/probes.log" | head -20 >>"$summary"
+has probes && step 90 probes "$bt/bench/probes/epcomm-probes" --json "$out/probes.jsonl"
+has probes && grep -E "NOTE|flag_latency" "$out/probes.log" | head -20 >>"$summary"
 # The best rate of each probe and pattern, for the summary.
-"$PY" - "$out/probes.jsonl" >>"$summary" 2>&1 <<'EOF'
+has probes && "$PY" - "$out/probes.jsonl" >>"$summary" 2>&1 <<'EOF'
 import json, sys
 best = {}
 for line in open(sys.argv[1]):
@@ -89,17 +96,21 @@ bench() {  # bench <name> <epcomm-bench args...>
   step "${TOOLS_BENCH_CAP:-120}" "$name" "$bt/bench/epcomm-bench" --json "$out/$name.jsonl" "$@"
   grep -E "^  (epcomm|nccl)|note:|x$" "$out/$name.log" | head -60 >>"$summary"
 }
+if has bench; then
 bench bench-ll-r$ranks -n "$ranks" --workload ll,ll-small --iters "${TOOLS_ITERS:-10}" --warmup 3
 bench bench-normal-r$ranks -n "$ranks" --workload normal --num-sms 24 --iters 5 --warmup 2
-own=$gpus
-[ "$own" -gt 8 ] && own=8
 bench bench-r$own-baseline -n "$own" --workload ll,ll-small,normal --num-sms 8,24 --iters "${TOOLS_ITERS:-10}" --warmup 3
-
-if [ "${TOOLS_PYTHON:-0}" = 1 ]; then
-  step 240 python-build "$PY" -m pip install -q --no-build-isolation --target "$root/build-tools/py" \
-    -C build-dir=build/python-tools .
-  PYTHONPATH="$root/build-tools/py" step 120 python-bench "$PY" -m epcomm.bench -n "$own" --quiet \
-    --json "$out/python-bench.jsonl" --plot "$out/python-bench.png"
-  tail -40 "$out/python-bench.log" >>"$summary"
 fi
-say "done"
+
+if has python; then
+  step 300 python-build env CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "$PY" -m pip install -q --no-deps \
+    --no-build-isolation --target "$root/build-tools/py" -C build-dir=build/python-tools \
+    -C cmake.define.EPCOMM_WITH_CUDA=ON -C cmake.define.NVSHMEM_DIR="$nvshmem_dir" .
+  plot=()
+  "$PY" -c "import matplotlib" 2>/dev/null && plot=(--plot "$dest/python-bench.png")
+  step 150 python-bench env PYTHONPATH="$root/build-tools/py" "$PY" -m epcomm.bench -n "$own" --quiet \
+    --json "$out/python-bench.jsonl" ${plot[@]+"${plot[@]}"}
+  tail -45 "$out/python-bench.log" >>"$summary"
+fi
+tar -czf "$dest/tools.tgz" -C "$out" .
+say "done: $dest/summary.txt, $dest/tools.tgz"

@@ -13,8 +13,9 @@ and a token sweep. On a machine without GPU it runs the CPU backend at a small s
 
 Bytes as BENCHMARKS.md counts them: normal mode, the rows a rank receives (its own included) x
 hidden x 2 (BF16; combine the same); low-latency dispatch FP8 per (token, slot) ``hidden + hidden /
-128 * 4 + 16``, combine ``hidden * 2``. Times are CUDA-event spans (CPU: ``perf_counter``), median
-over iterations on each rank, then the median over ranks.
+128 * 4 + 16``, combine ``hidden * 2``. Times are CUDA-event spans with the GPU held busy while the
+host queues the call (CPU: ``perf_counter``), median over iterations on each rank, then the median
+over ranks. Kernel durations (CUPTI) are epcomm-bench's job (bench/results/README.md).
 """
 from __future__ import annotations
 
@@ -32,6 +33,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
+
+
+HOLD_CYCLES = 400_000  # ~200 us of GPU clock before each timed call
 
 
 # ---- command line ---------------------------------------------------------------------------------
@@ -155,14 +159,20 @@ class Rank:
         self.cuda = device.type == "cuda"
 
     # -- timing --
-    def time(self, fn: Callable[[], Any]) -> List[float]:
-        """Microseconds of s.iters calls of fn, each after a barrier (CUDA events on GPUs)."""
+    def time(self, fn: Callable[[], Any], setup: Optional[Callable[[], Any]] = None) -> List[float]:
+        """Microseconds of s.iters calls of fn, each after `setup` (untimed) and a barrier (CUDA events
+        on GPUs)."""
         out = []
         for i in range(self.s.warmup + self.s.iters):
+            if setup is not None:
+                setup()
             dist.barrier()
             if self.cuda:
                 torch.cuda.synchronize()
                 start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                # keep the GPU busy while Python queues the call, so that the events time the GPU's
+                # work and not the host's launch path (epcomm-bench holds the GPU the same way)
+                torch.cuda._sleep(HOLD_CYCLES)
                 start.record()
                 fn()
                 stop.record()
@@ -234,18 +244,22 @@ class Rank:
             for tokens in s.token_sweep:
                 x, topk_idx, weights = self.inputs(tokens)
                 selections = float((topk_idx != -1).sum())
-                expert_out, _, handle, _, _ = buffer.low_latency_dispatch(x, topk_idx, s.ll_tokens, s.experts,
-                                                                          use_fp8=False)
-                expert_out = expert_out.clone()
-                for op, dtype, nbytes, call in (
+                def bf16_dispatch() -> Any:
+                    return buffer.low_latency_dispatch(x, topk_idx, s.ll_tokens, s.experts, use_fp8=False)
+
+                # identity experts: the BF16 dispatch's rows; the same routing puts rows in the same
+                # places, so they fit the handle of any later dispatch (a handle lives two dispatches)
+                expert_out = bf16_dispatch()[0].clone()
+                latest: Dict[str, Any] = {}
+                for op, dtype, nbytes, call, setup in (
                         ("ll_dispatch", "fp8", selections * (s.hidden + s.hidden // 128 * 4 + 16),
-                         lambda: buffer.low_latency_dispatch(x, topk_idx, s.ll_tokens, s.experts, use_fp8=True)),
-                        ("ll_dispatch", "bf16", selections * s.hidden * 2,
-                         lambda: buffer.low_latency_dispatch(x, topk_idx, s.ll_tokens, s.experts, use_fp8=False)),
+                         lambda: buffer.low_latency_dispatch(x, topk_idx, s.ll_tokens, s.experts, use_fp8=True), None),
+                        ("ll_dispatch", "bf16", selections * s.hidden * 2, bf16_dispatch, None),
                         ("ll_combine", "bf16", selections * s.hidden * 2,
-                         lambda: buffer.low_latency_combine(expert_out, topk_idx, weights, handle))):
+                         lambda: buffer.low_latency_combine(expert_out, topk_idx, weights, latest["handle"]),
+                         lambda: latest.update(handle=bf16_dispatch()[2]))):
                     self.progress.step(f"low-latency {op} {dtype} T {tokens}")
-                    self.record("epcomm", op, dtype, None, tokens, self.time(call), nbytes)
+                    self.record("epcomm", op, dtype, None, tokens, self.time(call, setup), nbytes)
                 self.baseline(x, topk_idx, "low_latency", tokens)
         finally:
             buffer.destroy()

@@ -16,8 +16,8 @@
 
 namespace epcomm::cuda::device {
 
-// Two e4m3 bytes: `low` in bits 0..7, `high` in bits 8..15. NaN gives 0x7F (the sign of a NaN
-// input is kept: see fp8_nan below), +-Inf and |x| >= 464 saturate to +-448.
+// Two e4m3 bytes: `low` in bits 0..7, `high` in bits 8..15. NaN gives 0x7F whatever its sign (see
+// with_nan_signs), +-Inf and |x| >= 464 saturate to +-448.
 __device__ __forceinline__ uint16_t e4m3x2_rn_satfinite(float low, float high) {
   uint16_t packed;
   // PTX: the first source goes to the upper half of the result.
@@ -25,8 +25,10 @@ __device__ __forceinline__ uint16_t e4m3x2_rn_satfinite(float low, float high) {
   return packed;
 }
 
-// numerics::float_to_e4m3 keeps a NaN's sign (sign | 0x7F); the hardware gives the canonical 0x7F.
-// Patching the sign afterwards keeps the two bit-identical on every input.
+// numerics::float_to_e4m3 keeps a NaN's sign (sign | 0x7F) and the CPU's division keeps the NaN
+// of its input; on the GPU both the division and cvt give the canonical NaN (0x7F). Patching the
+// sign of a NaN *input* afterwards keeps the two bit-identical on every input (a scale is finite
+// and positive, so x / s is NaN exactly when x is).
 __device__ __forceinline__ uint16_t with_nan_signs(uint16_t packed, float low, float high) {
   if (isnan(low)) packed = static_cast<uint16_t>((packed & 0xFF00u) | 0x7Fu | ((__float_as_uint(low) >> 24) & 0x80u));
   if (isnan(high))
@@ -49,10 +51,9 @@ struct Fp8Scale {
   }
 };
 
-// e4m3(x / s) for two values, bit-identical to numerics::fp8_quantize on each.
+// e4m3(x / s) for two values, bit-identical to numerics::fp8_quantize on the CPU for each.
 __device__ __forceinline__ uint16_t fp8_quantize_x2(float low, float high, const Fp8Scale& s) {
-  const float a = s.apply(low), b = s.apply(high);
-  return with_nan_signs(e4m3x2_rn_satfinite(a, b), a, b);
+  return with_nan_signs(e4m3x2_rn_satfinite(s.apply(low), s.apply(high)), low, high);
 }
 
 // Four values into one little-endian word (value i in byte i), the layout of recv_x rows.
