@@ -7,6 +7,7 @@
 #include "baseline.hpp"
 #include "core/check.hpp"
 #include "gpu_hold.cuh"
+#include "kernel_clock.hpp"
 
 namespace epcomm::bench {
 
@@ -98,7 +99,11 @@ CudaPlatform::CudaPlatform(Bootstrap& bootstrap, int64_t flush_bytes) : bootstra
   }
   check_cuda(cudaMalloc(reinterpret_cast<void**>(&align_word_), sizeof(float)), "cudaMalloc");
   check_cuda(cudaMemset(align_word_, 0, sizeof(float)), "cudaMemset");
-  init_nccl();
+  // NCCL refuses two ranks on one GPU: ranks that time-slice GPUs (more ranks than GPUs, for
+  // correctness and kernel-time runs on small machines) line up through the bootstrap instead
+  // and have no NCCL baseline.
+  shares_gpus_ = bootstrap.size() > count;
+  if (!shares_gpus_) init_nccl();
 }
 
 // NCCL's unique id travels through the bootstrap: rank 0 creates it, every rank takes rank 0's.
@@ -161,7 +166,13 @@ void CudaPlatform::flush_cache() {
 // events then time the kernels, as BENCHMARKS.md asks, and not the host's launch path.
 void CudaPlatform::align() {
   constexpr uint32_t kHoldNs = 20000;
-  check_nccl(ncclAllReduce(align_word_, align_word_, 1, ncclFloat32, ncclSum, nccl_, stream_), "ncclAllReduce (align)");
+  if (shares_gpus_) {  // no NCCL: the host waits for the stream, then for every rank
+    synchronize();
+    bootstrap_.barrier();
+  } else {
+    check_nccl(ncclAllReduce(align_word_, align_word_, 1, ncclFloat32, ncclSum, nccl_, stream_),
+               "ncclAllReduce (align)");
+  }
   launch_gpu_hold(kHoldNs, stream_);
   check_cuda(cudaGetLastError(), "hold kernel");
 }
@@ -174,8 +185,11 @@ void CudaPlatform::empty_kernel() {
 std::string CudaPlatform::machine() const {
   cudaDeviceProp properties{};
   check_cuda(cudaGetDeviceProperties(&properties, device_), "cudaGetDeviceProperties");
-  return concat(cuda_device_count(), "x ", properties.name);
+  const std::string gpus = concat(cuda_device_count(), "x ", properties.name);
+  return shares_gpus_ ? concat(gpus, " (", bootstrap_.size(), " ranks time-sliced)") : gpus;
 }
+
+KernelClock* CudaPlatform::kernels(std::string& why_not) { return kernel_clock(why_not); }
 
 std::unique_ptr<Platform> make_cuda_platform(Bootstrap& bootstrap, int64_t flush_bytes) {
   return std::make_unique<CudaPlatform>(bootstrap, flush_bytes);

@@ -28,8 +28,10 @@ class CudaPlatform final : public Platform {
   void align() override;
   void empty_kernel() override;
   std::string machine() const override;
+  KernelClock* kernels(std::string& why_not) override;
 
-  ncclComm_t nccl() const { return nccl_; }
+  ncclComm_t nccl() const { return nccl_; }  // nullptr when ranks share GPUs
+  bool shares_gpus() const { return shares_gpus_; }
   cudaStream_t cuda_stream() const { return stream_; }
   int num_device_sms() const { return num_sms_; }
 
@@ -45,6 +47,7 @@ class CudaPlatform final : public Platform {
   int num_sms_ = 0;
   cudaStream_t stream_ = nullptr;
   ncclComm_t nccl_ = nullptr;
+  bool shares_gpus_ = false;  // more ranks than visible GPUs
   void* flush_buffer_ = nullptr;
   size_t flush_bytes_ = 0;
   unsigned flush_count_ = 0;

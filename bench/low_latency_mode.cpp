@@ -25,7 +25,7 @@ class LowLatencyBench {
   LowLatencyCombineResult combine(const LowLatencyHandle& handle, bool hook);
   Mismatch check_round_trip(bool fp8, bool hook);
   bool checked_timing(const std::string& what, bool fp8, bool hook, int segments,
-                      const std::function<void(Stopwatch&, int)>& iteration, std::vector<std::vector<double>>& us);
+                      const std::function<void(Stopwatch&, int)>& iteration, std::vector<SegmentTimes>& us);
   bool check() const { return ctx_.options.check; }
   std::string name(const std::string& what) const { return concat(w_.label(), " ", what); }
   // Logical bytes of BENCHMARKS.md: per (token, non -1 slot) of this rank.
@@ -102,7 +102,7 @@ Mismatch LowLatencyBench::check_round_trip(bool fp8, bool hook) {
 // repeated calls); false when either fails.
 bool LowLatencyBench::checked_timing(const std::string& what, bool fp8, bool hook, int segments,
                                      const std::function<void(Stopwatch&, int)>& iteration,
-                                     std::vector<std::vector<double>>& us) {
+                                     std::vector<SegmentTimes>& us) {
   if (!first_call_ok(ctx_, name(what), [&] { return check_round_trip(fp8, hook); })) return false;
   us = time_segments(ctx_, segments, iteration);
   return first_call_ok(ctx_, name(what + " (after timing)"), [&] { return check_round_trip(fp8, hook); });
@@ -113,7 +113,7 @@ bool LowLatencyBench::checked_timing(const std::string& what, bool fp8, bool hoo
 void LowLatencyBench::time_round_trip(bool fp8, bool record_combine) {
   const std::string dtype = fp8 ? "fp8" : "bf16";
   Platform& p = ctx_.platform;
-  std::vector<std::vector<double>> us;
+  std::vector<SegmentTimes> us;
   const bool ok = checked_timing(
       concat("ll_dispatch ", dtype, " + ll_combine"), fp8, /*hook=*/false, 2,
       [&](Stopwatch& stopwatch, int i) {
@@ -140,7 +140,7 @@ void LowLatencyBench::time_round_trip(bool fp8, bool record_combine) {
 // as it would behind overlapped compute; the two parts are timed separately.
 void LowLatencyBench::time_hook_split() {
   Platform& p = ctx_.platform;
-  std::vector<std::vector<double>> us;
+  std::vector<SegmentTimes> us;
   const bool ok = checked_timing(
       "ll hook split fp8", /*fp8=*/true, /*hook=*/true, 4,
       [&](Stopwatch& stopwatch, int i) {
@@ -174,10 +174,11 @@ void LowLatencyBench::time_hook_split() {
 // kernels' own work (the start of a kernel, the events).
 void note_timing_floor(BenchContext& ctx, const Workload& w) {
   if (ctx.platform.backend() != BackendKind::kCuda) return;
-  const std::vector<double> us = time_op(ctx, [&] { ctx.platform.empty_kernel(); });
+  const SegmentTimes us = time_op(ctx, [&] { ctx.platform.empty_kernel(); });
   if (ctx.rank == 0)
-    ctx.report.note(
-        concat(w.label(), ": timing floor (an empty kernel between the same events): median ", median(us), " us"));
+    ctx.report.note(concat(w.label(), ": timing floor (an empty kernel between the same events): median ",
+                           median(us.event_us), " us", us.kernel_us.empty() ? "" : "; its kernel time: ",
+                           us.kernel_us.empty() ? std::string() : concat(median(us.kernel_us), " us")));
 }
 
 }  // namespace

@@ -3,6 +3,7 @@
 #include <cstdio>
 
 #include "core/check.hpp"
+#include "kernel_clock.hpp"
 #include "stats.hpp"
 
 namespace epcomm::bench {
@@ -48,20 +49,56 @@ bool first_call_ok(BenchContext& ctx, const std::string& what, const std::functi
   return worst == kPassed;
 }
 
-std::vector<std::vector<double>> time_segments(BenchContext& ctx, int segments,
-                                               const std::function<void(Stopwatch&, int)>& iteration) {
+namespace {
+
+// The kernel clock when every rank has one (else nullptr, noted once on CUDA).
+KernelClock* shared_kernel_clock(BenchContext& ctx) {
+  std::string why_not = "--no-kernel-time";
+  KernelClock* clock = ctx.options.kernel_time ? ctx.platform.kernels(why_not) : nullptr;
+  const bool everywhere = all_ranks_agree(ctx.platform.bootstrap(), clock != nullptr);
+  if (!everywhere && !ctx.kernel_clock_noted && ctx.platform.backend() == BackendKind::kCuda) {
+    ctx.kernel_clock_noted = true;
+    if (ctx.rank == 0)
+      ctx.report.note(concat("no kernel-time rows: ", clock != nullptr ? "a rank has no kernel clock" : why_not));
+  }
+  return everywhere ? clock : nullptr;
+}
+
+// The same iterations with the kernel clock tracing; fills kernel_us of every segment whose calls
+// all launched kernels on every rank.
+void time_kernels(BenchContext& ctx, KernelClock& clock, int segments,
+                  const std::function<void(Stopwatch&, int)>& iteration, std::vector<SegmentTimes>& timed) {
+  const int total = ctx.options.warmup + ctx.options.iters;
+  KernelStopwatch stopwatch(clock, total, segments);
+  clock.enable();
+  for (int i = 0; i < total; ++i) iteration(stopwatch, i);
+  ctx.platform.synchronize();
+  clock.disable();
+  for (int s = 0; s < segments; ++s) {
+    const bool complete = all_ranks_agree(ctx.platform.bootstrap(), stopwatch.complete(s, ctx.options.warmup));
+    if (!complete) continue;
+    const std::vector<double> all = stopwatch.microseconds(s);
+    timed[s].kernel_us.assign(all.begin() + ctx.options.warmup, all.end());
+  }
+}
+
+}  // namespace
+
+std::vector<SegmentTimes> time_segments(BenchContext& ctx, int segments,
+                                        const std::function<void(Stopwatch&, int)>& iteration) {
   const int total = ctx.options.warmup + ctx.options.iters;
   std::unique_ptr<Stopwatch> stopwatch = ctx.platform.stopwatch(total, segments);
   for (int i = 0; i < total; ++i) iteration(*stopwatch, i);
-  std::vector<std::vector<double>> timed(segments);
+  std::vector<SegmentTimes> timed(segments);
   for (int s = 0; s < segments; ++s) {
     const std::vector<double> all = stopwatch->microseconds(s);
-    timed[s].assign(all.begin() + ctx.options.warmup, all.end());
+    timed[s].event_us.assign(all.begin() + ctx.options.warmup, all.end());
   }
+  if (KernelClock* clock = shared_kernel_clock(ctx)) time_kernels(ctx, *clock, segments, iteration, timed);
   return timed;
 }
 
-std::vector<double> time_op(BenchContext& ctx, const std::function<void()>& op) {
+SegmentTimes time_op(BenchContext& ctx, const std::function<void()>& op) {
   return time_segments(ctx, 1, [&](Stopwatch& stopwatch, int i) {
     ctx.platform.flush_cache();
     ctx.platform.align();
@@ -77,18 +114,26 @@ void record(BenchContext& ctx, const FigureKey& key, const std::vector<double>& 
   if (ctx.rank != 0) return;
   const Row row = summarize(key, all);
   ctx.report.add(row);
-  std::printf("  %-16s %-16s %-17s %-5s %4s  %10.1f us", key.impl.c_str(), key.workload.c_str(), key.op.c_str(),
+  std::printf("  %-16s %-16s %-17s %-5s %4s %-6s %10.1f us", key.impl.c_str(), key.workload.c_str(), key.op.c_str(),
               key.dtype.value_or("-").c_str(), key.num_sms ? std::to_string(*key.num_sms).c_str() : "-",
-              row.time_us_median);
+              key.timing.c_str(), row.time_us_median);
   if (row.gbps_median) std::printf("  %8.1f GB/s", *row.gbps_median);
   std::printf("\n");
   std::fflush(stdout);
 }
 
+void record(BenchContext& ctx, const FigureKey& key, const SegmentTimes& times, double bytes) {
+  record(ctx, key, times.event_us, bytes);
+  if (times.kernel_us.empty()) return;
+  FigureKey kernel_key = key;
+  kernel_key.timing = "kernel";
+  record(ctx, kernel_key, times.kernel_us, bytes);
+}
+
 bool measure(BenchContext& ctx, const std::string& what, const FigureKey& key, double bytes,
              const std::function<Mismatch()>& checked_call, const std::function<void()>& timed_call) {
   if (!first_call_ok(ctx, what, checked_call)) return false;
-  const std::vector<double> us = time_op(ctx, timed_call);
+  const SegmentTimes us = time_op(ctx, timed_call);
   if (!first_call_ok(ctx, what + " (after timing)", checked_call)) return false;
   record(ctx, key, us, bytes);
   return true;

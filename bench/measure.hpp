@@ -21,7 +21,8 @@ struct BenchContext {
   Report& report;  // rows are added on rank 0 only
   int rank = 0;
   int ranks = 1;
-  int failures = 0;  // configurations whose check failed (same count on every rank)
+  int failures = 0;                 // configurations whose check failed (same count on every rank)
+  bool kernel_clock_noted = false;  // the note saying why there are no kernel rows was written
 
   StreamOptions stream_options() const {
     StreamOptions so;
@@ -46,14 +47,24 @@ struct BenchContext {
 // skipped before, from its Limits).
 bool first_call_ok(BenchContext& ctx, const std::string& what, const std::function<Mismatch()>& first);
 
+// Microseconds of the timed iterations of one section: CUDA-event (or host clock) spans, and the
+// summed kernel durations of each call (empty when there is no kernel clock: the CPU backend, no
+// CUPTI, --no-kernel-time). Whether kernel_us is empty is the same on every rank.
+struct SegmentTimes {
+  std::vector<double> event_us;
+  std::vector<double> kernel_us;
+};
+
 // Times `op` (warm-up, then options.iters iterations), each call preceded by an L2 flush and an
-// alignment of all ranks. Microseconds of the timed iterations.
-std::vector<double> time_op(BenchContext& ctx, const std::function<void()>& op);
+// alignment of all ranks.
+SegmentTimes time_op(BenchContext& ctx, const std::function<void()>& op);
 
 // Times `iteration`, which marks `segments` sections with the stopwatch and calls
-// ctx.platform.flush_cache() / align() itself. Microseconds per segment, timed iterations only.
-std::vector<std::vector<double>> time_segments(BenchContext& ctx, int segments,
-                                               const std::function<void(Stopwatch&, int)>& iteration);
+// ctx.platform.flush_cache() / align() itself; timed iterations only. With a kernel clock the
+// iterations run a second time with tracing on for the kernel durations, so that the tracing
+// never adds to the event spans.
+std::vector<SegmentTimes> time_segments(BenchContext& ctx, int segments,
+                                        const std::function<void(Stopwatch&, int)>& iteration);
 
 // One figure: `checked_call` (one call compared with the oracle) runs before and after `timed_call`
 // is timed, so neither a wrong first result nor state spoiled by the repeated calls goes unseen;
@@ -63,6 +74,8 @@ bool measure(BenchContext& ctx, const std::string& what, const FigureKey& key, d
 
 // Collective: gathers this rank's median (and logical bytes, < 0 when not defined) and adds the row on rank 0.
 void record(BenchContext& ctx, const FigureKey& key, const std::vector<double>& microseconds, double bytes);
+// The event row and, when measured, the kernel row ("timing": "kernel") of one figure.
+void record(BenchContext& ctx, const FigureKey& key, const SegmentTimes& times, double bytes);
 
 // Progress on rank 0 (stdout, flushed), so a long GPU run shows where it is.
 void progress(const BenchContext& ctx, const std::string& line);

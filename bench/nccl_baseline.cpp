@@ -152,6 +152,9 @@ std::unique_ptr<AllToAllBaseline> make_nccl_baseline(Platform& platform, const T
   auto* cuda = dynamic_cast<CudaPlatform*>(&platform);
   if (cuda == nullptr)
     throw_error(ErrorCode::kUnsupported, "epcomm-bench: the NCCL baseline runs on the CUDA backend only");
+  if (cuda->shares_gpus())
+    throw_error(ErrorCode::kUnsupported,
+                "epcomm-bench: the NCCL baseline needs one GPU per rank (NCCL refuses two ranks on one GPU)");
   return std::make_unique<NcclBaseline>(*cuda, x, topk_idx, num_experts);
 }
 

@@ -12,8 +12,8 @@ const char* const kUsage = R"(epcomm-bench: dispatch / combine speed of epcomm a
 
 usage: epcomm-bench [-n RANKS] [--backend cpu|cuda|auto] [--workload W[,W...]] [--num-sms 8,16,24]
                     [--iters N] [--warmup N] [--json FILE] [--routing uniform|skewed|both] [--skewed]
-                    [--no-check] [--no-baseline] [--seed N] [--flush-mb MB] [--nvl-chunk N] [--nvl-queue N]
-                    [--ranks-per-node G]
+                    [--no-check] [--no-baseline] [--no-kernel-time] [--seed N] [--flush-mb MB]
+                    [--nvl-chunk N] [--nvl-queue N] [--ranks-per-node G]
 
   -n RANKS          launch RANKS local ranks (processes). Default: one per GPU (cuda), 4 (cpu).
                     Under epcomm-run (EPCOMM_RANK set) the process is one rank and -n must match.
@@ -31,6 +31,8 @@ usage: epcomm-bench [-n RANKS] [--backend cpu|cuda|auto] [--workload W[,W...]] [
   --skewed          the same as --routing both.
   --no-check        skip the correctness check of each configuration's first call.
   --no-baseline     skip the NCCL all_to_all baseline.
+  --no-kernel-time  skip the kernel-time rows (CUPTI kernel durations summed per call, cuda only;
+                    measured in a second pass of the same iterations, so event spans exclude tracing).
   --seed N          base seed of the inputs (default 1).
   --flush-mb MB     size of the buffer written to flush the GPU L2 before each timed call (default 256).
   --nvl-chunk N     normal mode: Config.num_max_nvl_chunked_send_tokens (default: the library's default).
@@ -102,6 +104,8 @@ bool parse_flag(std::string_view arg, Options& options) {
     options.check = true;
   else if (arg == "--no-check")
     options.check = false;
+  else if (arg == "--no-kernel-time")
+    options.kernel_time = false;
   else if (arg == "--no-baseline")
     options.baseline = false;
   else

@@ -22,6 +22,7 @@ struct Options {
   bool skewed_routing = false;               // ... and/or with 80/20 skewed routing (--routing)
   bool check = true;                         // compare each configuration's first call against the oracle
   bool baseline = true;                      // time the NCCL all-to-all baseline (CUDA only)
+  bool kernel_time = true;                   // also report summed kernel durations (CUPTI, CUDA only)
   uint64_t seed = 1;                         // base of every per-rank seed
   int64_t flush_bytes = int64_t(256) << 20;  // GPU L2 flush buffer written before each timed call
   int nvl_chunk_tokens = 0;                  // --nvl-chunk: Config.num_max_nvl_chunked_send_tokens (0 = default)

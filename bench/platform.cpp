@@ -8,8 +8,51 @@
 
 #include "caching_allocator.hpp"
 #include "core/check.hpp"
+#include "kernel_clock.hpp"
 
 namespace epcomm::bench {
+
+KernelStopwatch::KernelStopwatch(KernelClock& clock, int iterations, int segments)
+    : clock_(clock),
+      iterations_(iterations),
+      segments_(segments),
+      us_(size_t(iterations) * segments, 0.0),
+      seen_(us_.size(), false) {
+  static uint64_t next_base = 1;  // tags of different stopwatches never collide
+  base_ = next_base;
+  next_base += us_.size() + 1;
+}
+
+uint64_t KernelStopwatch::tag(int iteration, int segment) const {
+  return base_ + uint64_t(iteration) * segments_ + segment;
+}
+
+void KernelStopwatch::start(int iteration, int segment) { clock_.begin(tag(iteration, segment)); }
+void KernelStopwatch::stop(int, int) { clock_.end(); }
+
+void KernelStopwatch::collect_once() {
+  if (collected_) return;
+  collected_ = true;
+  for (const auto& [tag, us] : clock_.collect()) {
+    if (tag < base_ || tag >= base_ + us_.size()) continue;
+    us_[tag - base_] = us;
+    seen_[tag - base_] = true;
+  }
+}
+
+std::vector<double> KernelStopwatch::microseconds(int segment) {
+  collect_once();
+  std::vector<double> us;
+  for (int i = 0; i < iterations_; ++i) us.push_back(us_[size_t(i) * segments_ + segment]);
+  return us;
+}
+
+bool KernelStopwatch::complete(int segment, int first_iteration) {
+  collect_once();
+  for (int i = first_iteration; i < iterations_; ++i)
+    if (!seen_[size_t(i) * segments_ + segment]) return false;
+  return true;
+}
 
 int64_t storage_extent(const TensorView& view) {
   if (view.numel() == 0) return 0;

@@ -14,6 +14,8 @@
 
 namespace epcomm::bench {
 
+class KernelClock;
+
 // Start / stop marks of `segments` timed sections per iteration, for `iterations` iterations.
 class Stopwatch {
  public:
@@ -22,6 +24,29 @@ class Stopwatch {
   virtual void stop(int iteration, int segment) = 0;
   // Microseconds of `segment` in every iteration (waits for outstanding GPU work).
   virtual std::vector<double> microseconds(int segment) = 0;
+};
+
+// Start / stop marks that tag the calls in between for a KernelClock (no events): microseconds()
+// gives each section's summed kernel durations, 0 for a section that launched no kernel.
+class KernelStopwatch final : public Stopwatch {
+ public:
+  KernelStopwatch(KernelClock& clock, int iterations, int segments);
+  void start(int iteration, int segment) override;
+  void stop(int iteration, int segment) override;
+  // Call once the GPU work of every iteration finished.
+  std::vector<double> microseconds(int segment) override;
+  // Whether every section of every iteration from `first_iteration` on launched a kernel.
+  bool complete(int segment, int first_iteration);
+
+ private:
+  uint64_t tag(int iteration, int segment) const;
+  void collect_once();
+  KernelClock& clock_;
+  int iterations_, segments_;
+  uint64_t base_;
+  bool collected_ = false;
+  std::vector<double> us_;  // [iteration * segments + segment]
+  std::vector<bool> seen_;
 };
 
 class Platform {
@@ -53,6 +78,11 @@ class Platform {
   virtual void empty_kernel() = 0;
   // "8x NVIDIA H200" / "AMD EPYC 7B13 (2 cores)".
   virtual std::string machine() const = 0;
+  // Kernel durations per call (kernel_clock.hpp), or nullptr with `why_not` (CPU: no kernels).
+  virtual KernelClock* kernels(std::string& why_not) {
+    why_not = "the CPU backend runs no kernels";
+    return nullptr;
+  }
 
  protected:
   virtual void copy_to_device(void* device_dst, const void* host_src, size_t bytes) = 0;

@@ -57,10 +57,11 @@ std::optional<std::string> baseline_op(const Row& row) {
 }
 
 const Row* find_row(const std::vector<Row>& rows, const std::string& impl, const std::string& workload,
-                    const std::string& op, const std::optional<std::string>& dtype, const std::optional<int>& num_sms) {
+                    const std::string& op, const std::optional<std::string>& dtype, const std::optional<int>& num_sms,
+                    const std::string& timing) {
   for (const Row& row : rows) {
     if (row.key.impl == impl && row.key.workload == workload && row.key.op == op && row.key.dtype == dtype &&
-        row.key.num_sms == num_sms)
+        row.key.num_sms == num_sms && row.key.timing == timing)
       return &row;
   }
   return nullptr;
@@ -91,7 +92,7 @@ const Row* Report::baseline_for(const Row& row) const {
   if (row.key.impl != "epcomm") return nullptr;
   const std::optional<std::string> op = baseline_op(row);
   if (!op) return nullptr;
-  return find_row(rows_, "nccl_all_to_all", row.key.workload, *op, std::string("bf16"), std::nullopt);
+  return find_row(rows_, "nccl_all_to_all", row.key.workload, *op, std::string("bf16"), std::nullopt, row.key.timing);
 }
 
 void Report::print_table(std::FILE* out) const {
@@ -100,8 +101,9 @@ void Report::print_table(std::FILE* out) const {
   std::fprintf(out,
                "times: median over iterations on each rank, then min / median / max over ranks; "
                "GB/s: logical bytes received (BENCHMARKS.md), median over ranks\n\n");
-  std::fprintf(out, "%-16s %-16s %-17s %-5s %4s %10s %8s %29s %17s %11s %8s\n", "impl", "workload", "op", "dtype",
-               "SMs", "time_us", "GB/s", "rank time_us min/med/max", "GB/s min/max", "baseline_us", "speedup");
+  std::fprintf(out, "%-16s %-16s %-17s %-5s %4s %-6s %10s %8s %29s %17s %11s %8s\n", "impl", "workload", "op", "dtype",
+               "SMs", "timing", "time_us", "GB/s", "rank time_us min/med/max", "GB/s min/max", "baseline_us",
+               "speedup");
   for (const Row& row : rows_) {
     char per_rank[64], rate_range[48] = "-", rate[24] = "-", base[24] = "-", speedup[24] = "-";
     std::snprintf(per_rank, sizeof(per_rank), "%.1f / %.1f / %.1f", row.time_us_min, row.time_us_median,
@@ -114,9 +116,10 @@ void Report::print_table(std::FILE* out) const {
       std::snprintf(base, sizeof(base), "%.1f", baseline->time_us_median);
       std::snprintf(speedup, sizeof(speedup), "%.2fx", baseline->time_us_median / row.time_us_median);
     }
-    std::fprintf(out, "%-16s %-16s %-17s %-5s %4s %10.1f %8s %29s %17s %11s %8s\n", row.key.impl.c_str(),
+    std::fprintf(out, "%-16s %-16s %-17s %-5s %4s %-6s %10.1f %8s %29s %17s %11s %8s\n", row.key.impl.c_str(),
                  row.key.workload.c_str(), row.key.op.c_str(), row.key.dtype.value_or("-").c_str(),
-                 sms_text(row.key.num_sms).c_str(), row.time_us_median, rate, per_rank, rate_range, base, speedup);
+                 sms_text(row.key.num_sms).c_str(), row.key.timing.c_str(), row.time_us_median, rate, per_rank,
+                 rate_range, base, speedup);
   }
   print_speedups(out);
   for (const std::string& line : notes_) std::fprintf(out, "note: %s\n", line.c_str());
@@ -139,21 +142,22 @@ void Report::print_speedups(std::FILE* out) const {
   for (const Row& row : rows_) {
     if (row.key.impl != "epcomm") continue;
     const std::string& w = row.key.workload;
-    const Row* nccl_dispatch = find_row(rows_, nccl, w, "dispatch", bf16, std::nullopt);
-    const Row* nccl_cached = find_row(rows_, nccl, w, "dispatch_cached", bf16, std::nullopt);
-    const Row* nccl_combine = find_row(rows_, nccl, w, "combine", bf16, std::nullopt);
+    const std::string& t = row.key.timing;  // kernel rows against kernel rows, events against events
+    const Row* nccl_dispatch = find_row(rows_, nccl, w, "dispatch", bf16, std::nullopt, t);
+    const Row* nccl_cached = find_row(rows_, nccl, w, "dispatch_cached", bf16, std::nullopt, t);
+    const Row* nccl_combine = find_row(rows_, nccl, w, "combine", bf16, std::nullopt, t);
     if (row.key.op == "dispatch_cached" && row.key.dtype == bf16) {
-      const Row* combine = find_row(rows_, "epcomm", w, "combine", bf16, row.key.num_sms);
+      const Row* combine = find_row(rows_, "epcomm", w, "combine", bf16, row.key.num_sms, t);
       if (!combine) continue;
       const double ours = row.time_us_median + combine->time_us_median;
-      const std::string sms = concat(" @ ", sms_text(row.key.num_sms), " SMs");
+      const std::string sms = concat(" @ ", sms_text(row.key.num_sms), " SMs, ", t);
       line(concat(w, ": dispatch_cached bf16 + combine", sms, " / nccl full"), ours, nccl_dispatch, nccl_combine);
       line(concat(w, ": dispatch_cached bf16 + combine", sms, " / nccl cached"), ours, nccl_cached, nccl_combine);
     }
     if (row.key.op == "ll_dispatch") {
-      const Row* combine = find_row(rows_, "epcomm", w, "ll_combine", bf16, std::nullopt);
+      const Row* combine = find_row(rows_, "epcomm", w, "ll_combine", bf16, std::nullopt, t);
       if (!combine) continue;
-      line(concat(w, ": ll_dispatch ", row.key.dtype.value_or("-"), " + ll_combine / nccl full"),
+      line(concat(w, ": ll_dispatch ", row.key.dtype.value_or("-"), " + ll_combine, ", t, " / nccl full"),
            row.time_us_median + combine->time_us_median, nccl_dispatch, nccl_combine);
     }
   }
@@ -170,7 +174,8 @@ std::string Report::json_row(const RunInfo& info, const Row& row) {
                 ", \"tokens\": ", k.tokens, ", \"hidden\": ", k.hidden, ", \"topk\": ", k.topk,
                 ", \"experts\": ", k.experts, ", \"time_us_median\": ", num(row.time_us_median),
                 ", \"time_us_min\": ", num(row.time_us_min), ", \"time_us_max\": ", num(row.time_us_max),
-                ", \"gbps_median\": ", json_optional(row.gbps_median, num), "}");
+                ", \"gbps_median\": ", json_optional(row.gbps_median, num), ", \"timing\": ", json_string(k.timing),
+                "}");
 }
 
 void Report::open_json(const std::string& path) {

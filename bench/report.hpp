@@ -24,6 +24,7 @@ struct FigureKey {
   std::string op;                    // "dispatch_cached", "ll_combine", ...
   std::optional<std::string> dtype;  // "bf16" | "fp8"; none where not applicable (layout)
   std::optional<int> num_sms;        // none where the caller does not choose it (CPU, low-latency, layout, NCCL)
+  std::string timing = "event";      // "event": CUDA-event / host-clock span; "kernel": summed kernel durations
   int ranks = 0, tokens = 0, hidden = 0, topk = 0, experts = 0;
 };
 

@@ -165,7 +165,7 @@ struct LowLatencyCombineInputs {
   TensorView topk_idx;      // [T, K] as given to the dispatch
   TensorView topk_weights;  // [T, K] float32
   const LowLatencyHandle* handle = nullptr;
-  bool use_logfmt = false;                                 // not supported yet
+  bool use_logfmt = false;                                 // LogFMT rows (docs/LOGFMT.md); CPU backend only
   bool zero_copy = false;                                  // x was written into next_low_latency_combine_buffer()
   std::optional<TensorView> out;                           // [T, hidden] bf16 to write into
   std::optional<TensorView> combine_wait_recv_cost_stats;  // [R] int64, += wait ns per source

@@ -493,7 +493,8 @@ class Buffer:
             x: [L, R*T_max, hidden] bf16 in low_latency_dispatch's layout.
             topk_idx: [T, K] as given to that dispatch; topk_weights: [T, K] float32.
             handle: the dispatch's handle tuple.
-            use_logfmt: not supported yet (raises ``UnsupportedError``).
+            use_logfmt: rows travel in LogFMT (docs/LOGFMT.md); CPU backend only so far (the CUDA
+                backend raises ``UnsupportedError``).
             zero_copy: x was already written into ``get_next_low_latency_combine_buffer(handle)``.
             out: [T, hidden] bf16 to write the result into.
             combine_wait_recv_cost_stats: [R] int64, wait time per source rank added in nanoseconds.

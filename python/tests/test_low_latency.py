@@ -185,8 +185,9 @@ def check_bad_inputs(ctx: Any) -> None:
     expect_error(epcomm.OutOfCapacityError, ("num_rdma_bytes",),
                  lambda: buffer.low_latency_dispatch(x, topk_idx, MAX_TOKENS * 4, num_experts))
     received, _, handle, _, _ = buffer.low_latency_dispatch(x, topk_idx, MAX_TOKENS, num_experts, use_fp8=False)
-    expect_error(epcomm.UnsupportedError, ("use_logfmt",),
-                 lambda: buffer.low_latency_combine(received, topk_idx, weights, handle, use_logfmt=True))
+    if ctx.device.type == "cuda":  # LogFMT is built on the CPU backend only so far
+        expect_error(epcomm.UnsupportedError, ("use_logfmt", "CUDA"),
+                     lambda: buffer.low_latency_combine(received, topk_idx, weights, handle, use_logfmt=True))
     expect_error(invalid, ("handle",), lambda: buffer.low_latency_combine(received, topk_idx, weights, handle[:3]))
     expect_error(invalid, ("x",), lambda: buffer.low_latency_combine(received[:, :1], topk_idx, weights, handle))
     expect_error(invalid, ("out",), lambda: buffer.low_latency_combine(received, topk_idx, weights, handle,
@@ -222,6 +223,64 @@ def check_masks(ctx: Any) -> None:
     buffer.destroy()
 
 
+def logfmt_round_trip(x: torch.Tensor) -> torch.Tensor:
+    """bf16 [..., hidden]: what LogFMT delivers for x, written from docs/LOGFMT.md with torch ops
+    (independent of src/core/logfmt.hpp)."""
+    bits = x.contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
+    bits = bits.reshape(*x.shape[:-1], x.size(-1) // 128, 128)
+    sign, magnitude = bits & 0x8000, bits & 0x7FFF
+    finite_nonzero = (magnitude > 0) & (magnitude < 0x7F80)
+    top = torch.where(finite_nonzero, magnitude, 0).amax(-1, keepdim=True)
+    smallest = torch.where(finite_nonzero, magnitude, 0x7FFF).amin(-1, keepdim=True)
+    shift = torch.full_like(top, 3)
+    for s in (2, 1, 0):  # the finest step whose 510 steps reach the smallest value
+        half = (1 << (s - 1)) if s else 0
+        shift = torch.where((top - smallest + half) >> s <= 510, s, shift)
+    half = torch.where(shift > 0, 1 << (shift - 1).clamp(min=0), 0)
+    steps = (top - magnitude + half) >> shift
+    level = top - (steps << shift)
+    zero = (magnitude == 0) | (steps > 510) | (level <= 0)
+    out = torch.where(zero, 0, sign | level)
+    out = torch.where(magnitude >= 0x7F80, 0x7FC0, out)
+    out = torch.where(out >= 0x8000, out - 0x10000, out).to(torch.int16)
+    return out.reshape(x.shape).view(torch.bfloat16)
+
+
+def calc_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float(1 - 2 * (a * b).sum() / (a * a + b * b).sum())
+
+
+def check_logfmt(ctx: Any) -> None:
+    """use_logfmt=True (SPEC §4.2): bit-exactly the sum of the rows as docs/LOGFMT.md decodes them,
+    and within calc_diff 1e-3 of the exact combine."""
+    num_experts = num_experts_for(ctx)
+    buffer = low_latency_buffer(ctx, MAX_TOKENS, HIDDEN, num_experts)
+    x, topk_idx, weights = make_inputs(ctx, seed=12)
+    d_topk, d_weights = topk_idx.to(ctx.device), weights.to(ctx.device)
+    received, _, handle, _, _ = buffer.low_latency_dispatch(x.to(ctx.device), d_topk, MAX_TOKENS, num_experts,
+                                                            use_fp8=False)
+    # bf16 multiples of 1/256 in [-4, 4] (products with 1/8-step weights and sums of 3 stay exact in
+    # float32, so the sum has one answer whatever the order) with one 2^-10 per block: the span of
+    # 12 octaves makes LogFMT drop two of the 7 mantissa bits, so the result differs from the exact one
+    steps = torch.randint(-1024, 1025, tuple(received.shape), generator=ref.generator(13, ctx.rank))
+    expert_out = (steps.float() / 256).to(torch.bfloat16)
+    expert_out[..., ::128] = 2.0 ** -10
+    expert_out = expert_out.to(ctx.device)
+    combined, _, _ = buffer.low_latency_combine(expert_out, d_topk, d_weights, handle, use_logfmt=True)
+    again, _, _ = buffer.low_latency_combine(expert_out, d_topk, d_weights, handle, use_logfmt=True)
+    assert_equal(again, combined, "use_logfmt combine repeated")
+    rows = [ref.low_latency_rows(r, num_experts, ctx.gather(topk_idx)) for r in range(ctx.size)]
+    all_out = ctx.gather(cpu(expert_out))
+    exact = ref.low_latency_combine(ctx.rank, num_experts, MAX_TOKENS, topk_idx, weights, all_out, rows)
+    delivered = [logfmt_round_trip(out) for out in all_out]
+    expected = ref.low_latency_combine(ctx.rank, num_experts, MAX_TOKENS, topk_idx, weights, delivered, rows)
+    assert_equal(combined, expected.to(torch.bfloat16), "combined_x (use_logfmt)")
+    assert calc_diff(cpu(combined).float(), exact) < 1e-3
+    assert not torch.equal(cpu(combined), exact.to(torch.bfloat16)), "LogFMT is lossy here: did it run?"
+    buffer.destroy()
+
+
 # ---- tests ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("use_fp8,round_scale,use_ue8m0", [(False, False, False), (True, False, False),
@@ -234,6 +293,12 @@ def test_low_latency_dispatch(world, use_fp8: bool, round_scale: bool, use_ue8m0
 @pytest.mark.parametrize("mode", ["plain", "out", "zero_copy", "hook", "async"])
 def test_low_latency_combine(world, mode: str) -> None:
     world.run(check_combine, mode)
+
+
+def test_low_latency_logfmt(world) -> None:
+    if world.kind == "cuda":
+        pytest.skip("use_logfmt is built on the CPU backend only so far")
+    world.run(check_logfmt)
 
 
 def test_low_latency_statistics(world) -> None:

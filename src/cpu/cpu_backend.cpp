@@ -24,6 +24,7 @@ Limits reference_limits() {
   limits.low_latency_mode = true;
   limits.normal_inter_node = true;
   limits.low_latency_inter_node = true;
+  limits.use_logfmt = true;  // docs/LOGFMT.md
   return limits;
 }
 

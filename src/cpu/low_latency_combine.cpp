@@ -6,6 +6,7 @@
 
 #include "core/check.hpp"
 #include "core/layouts.hpp"
+#include "core/logfmt.hpp"
 #include "core/numerics.hpp"
 
 namespace epcomm::cpu {
@@ -27,6 +28,7 @@ LowLatencyCombineCall::LowLatencyCombineCall(const LowLatencyCombineArgs& args, 
       num_experts_(args.num_experts),
       num_local_experts_(args.num_local_experts),
       max_tokens_per_rank_(args.max_tokens_per_rank),
+      use_logfmt_(args.inputs->use_logfmt),
       wait_stats_(args.inputs->combine_wait_recv_cost_stats) {
   const LowLatencyCombineInputs& in = *args.inputs;
   topk_idx_ = checked_expert_ids(in.topk_idx, num_experts_, kOp);
@@ -82,6 +84,7 @@ CallHeader LowLatencyCombineCall::header() const {
   h.num_experts = num_experts_;
   h.num_tokens = num_tokens_;
   h.num_topk = num_topk_;
+  h.format = use_logfmt_ ? RecvFormat::kLogFmt : RecvFormat::kBf16;  // peers must agree on the wire format
   return h;
 }
 
@@ -124,7 +127,8 @@ void LowLatencyCombineCall::send_rows(LowLatencyExchange& exchange, const Region
       peers[r].num_tokens = std::clamp(peers[r].num_tokens, 0, max_tokens_per_rank_);
       peers[r].num_topk = std::clamp(peers[r].num_topk, 0, kMaxLowLatencyTopk);
     }
-  const size_t row_bytes = sizeof(uint16_t) * hidden_;
+  const int64_t slot_bytes = int64_t(sizeof(uint16_t)) * hidden_;  // a slot holds a bf16 row; LogFMT rows are shorter
+  std::vector<uint8_t> scratch;
   for (size_t i = 0; i < rows_.size(); ++i) {
     const ExpertRow& row = rows_[i];
     if (exchange.masked(row.src_rank)) continue;
@@ -133,10 +137,11 @@ void LowLatencyCombineCall::send_rows(LowLatencyExchange& exchange, const Region
     if (row.src_token >= peer.num_tokens) continue;
     std::byte* area = exchange.area_of(row.src_rank);
     const int expert = rank_ * num_local_experts_ + row.local_expert;
+    const std::byte* data = wire_row(i, scratch);
     for (int k = 0; k < peer.num_topk; ++k) {
       const int64_t slot = regions.combine_slot(row.src_token, k);
       if (load_shared<int32_t>(area + regions.combine_routing + 4 * slot) != expert) continue;
-      std::memcpy(area + regions.combine_rows + slot * int64_t(row_bytes), &row_data_[i * hidden_], row_bytes);
+      std::memcpy(area + regions.combine_rows + slot * slot_bytes, data, wire_row_bytes());
       store_shared(area + regions.combine_tags + 8 * slot, call_id_);
     }
   }
@@ -164,6 +169,28 @@ void LowLatencyCombineCall::check_every_slot_arrived(const LowLatencyExchange& e
   }
 }
 
+int64_t LowLatencyCombineCall::wire_row_bytes() const {
+  return use_logfmt_ ? logfmt::row_bytes(hidden_) : int64_t(sizeof(uint16_t)) * hidden_;
+}
+
+const std::byte* LowLatencyCombineCall::wire_row(size_t i, std::vector<uint8_t>& scratch) const {
+  const uint16_t* values = &row_data_[i * hidden_];
+  if (!use_logfmt_) return reinterpret_cast<const std::byte*>(values);
+  scratch.resize(logfmt::row_bytes(hidden_));
+  logfmt::encode_row(values, hidden_, scratch.data());
+  return reinterpret_cast<const std::byte*>(scratch.data());
+}
+
+void LowLatencyCombineCall::read_wire_row(const std::byte* from, std::vector<uint16_t>& row) const {
+  if (!use_logfmt_) {
+    std::memcpy(row.data(), from, sizeof(uint16_t) * hidden_);
+    return;
+  }
+  std::vector<uint8_t> encoded(logfmt::row_bytes(hidden_));  // the area may be unaligned: copy first
+  std::memcpy(encoded.data(), from, encoded.size());
+  logfmt::decode_row(encoded.data(), hidden_, row.data());
+}
+
 // SPEC §4.2 with the lead's rule: acc = 0.0f; for k ascending: acc = fmaf(w[t,k], row(t,k), acc);
 // out[t] = bf16_rn(acc). fmaf is the fused multiply-add on both CPU and GPU.
 void LowLatencyCombineCall::reduce(const LowLatencyExchange& exchange, const Regions& regions) {
@@ -176,8 +203,7 @@ void LowLatencyCombineCall::reduce(const LowLatencyExchange& exchange, const Reg
     for (int k = 0; k < num_topk_; ++k) {
       if (!contributes(exchange, t, k)) continue;
       const float weight = topk_weights_[int64_t(t) * num_topk_ + k];
-      std::memcpy(row.data(), area + regions.combine_rows + regions.combine_slot(t, k) * hidden_ * 2,
-                  sizeof(uint16_t) * hidden_);
+      read_wire_row(area + regions.combine_rows + regions.combine_slot(t, k) * hidden_ * 2, row);
       for (int h = 0; h < hidden_; ++h) acc[h] = std::fmaf(weight, numerics::bf16_to_float(row[h]), acc[h]);
     }
     for (int h = 0; h < hidden_; ++h) out[int64_t(t) * hidden_ + h] = numerics::float_to_bf16(acc[h]);

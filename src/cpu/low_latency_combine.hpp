@@ -1,6 +1,7 @@
 // One low-latency combine of the CPU backend (SPEC §4.2): the send half is the constructor (checks
 // the handle and the expert ids, snapshots the valid rows of x, topk_idx and topk_weights), the
-// receive half is receive() (the protocol of low_latency_exchange.hpp).
+// receive half is receive() (the protocol of low_latency_exchange.hpp). With use_logfmt the rows
+// travel in LogFMT (core/logfmt.hpp, docs/LOGFMT.md): encoded by the sender, decoded by the reducer.
 #pragma once
 
 #include <atomic>
@@ -42,10 +43,16 @@ class LowLatencyCombineCall {
   void check_every_slot_arrived(const LowLatencyExchange& exchange, const Regions& regions) const;
   void reduce(const LowLatencyExchange& exchange, const Regions& regions);
   bool contributes(const LowLatencyExchange& exchange, int token, int slot) const;
+  // The bytes of row i as they travel: bf16, or LogFMT-encoded into `scratch`.
+  const std::byte* wire_row(size_t i, std::vector<uint8_t>& scratch) const;
+  int64_t wire_row_bytes() const;
+  // Row bf16 values of the slot at `from` (a wire row) into `row`.
+  void read_wire_row(const std::byte* from, std::vector<uint16_t>& row) const;
 
   uint64_t call_id_;
   int rank_, num_ranks_;
   int num_tokens_, hidden_, num_topk_, num_experts_, num_local_experts_, max_tokens_per_rank_;
+  bool use_logfmt_;
   std::vector<ExpertRow> rows_;           // valid rows of x, in (local expert, row) order
   std::vector<uint16_t> row_data_;        // [rows_.size(), hidden] bf16 bits
   std::vector<int32_t> topk_idx_;         // [T, K]

@@ -53,6 +53,8 @@ const char* name_of(RecvFormat format) {
       return "fp8 round_scale";
     case RecvFormat::kFp8Ue8m0:
       return "fp8 ue8m0";
+    case RecvFormat::kLogFmt:
+      return "use_logfmt";
   }
   return "?";
 }
@@ -60,7 +62,7 @@ const char* name_of(RecvFormat format) {
 std::string describe(const CallHeader& h) {
   std::string text = concat("call #", h.call_id, " ", name_of(h.kind), "(T_max = ", h.max_tokens_per_rank,
                             ", hidden = ", h.hidden, ", num_experts = ", h.num_experts);
-  if (h.kind == CallKind::kDispatch) text += concat(", ", name_of(h.format));
+  if (h.kind == CallKind::kDispatch || h.format != RecvFormat::kBf16) text += concat(", ", name_of(h.format));
   return text + ")";
 }
 

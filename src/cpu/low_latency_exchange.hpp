@@ -45,8 +45,9 @@ namespace epcomm::cpu {
 
 enum class CallKind : int32_t { kDispatch = 1, kCombine = 2, kClean = 3 };
 
-// The form of dispatch's recv_x (SPEC §4.1); every rank of a call must ask for the same.
-enum class RecvFormat : int32_t { kBf16 = 0, kFp8 = 1, kFp8RoundScale = 2, kFp8Ue8m0 = 3 };
+// The form of dispatch's recv_x (SPEC §4.1), or of the rows combine sends (kBf16, or kLogFmt with
+// use_logfmt, SPEC §4.2); every rank of a call must ask for the same.
+enum class RecvFormat : int32_t { kBf16 = 0, kFp8 = 1, kFp8RoundScale = 2, kFp8Ue8m0 = 3, kLogFmt = 4 };
 
 // What a rank publishes about the call it is running; peers compare it with their own.
 struct CallHeader {
@@ -57,7 +58,7 @@ struct CallHeader {
   int32_t num_experts = 0;
   int32_t num_tokens = 0;                 // T of the publishing rank
   int32_t num_topk = 0;                   // K of the publishing rank
-  RecvFormat format = RecvFormat::kBf16;  // dispatch only
+  RecvFormat format = RecvFormat::kBf16;  // dispatch: recv_x; combine: kBf16 or kLogFmt
   int32_t rejected = 0;                   // 0, or the ErrorCode of this rank's rejection of the call
   int32_t message_bytes = 0;              // its message, published right after the header
 };

@@ -117,9 +117,6 @@ TEST(LowLatencyErrors, BadArgumentsNameTheArgumentAndLeaveTheBufferUsable) {
     ci = good_combine();
     ci.out = TensorView::contiguous(small_out.data(), DType::kBFloat16, {1, 16}, cpu);
     expect_error([&] { buffer.low_latency_combine(ci); }, ErrorCode::kInvalidArgument, {"out"});
-    ci = good_combine();
-    ci.use_logfmt = true;
-    expect_error([&] { buffer.low_latency_combine(ci); }, ErrorCode::kUnsupported, {"use_logfmt", "not supported"});
     std::vector<int64_t> bad_combine_idx = m.mine().topk_idx;
     bad_combine_idx[0] = 99;
     ci = good_combine();
