@@ -28,7 +28,7 @@ def test_backend_limits_without_a_buffer() -> None:
     assert cpu["x_dtypes"] == [torch.bfloat16, torch.float8_e4m3fn]
     assert cpu["scale_dtypes"] == [torch.float32, torch.int32]
     assert (cpu["max_topk"], cpu["max_low_latency_topk"], cpu["low_latency_hidden_multiple"]) == (32, 16, 128)
-    assert not cpu["use_logfmt"]
+    assert cpu["use_logfmt"]  # docs/LOGFMT.md
     cuda = epcomm.Buffer.backend_limits("cuda")
     assert cuda["backend"] == "cuda" and set(cuda) == LIMIT_KEYS
     if cuda["available"]:

@@ -248,7 +248,7 @@ TEST(Limits, CpuBackendHasSpecLimitsAndBothModes) {
   EXPECT_EQ(cpu.low_latency_hidden_multiple, kFp8GroupSize);
   EXPECT_EQ(cpu.max_ranks_per_node, 8);
   EXPECT_EQ(cpu.scale_dtypes, (std::vector<DType>{DType::kFloat32, DType::kInt32}));
-  EXPECT_FALSE(cpu.use_logfmt);
+  EXPECT_TRUE(cpu.use_logfmt);  // docs/LOGFMT.md
   const Limits cuda = backend_limits(BackendKind::kCuda);
   EXPECT_EQ(cuda.available, backend_available(BackendKind::kCuda));
   if (cuda.available) {
