@@ -8,9 +8,10 @@
 #
 # Steps:
 #   python        pip install (CUDA build), the Python tests in the worlds of $ROUND_PY_WORLDS (cuda2)
-#   ll-tests      low-latency GPU tests, R <= $EPCOMM_TEST_MAX_RANKS
+#   ll-tests      low-latency GPU tests (put path, hardware FP8 cast too), R <= $EPCOMM_TEST_MAX_RANKS
 #   ll-timing     low-latency kernel timings and the Buffer's memory (perf_gpu_low_latency)
-#   normal-tests  high-throughput GPU tests, R <= $EPCOMM_TEST_MAX_RANKS
+#   normal-tests  high-throughput GPU tests (fail-safe too), R <= $EPCOMM_TEST_MAX_RANKS
+#   (ROUND_RANKS: ranks of epcomm-bench, default one per GPU; more time-slice them, without NCCL)
 #   bench-normal  epcomm-bench normal workload at $ROUND_SMS SMs, then each variant of $ROUND_VARIANTS
 #                 (name=cmake-args; built in build-<name>; $ROUND_NORMAL_VARIANTS restricts this step to
 #                 a subset) and each --nvl-chunk of $ROUND_CHUNKS
@@ -81,7 +82,8 @@ configure() {  # configure <dir> [cmake args...]; sources from $SRC (default .)
 build_main() {
   configure build-gpu && cmake --build build-gpu -j "$jobs" --target epcomm-bench test_gpu_normal_mode \
     test_gpu_normal_errors test_gpu_normal_graphs test_gpu_low_latency test_gpu_low_latency_faults \
-    test_gpu_low_latency_coexistence perf_gpu_low_latency
+    test_gpu_low_latency_coexistence test_gpu_low_latency_put_path test_gpu_failsafe test_fp8_hw_cast \
+    perf_gpu_low_latency
 }
 build_variant() {  # build_variant <name> <cmake args...>
   local name=$1
@@ -124,7 +126,7 @@ say "builds done"
 bench() {  # bench <log name> <build dir> <epcomm-bench args...>
   local name=$1 dir=$2
   shift 2
-  step 200 "$name" "$dir/bench/epcomm-bench" -n "$gpus" --json "$logs/$name.jsonl" "$@"
+  step 200 "$name" "$dir/bench/epcomm-bench" -n "${ROUND_RANKS:-$gpus}" --json "$logs/$name.jsonl" "$@"
   grep -E "^  (epcomm|nccl)|x faster|vs " "$logs/$name.log" | head -60 >>"$summary"
 }
 
@@ -148,7 +150,7 @@ for s in $steps; do
       ;;
     ll-tests)
       for t in test_gpu_low_latency test_gpu_low_latency_faults test_gpu_low_latency_coexistence \
-        test_gpu_low_latency_put_path; do
+        test_gpu_low_latency_put_path test_fp8_hw_cast; do
         step 150 "$t" "build-gpu/tests/gpu/$t" --gtest_color=no
         grep -E "^\[ +(FAILED|PASSED) +\]|tests? ran" "$logs/$t.log" | sort -u | head -20 >>"$summary"
       done
@@ -160,7 +162,7 @@ for s in $steps; do
       grep -h -e "\[ll-timing\]" -e "\[ll-memory\]" "$logs/ll-timing.log" "$logs/ll-memory.log" >>"$summary"
       ;;
     normal-tests)
-      for t in test_gpu_normal_mode test_gpu_normal_errors test_gpu_normal_graphs; do
+      for t in test_gpu_normal_mode test_gpu_normal_errors test_gpu_normal_graphs test_gpu_failsafe; do
         step 150 "$t" "build-gpu/tests/gpu/$t" --gtest_color=no
         grep -E "^\[ +(FAILED|PASSED) +\]|tests? ran" "$logs/$t.log" | sort -u | head -20 >>"$summary"
       done
