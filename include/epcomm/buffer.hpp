@@ -120,7 +120,8 @@ class Buffer {
   TensorView low_latency_query_mask_buffer();
   void low_latency_clean_mask_buffer(StreamHandle stream = nullptr);
 
-  // A view of this rank's own communication memory (SPEC §6 get_local_buffer_tensor).
+  // A view of this rank's own communication memory (SPEC §6 get_local_buffer_tensor). Valid until
+  // destroy(): the memory is unmapped then, and a view used afterwards reads or writes freed memory.
   TensorView local_buffer(DType dtype, int64_t offset_bytes, std::optional<int64_t> num_elements,
                           bool rdma_memory) const;
 
