@@ -268,7 +268,6 @@ void Buffer::clean_low_latency_buffer(int max_tokens_per_rank, int hidden, int n
       if (needed > options_.num_rdma_bytes)
         throw_error(ErrorCode::kOutOfCapacity, concat(op, ": num_rdma_bytes: the buffer has ", options_.num_rdma_bytes,
                                                       " bytes, these sizes need ", needed));
-      return 0;
     });
     backend.clean_low_latency_buffer(max_tokens_per_rank, hidden, num_experts, stream);
   });
