@@ -3,6 +3,7 @@
 
 #include <atomic>
 #include <cstdlib>
+#include <exception>
 #include <vector>
 
 #include "core/backend.hpp"
@@ -153,6 +154,11 @@ auto Buffer::guarded(const char* operation, Work&& work) {
     return work(backend);
   } catch (const Error& error) {
     note_failure(operation, error);
+    throw;
+  } catch (const std::exception& error) {
+    // Not epcomm's (e.g. the caller's allocator ran out of memory): the call may have stopped between
+    // two steps of the protocol, so this rank can no longer be trusted to be in step with its peers.
+    mark_failed(concat("rank ", backend.geometry().rank, " in ", operation, ": ", error.what()));
     throw;
   }
 }
