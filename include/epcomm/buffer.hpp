@@ -144,7 +144,8 @@ class Buffer {
   // which has no put path. For tests and diagnostics.
   std::vector<bool> low_latency_put_peers() const;
 
-  // A view of this rank's own communication memory (SPEC §6 get_local_buffer_tensor).
+  // A view of this rank's own communication memory (SPEC §6 get_local_buffer_tensor). Valid until
+  // destroy(): the memory is unmapped then, and a view used afterwards reads or writes freed memory.
   TensorView local_buffer(DType dtype, int64_t offset_bytes, std::optional<int64_t> num_elements,
                           bool rdma_memory) const;
 

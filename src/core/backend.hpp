@@ -90,6 +90,14 @@ const char* to_string(CollectiveKind kind);
 // Normal-mode calls share one numbering, low-latency calls another (they use separate protocols).
 inline bool is_low_latency(CollectiveKind kind) { return kind >= CollectiveKind::kLowLatencyDispatch; }
 
+// What a rank that rejected a call tells its peers: the error's message without its "epcomm: <code>: "
+// prefix (the peers' own error adds one).
+inline std::string rejection_text(const Error& error) {
+  const std::string text = error.what();
+  const std::string prefix = std::string("epcomm: ") + to_string(error.code()) + ": ";
+  return text.rfind(prefix, 0) == 0 ? text.substr(prefix.size()) : text;
+}
+
 // A new id for each Backend (a process-wide counter from 1): what handles carry to name their Buffer.
 uint64_t next_buffer_id();
 

@@ -2,6 +2,7 @@
 #include "epcomm/buffer.hpp"
 
 #include <atomic>
+#include <exception>
 #include <vector>
 
 #include "core/backend.hpp"
@@ -141,6 +142,11 @@ auto Buffer::guarded(const char* operation, Work&& work) {
   } catch (const Error& error) {
     note_failure(operation, error);
     throw;
+  } catch (const std::exception& error) {
+    // Not epcomm's (e.g. the caller's allocator ran out of memory): the call may have stopped between
+    // two steps of the protocol, so this rank can no longer be trusted to be in step with its peers.
+    mark_failed(concat("rank ", backend.geometry().rank, " in ", operation, ": ", error.what()));
+    throw;
   }
 }
 
@@ -247,7 +253,6 @@ void Buffer::clean_low_latency_buffer(int max_tokens_per_rank, int hidden, int n
   guarded("clean_low_latency_buffer", [&](Backend& backend) {
     checked(backend, CollectiveKind::kCleanLowLatency, [&] {
       check_clean_low_latency_buffer(context_of(backend, options_), max_tokens_per_rank, hidden, num_experts);
-      return 0;
     });
     backend.clean_low_latency_buffer(max_tokens_per_rank, hidden, num_experts, stream);
   });

@@ -181,7 +181,7 @@ void LowLatencyMode::reject(CollectiveKind kind, const Error& error) {
   header.call_id = ++core.last_call_id;
   header.kind = call_kind_of(kind);
   header.rejected = static_cast<int32_t>(error.code());
-  const Disagreement disagreement = exchange_header_only(core.exchange, header, op, error.what());
+  const Disagreement disagreement = exchange_header_only(core.exchange, header, op, rejection_text(error));
   if (!disagreement.empty()) throw_error(disagreement.code, concat(op, ": ", disagreement.text));
 }
 

@@ -240,7 +240,7 @@ void NormalMode::reject(CallKind kind, const Error& error) {
   header.kind = kind;
   header.rejected = static_cast<int32_t>(error.code());
   const char* op = to_string(kind);
-  check_same_call(exchange(header, {}, op, error.what()), ctx_.geometry.rank, op);
+  check_same_call(exchange(header, {}, op, rejection_text(error)), ctx_.geometry.rank, op);
 }
 
 template <class Local>
