@@ -23,8 +23,8 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
-#include <vector>
 #include <string>
+#include <vector>
 
 #include "epcomm/bootstrap.hpp"
 #include "epcomm/config.hpp"

@@ -5,8 +5,8 @@
 #pragma once
 
 #include <memory>
-#include <vector>
 #include <string>
+#include <vector>
 
 #include "epcomm/bootstrap.hpp"
 #include "epcomm/buffer.hpp"

@@ -99,7 +99,14 @@ CombineResult CudaBackend::combine(const CombineArgs& args, const StreamOptions&
 }
 
 bool CudaBackend::reject_call(CollectiveKind kind, const Error&) {
-  if (is_low_latency(kind)) return low_latency_ == nullptr;  // no low-latency peers to mislead
+  if (!low_latency_ && is_low_latency(kind)) return true;  // no low-latency peers to mislead
+  if (kind == CollectiveKind::kLowLatencyDispatch || kind == CollectiveKind::kLowLatencyCombine) {
+    low_latency_->skip_call(kind == CollectiveKind::kLowLatencyDispatch);
+    return true;
+  }
+  // clean_low_latency_buffer meets its peers in nvshmem_barrier_all: a rank that skips it alone cannot
+  // tell them (they wait there); it fails its Buffer so that it at least never runs on out of step.
+  if (kind == CollectiveKind::kCleanLowLatency) return false;
   if (normal_) normal_->note_rejection();
   return true;
 }

@@ -50,7 +50,9 @@ class CudaBackend final : public Backend {
 
   // Normal mode: the rejection changes this rank's later call signatures (normal/protocol.hpp
   // with_rejections), so that its peers never pair its next call with the one it skipped. Low-latency
-  // mode cannot tell its peers yet: false (the front then fails the Buffer).
+  // dispatch / combine: the rejected call takes its parity (LowLatencyMode::skip_call), so a rank that
+  // rejected alone meets its peers on the other parity (a timeout, never mixed data) and ranks that all
+  // rejected stay in step. clean_low_latency_buffer: false (the front then fails the Buffer).
   bool reject_call(CollectiveKind kind, const Error& error) override;
 
   // Waits for the work queued on the comm stream, then throws the first error a kernel recorded.

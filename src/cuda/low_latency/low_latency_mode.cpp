@@ -100,6 +100,14 @@ class NvshmemLowLatencyMode final : public LowLatencyMode {
   void clean_mask(cudaStream_t stream) override;
   void* local_memory() const override { return symmetric_; }
   std::vector<bool> put_peers() const override { return put_peers_; }
+  void skip_call(bool dispatch) override {
+    if (dispatch) {
+      dispatches_[dispatch_parity_] = {};  // that parity's handle ends here, as if overwritten
+      dispatch_parity_ ^= 1;
+    } else {
+      combine_parity_ ^= 1;
+    }
+  }
   void destroy(bool collective) override;
 
  private:
@@ -150,9 +158,9 @@ class NvshmemLowLatencyMode final : public LowLatencyMode {
   int64_t symmetric_bytes_ = 0;
   uint8_t* local_control_ = nullptr;  // LocalControlLayout, outside what get_local_buffer_tensor views
   std::vector<bool> put_peers_;       // [R]: the peer table's zero entries, as built
-  bool has_put_peers_ = false;     // some peer gets puts (the kernels quiet before they signal)
-  bool has_remote_peers_ = false;  // some peer has no NVLink mapping: a remote transport carries its puts,
-                                   // and the combine staging region must be registered with NVSHMEM
+  bool has_put_peers_ = false;        // some peer gets puts (the kernels quiet before they signal)
+  bool has_remote_peers_ = false;     // some peer has no NVLink mapping: a remote transport carries its puts,
+                                      // and the combine staging region must be registered with NVSHMEM
 
   int dispatch_parity_ = 0;  // parity of the next dispatch
   int combine_parity_ = 0;
@@ -222,8 +230,7 @@ void NvshmemLowLatencyMode::build_peer_table(LowLatencyPutPath path) {
     has_put_peers_ |= puts;
     has_remote_peers_ |= mapped == 0;
   }
-  EPCOMM_CUDA_CHECK(cudaMemcpy(peer_bases(), peers.data(), peers.size() * sizeof(uint64_t),
-                               cudaMemcpyHostToDevice));
+  EPCOMM_CUDA_CHECK(cudaMemcpy(peer_bases(), peers.data(), peers.size() * sizeof(uint64_t), cudaMemcpyHostToDevice));
 }
 
 ll::Common NvshmemLowLatencyMode::common() const {

@@ -23,6 +23,11 @@ class LowLatencyMode {
   virtual TensorView query_mask() = 0;
   virtual void clean_mask(cudaStream_t stream) = 0;
 
+  // The front rejected this rank's inputs of a dispatch (`dispatch`) or combine: the call takes its
+  // parity as if it had run, so that this rank's next call of that kind never meets its peers' rejected
+  // one on the same parity (it waits on the other parity and times out, loudly) and, when every rank
+  // rejected alike, all stay in step (SPEC §5). Nothing was launched.
+  virtual void skip_call(bool dispatch) = 0;
   // [R]: true where this rank sends to that peer with NVSHMEM puts (the peer table's zero entries).
   virtual std::vector<bool> put_peers() const = 0;
   // This rank's symmetric memory (num_rdma_bytes), for get_local_buffer_tensor.

@@ -36,8 +36,9 @@ void allocate_received_tokens(const DispatchArgs& args, int rows, Allocator& all
   p.scale_stride_scale = in.x_scales->stride(1);
   p.scales_column_major = in.x_scales->stride(1) != 1;
   result.recv_x_scales =
-      p.scales_column_major ? allocate_column_major(allocator, in.x_scales->dtype, {rows, args.num_scales}, device, stream)
-                            : allocate(allocator, in.x_scales->dtype, {rows, args.num_scales}, device, stream);
+      p.scales_column_major
+          ? allocate_column_major(allocator, in.x_scales->dtype, {rows, args.num_scales}, device, stream)
+          : allocate(allocator, in.x_scales->dtype, {rows, args.num_scales}, device, stream);
   p.recv_scales = result.recv_x_scales->data_as<float>();
 }
 

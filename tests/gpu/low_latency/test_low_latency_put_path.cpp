@@ -25,7 +25,6 @@
 namespace epcomm::testing::ll {
 namespace {
 
-
 RunRanksOptions long_run() {
   RunRanksOptions options;
   options.timeout = std::chrono::seconds(900);
@@ -113,7 +112,7 @@ void expect_put_peers(Buffer& gpu, const PutConfig& config, int rank) {
   for (int r = 0; r < config.ranks; ++r) {
     if (config.puts(rank, r)) {
       EXPECT_TRUE(puts[r]) << "rank " << rank << " (" << config.name() << "): peer " << r
-                              << " must be reached with NVSHMEM puts, but the peer table maps it (stores)";
+                           << " must be reached with NVSHMEM puts, but the peer table maps it (stores)";
     } else if (puts[r]) {
       std::printf("[put-path] rank %d (%s): peer %d of the same node is not mapped by NVSHMEM: puts too\n", rank,
                   config.name().c_str(), r);
