@@ -79,7 +79,7 @@ TEST(LowLatencyGpuFaults, BadInputsGiveSpecErrorsAndTheBufferStaysUsable) {
         expect_error(ErrorCode::kInvalidArgument, with([&](auto& i, auto&) { i.num_experts = 2 * R + 1; }),
                      "E not a multiple of R");
         expect_error(ErrorCode::kOutOfCapacity,
-                     with([&](auto& i, auto&) { i.num_max_dispatch_tokens_per_rank = 4096; }), "buffer too small");
+                     with([&](auto& i, auto&) { i.num_max_dispatch_tokens_per_rank = 1024; }), "buffer too small");
         expect_error(ErrorCode::kInvalidArgument,
                      with([&](auto&, auto& o) { o.async_finish = o.return_recv_hook = true; }),
                      "async_finish with return_recv_hook");
