@@ -80,8 +80,19 @@ struct BufferOptions {
   StreamHandle comm_stream = nullptr;
 };
 
-class Backend;                        // internal
-enum class CollectiveKind : int32_t;  // internal (core/backend.hpp)
+// The collective calls of a Buffer, as the fail-safe protocol names them (SPEC §5). Public for
+// Buffer::reject_inputs; the backends number and exchange them.
+enum class CollectiveKind : int32_t {
+  kDispatch = 1,
+  kCachedDispatch = 2,  // dispatch given a handle
+  kCombine = 3,
+  kLowLatencyDispatch = 4,
+  kLowLatencyCombine = 5,
+  kCleanLowLatency = 6,
+};
+const char* to_string(CollectiveKind kind);
+
+class Backend;  // internal
 
 class Buffer {
  public:
@@ -132,6 +143,14 @@ class Buffer {
   TensorView next_low_latency_combine_buffer(const LowLatencyHandle& handle);
   // Collective: resets the low-latency state (SPEC §4.3).
   void clean_low_latency_buffer(int max_tokens_per_rank, int hidden, int num_experts, StreamHandle stream = nullptr);
+
+  // Collective, for front ends that check some arguments themselves before calling (the Python
+  // package): this rank rejects its inputs of the call `kind` with `error`, an input error
+  // (kInvalidArgument, kUnsupported or kOutOfCapacity). It takes part in that call exactly as a call
+  // whose own checks failed (the same path), so every peer raises "rank r rejected its inputs of this
+  // call: <message>" at the same call and the Buffer stays usable. Returns without throwing `error`:
+  // the caller raises its own. Throws kBufferFailed on a failed Buffer, like the call would.
+  void reject_inputs(CollectiveKind kind, const Error& error);
 
   // ---- rank masking with enable_shrink (SPEC §6) ----
   void low_latency_update_mask_buffer(int rank, bool mask, StreamHandle stream = nullptr);
