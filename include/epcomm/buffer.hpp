@@ -63,13 +63,11 @@ struct BufferOptions {
   int device = -1;  // CUDA device of this rank; -1 = the current device
   // Longest any wait for a peer may take; 0 = $EPCOMM_TIMEOUT_S seconds, else 100 s.
   std::chrono::milliseconds timeout{0};
-  // Accepted for DeepEP compatibility (allow_nvlink_for_low_latency_mode = false: every low-latency
-  // peer gets NVSHMEM puts, LowLatencyPutPath::kAll).
-  int num_qps_per_rank = 24;
+  // DeepEP's flag, read by the CUDA low-latency put path: false = no NVLink stores in low-latency
+  // mode, every peer gets NVSHMEM puts (LowLatencyPutPath::kAll). DeepEP's other options that
+  // nothing here reads (num_qps_per_rank, allow_mnnvl, use_fabric, explicitly_destroy) are accepted
+  // by the Python front end only.
   bool allow_nvlink_for_low_latency_mode = true;
-  bool allow_mnnvl = false;
-  bool use_fabric = false;
-  bool explicitly_destroy = false;
   bool enable_shrink = false;  // mask failed ranks in low-latency mode instead of timing out
   // kAuto: $EPCOMM_LL_PUT_PATH (auto, mapped or all) when set, else as kAuto says.
   LowLatencyPutPath low_latency_put_path = LowLatencyPutPath::kAuto;

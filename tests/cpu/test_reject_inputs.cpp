@@ -57,7 +57,8 @@ TEST(RejectInputs, OneRankRejectsEachNormalModeCall) {
       SCOPED_TRACE("fresh dispatch rejected on rank 1 (a Python tensor description)");
       expect_everyone_raises(
           buffer, 1, CollectiveKind::kDispatch, ErrorCode::kInvalidArgument,
-          "dispatch: x: dtype torch.float16 is not supported", [&] { buffer.dispatch(call.dispatch); }, small_case(3, 502));
+          "dispatch: x: dtype torch.float16 is not supported", [&] { buffer.dispatch(call.dispatch); },
+          small_case(3, 502));
     }
     const DispatchResult dispatched = buffer.dispatch(call.dispatch);
     {
@@ -76,7 +77,8 @@ TEST(RejectInputs, OneRankRejectsEachNormalModeCall) {
       combine.handle = dispatched.handle.get();
       combine.x = view_of(y, DType::kBFloat16, {dispatched.handle->num_recv_tokens, c.hidden});
       expect_everyone_raises(
-          buffer, 0, CollectiveKind::kCombine, ErrorCode::kUnsupported, "combine: a DeepEP fork argument", [&] { buffer.combine(combine); }, small_case(3, 504));
+          buffer, 0, CollectiveKind::kCombine, ErrorCode::kUnsupported, "combine: a DeepEP fork argument",
+          [&] { buffer.combine(combine); }, small_case(3, 504));
     }
     buffer.destroy();
   });
