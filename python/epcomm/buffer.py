@@ -336,8 +336,9 @@ class Buffer:
             x_data, x_scales = self._split_tokens(x, op)
             native_handle = self._native_dispatch_handle(handle, op) if handle is not None else None
             if native_handle is None and topk_idx is not None and num_tokens_per_expert is None:
-                raise invalid_argument(op, "num_tokens_per_expert", "required with topk_idx (get_dispatch_layout "
-                                                                    "returns it): its length gives E")
+                raise invalid_argument(op, "num_tokens_per_expert",
+                                       "required with topk_idx (get_dispatch_layout returns it): its length gives "
+                                       "the number of experts")
             config = config if config is not None else self.get_dispatch_config(self.group_size)
             arguments = dict(
                 x=describe(x_data, op, "x"), x_scales=describe_optional(x_scales, op, "x_scales"),
