@@ -63,13 +63,11 @@ struct BufferOptions {
   int device = -1;  // CUDA device of this rank; -1 = the current device
   // Longest any wait for a peer may take; 0 = $EPCOMM_TIMEOUT_S seconds, else 100 s.
   std::chrono::milliseconds timeout{0};
-  // Accepted for DeepEP compatibility (allow_nvlink_for_low_latency_mode = false: every low-latency
-  // peer gets NVSHMEM puts, LowLatencyPutPath::kAll).
-  int num_qps_per_rank = 24;
+  // DeepEP's flag, read by the CUDA low-latency put path: false = no NVLink stores in low-latency
+  // mode, every peer gets NVSHMEM puts (LowLatencyPutPath::kAll). DeepEP's other options that
+  // nothing here reads (num_qps_per_rank, allow_mnnvl, use_fabric, explicitly_destroy) are accepted
+  // by the Python front end only.
   bool allow_nvlink_for_low_latency_mode = true;
-  bool allow_mnnvl = false;
-  bool use_fabric = false;
-  bool explicitly_destroy = false;
   bool enable_shrink = false;  // mask failed ranks in low-latency mode instead of timing out
   // kAuto: $EPCOMM_LL_PUT_PATH (auto, mapped or all) when set, else as kAuto says.
   LowLatencyPutPath low_latency_put_path = LowLatencyPutPath::kAuto;
@@ -80,8 +78,19 @@ struct BufferOptions {
   StreamHandle comm_stream = nullptr;
 };
 
-class Backend;                        // internal
-enum class CollectiveKind : int32_t;  // internal (core/backend.hpp)
+// The collective calls of a Buffer, as the fail-safe protocol names them (SPEC §5). Public for
+// Buffer::reject_inputs; the backends number and exchange them.
+enum class CollectiveKind : int32_t {
+  kDispatch = 1,
+  kCachedDispatch = 2,  // dispatch given a handle
+  kCombine = 3,
+  kLowLatencyDispatch = 4,
+  kLowLatencyCombine = 5,
+  kCleanLowLatency = 6,
+};
+const char* to_string(CollectiveKind kind);
+
+class Backend;  // internal
 
 class Buffer {
  public:
@@ -132,6 +141,14 @@ class Buffer {
   TensorView next_low_latency_combine_buffer(const LowLatencyHandle& handle);
   // Collective: resets the low-latency state (SPEC §4.3).
   void clean_low_latency_buffer(int max_tokens_per_rank, int hidden, int num_experts, StreamHandle stream = nullptr);
+
+  // Collective, for front ends that check some arguments themselves before calling (the Python
+  // package): this rank rejects its inputs of the call `kind` with `error`, an input error
+  // (kInvalidArgument, kUnsupported or kOutOfCapacity). It takes part in that call exactly as a call
+  // whose own checks failed (the same path), so every peer raises "rank r rejected its inputs of this
+  // call: <message>" at the same call and the Buffer stays usable. Returns without throwing `error`:
+  // the caller raises its own. Throws kBufferFailed on a failed Buffer, like the call would.
+  void reject_inputs(CollectiveKind kind, const Error& error);
 
   // ---- rank masking with enable_shrink (SPEC §6) ----
   void low_latency_update_mask_buffer(int rank, bool mask, StreamHandle stream = nullptr);

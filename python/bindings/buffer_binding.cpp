@@ -6,6 +6,7 @@
 
 #include <chrono>
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 
@@ -114,11 +115,53 @@ py::object hook_or_none(RecvHook hook) {
   return py::cast(std::move(hook));
 }
 
+// The calls a front end may reject (Buffer.reject_inputs), by the names of epcomm/_C.pyi.
+CollectiveKind collective_kind_from(const std::string& name) {
+  static const std::pair<const char*, CollectiveKind> kKinds[] = {
+      {"dispatch", CollectiveKind::kDispatch},
+      {"cached_dispatch", CollectiveKind::kCachedDispatch},
+      {"combine", CollectiveKind::kCombine},
+      {"low_latency_dispatch", CollectiveKind::kLowLatencyDispatch},
+      {"low_latency_combine", CollectiveKind::kLowLatencyCombine},
+      {"clean_low_latency_buffer", CollectiveKind::kCleanLowLatency}};
+  for (const auto& [known, kind] : kKinds)
+    if (name == known) return kind;
+  throw Error(ErrorCode::kInvalidArgument,
+              "reject_inputs: kind: expected a collective call's name, got '" + name + "'");
+}
+
+// An input error's code by its name (to_string(ErrorCode)); the only codes a rejection carries.
+ErrorCode input_error_code_from(const std::string& name) {
+  for (ErrorCode code : {ErrorCode::kInvalidArgument, ErrorCode::kUnsupported, ErrorCode::kOutOfCapacity})
+    if (name == to_string(code)) return code;
+  throw Error(ErrorCode::kInvalidArgument, "reject_inputs: code: expected an input error's code, got '" + name + "'");
+}
+
+void reject_inputs(Buffer& buffer, CollectiveKind kind, const Error& error) {
+  py::gil_scoped_release release;  // the rejection meets the peers in the call's exchange
+  buffer.reject_inputs(kind, error);
+}
+
+// Runs the conversion of a collective call's Python arguments; a failure there is rejected like any
+// input error of the call (Buffer::reject_inputs), so that the peers raise at this call too, then
+// rethrown as it was.
+template <class Convert>
+void converted(Buffer& buffer, CollectiveKind kind, Convert&& convert) {
+  try {
+    convert();
+  } catch (const Error& error) {
+    reject_inputs(buffer, kind, error);
+    throw;
+  } catch (const std::exception& error) {  // pybind11's cast of a Python object of the wrong type
+    reject_inputs(buffer, kind, Error(ErrorCode::kInvalidArgument, error.what()));
+    throw;
+  }
+}
+
 std::unique_ptr<PyBuffer> make_buffer(int rank, int size, py::object all_gather, py::object barrier,
                                       const std::string& backend, int64_t num_nvl_bytes, int64_t num_rdma_bytes,
                                       bool low_latency_mode, int ranks_per_node, int device, double timeout_s,
-                                      int num_qps_per_rank, bool allow_nvlink_for_low_latency_mode, bool allow_mnnvl,
-                                      bool use_fabric, bool explicitly_destroy, bool enable_shrink,
+                                      bool allow_nvlink_for_low_latency_mode, bool enable_shrink,
                                       uintptr_t comm_stream) {
   BufferOptions options;
   options.backend = backend_from(backend);
@@ -128,11 +171,7 @@ std::unique_ptr<PyBuffer> make_buffer(int rank, int size, py::object all_gather,
   options.ranks_per_node = ranks_per_node;
   options.device = device;
   options.timeout = timeout_from_seconds(timeout_s);
-  options.num_qps_per_rank = num_qps_per_rank;
   options.allow_nvlink_for_low_latency_mode = allow_nvlink_for_low_latency_mode;
-  options.allow_mnnvl = allow_mnnvl;
-  options.use_fabric = use_fabric;
-  options.explicitly_destroy = explicitly_destroy;
   options.enable_shrink = enable_shrink;
   options.comm_stream = reinterpret_cast<StreamHandle>(comm_stream);
   auto result = std::make_unique<PyBuffer>();
@@ -167,23 +206,26 @@ py::dict dispatch(py::object self, const py::handle& x, const py::handle& x_scal
                   bool async_finish, bool allocate_on_comm_stream, py::object allocate) {
   Buffer& buffer = self.cast<PyBuffer&>().get();
   DispatchInputs in;
-  in.x = view_from_python(x, "dispatch: x");
-  in.x_scales = optional_view(x_scales, "dispatch: x_scales");
-  in.topk_idx = optional_view(topk_idx, "dispatch: topk_idx");
-  in.topk_weights = optional_view(topk_weights, "dispatch: topk_weights");
-  in.num_tokens_per_rank = optional_view(num_tokens_per_rank, "dispatch: num_tokens_per_rank");
-  in.num_tokens_per_rdma_rank = optional_view(num_tokens_per_rdma_rank, "dispatch: num_tokens_per_rdma_rank");
-  in.is_token_in_rank = optional_view(is_token_in_rank, "dispatch: is_token_in_rank");
-  in.num_tokens_per_expert = optional_view(num_tokens_per_expert, "dispatch: num_tokens_per_expert");
-  in.handle = handle_from(handle);
-  in.expert_alignment = expert_alignment;
-  in.num_worst_tokens = num_worst_tokens;
-  in.config = config_from(config);
-  CallStream call(stream, previous_event, async_finish, allocate_on_comm_stream, std::move(allocate));
+  std::optional<CallStream> call;
+  converted(buffer, handle.is_none() ? CollectiveKind::kDispatch : CollectiveKind::kCachedDispatch, [&] {
+    in.x = view_from_python(x, "dispatch: x");
+    in.x_scales = optional_view(x_scales, "dispatch: x_scales");
+    in.topk_idx = optional_view(topk_idx, "dispatch: topk_idx");
+    in.topk_weights = optional_view(topk_weights, "dispatch: topk_weights");
+    in.num_tokens_per_rank = optional_view(num_tokens_per_rank, "dispatch: num_tokens_per_rank");
+    in.num_tokens_per_rdma_rank = optional_view(num_tokens_per_rdma_rank, "dispatch: num_tokens_per_rdma_rank");
+    in.is_token_in_rank = optional_view(is_token_in_rank, "dispatch: is_token_in_rank");
+    in.num_tokens_per_expert = optional_view(num_tokens_per_expert, "dispatch: num_tokens_per_expert");
+    in.handle = handle_from(handle);
+    in.expert_alignment = expert_alignment;
+    in.num_worst_tokens = num_worst_tokens;
+    in.config = config_from(config);
+    call.emplace(stream, previous_event, async_finish, allocate_on_comm_stream, std::move(allocate));
+  });
   DispatchResult r;
   {
     py::gil_scoped_release release;
-    r = buffer.dispatch(in, call.options);
+    r = buffer.dispatch(in, call->options);
   }
   self.cast<PyBuffer&>().last_network_bytes = r.network_bytes_per_node;
   // `handle`: the tensors of a new handle by name, and the opaque C++ handle as "native" (None for a
@@ -214,17 +256,20 @@ py::dict combine(py::object self, const py::handle& x, const py::handle& handle,
                  py::object allocate) {
   Buffer& buffer = self.cast<PyBuffer&>().get();
   CombineInputs in;
-  in.x = view_from_python(x, "combine: x");
-  in.handle = handle_from(handle);
-  in.topk_weights = optional_view(topk_weights, "combine: topk_weights");
-  in.bias_0 = optional_view(bias_0, "combine: bias[0]");
-  in.bias_1 = optional_view(bias_1, "combine: bias[1]");
-  in.config = config_from(config);
-  CallStream call(stream, previous_event, async_finish, allocate_on_comm_stream, std::move(allocate));
+  std::optional<CallStream> call;
+  converted(buffer, CollectiveKind::kCombine, [&] {
+    in.x = view_from_python(x, "combine: x");
+    in.handle = handle_from(handle);
+    in.topk_weights = optional_view(topk_weights, "combine: topk_weights");
+    in.bias_0 = optional_view(bias_0, "combine: bias[0]");
+    in.bias_1 = optional_view(bias_1, "combine: bias[1]");
+    in.config = config_from(config);
+    call.emplace(stream, previous_event, async_finish, allocate_on_comm_stream, std::move(allocate));
+  });
   CombineResult r;
   {
     py::gil_scoped_release release;
-    r = buffer.combine(in, call.options);
+    r = buffer.combine(in, call->options);
   }
   self.cast<PyBuffer&>().last_network_bytes = r.network_bytes_per_node;
   return named(item("combined_x", to_torch(r.combined_x, self)),
@@ -240,14 +285,16 @@ py::dict low_latency_dispatch(py::object self, const py::handle& x, const py::ha
                               py::object allocate) {
   Buffer& buffer = self.cast<PyBuffer&>().get();
   LowLatencyDispatchInputs in;
-  in.x = view_from_python(x, "low_latency_dispatch: x");
-  in.topk_idx = view_from_python(topk_idx, "low_latency_dispatch: topk_idx");
+  converted(buffer, CollectiveKind::kLowLatencyDispatch, [&] {
+    in.x = view_from_python(x, "low_latency_dispatch: x");
+    in.topk_idx = view_from_python(topk_idx, "low_latency_dispatch: topk_idx");
+    in.cumulative_local_expert_recv_stats =
+        optional_view(cumulative_local_expert_recv_stats, "low_latency_dispatch: cumulative_local_expert_recv_stats");
+    in.dispatch_wait_recv_cost_stats =
+        optional_view(dispatch_wait_recv_cost_stats, "low_latency_dispatch: dispatch_wait_recv_cost_stats");
+  });
   in.num_max_dispatch_tokens_per_rank = num_max_dispatch_tokens_per_rank;
   in.num_experts = num_experts;
-  in.cumulative_local_expert_recv_stats =
-      optional_view(cumulative_local_expert_recv_stats, "low_latency_dispatch: cumulative_local_expert_recv_stats");
-  in.dispatch_wait_recv_cost_stats =
-      optional_view(dispatch_wait_recv_cost_stats, "low_latency_dispatch: dispatch_wait_recv_cost_stats");
   in.use_fp8 = use_fp8;
   in.round_scale = round_scale;
   in.use_ue8m0 = use_ue8m0;
@@ -283,18 +330,21 @@ py::dict low_latency_combine(py::object self, const py::handle& x, const py::han
                              bool zero_copy, const py::handle& out, const py::handle& combine_wait_recv_cost_stats,
                              uintptr_t stream, bool async_finish, bool return_recv_hook, py::object allocate) {
   Buffer& buffer = self.cast<PyBuffer&>().get();
-  const LowLatencyHandle h = low_latency_handle(src_info, layout_range, num_max_dispatch_tokens_per_rank, hidden,
-                                                num_experts, "low_latency_combine");
+  LowLatencyHandle h;
   LowLatencyCombineInputs in;
-  in.x = view_from_python(x, "low_latency_combine: x");
-  in.topk_idx = view_from_python(topk_idx, "low_latency_combine: topk_idx");
-  in.topk_weights = view_from_python(topk_weights, "low_latency_combine: topk_weights");
+  converted(buffer, CollectiveKind::kLowLatencyCombine, [&] {
+    h = low_latency_handle(src_info, layout_range, num_max_dispatch_tokens_per_rank, hidden, num_experts,
+                           "low_latency_combine");
+    in.x = view_from_python(x, "low_latency_combine: x");
+    in.topk_idx = view_from_python(topk_idx, "low_latency_combine: topk_idx");
+    in.topk_weights = view_from_python(topk_weights, "low_latency_combine: topk_weights");
+    in.out = optional_view(out, "low_latency_combine: out");
+    in.combine_wait_recv_cost_stats =
+        optional_view(combine_wait_recv_cost_stats, "low_latency_combine: combine_wait_recv_cost_stats");
+  });
   in.handle = &h;
   in.use_logfmt = use_logfmt;
   in.zero_copy = zero_copy;
-  in.out = optional_view(out, "low_latency_combine: out");
-  in.combine_wait_recv_cost_stats =
-      optional_view(combine_wait_recv_cost_stats, "low_latency_combine: combine_wait_recv_cost_stats");
   PyAllocator allocator(std::move(allocate));
   const LowLatencyOptions options = low_latency_options(stream, async_finish, return_recv_hook, &allocator);
   LowLatencyCombineResult r;
@@ -353,8 +403,7 @@ void bind_buffer(py::module_& m) {
       .def(py::init(&make_buffer), py::arg("rank"), py::arg("size"), py::arg("all_gather"), py::arg("barrier"),
            py::kw_only(), py::arg("backend"), py::arg("num_nvl_bytes"), py::arg("num_rdma_bytes"),
            py::arg("low_latency_mode"), py::arg("ranks_per_node"), py::arg("device"), py::arg("timeout_s"),
-           py::arg("num_qps_per_rank"), py::arg("allow_nvlink_for_low_latency_mode"), py::arg("allow_mnnvl"),
-           py::arg("use_fabric"), py::arg("explicitly_destroy"), py::arg("enable_shrink"), py::arg("comm_stream") = 0)
+           py::arg("allow_nvlink_for_low_latency_mode"), py::arg("enable_shrink"), py::arg("comm_stream") = 0)
       .def_property_readonly("rank", [](PyBuffer& b) { return b.get().rank(); })
       .def_property_readonly("num_ranks", [](PyBuffer& b) { return b.get().num_ranks(); })
       .def_property_readonly("ranks_per_node", [](PyBuffer& b) { return b.get().ranks_per_node(); })
@@ -410,6 +459,14 @@ void bind_buffer(py::module_& m) {
             buffer.low_latency_update_mask_buffer(rank, mask, stream_from_int(stream));
           },
           py::kw_only(), py::arg("rank"), py::arg("mask"), py::arg("stream"))
+      // A front end's own input errors of a collective call (epcomm/buffer.py): told to the peers in
+      // that call's exchange, so that every rank raises at the same call (SPEC §5).
+      .def(
+          "reject_inputs",
+          [](PyBuffer& b, const std::string& kind, const std::string& code, const std::string& message) {
+            reject_inputs(b.get(), collective_kind_from(kind), Error(input_error_code_from(code), message));
+          },
+          py::kw_only(), py::arg("kind"), py::arg("code"), py::arg("message"))
       .def("query_mask", &query_mask)
       .def(
           "clean_mask",

@@ -13,13 +13,14 @@ every call completes before it returns.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+import contextlib
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
 from . import _C
 from ._arguments import LOW_LATENCY_FORK_ARGUMENTS, int32, reject_fork_arguments
-from ._errors import invalid_argument
+from ._errors import invalid_argument, rejection_of
 from ._group import backend_device, choose_backend, group_collectives, resolve_ranks_per_node
 from ._tensors import DTYPES_BY_CODE, current_stream_handle, describe, describe_optional, is_capturing
 from .config import Config
@@ -105,10 +106,13 @@ class Buffer:
             num_rdma_bytes: low-latency memory (``get_low_latency_rdma_size_hint``), or normal mode
                 between nodes (``Config.get_rdma_buffer_size_hint``).
             low_latency_mode: enable the low-latency calls.
-            num_qps_per_rank, allow_nvlink_for_low_latency_mode, allow_mnnvl, use_fabric: accepted for
-                compatibility (epcomm chooses its transports itself).
-            explicitly_destroy: accepted; ``destroy()`` may be called either way, and the memory is
-                otherwise released (locally, without talking to peers) when the buffer is collected.
+            allow_nvlink_for_low_latency_mode: False = no NVLink stores in low-latency mode: the CUDA
+                backend reaches every peer with NVSHMEM puts (results are the same either way).
+            num_qps_per_rank, allow_mnnvl, use_fabric: accepted for compatibility and ignored (epcomm
+                chooses its transports itself); they never reach the C++ core.
+            explicitly_destroy: accepted and kept as an attribute; ``destroy()`` may be called either
+                way, and the memory is otherwise released (locally, without talking to peers) when the
+                buffer is collected.
             enable_shrink: allow masking failed ranks in low-latency mode (mask functions).
             comm: an ``mpi4py`` communicator, used when ``group`` is None.
         Keyword-only arguments (epcomm's):
@@ -145,9 +149,8 @@ class Buffer:
             low_latency_mode=self.low_latency_mode,
             ranks_per_node=resolve_ranks_per_node(collectives.size, ranks_per_node, collectives),
             device=self.device.index if self.device.type == "cuda" else -1,
-            timeout_s=float(timeout_s) if timeout_s is not None else 0.0, num_qps_per_rank=int(num_qps_per_rank),
-            allow_nvlink_for_low_latency_mode=bool(allow_nvlink_for_low_latency_mode), allow_mnnvl=bool(allow_mnnvl),
-            use_fabric=bool(use_fabric), explicitly_destroy=self.explicitly_destroy, enable_shrink=self.enable_shrink,
+            timeout_s=float(timeout_s) if timeout_s is not None else 0.0,
+            allow_nvlink_for_low_latency_mode=bool(allow_nvlink_for_low_latency_mode), enable_shrink=self.enable_shrink,
             comm_stream=self._comm_stream.cuda_stream if self._comm_stream is not None else 0)
         self.ranks_per_node = int(self.runtime.ranks_per_node)
         self.num_nodes = self.group_size // self.ranks_per_node
@@ -329,25 +332,29 @@ class Buffer:
             A cached dispatch returns (recv_x, None, None, None, None, event).
         """
         op = "dispatch"
-        x_data, x_scales = self._split_tokens(x, op)
-        native_handle = self._native_dispatch_handle(handle, op) if handle is not None else None
-        if native_handle is None and topk_idx is not None and num_tokens_per_expert is None:
-            raise invalid_argument(op, "num_tokens_per_expert", "required with topk_idx (get_dispatch_layout returns "
-                                                                "it): its length gives the number of experts")
-        config = config if config is not None else self.get_dispatch_config(self.group_size)
-        r = self.runtime.dispatch(
-            x=describe(x_data, op, "x"), x_scales=describe_optional(x_scales, op, "x_scales"),
-            topk_idx=describe_optional(topk_idx, op, "topk_idx"),
-            topk_weights=describe_optional(topk_weights, op, "topk_weights"),
-            num_tokens_per_rank=describe_optional(num_tokens_per_rank, op, "num_tokens_per_rank"),
-            num_tokens_per_rdma_rank=describe_optional(num_tokens_per_rdma_rank, op, "num_tokens_per_rdma_rank"),
-            is_token_in_rank=describe_optional(is_token_in_rank, op, "is_token_in_rank"),
-            num_tokens_per_expert=describe_optional(num_tokens_per_expert, op, "num_tokens_per_expert"),
-            handle=native_handle, expert_alignment=int32(op, "expert_alignment", expert_alignment),
-            num_worst_tokens=int32(op, "num_worst_tokens", num_worst_tokens), config=self._config_fields(config, op),
-            stream=self._stream(), previous_event=self._native_event(previous_event, op),
-            async_finish=bool(async_finish), allocate_on_comm_stream=bool(allocate_on_comm_stream),
-            allocate=self._allocator(allocate_on_comm_stream))
+        with self._rejecting("cached_dispatch" if handle is not None else "dispatch"):
+            x_data, x_scales = self._split_tokens(x, op)
+            native_handle = self._native_dispatch_handle(handle, op) if handle is not None else None
+            if native_handle is None and topk_idx is not None and num_tokens_per_expert is None:
+                raise invalid_argument(op, "num_tokens_per_expert",
+                                       "required with topk_idx (get_dispatch_layout returns it): its length gives "
+                                       "the number of experts")
+            config = config if config is not None else self.get_dispatch_config(self.group_size)
+            arguments = dict(
+                x=describe(x_data, op, "x"), x_scales=describe_optional(x_scales, op, "x_scales"),
+                topk_idx=describe_optional(topk_idx, op, "topk_idx"),
+                topk_weights=describe_optional(topk_weights, op, "topk_weights"),
+                num_tokens_per_rank=describe_optional(num_tokens_per_rank, op, "num_tokens_per_rank"),
+                num_tokens_per_rdma_rank=describe_optional(num_tokens_per_rdma_rank, op, "num_tokens_per_rdma_rank"),
+                is_token_in_rank=describe_optional(is_token_in_rank, op, "is_token_in_rank"),
+                num_tokens_per_expert=describe_optional(num_tokens_per_expert, op, "num_tokens_per_expert"),
+                handle=native_handle, expert_alignment=int32(op, "expert_alignment", expert_alignment),
+                num_worst_tokens=int32(op, "num_worst_tokens", num_worst_tokens),
+                config=self._config_fields(config, op), stream=self._stream(),
+                previous_event=self._native_event(previous_event, op), async_finish=bool(async_finish),
+                allocate_on_comm_stream=bool(allocate_on_comm_stream),
+                allocate=self._allocator(allocate_on_comm_stream))
+        r = self.runtime.dispatch(**arguments)
         new_handle = self._make_handle(r["handle"]) if r["handle"] is not None else None
         inputs = (x_data, x_scales, topk_idx, topk_weights, num_tokens_per_rank, num_tokens_per_rdma_rank,
                   is_token_in_rank, num_tokens_per_expert) + self._handle_tensors(handle)
@@ -379,16 +386,19 @@ class Buffer:
             event: ``EventOverlap``.
         """
         op = "combine"
-        native_handle = self._native_dispatch_handle(handle, op)
-        bias_0, bias_1 = Buffer._unpack_bias(bias)
-        config = config if config is not None else self.get_combine_config(self.group_size)
-        r = self.runtime.combine(
-            x=describe(x, op, "x"), handle=native_handle,
-            topk_weights=describe_optional(topk_weights, op, "topk_weights"),
-            bias_0=describe_optional(bias_0, op, "bias[0]"), bias_1=describe_optional(bias_1, op, "bias[1]"),
-            config=self._config_fields(config, op), stream=self._stream(),
-            previous_event=self._native_event(previous_event, op), async_finish=bool(async_finish),
-            allocate_on_comm_stream=bool(allocate_on_comm_stream), allocate=self._allocator(allocate_on_comm_stream))
+        with self._rejecting(op):
+            native_handle = self._native_dispatch_handle(handle, op)
+            bias_0, bias_1 = Buffer._unpack_bias(bias)
+            config = config if config is not None else self.get_combine_config(self.group_size)
+            arguments = dict(
+                x=describe(x, op, "x"), handle=native_handle,
+                topk_weights=describe_optional(topk_weights, op, "topk_weights"),
+                bias_0=describe_optional(bias_0, op, "bias[0]"), bias_1=describe_optional(bias_1, op, "bias[1]"),
+                config=self._config_fields(config, op), stream=self._stream(),
+                previous_event=self._native_event(previous_event, op), async_finish=bool(async_finish),
+                allocate_on_comm_stream=bool(allocate_on_comm_stream),
+                allocate=self._allocator(allocate_on_comm_stream))
+        r = self.runtime.combine(**arguments)
         inputs = (x, topk_weights, bias_0, bias_1) + self._handle_tensors(handle)
         outputs = (r["combined_x"], r["combined_topk_weights"])
         event = self._finish(r["event"], async_finish, allocate_on_comm_stream, inputs, outputs)
@@ -424,11 +434,13 @@ class Buffer:
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
         """Collective: resets the low-latency state for calls with these sizes (SPEC §4.3)."""
         op = "clean_low_latency_buffer"
-        self.runtime.clean_low_latency_buffer(
-            num_max_dispatch_tokens_per_rank=int32(op, "num_max_dispatch_tokens_per_rank",
-                                                   num_max_dispatch_tokens_per_rank),
-            hidden=int32(op, "hidden", hidden), num_experts=int32(op, "num_experts", num_experts),
-            stream=self._stream())
+        with self._rejecting(op):
+            arguments = dict(
+                num_max_dispatch_tokens_per_rank=int32(op, "num_max_dispatch_tokens_per_rank",
+                                                       num_max_dispatch_tokens_per_rank),
+                hidden=int32(op, "hidden", hidden), num_experts=int32(op, "num_experts", num_experts),
+                stream=self._stream())
+        self.runtime.clean_low_latency_buffer(**arguments)
 
     def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
                              num_experts: int, cumulative_local_expert_recv_stats: Optional[torch.Tensor] = None,
@@ -462,18 +474,21 @@ class Buffer:
             hook: a callable with return_recv_hook, else None.
         """
         op = "low_latency_dispatch"
-        reject_fork_arguments(op, fork_arguments, LOW_LATENCY_FORK_ARGUMENTS)
-        max_tokens = int32(op, "num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank)
-        num_experts = int32(op, "num_experts", num_experts)
-        r = self.runtime.low_latency_dispatch(
-            x=describe(x, op, "x"), topk_idx=describe(topk_idx, op, "topk_idx"),
-            num_max_dispatch_tokens_per_rank=max_tokens, num_experts=num_experts,
-            cumulative_local_expert_recv_stats=describe_optional(cumulative_local_expert_recv_stats, op,
-                                                                 "cumulative_local_expert_recv_stats"),
-            dispatch_wait_recv_cost_stats=describe_optional(dispatch_wait_recv_cost_stats, op,
-                                                            "dispatch_wait_recv_cost_stats"),
-            use_fp8=bool(use_fp8), round_scale=bool(round_scale), use_ue8m0=bool(use_ue8m0), stream=self._stream(),
-            async_finish=bool(async_finish), return_recv_hook=bool(return_recv_hook), allocate=self._allocate_here)
+        with self._rejecting(op):
+            reject_fork_arguments(op, fork_arguments, LOW_LATENCY_FORK_ARGUMENTS)
+            max_tokens = int32(op, "num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank)
+            num_experts = int32(op, "num_experts", num_experts)
+            arguments = dict(
+                x=describe(x, op, "x"), topk_idx=describe(topk_idx, op, "topk_idx"),
+                num_max_dispatch_tokens_per_rank=max_tokens, num_experts=num_experts,
+                cumulative_local_expert_recv_stats=describe_optional(cumulative_local_expert_recv_stats, op,
+                                                                     "cumulative_local_expert_recv_stats"),
+                dispatch_wait_recv_cost_stats=describe_optional(dispatch_wait_recv_cost_stats, op,
+                                                                "dispatch_wait_recv_cost_stats"),
+                use_fp8=bool(use_fp8), round_scale=bool(round_scale), use_ue8m0=bool(use_ue8m0),
+                stream=self._stream(), async_finish=bool(async_finish), return_recv_hook=bool(return_recv_hook),
+                allocate=self._allocate_here)
+        r = self.runtime.low_latency_dispatch(**arguments)
         handle = (r["src_info"], r["layout_range"], max_tokens, x.size(1), num_experts)
         in_flight = (x, topk_idx, r["recv_x"], r["recv_x_scales"], r["recv_count"], r["src_info"], r["layout_range"],
                      cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats)
@@ -508,18 +523,20 @@ class Buffer:
             event: ``EventOverlap``; hook: a callable with return_recv_hook, else None.
         """
         op = "low_latency_combine"
-        reject_fork_arguments(op, fork_arguments, LOW_LATENCY_FORK_ARGUMENTS)
-        src_info, layout_range, max_tokens, hidden, num_experts = self._unpack_low_latency_handle(handle, op)
-        r = self.runtime.low_latency_combine(
-            x=describe(x, op, "x"), topk_idx=describe(topk_idx, op, "topk_idx"),
-            topk_weights=describe(topk_weights, op, "topk_weights"), src_info=describe(src_info, op, "handle[0]"),
-            layout_range=describe(layout_range, op, "handle[1]"), num_max_dispatch_tokens_per_rank=max_tokens,
-            hidden=hidden, num_experts=num_experts, use_logfmt=bool(use_logfmt), zero_copy=bool(zero_copy),
-            out=describe_optional(out, op, "out"),
-            combine_wait_recv_cost_stats=describe_optional(combine_wait_recv_cost_stats, op,
-                                                           "combine_wait_recv_cost_stats"),
-            stream=self._stream(), async_finish=bool(async_finish), return_recv_hook=bool(return_recv_hook),
-            allocate=self._allocate_here)
+        with self._rejecting(op):
+            reject_fork_arguments(op, fork_arguments, LOW_LATENCY_FORK_ARGUMENTS)
+            src_info, layout_range, max_tokens, hidden, num_experts = self._unpack_low_latency_handle(handle, op)
+            arguments = dict(
+                x=describe(x, op, "x"), topk_idx=describe(topk_idx, op, "topk_idx"),
+                topk_weights=describe(topk_weights, op, "topk_weights"), src_info=describe(src_info, op, "handle[0]"),
+                layout_range=describe(layout_range, op, "handle[1]"), num_max_dispatch_tokens_per_rank=max_tokens,
+                hidden=hidden, num_experts=num_experts, use_logfmt=bool(use_logfmt), zero_copy=bool(zero_copy),
+                out=describe_optional(out, op, "out"),
+                combine_wait_recv_cost_stats=describe_optional(combine_wait_recv_cost_stats, op,
+                                                               "combine_wait_recv_cost_stats"),
+                stream=self._stream(), async_finish=bool(async_finish), return_recv_hook=bool(return_recv_hook),
+                allocate=self._allocate_here)
+        r = self.runtime.low_latency_combine(**arguments)
         combined_x = out if out is not None else r["combined_x"]
         in_flight = (x, topk_idx, topk_weights, src_info, layout_range, combined_x, combine_wait_recv_cost_stats)
         event = self._low_latency_event(r["event"], async_finish, in_flight)
@@ -552,6 +569,20 @@ class Buffer:
         self.runtime.clean_mask(stream=self._stream())
 
     # ---- helpers ---------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _rejecting(self, kind: str) -> Iterator[None]:
+        """Runs the Python-side checks and conversions of the collective call ``kind`` (a name of
+        ``_C.Buffer.reject_inputs``). An exception there is first told to the peers in that call's
+        exchange, the path the core's own checks take, so that every rank raises at this call (SPEC
+        §5) instead of leaving its peers to time out; then it is raised as it was. The runtime call
+        itself stays outside: the core rejects its own errors."""
+        try:
+            yield
+        except Exception as error:
+            code, message = rejection_of(error)
+            self.runtime.reject_inputs(kind=kind, code=code, message=message)
+            raise
 
     @staticmethod
     def _unpack_bias(bias: Bias) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:

@@ -76,17 +76,8 @@ struct LowLatencyCombineArgs {
   Allocator* allocator = nullptr;
 };
 
-// The collective calls of a Buffer, as the fail-safe protocol names them (SPEC §5): every rank of a
-// call carries its number and kind in what it exchanges with its peers.
-enum class CollectiveKind : int32_t {
-  kDispatch = 1,
-  kCachedDispatch = 2,
-  kCombine = 3,
-  kLowLatencyDispatch = 4,
-  kLowLatencyCombine = 5,
-  kCleanLowLatency = 6,
-};
-const char* to_string(CollectiveKind kind);
+// CollectiveKind (epcomm/buffer.hpp): every rank of a call carries its number and kind in what it
+// exchanges with its peers.
 // Normal-mode calls share one numbering, low-latency calls another (they use separate protocols).
 inline bool is_low_latency(CollectiveKind kind) { return kind >= CollectiveKind::kLowLatencyDispatch; }
 

@@ -258,6 +258,10 @@ void Buffer::clean_low_latency_buffer(int max_tokens_per_rank, int hidden, int n
   });
 }
 
+void Buffer::reject_inputs(CollectiveKind kind, const Error& error) {
+  guarded(to_string(kind), [&](Backend& backend) { reject(backend, kind, error); });
+}
+
 void Buffer::low_latency_update_mask_buffer(int rank, bool mask, StreamHandle stream) {
   guarded("low_latency_update_mask_buffer", [&](Backend& backend) {
     check_mask_call(context_of(backend, options_), "low_latency_update_mask_buffer", rank);
