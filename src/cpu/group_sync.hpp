@@ -46,7 +46,7 @@ class GroupSync {
 
   // Publishes that this rank's Buffer failed (`cause`, truncated to fit). A wait for a rank that
   // failed, on any channel but kLifecycleChannel, throws Error(kPeerFailure) with its cause at once
-  // instead of timing out, and so does a wait that a failed rank passed (it may be out of step).
+  // instead of timing out; a step that the failed rank reached before it failed still completes.
   // Never throws.
   void mark_failed(const std::string& cause) noexcept;
   // The cause `rank` published, or "" while it has not failed.
