@@ -1,4 +1,4 @@
-#include "normal_reference.hpp"
+#include "reference/normal_reference.hpp"
 
 #include "core/numerics.hpp"
 

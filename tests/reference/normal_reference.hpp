@@ -6,7 +6,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "moe_data.hpp"
+#include "support/moe_data.hpp"
 
 namespace epcomm::testing {
 
