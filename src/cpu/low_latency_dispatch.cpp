@@ -8,6 +8,7 @@
 #include "core/check.hpp"
 #include "core/layouts.hpp"
 #include "core/numerics.hpp"
+#include "core/semantics.hpp"
 
 namespace epcomm::cpu {
 namespace {
@@ -27,9 +28,8 @@ Tensor allocate(const LowLatencyDispatchArgs& args, const LowLatencyOptions& opt
 }
 
 bool names_expert(const std::byte* record, int num_topk, int expert) {
-  for (int k = 0; k < num_topk; ++k)
-    if (load_shared<int32_t>(record + 4 * k) == expert) return true;
-  return false;
+  return semantics::token_selects_expert([&](int k) { return int64_t(load_shared<int32_t>(record + 4 * k)); }, num_topk,
+                                         expert);
 }
 
 }  // namespace
@@ -147,7 +147,7 @@ void LowLatencyDispatchCall::gather_tokens(const LowLatencyExchange& exchange, c
           ++row;
         }
       }
-      layout_range[l * num_ranks_ + source] = (int64_t(begin) << 32) | int64_t(row - begin);
+      layout_range[l * num_ranks_ + source] = semantics::pack_layout_range(begin, row - begin);
     }
     recv_count[l] = row;
   }
@@ -168,9 +168,7 @@ void LowLatencyDispatchCall::store_row(int local_expert, int row, const uint16_t
   uint32_t packed = 0;  // ue8m0: four exponent bytes, group 4j+i in byte i (little-endian)
   for (int g = 0; g < num_groups; ++g) {
     const uint16_t* block = token + g * kFp8GroupSize;
-    float amax = 0.0f;
-    for (int i = 0; i < kFp8GroupSize; ++i) amax = std::fmax(amax, std::fabs(numerics::bf16_to_float(block[i])));
-    const float scale = numerics::fp8_scale(amax, round_scale);
+    const float scale = semantics::fp8_block_scale(block, kFp8GroupSize, round_scale);
     for (int i = 0; i < kFp8GroupSize; ++i)
       out[g * kFp8GroupSize + i] = numerics::fp8_quantize(numerics::bf16_to_float(block[i]), scale);
     if (format_ == RecvFormat::kFp8Ue8m0) {

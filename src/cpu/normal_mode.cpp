@@ -3,6 +3,7 @@
 #include <cstring>
 
 #include "core/check.hpp"
+#include "core/semantics.hpp"
 #include "cpu/normal_combine.hpp"
 #include "cpu/normal_dispatch.hpp"
 #include "cpu/normal_handle.hpp"
@@ -72,11 +73,8 @@ std::vector<int32_t> tokens_of_every_rank(const std::vector<PeerCall>& calls) {
 
 // [i][j] = tokens rank j receives from ranks 0..i (SPEC §3.2); counts[j] of rank i's call.
 std::vector<int32_t> rank_prefix_matrix(const std::vector<PeerCall>& calls) {
-  const int R = static_cast<int>(calls.size());
-  std::vector<int32_t> prefix(size_t(R) * R);
-  for (int i = 0; i < R; ++i)
-    for (int j = 0; j < R; ++j) prefix[i * R + j] = (i == 0 ? 0 : prefix[(i - 1) * R + j]) + calls[i].counts[j];
-  return prefix;
+  return semantics::rank_prefix_matrix([&](int i, int j) { return calls[i].counts[j]; },
+                                       static_cast<int>(calls.size()));
 }
 
 // Every rank checks every receiver, so all raise together when one receives too many tokens.
@@ -95,13 +93,8 @@ void check_worst_tokens(const std::vector<PeerCall>& calls, const std::vector<in
 
 // send_row[t][r] = row of token t in rank r's recv_x, or -1.
 std::vector<int32_t> send_rows(const Routing& routing, const std::vector<int32_t>& prefix, int rank) {
-  const int R = routing.num_ranks;
-  std::vector<int32_t> next(R);
-  for (int r = 0; r < R; ++r) next[r] = rank == 0 ? 0 : prefix[(rank - 1) * R + r];
-  std::vector<int32_t> rows(size_t(routing.num_tokens) * R);
-  for (int t = 0; t < routing.num_tokens; ++t)
-    for (int r = 0; r < R; ++r) rows[size_t(t) * R + r] = routing.goes_to(t, r) ? next[r]++ : -1;
-  return rows;
+  return semantics::send_rows([&](int t, int r) { return routing.goes_to(t, r); }, prefix, routing.num_tokens,
+                              routing.num_ranks, rank);
 }
 
 // Entry l: (token, slot) pairs received for local expert l, rounded up to `alignment`.
@@ -111,7 +104,7 @@ std::vector<int> recv_tokens_per_expert(const std::vector<PeerCall>& calls, int 
   std::vector<int> per_expert(num_local_experts, 0);
   for (const PeerCall& call : calls)
     for (int l = 0; l < num_local_experts; ++l) per_expert[l] += call.counts[R + rank * num_local_experts + l];
-  for (int& count : per_expert) count = static_cast<int>(align_up(count, alignment));
+  for (int& count : per_expert) count = semantics::aligned_count(count, alignment);
   return per_expert;
 }
 
@@ -120,8 +113,8 @@ std::vector<int> recv_tokens_per_expert(const std::vector<PeerCall>& calls, int 
 void add_internode_fields(DispatchHandle& handle, const std::vector<int32_t>& prefix, const GroupGeometry& g,
                           Allocator& allocator, StreamHandle stream) {
   const int R = g.num_ranks;
-  std::vector<int32_t> per_rank(R), per_node(g.num_nodes());
-  for (int s = 0; s < R; ++s) per_rank[s] = prefix[size_t(s) * R + g.rank];
+  const std::vector<int32_t> per_rank = semantics::recv_rank_prefix_sum(prefix, R, g.rank);
+  std::vector<int32_t> per_node(g.num_nodes());
   for (int n = 0; n < g.num_nodes(); ++n) per_node[n] = per_rank[(n + 1) * g.ranks_per_node - 1];
   handle.recv_gbl_rank_prefix_sum = int32_tensor(allocator, per_rank, stream);
   handle.recv_rdma_rank_prefix_sum = int32_tensor(allocator, per_node, stream);
@@ -187,7 +180,7 @@ DispatchReceive allocate_receive(const DispatchArgs& args, const TokenRecord& re
     result.recv_topk_idx = allocate(allocator, DType::kInt64, {rows, record.num_topk}, stream);
     receive.topk_idx = result.recv_topk_idx->data_as<int64_t>();
     const int L = args.num_experts / handle.num_ranks;
-    receive.first_local_expert = rank * L;
+    receive.rank = rank;
     receive.num_local_experts = L;
   }
   if (record.has_weights) {
