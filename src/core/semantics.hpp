@@ -129,8 +129,8 @@ inline void round_to_bf16(std::span<const float> acc, uint16_t* out) {
 // then acc += bias_0, acc += bias_1 (absent biases are skipped); combined_x[t] = bf16(acc). `row(r)`
 // is receiving rank r's row for the token, or nullptr when r did not receive it.
 template <class RowOf>
-void one_level_combine(std::span<float> acc, int num_ranks, RowOf&& row, const uint16_t* bias_0,
-                       const uint16_t* bias_1, uint16_t* out) {
+void one_level_combine(std::span<float> acc, int num_ranks, RowOf&& row, const uint16_t* bias_0, const uint16_t* bias_1,
+                       uint16_t* out) {
   std::fill(acc.begin(), acc.end(), 0.0f);
   for (int r = 0; r < num_ranks; ++r)
     if (const uint16_t* x = row(r)) add_bf16_row(acc, x);
