@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "core/allocate.hpp"
 #include "core/check.hpp"
 #include "core/layouts.hpp"
 #include "core/logfmt.hpp"
@@ -39,8 +40,7 @@ LowLatencyCombineCall::LowLatencyCombineCall(const LowLatencyCombineArgs& args, 
   if (in.out) {
     out_ = Tensor::borrowed(*in.out);
   } else {
-    const std::array<int64_t, 2> shape{num_tokens_, hidden_};
-    out_ = args.allocator->allocate(DType::kBFloat16, shape, Device::cpu(), options.stream);
+    out_ = allocate(*args.allocator, DType::kBFloat16, {num_tokens_, hidden_}, Device::cpu(), options.stream);
   }
 }
 

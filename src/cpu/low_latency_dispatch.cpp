@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "core/allocate.hpp"
 #include "core/check.hpp"
 #include "core/layouts.hpp"
 #include "core/numerics.hpp"
@@ -19,12 +20,6 @@ RecvFormat format_of(const LowLatencyDispatchInputs& in) {
   if (!in.use_fp8) return RecvFormat::kBf16;
   if (in.use_ue8m0) return RecvFormat::kFp8Ue8m0;
   return in.round_scale ? RecvFormat::kFp8RoundScale : RecvFormat::kFp8;
-}
-
-Tensor allocate(const LowLatencyDispatchArgs& args, const LowLatencyOptions& options, DType dtype,
-                std::initializer_list<int64_t> shape) {
-  return args.allocator->allocate(dtype, std::span<const int64_t>(shape.begin(), shape.size()), Device::cpu(),
-                                  options.stream);
 }
 
 bool names_expert(const std::byte* record, int num_topk, int expert) {
@@ -55,22 +50,25 @@ LowLatencyDispatchCall::LowLatencyDispatchCall(const LowLatencyDispatchArgs& arg
 
   const int64_t L = num_local_experts_, rows = int64_t(num_ranks_) * max_tokens_per_rank_;
   const bool fp8 = format_ != RecvFormat::kBf16;
-  recv_x_ = allocate(args, options, fp8 ? DType::kFloat8E4M3 : DType::kBFloat16, {L, rows, hidden_});
+  Allocator& allocator = *args.allocator;
+  const Device cpu = Device::cpu();
+  recv_x_ = allocate(allocator, fp8 ? DType::kFloat8E4M3 : DType::kBFloat16, {L, rows, hidden_}, cpu, options.stream);
   if (format_ == RecvFormat::kFp8Ue8m0) {
-    scales_storage_ = allocate(args, options, DType::kInt32, {L, hidden_ / (4 * kFp8GroupSize), rows});
+    recv_scales_ =
+        allocate_column_major(allocator, DType::kInt32, {L, rows, hidden_ / (4 * kFp8GroupSize)}, cpu, options.stream);
   } else if (fp8) {
-    scales_storage_ = allocate(args, options, DType::kFloat32, {L, hidden_ / kFp8GroupSize, rows});
+    recv_scales_ =
+        allocate_column_major(allocator, DType::kFloat32, {L, rows, hidden_ / kFp8GroupSize}, cpu, options.stream);
   }
-  recv_count_ = allocate(args, options, DType::kInt32, {L});
-  src_info_ = allocate(args, options, DType::kInt32, {L, rows});
-  layout_range_ = allocate(args, options, DType::kInt64, {L, num_ranks_});
+  recv_count_ = allocate(allocator, DType::kInt32, {L}, cpu, options.stream);
+  src_info_ = allocate(allocator, DType::kInt32, {L, rows}, cpu, options.stream);
+  layout_range_ = allocate(allocator, DType::kInt64, {L, num_ranks_}, cpu, options.stream);
 }
 
 LowLatencyDispatchResult LowLatencyDispatchCall::result() const {
   LowLatencyDispatchResult result;
   result.recv_x = recv_x_;
-  // Scales are column-major in their last two dims: the storage is [L, S, R*T_max], seen transposed.
-  if (format_ != RecvFormat::kBf16) result.recv_x_scales = scales_storage_.with_view(scales_storage_.transposed(1, 2));
+  if (format_ != RecvFormat::kBf16) result.recv_x_scales = recv_scales_;
   result.recv_count = recv_count_;
   result.handle.src_info = src_info_;
   result.handle.layout_range = layout_range_;
@@ -174,12 +172,12 @@ void LowLatencyDispatchCall::store_row(int local_expert, int row, const uint16_t
     if (format_ == RecvFormat::kFp8Ue8m0) {
       packed |= uint32_t(numerics::ue8m0_byte(scale)) << (8 * (g % 4));
       if (g % 4 == 3) {
-        scales_storage_.data_as<int32_t>()[(local_expert * int64_t(num_groups / 4) + g / 4) * rows + row] =
+        recv_scales_.data_as<int32_t>()[(local_expert * int64_t(num_groups / 4) + g / 4) * rows + row] =
             static_cast<int32_t>(packed);
         packed = 0;
       }
     } else {
-      scales_storage_.data_as<float>()[(local_expert * int64_t(num_groups) + g) * rows + row] = scale;
+      recv_scales_.data_as<float>()[(local_expert * int64_t(num_groups) + g) * rows + row] = scale;
     }
   }
 }

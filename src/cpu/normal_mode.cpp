@@ -2,6 +2,7 @@
 
 #include <cstring>
 
+#include "core/allocate.hpp"
 #include "core/check.hpp"
 #include "core/semantics.hpp"
 #include "cpu/normal_combine.hpp"
@@ -14,15 +15,11 @@
 namespace epcomm::cpu {
 namespace {
 
-Tensor allocate(Allocator& allocator, DType dtype, std::initializer_list<int64_t> shape, StreamHandle stream) {
-  return allocator.allocate(dtype, std::span<const int64_t>(shape.begin(), shape.size()), Device::cpu(), stream);
-}
-
 // A new tensor holding a copy of `values` (bytes in row-major order).
 template <class T>
 Tensor tensor_of(Allocator& allocator, DType dtype, std::initializer_list<int64_t> shape, const std::vector<T>& values,
                  StreamHandle stream) {
-  Tensor t = allocate(allocator, dtype, shape, stream);
+  Tensor t = allocate(allocator, dtype, shape, Device::cpu(), stream);
   if (!values.empty()) std::memcpy(t.data, values.data(), values.size() * sizeof(T));
   return t;
 }
@@ -36,12 +33,11 @@ Tensor flags_tensor(Allocator& allocator, const Routing& routing, StreamHandle s
 }
 
 // recv_x_scales keeps the dtype (float32 or int32 UE8M0-packed) and the majorness of x_scales:
-// row-major in -> [rows, S] contiguous; otherwise allocated [S, rows] contiguous and returned transposed.
+// row-major in -> [rows, S] contiguous; otherwise column-major [rows, S].
 Tensor allocate_scales(Allocator& allocator, const TensorView& x_scales, int rows, int num_scales,
                        StreamHandle stream) {
-  if (x_scales.stride(1) == 1) return allocate(allocator, x_scales.dtype, {rows, num_scales}, stream);
-  const Tensor column_major = allocate(allocator, x_scales.dtype, {num_scales, rows}, stream);
-  return column_major.with_view(column_major.transposed(0, 1));
+  if (x_scales.stride(1) == 1) return allocate(allocator, x_scales.dtype, {rows, num_scales}, Device::cpu(), stream);
+  return allocate_column_major(allocator, x_scales.dtype, {rows, num_scales}, Device::cpu(), stream);
 }
 
 // The header every dispatch publishes; `kind`-specific fields are filled by the caller.
@@ -152,7 +148,7 @@ std::shared_ptr<DispatchHandle> make_handle(const DispatchArgs& args, const Rout
   handle->is_token_in_rank = flags_tensor(allocator, routing, stream);
   handle->send_row =
       tensor_of(allocator, DType::kInt32, {args.num_tokens, R}, send_rows(routing, prefix, rank), stream);
-  handle->recv_src_idx = allocate(allocator, DType::kInt32, {rows}, stream);  // written by move_tokens
+  handle->recv_src_idx = allocate(allocator, DType::kInt32, {rows}, Device::cpu(), stream);  // written by move_tokens
   handle->backend_state =
       std::make_shared<NormalHandleState>(NormalHandleState{dispatch_step, tokens_of_every_rank(calls)});
   handle->buffer_id = buffer_id;
@@ -170,21 +166,21 @@ DispatchReceive allocate_receive(const DispatchArgs& args, const TokenRecord& re
     receive.first_row.push_back(first_row_from(handle, s, rank));
     receive.end_row.push_back(first_row_from(handle, s + 1, rank));
   }
-  result.recv_x = allocate(allocator, args.inputs->x.dtype, {rows, args.hidden}, stream);
+  result.recv_x = allocate(allocator, args.inputs->x.dtype, {rows, args.hidden}, Device::cpu(), stream);
   receive.x = static_cast<std::byte*>(result.recv_x.data);
   if (args.fp8) {
     result.recv_x_scales = allocate_scales(allocator, *args.inputs->x_scales, rows, args.num_scales, stream);
     receive.scales = *result.recv_x_scales;
   }
   if (record.num_topk > 0) {
-    result.recv_topk_idx = allocate(allocator, DType::kInt64, {rows, record.num_topk}, stream);
+    result.recv_topk_idx = allocate(allocator, DType::kInt64, {rows, record.num_topk}, Device::cpu(), stream);
     receive.topk_idx = result.recv_topk_idx->data_as<int64_t>();
     const int L = args.num_experts / handle.num_ranks;
     receive.rank = rank;
     receive.num_local_experts = L;
   }
   if (record.has_weights) {
-    result.recv_topk_weights = allocate(allocator, DType::kFloat32, {rows, record.num_topk}, stream);
+    result.recv_topk_weights = allocate(allocator, DType::kFloat32, {rows, record.num_topk}, Device::cpu(), stream);
     receive.topk_weights = result.recv_topk_weights->data_as<float>();
   }
   return receive;
@@ -356,7 +352,8 @@ CombineResult NormalMode::combine(const CombineArgs& args, StreamHandle stream) 
   check_same_call(calls, rank, op);
 
   CombineResult result;
-  result.combined_x = allocate(*args.allocator, DType::kBFloat16, {args.num_tokens, args.hidden}, stream);
+  result.combined_x =
+      allocate(*args.allocator, DType::kBFloat16, {args.num_tokens, args.hidden}, Device::cpu(), stream);
   CombineWork work;
   work.handle = &handle;
   work.x = in.x.data_as<const uint16_t>();
@@ -364,7 +361,8 @@ CombineResult NormalMode::combine(const CombineArgs& args, StreamHandle stream) 
   work.num_topk = args.num_topk;
   work.combined_x = result.combined_x.data_as<uint16_t>();
   if (in.topk_weights) {
-    result.combined_topk_weights = allocate(*args.allocator, DType::kFloat32, {args.num_tokens, args.num_topk}, stream);
+    result.combined_topk_weights =
+        allocate(*args.allocator, DType::kFloat32, {args.num_tokens, args.num_topk}, Device::cpu(), stream);
     work.topk_weights = in.topk_weights->data_as<const float>();
     work.combined_weights = result.combined_topk_weights->data_as<float>();
   }

@@ -13,8 +13,8 @@
 namespace epcomm {
 namespace {
 
-constexpr uint16_t kBf16One = 0x3F80;       // 1.0
-constexpr uint16_t kBf16TwoTo24 = 0x4B80;   // 2^24: float32 adds 1 to it without effect
+constexpr uint16_t kBf16One = 0x3F80;         // 1.0
+constexpr uint16_t kBf16TwoTo24 = 0x4B80;     // 2^24: float32 adds 1 to it without effect
 constexpr uint16_t kBf16MinusTwo24 = 0xCB80;  // -2^24
 
 TEST(Semantics, RoutingFollowsTheExpertsOfEachSlot) {
@@ -22,8 +22,7 @@ TEST(Semantics, RoutingFollowsTheExpertsOfEachSlot) {
   const std::vector<int64_t> token = {5, -1, 0, 4};
   auto expert_at = [&](int k) { return token[k]; };
   const std::vector<bool> expected = {true, false, true, false};
-  for (int r = 0; r < 4; ++r)
-    EXPECT_EQ(semantics::token_goes_to_rank(expert_at, 4, 2, r), expected[r]) << "rank " << r;
+  for (int r = 0; r < 4; ++r) EXPECT_EQ(semantics::token_goes_to_rank(expert_at, 4, 2, r), expected[r]) << "rank " << r;
   // Nodes of G = 2: node 0 = ranks 0, 1; node 1 = ranks 2, 3.
   auto goes_to = [&](int r) { return bool(expected[r]); };
   EXPECT_TRUE(semantics::token_goes_to_node(goes_to, 0, 2));
@@ -102,7 +101,7 @@ TEST(Semantics, LayoutRangePacksBeginAndCount) {
 
 TEST(Semantics, Fp8BlockScaleIsTheAmaxOfTheBlock) {
   std::vector<uint16_t> block(128, 0x3F00);  // 0.5
-  block[37] = 0xC0A0;                         // -5: the amax
+  block[37] = 0xC0A0;                        // -5: the amax
   for (bool round_scale : {false, true})
     EXPECT_EQ(semantics::fp8_block_scale(block.data(), 128, round_scale), testing::ref::fp8_scale(5.0f, round_scale));
   const std::vector<uint16_t> zeros(128, 0);
