@@ -6,12 +6,12 @@
 #include "core/check.hpp"
 #include "core/layouts.hpp"
 #include "core/numerics.hpp"
+#include "core/semantics.hpp"
 
 namespace epcomm::bench {
 namespace {
 
 using numerics::bf16_to_float;
-using numerics::float_to_bf16;
 
 uint32_t bits_of(float value) {
   uint32_t bits;
@@ -24,13 +24,6 @@ std::string hex(uint64_t value) { return concat("0x", std::hex, value); }
 Mismatch shape_mismatch(const char* what, const TensorView& t, int64_t rows) {
   if (t.ndim >= 1 && t.size(0) == rows) return std::nullopt;
   return concat(what, ": expected ", rows, " rows, got shape ", t.shape_string());
-}
-
-// The FP8 cast of low-latency dispatch (SPEC §4.1) of one 128-channel block.
-float block_scale(const uint16_t* x) {
-  float amax = 0;
-  for (int h = 0; h < kFp8GroupSize; ++h) amax = std::max(amax, std::fabs(bf16_to_float(x[h])));
-  return numerics::fp8_scale(amax, /*round_scale=*/false);
 }
 
 }  // namespace
@@ -50,11 +43,7 @@ Routing Routing::gather(Bootstrap& bootstrap, const Workload& workload, const st
 }
 
 bool Routing::sends_to(int src, int64_t token, int dst) const {
-  for (int k = 0; k < topk; ++k) {
-    const int64_t e = expert(src, token, k);
-    if (e >= 0 && e / local_experts == dst) return true;
-  }
-  return false;
+  return semantics::token_goes_to_rank([&](int k) { return expert(src, token, k); }, topk, local_experts, dst);
 }
 
 int Routing::receivers(int src, int64_t token) const {
@@ -74,11 +63,8 @@ std::vector<Source> Routing::normal_rows(int dst) const {
 std::vector<Source> Routing::expert_rows(int e) const {
   std::vector<Source> rows;
   for (int src = 0; src < num_ranks; ++src) {
-    for (int64_t t = 0; t < tokens; ++t) {
-      bool selected = false;
-      for (int k = 0; k < topk; ++k) selected = selected || expert(src, t, k) == e;
-      if (selected) rows.push_back({src, t});
-    }
+    for (int64_t t = 0; t < tokens; ++t)
+      if (semantics::token_selects_expert([&](int k) { return expert(src, t, k); }, topk, e)) rows.push_back({src, t});
   }
   return rows;
 }
@@ -100,7 +86,7 @@ Mismatch Oracle::layout(Platform& platform, const LayoutResult& result) const {
     }
     for (int k = 0; k < w_.topk; ++k) {
       const int64_t e = routing_.expert(me_, t, k);
-      if (e >= 0) ++expert_count[e];
+      if (semantics::names_expert(e)) ++expert_count[e];
     }
   }
   for (int r = 0; r < routing_.num_ranks; ++r)
@@ -125,11 +111,8 @@ Mismatch Oracle::layout_per_node(Platform& platform, const LayoutResult& result)
   const Tensor per_node = platform.download(*result.num_tokens_per_rdma_rank);
   for (int n = 0; n < N; ++n) {
     int expected = 0;
-    for (int64_t t = 0; t < w_.tokens; ++t) {
-      bool any = false;
-      for (int r = n * G; r < (n + 1) * G; ++r) any = any || routing_.sends_to(me_, t, r);
-      expected += any ? 1 : 0;
-    }
+    for (int64_t t = 0; t < w_.tokens; ++t)
+      expected += semantics::token_goes_to_node([&](int r) { return routing_.sends_to(me_, t, r); }, n, G) ? 1 : 0;
     if (element<int32_t>(per_node, n) != expected)
       return concat("rank ", me_, ": layout: num_tokens_per_rdma_rank[", n, "] is ", element<int32_t>(per_node, n),
                     ", expected ", expected);
@@ -177,10 +160,8 @@ Mismatch Oracle::normal_topk(Platform& platform, const DispatchResult& result, c
   const int L = routing_.local_experts;
   for (size_t i = 0; i < rows.size(); ++i) {
     for (int k = 0; k < w_.topk; ++k) {
-      const int64_t e = routing_.expert(rows[i].rank, rows[i].token, k);
-      const bool local = e >= int64_t(me_) * L && e < int64_t(me_ + 1) * L;
-      const int64_t want_idx = local ? e - int64_t(me_) * L : -1;
-      const float want_w = local ? values_.topk_weight(rows[i].rank, rows[i].token, k) : 0.0f;
+      const int64_t want_idx = semantics::local_expert(routing_.expert(rows[i].rank, rows[i].token, k), me_, L);
+      const float want_w = semantics::local_weight(want_idx, values_.topk_weight(rows[i].rank, rows[i].token, k));
       if (element<int64_t>(idx, i, k) != want_idx || bits_of(element<float>(weights, i, k)) != bits_of(want_w))
         return concat("rank ", me_, ": recv_topk_idx/weights[", i, ", ", k, "] (token ", rows[i].token, " of rank ",
                       rows[i].rank, "): got (", element<int64_t>(idx, i, k), ", ", element<float>(weights, i, k),
@@ -199,15 +180,18 @@ Mismatch Oracle::normal_counts(Platform& platform, const DispatchResult& result)
       return concat("rank ", me_, ": num_recv_tokens_per_expert[", l, "] is ", got, ", expected ", expected);
   }
   const Tensor prefix = platform.download(result.handle->rank_prefix_matrix);
-  for (int j = 0; j < R; ++j) {
-    int running = 0;
-    for (int i = 0; i < R; ++i) {
-      for (int64_t t = 0; t < w_.tokens; ++t) running += routing_.sends_to(i, t, j) ? 1 : 0;
-      if (element<int32_t>(prefix, i, j) != running)
+  const std::vector<int32_t> expected = semantics::rank_prefix_matrix(
+      [&](int i, int j) {
+        int sent = 0;
+        for (int64_t t = 0; t < w_.tokens; ++t) sent += routing_.sends_to(i, t, j) ? 1 : 0;
+        return sent;
+      },
+      R);
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < R; ++j)
+      if (element<int32_t>(prefix, i, j) != expected[size_t(i) * R + j])
         return concat("rank ", me_, ": rank_prefix_matrix[", i, ", ", j, "] is ", element<int32_t>(prefix, i, j),
-                      ", expected ", running);
-    }
-  }
+                      ", expected ", expected[size_t(i) * R + j]);
   return std::nullopt;
 }
 
@@ -235,26 +219,21 @@ Mismatch Oracle::dispatch(Platform& platform, const DispatchResult& result, bool
 Mismatch Oracle::combine(Platform& platform, const CombineResult& result, bool with_weights) const {
   const Tensor out = platform.download(result.combined_x);
   if (Mismatch m = shape_mismatch("combined_x", out, w_.tokens)) return concat("rank ", me_, ": ", *m);
-  std::vector<uint16_t> x(w_.hidden);
-  const int G = ranks_per_node_ > 0 ? ranks_per_node_ : routing_.num_ranks;
-  std::vector<float> copies(routing_.num_ranks / G);
+  const int R = routing_.num_ranks, G = ranks_per_node_ > 0 ? ranks_per_node_ : R;
+  std::vector<uint16_t> x(w_.hidden), expected(w_.hidden), partial(w_.hidden);
+  std::vector<float> acc(w_.hidden), node_acc(w_.hidden);
   for (int64_t t = 0; t < w_.tokens; ++t) {
-    const float n = static_cast<float>(routing_.receivers(me_, t));
-    for (size_t node = 0; node < copies.size(); ++node) {
-      copies[node] = 0.0f;
-      for (int r = int(node) * G; r < int(node + 1) * G; ++r)
-        copies[node] += routing_.sends_to(me_, t, r) ? 1.0f : 0.0f;
-    }
     values_.bf16_row(me_, t, w_.hidden, x.data());
-    for (int h = 0; h < w_.hidden; ++h) {
-      float acc = 0.0f;
-      for (const float c : copies)
-        if (c > 0.0f) acc += bf16_to_float(float_to_bf16(c * bf16_to_float(x[h])));
-      const uint16_t expected = float_to_bf16(acc);
-      if (element<uint16_t>(out, t, h) != expected)
-        return concat("rank ", me_, ": combined_x[", t, ", ", h, "] (sent to ", n, " ranks): got ",
-                      hex(element<uint16_t>(out, t, h)), ", expected ", hex(expected));
-    }
+    // Every receiving rank sends the token back unchanged; no bias.
+    auto row = [&](int r) { return routing_.sends_to(me_, t, r) ? x.data() : nullptr; };
+    if (R / G == 1)
+      semantics::one_level_combine(acc, R, row, nullptr, nullptr, expected.data());
+    else
+      semantics::two_level_combine(acc, node_acc, partial.data(), R / G, G, row, nullptr, nullptr, expected.data());
+    for (int h = 0; h < w_.hidden; ++h)
+      if (element<uint16_t>(out, t, h) != expected[h])
+        return concat("rank ", me_, ": combined_x[", t, ", ", h, "] (sent to ", routing_.receivers(me_, t),
+                      " ranks): got ", hex(element<uint16_t>(out, t, h)), ", expected ", hex(expected[h]));
   }
   if (!with_weights) return std::nullopt;
   if (!result.combined_topk_weights) return concat("rank ", me_, ": combine with topk_weights returned none");
@@ -288,7 +267,7 @@ Mismatch Oracle::expert_rows(Platform&, const LowLatencyDispatchResult&, const T
     values_.bf16_row(s.rank, s.token, w_.hidden, x.data());
     for (int g = 0; g < w_.hidden / kFp8GroupSize; ++g) {
       const uint16_t* block = x.data() + g * kFp8GroupSize;
-      const float scale = fp8 ? block_scale(block) : 0.0f;
+      const float scale = fp8 ? semantics::fp8_block_scale(block, kFp8GroupSize, /*round_scale=*/false) : 0.0f;
       if (fp8 && bits_of(element<float>(scales, local, i, g)) != bits_of(scale))
         return where + concat("scale ", g, " is ", element<float>(scales, local, i, g), ", expected ", scale);
       for (int c = 0; c < kFp8GroupSize; ++c) {
@@ -305,9 +284,10 @@ Mismatch Oracle::expert_rows(Platform&, const LowLatencyDispatchResult&, const T
     int from_r = 0;
     for (const Source& s : rows) from_r += s.rank == r ? 1 : 0;
     const int64_t got = element<int64_t>(layout_range, local, r);
-    if ((got & 0xFFFFFFFF) != from_r || (from_r > 0 && (got >> 32) != begin))
-      return concat("rank ", me_, ": layout_range[", local, ", ", r, "] is (", (got >> 32), " << 32) | ",
-                    (got & 0xFFFFFFFF), ", expected (", begin, " << 32) | ", from_r);
+    const int64_t got_begin = semantics::layout_range_begin(got), got_count = semantics::layout_range_count(got);
+    if (got_count != from_r || (from_r > 0 && got_begin != begin))
+      return concat("rank ", me_, ": layout_range[", local, ", ", r, "] is (", got_begin, " << 32) | ", got_count,
+                    ", expected (", begin, " << 32) | ", from_r);
     begin += from_r;
   }
   return std::nullopt;
@@ -334,18 +314,20 @@ Mismatch Oracle::low_latency_dispatch(Platform& platform, const LowLatencyDispat
 Mismatch Oracle::low_latency_combine(Platform& platform, const LowLatencyCombineResult& result) const {
   const Tensor out = platform.download(result.combined_x);
   if (Mismatch m = shape_mismatch("combined_x", out, w_.tokens)) return concat("rank ", me_, ": ", *m);
-  std::vector<uint16_t> x(w_.hidden);
+  std::vector<uint16_t> x(w_.hidden), expected(w_.hidden);
+  std::vector<float> acc(w_.hidden);
   for (int64_t t = 0; t < w_.tokens; ++t) {
     values_.bf16_row(me_, t, w_.hidden, x.data());
-    for (int h = 0; h < w_.hidden; ++h) {
-      float acc = 0.0f;
-      for (int k = 0; k < w_.topk; ++k)
-        if (routing_.expert(me_, t, k) != -1) acc = std::fmaf(values_.topk_weight(me_, t, k), bf16_to_float(x[h]), acc);
-      const uint16_t expected = float_to_bf16(acc);
-      if (element<uint16_t>(out, t, h) != expected)
+    // Every expert returns the token unchanged: acc = fmaf(w[t,k], x[t], acc) over named slots, k ascending.
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    for (int k = 0; k < w_.topk; ++k)
+      if (semantics::names_expert(routing_.expert(me_, t, k)))
+        semantics::add_weighted_bf16_row(acc, values_.topk_weight(me_, t, k), x.data());
+    semantics::round_to_bf16(acc, expected.data());
+    for (int h = 0; h < w_.hidden; ++h)
+      if (element<uint16_t>(out, t, h) != expected[h])
         return concat("rank ", me_, ": low-latency combined_x[", t, ", ", h, "]: got ",
-                      hex(element<uint16_t>(out, t, h)), ", expected ", hex(expected));
-    }
+                      hex(element<uint16_t>(out, t, h)), ", expected ", hex(expected[h]));
   }
   return std::nullopt;
 }

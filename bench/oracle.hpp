@@ -1,4 +1,6 @@
-// The expected result of every timed call, computed on the host from the inputs alone.
+// The expected result of every timed call, computed on the host from the inputs alone, with SPEC's
+// rules as the CPU backend applies them (src/core/semantics.hpp: routing, row order, localisation,
+// reduction order, FP8 cast), so that the oracle keeps no second model of SPEC.
 //
 // Each rank gathers every rank's topk_idx once per workload (Routing); token values are pure
 // functions of (seed, rank, token, column) (InputValues), so a rank knows the exact bytes of every
@@ -54,9 +56,8 @@ class Oracle {
   Mismatch layout(Platform& platform, const LayoutResult& result) const;
   // `fresh`: a dispatch with topk_idx (checks recv_topk_*, per-expert counts, the handle).
   Mismatch dispatch(Platform& platform, const DispatchResult& result, bool fp8, bool fresh) const;
-  // Combine of the BF16 dispatch's own recv_x: every receiver sends the token back unchanged, so a
-  // node's partial is bf16(c_n * x) (c_n <= 8 copies add without rounding in float32) and
-  // combined_x = bf16(0 + partials of the nodes ascending) (SPEC §3.6; one node: bf16(n * x)).
+  // Combine of the BF16 dispatch's own recv_x: every receiver sends the token back unchanged, and the
+  // expected sum is SPEC §3.3's order (one node) or §3.6's (N > 1), from src/core/semantics.hpp.
   Mismatch combine(Platform& platform, const CombineResult& result, bool with_weights) const;
   Mismatch low_latency_dispatch(Platform& platform, const LowLatencyDispatchResult& result, bool fp8) const;
   // Low-latency combine of the BF16 dispatch's recv_x: bf16(fma chain of w[t,k] * x[t]).

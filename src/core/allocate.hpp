@@ -1,6 +1,6 @@
 // How a backend allocates the output tensors of a call from the caller's allocator: contiguous, or
 // column-major in the last two dimensions (the FP8 scale layouts of SPEC §3.2 and §4.2). One place
-// for both backends (the CUDA backend uses it; the CPU backend can adopt it).
+// for both backends (src/cuda and src/cpu both call it).
 #pragma once
 
 #include <cstdint>

@@ -4,10 +4,12 @@
 #include <cmath>
 #include <cstring>
 
+#include "core/allocate.hpp"
 #include "core/check.hpp"
 #include "core/layouts.hpp"
 #include "core/logfmt.hpp"
 #include "core/numerics.hpp"
+#include "core/semantics.hpp"
 
 namespace epcomm::cpu {
 namespace {
@@ -38,8 +40,7 @@ LowLatencyCombineCall::LowLatencyCombineCall(const LowLatencyCombineArgs& args, 
   if (in.out) {
     out_ = Tensor::borrowed(*in.out);
   } else {
-    const std::array<int64_t, 2> shape{num_tokens_, hidden_};
-    out_ = args.allocator->allocate(DType::kBFloat16, shape, Device::cpu(), options.stream);
+    out_ = allocate(*args.allocator, DType::kBFloat16, {num_tokens_, hidden_}, Device::cpu(), options.stream);
   }
 }
 
@@ -52,7 +53,7 @@ void LowLatencyCombineCall::snapshot_rows(const LowLatencyHandle& handle, const 
   for (int l = 0; l < num_local_experts_; ++l) {
     for (int source = 0; source < num_ranks_; ++source) {
       const int64_t packed = layout_range[l * num_ranks_ + source];
-      const int64_t begin = packed >> 32, count = packed & 0xFFFFFFFF;
+      const int64_t begin = semantics::layout_range_begin(packed), count = semantics::layout_range_count(packed);
       require(begin >= 0 && begin + count <= rows_per_expert, kOp, "handle.layout_range", "[", l, ", ", source,
               "] = (begin ", begin, ", count ", count, ") exceeds R * T_max = ", rows_per_expert, " rows");
       for (int64_t row = begin; row < begin + count; ++row) {
@@ -204,9 +205,9 @@ void LowLatencyCombineCall::reduce(const LowLatencyExchange& exchange, const Reg
       if (!contributes(exchange, t, k)) continue;
       const float weight = topk_weights_[int64_t(t) * num_topk_ + k];
       read_wire_row(area + regions.combine_rows + regions.combine_slot(t, k) * hidden_ * 2, row);
-      for (int h = 0; h < hidden_; ++h) acc[h] = std::fmaf(weight, numerics::bf16_to_float(row[h]), acc[h]);
+      semantics::add_weighted_bf16_row(acc, weight, row.data());
     }
-    for (int h = 0; h < hidden_; ++h) out[int64_t(t) * hidden_ + h] = numerics::float_to_bf16(acc[h]);
+    semantics::round_to_bf16(acc, out + int64_t(t) * hidden_);
   }
 }
 

@@ -5,9 +5,11 @@
 #include <cmath>
 #include <cstring>
 
+#include "core/allocate.hpp"
 #include "core/check.hpp"
 #include "core/layouts.hpp"
 #include "core/numerics.hpp"
+#include "core/semantics.hpp"
 
 namespace epcomm::cpu {
 namespace {
@@ -20,16 +22,9 @@ RecvFormat format_of(const LowLatencyDispatchInputs& in) {
   return in.round_scale ? RecvFormat::kFp8RoundScale : RecvFormat::kFp8;
 }
 
-Tensor allocate(const LowLatencyDispatchArgs& args, const LowLatencyOptions& options, DType dtype,
-                std::initializer_list<int64_t> shape) {
-  return args.allocator->allocate(dtype, std::span<const int64_t>(shape.begin(), shape.size()), Device::cpu(),
-                                  options.stream);
-}
-
 bool names_expert(const std::byte* record, int num_topk, int expert) {
-  for (int k = 0; k < num_topk; ++k)
-    if (load_shared<int32_t>(record + 4 * k) == expert) return true;
-  return false;
+  return semantics::token_selects_expert([&](int k) { return int64_t(load_shared<int32_t>(record + 4 * k)); }, num_topk,
+                                         expert);
 }
 
 }  // namespace
@@ -55,22 +50,25 @@ LowLatencyDispatchCall::LowLatencyDispatchCall(const LowLatencyDispatchArgs& arg
 
   const int64_t L = num_local_experts_, rows = int64_t(num_ranks_) * max_tokens_per_rank_;
   const bool fp8 = format_ != RecvFormat::kBf16;
-  recv_x_ = allocate(args, options, fp8 ? DType::kFloat8E4M3 : DType::kBFloat16, {L, rows, hidden_});
+  Allocator& allocator = *args.allocator;
+  const Device cpu = Device::cpu();
+  recv_x_ = allocate(allocator, fp8 ? DType::kFloat8E4M3 : DType::kBFloat16, {L, rows, hidden_}, cpu, options.stream);
   if (format_ == RecvFormat::kFp8Ue8m0) {
-    scales_storage_ = allocate(args, options, DType::kInt32, {L, hidden_ / (4 * kFp8GroupSize), rows});
+    recv_scales_ =
+        allocate_column_major(allocator, DType::kInt32, {L, rows, hidden_ / (4 * kFp8GroupSize)}, cpu, options.stream);
   } else if (fp8) {
-    scales_storage_ = allocate(args, options, DType::kFloat32, {L, hidden_ / kFp8GroupSize, rows});
+    recv_scales_ =
+        allocate_column_major(allocator, DType::kFloat32, {L, rows, hidden_ / kFp8GroupSize}, cpu, options.stream);
   }
-  recv_count_ = allocate(args, options, DType::kInt32, {L});
-  src_info_ = allocate(args, options, DType::kInt32, {L, rows});
-  layout_range_ = allocate(args, options, DType::kInt64, {L, num_ranks_});
+  recv_count_ = allocate(allocator, DType::kInt32, {L}, cpu, options.stream);
+  src_info_ = allocate(allocator, DType::kInt32, {L, rows}, cpu, options.stream);
+  layout_range_ = allocate(allocator, DType::kInt64, {L, num_ranks_}, cpu, options.stream);
 }
 
 LowLatencyDispatchResult LowLatencyDispatchCall::result() const {
   LowLatencyDispatchResult result;
   result.recv_x = recv_x_;
-  // Scales are column-major in their last two dims: the storage is [L, S, R*T_max], seen transposed.
-  if (format_ != RecvFormat::kBf16) result.recv_x_scales = scales_storage_.with_view(scales_storage_.transposed(1, 2));
+  if (format_ != RecvFormat::kBf16) result.recv_x_scales = recv_scales_;
   result.recv_count = recv_count_;
   result.handle.src_info = src_info_;
   result.handle.layout_range = layout_range_;
@@ -147,7 +145,7 @@ void LowLatencyDispatchCall::gather_tokens(const LowLatencyExchange& exchange, c
           ++row;
         }
       }
-      layout_range[l * num_ranks_ + source] = (int64_t(begin) << 32) | int64_t(row - begin);
+      layout_range[l * num_ranks_ + source] = semantics::pack_layout_range(begin, row - begin);
     }
     recv_count[l] = row;
   }
@@ -168,20 +166,18 @@ void LowLatencyDispatchCall::store_row(int local_expert, int row, const uint16_t
   uint32_t packed = 0;  // ue8m0: four exponent bytes, group 4j+i in byte i (little-endian)
   for (int g = 0; g < num_groups; ++g) {
     const uint16_t* block = token + g * kFp8GroupSize;
-    float amax = 0.0f;
-    for (int i = 0; i < kFp8GroupSize; ++i) amax = std::fmax(amax, std::fabs(numerics::bf16_to_float(block[i])));
-    const float scale = numerics::fp8_scale(amax, round_scale);
+    const float scale = semantics::fp8_block_scale(block, kFp8GroupSize, round_scale);
     for (int i = 0; i < kFp8GroupSize; ++i)
       out[g * kFp8GroupSize + i] = numerics::fp8_quantize(numerics::bf16_to_float(block[i]), scale);
     if (format_ == RecvFormat::kFp8Ue8m0) {
       packed |= uint32_t(numerics::ue8m0_byte(scale)) << (8 * (g % 4));
       if (g % 4 == 3) {
-        scales_storage_.data_as<int32_t>()[(local_expert * int64_t(num_groups / 4) + g / 4) * rows + row] =
+        recv_scales_.data_as<int32_t>()[(local_expert * int64_t(num_groups / 4) + g / 4) * rows + row] =
             static_cast<int32_t>(packed);
         packed = 0;
       }
     } else {
-      scales_storage_.data_as<float>()[(local_expert * int64_t(num_groups) + g) * rows + row] = scale;
+      recv_scales_.data_as<float>()[(local_expert * int64_t(num_groups) + g) * rows + row] = scale;
     }
   }
 }

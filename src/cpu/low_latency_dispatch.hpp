@@ -44,11 +44,13 @@ class LowLatencyDispatchCall {
   std::optional<TensorView> recv_stats_;  // [L] int32, the caller's
   std::optional<TensorView> wait_stats_;  // [R] int64, the caller's
 
-  Tensor recv_x_;          // [L, R*T_max, hidden] bf16 or e4m3
-  Tensor scales_storage_;  // fp8: [L, hidden/128, R*T_max] float32 or [L, hidden/512, R*T_max] int32 (ue8m0)
-  Tensor recv_count_;      // [L] int32
-  Tensor src_info_;        // [L, R*T_max] int32
-  Tensor layout_range_;    // [L, R] int64
+  Tensor recv_x_;  // [L, R*T_max, hidden] bf16 or e4m3
+  // fp8: [L, R*T_max, hidden/128] float32 or [L, R*T_max, hidden/512] int32 (ue8m0), column-major in
+  // its last two dims: the storage is [L, S, R*T_max], which store_row indexes.
+  Tensor recv_scales_;
+  Tensor recv_count_;    // [L] int32
+  Tensor src_info_;      // [L, R*T_max] int32
+  Tensor layout_range_;  // [L, R] int64
 };
 
 }  // namespace epcomm::cpu

@@ -7,6 +7,7 @@
 #include "core/check.hpp"
 #include "core/layouts.hpp"
 #include "core/numerics.hpp"
+#include "core/semantics.hpp"
 #include "cpu/normal_handle.hpp"
 
 namespace epcomm::cpu {
@@ -54,10 +55,6 @@ void publish_window(std::byte* own, const RoundLayout& layout, const CombineWork
   }
 }
 
-void add_bf16_row(float* acc, const uint16_t* row, int hidden) {
-  for (int h = 0; h < hidden; ++h) acc[h] += numerics::bf16_to_float(row[h]);
-}
-
 // The published row `row` of receiving rank r, or nullptr (and `violation` set) when r's slice table
 // does not hold it inside r's area: a reader never trusts what a peer published.
 const std::byte* published_row(const Area& area, const RoundLayout& layout, int r, int rank, int32_t row,
@@ -77,30 +74,30 @@ const std::byte* published_row(const Area& area, const RoundLayout& layout, int 
   return nullptr;
 }
 
-// Reduces this rank's tokens in [begin, end) from the rows the receiving ranks published.
+// Reduces this rank's tokens in [begin, end) from the rows the receiving ranks published, in the
+// order of SPEC §3.3 (semantics::one_level_combine); `published` is scratch of R row pointers.
 void reduce_window(const Area& area, const RoundLayout& layout, const CombineWork& work, int rank, int begin, int end,
                    std::vector<float>& acc, std::vector<float>& weight_acc, std::string& violation) {
   const DispatchHandle& handle = *work.handle;
   const int num_ranks = handle.num_ranks;
   const int32_t* send_row = handle.send_row.data_as<const int32_t>();
+  std::vector<const std::byte*> published(num_ranks);
   for (int t = begin; t < end; ++t) {
-    std::fill(acc.begin(), acc.end(), 0.0f);
-    std::fill(weight_acc.begin(), weight_acc.end(), 0.0f);
-    for (int r = 0; r < num_ranks; ++r) {  // ascending receiving rank: the order SPEC fixes
+    for (int r = 0; r < num_ranks; ++r) {
       const int32_t row = send_row[int64_t(t) * num_ranks + r];
-      if (row < 0) continue;
-      const std::byte* published = published_row(area, layout, r, rank, row, violation);
-      if (published == nullptr) continue;
-      add_bf16_row(acc.data(), reinterpret_cast<const uint16_t*>(published), work.hidden);
-      const auto* weights = reinterpret_cast<const float*>(published + layout.x_bytes);
+      published[r] = row < 0 ? nullptr : published_row(area, layout, r, rank, row, violation);
+    }
+    auto x_of = [&](int r) { return reinterpret_cast<const uint16_t*>(published[r]); };
+    auto bias = [&](int b) { return work.bias[b] ? work.bias[b] + int64_t(t) * work.hidden : nullptr; };
+    semantics::one_level_combine(acc, num_ranks, x_of, bias(0), bias(1), work.combined_x + int64_t(t) * work.hidden);
+    if (!work.combined_weights) continue;
+    std::fill(weight_acc.begin(), weight_acc.end(), 0.0f);
+    for (int r = 0; r < num_ranks; ++r) {  // ascending receiving rank, like the rows
+      if (published[r] == nullptr) continue;
+      const auto* weights = reinterpret_cast<const float*>(published[r] + layout.x_bytes);
       for (int k = 0; k < work.num_topk; ++k) weight_acc[k] += weights[k];
     }
-    for (const uint16_t* bias : work.bias)
-      if (bias) add_bf16_row(acc.data(), bias + int64_t(t) * work.hidden, work.hidden);
-    uint16_t* out = work.combined_x + int64_t(t) * work.hidden;
-    for (int h = 0; h < work.hidden; ++h) out[h] = numerics::float_to_bf16(acc[h]);
-    if (work.combined_weights)
-      std::copy(weight_acc.begin(), weight_acc.end(), work.combined_weights + int64_t(t) * work.num_topk);
+    std::copy(weight_acc.begin(), weight_acc.end(), work.combined_weights + int64_t(t) * work.num_topk);
   }
 }
 

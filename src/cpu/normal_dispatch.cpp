@@ -5,6 +5,7 @@
 #include <string>
 
 #include "core/check.hpp"
+#include "core/semantics.hpp"
 #include "cpu/normal_routing.hpp"
 
 namespace epcomm::cpu {
@@ -38,10 +39,9 @@ void read_record(const TokenRecord& format, const std::byte* record, DispatchRec
   const auto* topk = reinterpret_cast<const int64_t*>(record + format.topk_offset());
   const auto* weights = reinterpret_cast<const float*>(record + format.weights_offset());
   for (int k = 0; k < format.num_topk; ++k) {
-    const int64_t local = topk[k] - out.first_local_expert;
-    const bool kept = local >= 0 && local < out.num_local_experts;  // -1 slots fall below 0
-    out.topk_idx[row * format.num_topk + k] = kept ? local : -1;
-    if (out.topk_weights) out.topk_weights[row * format.num_topk + k] = kept ? weights[k] : 0.0f;
+    const int64_t local = semantics::local_expert(topk[k], out.rank, out.num_local_experts);
+    out.topk_idx[row * format.num_topk + k] = local;
+    if (out.topk_weights) out.topk_weights[row * format.num_topk + k] = semantics::local_weight(local, weights[k]);
   }
   out.src_idx[row] = token;
 }

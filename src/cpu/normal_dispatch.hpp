@@ -42,7 +42,7 @@ struct DispatchReceive {
   float* topk_weights = nullptr;   // [rows, K]: 0 where the index is -1
   int32_t* src_idx = nullptr;      // [rows]: token index on the source
   int num_rows = 0;                // rows allocated (num_worst_tokens when > 0)
-  int first_local_expert = 0;      // rank * L
+  int rank = 0;                    // the receiving rank: it holds experts [rank * L, (rank + 1) * L)
   int num_local_experts = 0;       // L
   std::vector<int32_t> first_row;  // [R]: first row of each source's tokens
   std::vector<int32_t> end_row;    // [R]: one past the last row of each source's tokens (<= num_rows)

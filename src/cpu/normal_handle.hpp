@@ -3,8 +3,10 @@
 
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <vector>
 
+#include "core/semantics.hpp"
 #include "epcomm/ops.hpp"
 
 namespace epcomm::cpu {
@@ -21,8 +23,9 @@ inline const NormalHandleState& handle_state(const DispatchHandle& handle) {
 
 // The first row in `receiver`'s recv_x of the tokens from `source` (rank_prefix_matrix, SPEC §3.2).
 inline int32_t first_row_from(const DispatchHandle& handle, int source, int receiver) {
-  const auto* prefix = handle.rank_prefix_matrix.data_as<const int32_t>();
-  return source == 0 ? 0 : prefix[(source - 1) * handle.num_ranks + receiver];
+  const std::span<const int32_t> prefix(handle.rank_prefix_matrix.data_as<const int32_t>(),
+                                        size_t(handle.num_ranks) * handle.num_ranks);
+  return semantics::first_row_from(prefix, handle.num_ranks, source, receiver);
 }
 
 }  // namespace epcomm::cpu

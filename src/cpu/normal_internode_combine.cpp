@@ -7,6 +7,7 @@
 #include "core/check.hpp"
 #include "core/layouts.hpp"
 #include "core/numerics.hpp"
+#include "core/semantics.hpp"
 #include "cpu/normal_handle.hpp"
 
 namespace epcomm::cpu {
@@ -114,13 +115,13 @@ void reduce_node(const Area& area, const GroupGeometry& g, const RoundLayout& la
     for (Run& run : runs) {  // ascending rank inside the node: the order SPEC fixes
       if (run.left == 0 || run.token() != token) continue;
       const auto* row = reinterpret_cast<const uint16_t*>(run.next + kTokenBytes);
-      for (int h = 0; h < work.hidden; ++h) acc[h] += numerics::bf16_to_float(row[h]);
+      semantics::add_bf16_row(acc, row);
       const auto* w = reinterpret_cast<const float*>(run.next + kTokenBytes + layout.x_bytes);
       for (int k = 0; k < work.num_topk; ++k) weights[k] += w[k];
       run.next += layout.published_bytes;
       --run.left;
     }
-    for (int h = 0; h < work.hidden; ++h) partial[h] = numerics::float_to_bf16(acc[h]);
+    semantics::round_to_bf16(acc, partial.data());
     emit(token, partial.data(), weights.data());
   }
 }
@@ -184,11 +185,8 @@ class RoundReducer {
     std::vector<float> weight_acc(work_.num_topk);
     for (int t = begin; t < end; ++t) {
       const int64_t base = int64_t(t) * work_.hidden;
-      for (int h = 0; h < work_.hidden; ++h) {
-        const float b0 = work_.bias[0] ? numerics::bf16_to_float(work_.bias[0][base + h]) : 0.0f;
-        const float b1 = work_.bias[1] ? numerics::bf16_to_float(work_.bias[1][base + h]) : 0.0f;
-        acc_[h] = b0 + b1;
-      }
+      semantics::start_with_biases(acc_, work_.bias[0] ? work_.bias[0] + base : nullptr,
+                                   work_.bias[1] ? work_.bias[1] + base : nullptr);
       std::fill(weight_acc.begin(), weight_acc.end(), 0.0f);
       for (int node = 0; node < g_.num_nodes(); ++node) {
         if (!node_received(handle, g_, t, node)) continue;
@@ -202,11 +200,11 @@ class RoundReducer {
           p = reinterpret_cast<const uint16_t*>(row);
           w = reinterpret_cast<const float*>(row + layout_.x_bytes);
         }
-        for (int h = 0; h < work_.hidden; ++h) acc_[h] += numerics::bf16_to_float(p[h]);
+        semantics::add_bf16_row(acc_, p);
         for (int k = 0; k < work_.num_topk; ++k) weight_acc[k] += w[k];
       }
       uint16_t* out = work_.combined_x + base;
-      for (int h = 0; h < work_.hidden; ++h) out[h] = numerics::float_to_bf16(acc_[h]);
+      semantics::round_to_bf16(acc_, out);
       if (work_.combined_weights)
         std::copy(weight_acc.begin(), weight_acc.end(), work_.combined_weights + int64_t(t) * work_.num_topk);
     }

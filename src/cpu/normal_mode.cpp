@@ -2,7 +2,9 @@
 
 #include <cstring>
 
+#include "core/allocate.hpp"
 #include "core/check.hpp"
+#include "core/semantics.hpp"
 #include "cpu/normal_combine.hpp"
 #include "cpu/normal_dispatch.hpp"
 #include "cpu/normal_handle.hpp"
@@ -13,15 +15,11 @@
 namespace epcomm::cpu {
 namespace {
 
-Tensor allocate(Allocator& allocator, DType dtype, std::initializer_list<int64_t> shape, StreamHandle stream) {
-  return allocator.allocate(dtype, std::span<const int64_t>(shape.begin(), shape.size()), Device::cpu(), stream);
-}
-
 // A new tensor holding a copy of `values` (bytes in row-major order).
 template <class T>
 Tensor tensor_of(Allocator& allocator, DType dtype, std::initializer_list<int64_t> shape, const std::vector<T>& values,
                  StreamHandle stream) {
-  Tensor t = allocate(allocator, dtype, shape, stream);
+  Tensor t = allocate(allocator, dtype, shape, Device::cpu(), stream);
   if (!values.empty()) std::memcpy(t.data, values.data(), values.size() * sizeof(T));
   return t;
 }
@@ -35,12 +33,11 @@ Tensor flags_tensor(Allocator& allocator, const Routing& routing, StreamHandle s
 }
 
 // recv_x_scales keeps the dtype (float32 or int32 UE8M0-packed) and the majorness of x_scales:
-// row-major in -> [rows, S] contiguous; otherwise allocated [S, rows] contiguous and returned transposed.
+// row-major in -> [rows, S] contiguous; otherwise column-major [rows, S].
 Tensor allocate_scales(Allocator& allocator, const TensorView& x_scales, int rows, int num_scales,
                        StreamHandle stream) {
-  if (x_scales.stride(1) == 1) return allocate(allocator, x_scales.dtype, {rows, num_scales}, stream);
-  const Tensor column_major = allocate(allocator, x_scales.dtype, {num_scales, rows}, stream);
-  return column_major.with_view(column_major.transposed(0, 1));
+  if (x_scales.stride(1) == 1) return allocate(allocator, x_scales.dtype, {rows, num_scales}, Device::cpu(), stream);
+  return allocate_column_major(allocator, x_scales.dtype, {rows, num_scales}, Device::cpu(), stream);
 }
 
 // The header every dispatch publishes; `kind`-specific fields are filled by the caller.
@@ -72,11 +69,8 @@ std::vector<int32_t> tokens_of_every_rank(const std::vector<PeerCall>& calls) {
 
 // [i][j] = tokens rank j receives from ranks 0..i (SPEC §3.2); counts[j] of rank i's call.
 std::vector<int32_t> rank_prefix_matrix(const std::vector<PeerCall>& calls) {
-  const int R = static_cast<int>(calls.size());
-  std::vector<int32_t> prefix(size_t(R) * R);
-  for (int i = 0; i < R; ++i)
-    for (int j = 0; j < R; ++j) prefix[i * R + j] = (i == 0 ? 0 : prefix[(i - 1) * R + j]) + calls[i].counts[j];
-  return prefix;
+  return semantics::rank_prefix_matrix([&](int i, int j) { return calls[i].counts[j]; },
+                                       static_cast<int>(calls.size()));
 }
 
 // Every rank checks every receiver, so all raise together when one receives too many tokens.
@@ -95,13 +89,8 @@ void check_worst_tokens(const std::vector<PeerCall>& calls, const std::vector<in
 
 // send_row[t][r] = row of token t in rank r's recv_x, or -1.
 std::vector<int32_t> send_rows(const Routing& routing, const std::vector<int32_t>& prefix, int rank) {
-  const int R = routing.num_ranks;
-  std::vector<int32_t> next(R);
-  for (int r = 0; r < R; ++r) next[r] = rank == 0 ? 0 : prefix[(rank - 1) * R + r];
-  std::vector<int32_t> rows(size_t(routing.num_tokens) * R);
-  for (int t = 0; t < routing.num_tokens; ++t)
-    for (int r = 0; r < R; ++r) rows[size_t(t) * R + r] = routing.goes_to(t, r) ? next[r]++ : -1;
-  return rows;
+  return semantics::send_rows([&](int t, int r) { return routing.goes_to(t, r); }, prefix, routing.num_tokens,
+                              routing.num_ranks, rank);
 }
 
 // Entry l: (token, slot) pairs received for local expert l, rounded up to `alignment`.
@@ -111,7 +100,7 @@ std::vector<int> recv_tokens_per_expert(const std::vector<PeerCall>& calls, int 
   std::vector<int> per_expert(num_local_experts, 0);
   for (const PeerCall& call : calls)
     for (int l = 0; l < num_local_experts; ++l) per_expert[l] += call.counts[R + rank * num_local_experts + l];
-  for (int& count : per_expert) count = static_cast<int>(align_up(count, alignment));
+  for (int& count : per_expert) count = semantics::aligned_count(count, alignment);
   return per_expert;
 }
 
@@ -120,8 +109,8 @@ std::vector<int> recv_tokens_per_expert(const std::vector<PeerCall>& calls, int 
 void add_internode_fields(DispatchHandle& handle, const std::vector<int32_t>& prefix, const GroupGeometry& g,
                           Allocator& allocator, StreamHandle stream) {
   const int R = g.num_ranks;
-  std::vector<int32_t> per_rank(R), per_node(g.num_nodes());
-  for (int s = 0; s < R; ++s) per_rank[s] = prefix[size_t(s) * R + g.rank];
+  const std::vector<int32_t> per_rank = semantics::recv_rank_prefix_sum(prefix, R, g.rank);
+  std::vector<int32_t> per_node(g.num_nodes());
   for (int n = 0; n < g.num_nodes(); ++n) per_node[n] = per_rank[(n + 1) * g.ranks_per_node - 1];
   handle.recv_gbl_rank_prefix_sum = int32_tensor(allocator, per_rank, stream);
   handle.recv_rdma_rank_prefix_sum = int32_tensor(allocator, per_node, stream);
@@ -159,7 +148,7 @@ std::shared_ptr<DispatchHandle> make_handle(const DispatchArgs& args, const Rout
   handle->is_token_in_rank = flags_tensor(allocator, routing, stream);
   handle->send_row =
       tensor_of(allocator, DType::kInt32, {args.num_tokens, R}, send_rows(routing, prefix, rank), stream);
-  handle->recv_src_idx = allocate(allocator, DType::kInt32, {rows}, stream);  // written by move_tokens
+  handle->recv_src_idx = allocate(allocator, DType::kInt32, {rows}, Device::cpu(), stream);  // written by move_tokens
   handle->backend_state =
       std::make_shared<NormalHandleState>(NormalHandleState{dispatch_step, tokens_of_every_rank(calls)});
   handle->buffer_id = buffer_id;
@@ -177,21 +166,21 @@ DispatchReceive allocate_receive(const DispatchArgs& args, const TokenRecord& re
     receive.first_row.push_back(first_row_from(handle, s, rank));
     receive.end_row.push_back(first_row_from(handle, s + 1, rank));
   }
-  result.recv_x = allocate(allocator, args.inputs->x.dtype, {rows, args.hidden}, stream);
+  result.recv_x = allocate(allocator, args.inputs->x.dtype, {rows, args.hidden}, Device::cpu(), stream);
   receive.x = static_cast<std::byte*>(result.recv_x.data);
   if (args.fp8) {
     result.recv_x_scales = allocate_scales(allocator, *args.inputs->x_scales, rows, args.num_scales, stream);
     receive.scales = *result.recv_x_scales;
   }
   if (record.num_topk > 0) {
-    result.recv_topk_idx = allocate(allocator, DType::kInt64, {rows, record.num_topk}, stream);
+    result.recv_topk_idx = allocate(allocator, DType::kInt64, {rows, record.num_topk}, Device::cpu(), stream);
     receive.topk_idx = result.recv_topk_idx->data_as<int64_t>();
     const int L = args.num_experts / handle.num_ranks;
-    receive.first_local_expert = rank * L;
+    receive.rank = rank;
     receive.num_local_experts = L;
   }
   if (record.has_weights) {
-    result.recv_topk_weights = allocate(allocator, DType::kFloat32, {rows, record.num_topk}, stream);
+    result.recv_topk_weights = allocate(allocator, DType::kFloat32, {rows, record.num_topk}, Device::cpu(), stream);
     receive.topk_weights = result.recv_topk_weights->data_as<float>();
   }
   return receive;
@@ -363,7 +352,8 @@ CombineResult NormalMode::combine(const CombineArgs& args, StreamHandle stream) 
   check_same_call(calls, rank, op);
 
   CombineResult result;
-  result.combined_x = allocate(*args.allocator, DType::kBFloat16, {args.num_tokens, args.hidden}, stream);
+  result.combined_x =
+      allocate(*args.allocator, DType::kBFloat16, {args.num_tokens, args.hidden}, Device::cpu(), stream);
   CombineWork work;
   work.handle = &handle;
   work.x = in.x.data_as<const uint16_t>();
@@ -371,7 +361,8 @@ CombineResult NormalMode::combine(const CombineArgs& args, StreamHandle stream) 
   work.num_topk = args.num_topk;
   work.combined_x = result.combined_x.data_as<uint16_t>();
   if (in.topk_weights) {
-    result.combined_topk_weights = allocate(*args.allocator, DType::kFloat32, {args.num_tokens, args.num_topk}, stream);
+    result.combined_topk_weights =
+        allocate(*args.allocator, DType::kFloat32, {args.num_tokens, args.num_topk}, Device::cpu(), stream);
     work.topk_weights = in.topk_weights->data_as<const float>();
     work.combined_weights = result.combined_topk_weights->data_as<float>();
   }

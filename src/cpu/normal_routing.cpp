@@ -4,6 +4,7 @@
 
 #include "core/check.hpp"
 #include "core/layouts.hpp"
+#include "core/semantics.hpp"
 
 namespace epcomm::cpu {
 namespace {
@@ -62,7 +63,7 @@ Routing route_by_topk(const TensorView& topk_idx, int num_ranks, int num_experts
       require(expert >= 0 && expert < num_experts, op, "topk_idx", "value ", expert, " at [", t, ", ", k,
               "] is outside [-1, ", num_experts, ")");
       routing.per_expert[expert] += 1;
-      row[expert / experts_per_rank] = 1;
+      row[semantics::rank_of_expert(expert, experts_per_rank)] = 1;
     }
     for (int r = 0; r < num_ranks; ++r) routing.per_rank[r] += row[r];
   }
@@ -99,13 +100,10 @@ Routing route_for_dispatch(const DispatchArgs& args, const GroupGeometry& geomet
 
 std::vector<int32_t> tokens_per_node(const Routing& routing, const GroupGeometry& geometry) {
   std::vector<int32_t> per_node(geometry.num_nodes(), 0);
-  std::vector<uint8_t> seen(geometry.num_nodes());
-  for (int t = 0; t < routing.num_tokens; ++t) {
-    std::fill(seen.begin(), seen.end(), 0);
-    for (int r = 0; r < routing.num_ranks; ++r)
-      if (routing.goes_to(t, r)) seen[geometry.node_of(r)] = 1;
-    for (int n = 0; n < geometry.num_nodes(); ++n) per_node[n] += seen[n];
-  }
+  for (int t = 0; t < routing.num_tokens; ++t)
+    for (int n = 0; n < geometry.num_nodes(); ++n)
+      per_node[n] +=
+          semantics::token_goes_to_node([&](int r) { return routing.goes_to(t, r); }, n, geometry.ranks_per_node);
   return per_node;
 }
 

@@ -5,8 +5,8 @@
 #include <random>
 
 #include "failsafe_fuzz.hpp"
-#include "failsafe_support.hpp"
-#include "low_latency_micro_batch.hpp"
+#include "support/failsafe_support.hpp"
+#include "support/low_latency_micro_batch.hpp"
 
 namespace epcomm::testing::fuzz {
 namespace {

@@ -5,7 +5,7 @@
 #include <functional>
 
 #include "failsafe_fuzz.hpp"
-#include "failsafe_support.hpp"
+#include "support/failsafe_support.hpp"
 #include "support/normal_checks.hpp"
 
 namespace epcomm::testing::fuzz {

@@ -1,6 +1,6 @@
 // The fail-safe fuzz test (SPEC §5, issue 11): random bad inputs on random ranks, interleaved with
 // valid calls of every kind of both modes on one Buffer; every valid result is checked against the
-// CPU reference (tests/support/normal_reference.*, low_latency_reference.hpp), every bad call must be
+// CPU reference (tests/reference/normal_reference.*, low_latency_reference.hpp), every bad call must be
 // raised by every rank of that call with an error naming the argument, and never fail the Buffer.
 //
 // Fixed seed. It runs at least kMinSteps steps; EPCOMM_FUZZ_SECONDS=N keeps it going for N seconds.

@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "core/numerics.hpp"
-#include "reference_numerics.hpp"
+#include "reference/reference_numerics.hpp"
 
 namespace epcomm {
 namespace {

@@ -6,7 +6,7 @@
 #include <optional>
 
 #include "epcomm/buffer.hpp"
-#include "normal_reference.hpp"
+#include "reference/normal_reference.hpp"
 
 namespace epcomm::testing {
 

@@ -5,7 +5,7 @@
 
 #include <string>
 
-#include "low_latency_micro_batch.hpp"
+#include "support/low_latency_micro_batch.hpp"
 #include "support/multirank.hpp"
 
 namespace epcomm::testing {

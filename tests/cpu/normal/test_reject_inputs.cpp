@@ -8,7 +8,7 @@
 #include <functional>
 #include <string>
 
-#include "failsafe_support.hpp"
+#include "support/failsafe_support.hpp"
 #include "support/multirank.hpp"
 #include "support/normal_checks.hpp"
 

@@ -7,7 +7,7 @@
 #include <sstream>
 #include <thread>
 
-#include "low_latency_micro_batch.hpp"
+#include "support/low_latency_micro_batch.hpp"
 #include "support/multirank.hpp"
 
 namespace epcomm::testing {

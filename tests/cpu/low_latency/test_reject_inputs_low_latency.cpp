@@ -6,8 +6,8 @@
 #include <functional>
 #include <string>
 
-#include "failsafe_support.hpp"
-#include "low_latency_micro_batch.hpp"
+#include "support/failsafe_support.hpp"
+#include "support/low_latency_micro_batch.hpp"
 #include "support/multirank.hpp"
 
 namespace epcomm::testing {

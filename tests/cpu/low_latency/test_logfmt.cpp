@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "core/logfmt.hpp"
-#include "low_latency_reference.hpp"
+#include "reference/low_latency_reference.hpp"
 #include "support/multirank.hpp"
 
 namespace epcomm::testing {

@@ -7,7 +7,7 @@
 #include <initializer_list>
 #include <string>
 
-#include "low_latency_micro_batch.hpp"
+#include "support/low_latency_micro_batch.hpp"
 #include "support/multirank.hpp"
 
 namespace epcomm::testing {

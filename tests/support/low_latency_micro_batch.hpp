@@ -9,7 +9,7 @@
 #include <random>
 #include <vector>
 
-#include "low_latency_reference.hpp"
+#include "reference/low_latency_reference.hpp"
 
 namespace epcomm::testing {
 

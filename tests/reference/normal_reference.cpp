@@ -1,6 +1,7 @@
-#include "normal_reference.hpp"
+#include "reference/normal_reference.hpp"
 
 #include "core/numerics.hpp"
+#include "core/semantics.hpp"
 
 namespace epcomm::testing {
 namespace {
@@ -41,11 +42,8 @@ std::vector<RankInputs> make_all_inputs(const NormalCase& c) {
 
 bool goes_to(const NormalCase& c, const RankInputs& in, int token, int rank) {
   if (!in.route_flags.empty()) return in.route_flags[size_t(token) * c.num_ranks + rank] != 0;
-  for (int k = 0; k < c.num_topk; ++k) {
-    const int64_t e = expert_at(c, in, token, k);
-    if (e != -1 && e / c.experts_per_rank() == rank) return true;
-  }
-  return false;
+  return semantics::token_goes_to_rank([&](int k) { return expert_at(c, in, token, k); }, c.num_topk,
+                                       c.experts_per_rank(), rank);
 }
 
 ExpectedLayout expected_layout(const NormalCase& c, const RankInputs& in, int ranks_per_node) {
@@ -60,13 +58,11 @@ ExpectedLayout expected_layout(const NormalCase& c, const RankInputs& in, int ra
       layout.in_rank[size_t(t) * R + r] = goes_to(c, in, t, r);
       layout.per_rank[r] += goes_to(c, in, t, r);
     }
-    for (int n = 0; n < N; ++n) {
-      bool any = false;
-      for (int r = n * ranks_per_node; r < (n + 1) * ranks_per_node; ++r) any = any || goes_to(c, in, t, r);
-      layout.per_node[n] += any;
-    }
+    for (int n = 0; n < N; ++n)
+      layout.per_node[n] +=
+          semantics::token_goes_to_node([&](int r) { return goes_to(c, in, t, r); }, n, ranks_per_node);
     for (int k = 0; k < c.num_topk; ++k)
-      if (expert_at(c, in, t, k) != -1) layout.per_expert[expert_at(c, in, t, k)] += 1;
+      if (semantics::names_expert(expert_at(c, in, t, k))) layout.per_expert[expert_at(c, in, t, k)] += 1;
   }
   return layout;
 }
@@ -76,29 +72,30 @@ ExpectedDispatch expected_dispatch(const NormalCase& c, const std::vector<RankIn
   const int R = c.num_ranks, K = c.num_topk, L = c.experts_per_rank();
   ExpectedDispatch out;
   out.per_expert.assign(L, 0);
-  out.rank_prefix_matrix.assign(size_t(R) * R, 0);
-  for (int i = 0; i < R; ++i)
-    for (int j = 0; j < R; ++j)
-      for (int s = 0; s <= i; ++s)
-        for (int t = 0; t < all[s].num_tokens; ++t) out.rank_prefix_matrix[i * R + j] += goes_to(c, all[s], t, j);
+  out.rank_prefix_matrix = semantics::rank_prefix_matrix(
+      [&](int i, int j) {
+        int sent = 0;
+        for (int t = 0; t < all[i].num_tokens; ++t) sent += goes_to(c, all[i], t, j);
+        return sent;
+      },
+      R);
 
   for (int s = 0; s < R; ++s) {
     for (int t = 0; t < all[s].num_tokens; ++t) {
       for (int k = 0; k < K; ++k) {  // counted from topk_idx, whatever the routing
-        const int64_t e = expert_at(c, all[s], t, k);
-        if (e != -1 && e / L == receiver) out.per_expert[e - receiver * L] += 1;
+        const int64_t local = semantics::local_expert(expert_at(c, all[s], t, k), receiver, L);
+        if (local >= 0) out.per_expert[local] += 1;
       }
       if (!goes_to(c, all[s], t, receiver)) continue;
       out.rows.push_back({s, t});
       for (int k = 0; k < K; ++k) {
-        const int64_t e = expert_at(c, all[s], t, k);
-        const bool local = e != -1 && e / L == receiver;
-        out.recv_topk_idx.push_back(local ? e - int64_t(receiver) * L : -1);
-        out.recv_topk_weights.push_back(local ? all[s].topk_weights[size_t(t) * K + k] : 0.0f);
+        const int64_t local = semantics::local_expert(expert_at(c, all[s], t, k), receiver, L);
+        out.recv_topk_idx.push_back(local);
+        out.recv_topk_weights.push_back(semantics::local_weight(local, all[s].topk_weights[size_t(t) * K + k]));
       }
     }
   }
-  for (int& n : out.per_expert) n = (n + expert_alignment - 1) / expert_alignment * expert_alignment;
+  for (int& n : out.per_expert) n = semantics::aligned_count(n, expert_alignment);
   return out;
 }
 
@@ -118,48 +115,6 @@ std::vector<uint16_t> bias_row(const NormalCase& c, int rank, int token, int whi
 
 namespace {
 
-// SPEC §3.3 (one node): 0 + rows of the receiving ranks ascending + bias_0 + bias_1, one rounding.
-std::vector<float> one_level_sum(const NormalCase& c, const RankInputs& in, int source, int t, int num_biases) {
-  std::vector<float> acc(c.hidden, 0.0f);
-  for (int r = 0; r < c.num_ranks; ++r) {  // receiving ranks, ascending
-    if (!goes_to(c, in, t, r)) continue;
-    const std::vector<uint16_t> row = expert_output_row(c, r, source, t);
-    for (int h = 0; h < c.hidden; ++h) acc[h] = acc[h] + numerics::bf16_to_float(row[h]);
-  }
-  for (int b = 0; b < num_biases; ++b) {
-    const std::vector<uint16_t> bias = bias_row(c, source, t, b);
-    for (int h = 0; h < c.hidden; ++h) acc[h] = acc[h] + numerics::bf16_to_float(bias[h]);
-  }
-  return acc;
-}
-
-// SPEC §3.6 (N > 1): p_n = bf16(0 + rows of node n's receiving ranks ascending); then
-// acc = bias_0 + bias_1 (0 where absent), acc += p_n for the receiving nodes ascending.
-std::vector<float> two_level_sum(const NormalCase& c, const RankInputs& in, int source, int t, int num_biases) {
-  const int G = c.node_size();
-  std::vector<float> acc(c.hidden), partial(c.hidden);
-  std::vector<uint16_t> bias[2];
-  for (int b = 0; b < num_biases; ++b) bias[b] = bias_row(c, source, t, b);
-  for (int h = 0; h < c.hidden; ++h) {
-    const float b0 = num_biases > 0 ? numerics::bf16_to_float(bias[0][h]) : 0.0f;
-    const float b1 = num_biases > 1 ? numerics::bf16_to_float(bias[1][h]) : 0.0f;
-    acc[h] = b0 + b1;
-  }
-  for (int n = 0; n < c.num_nodes(); ++n) {
-    bool received = false;
-    for (float& p : partial) p = 0.0f;
-    for (int r = n * G; r < (n + 1) * G; ++r) {
-      if (!goes_to(c, in, t, r)) continue;
-      received = true;
-      const std::vector<uint16_t> row = expert_output_row(c, r, source, t);
-      for (int h = 0; h < c.hidden; ++h) partial[h] = partial[h] + numerics::bf16_to_float(row[h]);
-    }
-    if (!received) continue;
-    for (int h = 0; h < c.hidden; ++h) acc[h] = acc[h] + numerics::bf16_to_float(numerics::float_to_bf16(partial[h]));
-  }
-  return acc;
-}
-
 // The weight rank r passes back for slot k of (source's) token t: the original where r holds the expert.
 float returned_weight(const NormalCase& c, const RankInputs& in, int t, int k, int r) {
   const int64_t e = expert_at(c, in, t, k);
@@ -171,11 +126,25 @@ float returned_weight(const NormalCase& c, const RankInputs& in, int t, int k, i
 std::vector<uint16_t> expected_combined_x(const NormalCase& c, const std::vector<RankInputs>& all, int source,
                                           int num_biases) {
   const RankInputs& in = all[source];
-  std::vector<uint16_t> out(size_t(in.num_tokens) * c.hidden);
+  const int R = c.num_ranks;
+  std::vector<uint16_t> out(size_t(in.num_tokens) * c.hidden), partial(c.hidden);
+  std::vector<float> acc(c.hidden), node_acc(c.hidden);
+  std::vector<std::vector<uint16_t>> rows(R);  // receiving rank r's row for the token; empty: not received
+  std::vector<uint16_t> bias[2];
   for (int t = 0; t < in.num_tokens; ++t) {
-    const std::vector<float> acc =
-        c.num_nodes() > 1 ? two_level_sum(c, in, source, t, num_biases) : one_level_sum(c, in, source, t, num_biases);
-    for (int h = 0; h < c.hidden; ++h) out[size_t(t) * c.hidden + h] = numerics::float_to_bf16(acc[h]);
+    for (int r = 0; r < R; ++r)
+      rows[r] = goes_to(c, in, t, r) ? expert_output_row(c, r, source, t) : std::vector<uint16_t>();
+    for (int b = 0; b < 2; ++b) bias[b] = b < num_biases ? bias_row(c, source, t, b) : std::vector<uint16_t>();
+    auto row = [&](int r) { return rows[r].empty() ? nullptr : rows[r].data(); };
+    const uint16_t* bias_0 = bias[0].empty() ? nullptr : bias[0].data();
+    const uint16_t* bias_1 = bias[1].empty() ? nullptr : bias[1].data();
+    uint16_t* combined = out.data() + size_t(t) * c.hidden;
+    // SPEC §3.3 (one node) or §3.6's two-level order (N > 1).
+    if (c.num_nodes() > 1)
+      semantics::two_level_combine(acc, node_acc, partial.data(), c.num_nodes(), c.node_size(), row, bias_0, bias_1,
+                                   combined);
+    else
+      semantics::one_level_combine(acc, R, row, bias_0, bias_1, combined);
   }
   return out;
 }

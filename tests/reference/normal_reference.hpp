@@ -1,12 +1,14 @@
 // A naive, single-process model of high-throughput mode written from SPEC §3 and the lead's
-// semantics, independent of the backends: given every rank's inputs (regenerated from per-rank
-// seeds), it says what each rank must receive and what combine must return.
+// semantics, independent of the backends' transport: given every rank's inputs (regenerated from
+// per-rank seeds), it says what each rank must receive and what combine must return. Its per-token
+// rules (routing, localisation, row order, reduction order) are those of src/core/semantics.hpp,
+// which the CPU backend applies too; low_latency_reference.hpp is the reference written without it.
 #pragma once
 
 #include <cstdint>
 #include <vector>
 
-#include "moe_data.hpp"
+#include "support/moe_data.hpp"
 
 namespace epcomm::testing {
 
