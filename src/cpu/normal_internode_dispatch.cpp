@@ -64,19 +64,34 @@ void publish_round(const Area& area, const GroupGeometry& g, const RoundLayout& 
   }
 }
 
+// Reads record `r` of `source`'s token into its next row, unless that row is not the source's: a
+// receiver never trusts its senders, so the first excess is kept in `violation` and nothing written.
+void take_record(const TokenRecord& record, const std::byte* r, DispatchReceive& receive, int me, int source, int token,
+                 std::vector<int32_t>& next_row, std::string& violation) {
+  if (next_row[source] >= receive.end_row[source]) {
+    if (violation.empty())
+      violation = concat("rank ", source, " flagged more tokens for this rank (", me, ") than the ",
+                         receive.end_row[source] - receive.first_row[source], " it announced");
+    return;
+  }
+  read_record(record, r, receive, next_row[source]++, token);
+}
+
 // Reads, source by source in ascending order, the records of the round flagged for this rank: from
 // the source's window when it is on this node, else from the inbox of this node's forwarder for it.
+// The count and token indices a forwarder put are checked before anything is read by them.
 void receive_round(const Area& area, const GroupGeometry& g, const RoundLayout& layout, const TokenRecord& record,
                    DispatchReceive& receive, const std::vector<int32_t>& num_tokens, int begin,
-                   std::vector<int32_t>& next_row) {
+                   std::vector<int32_t>& next_row, std::string& violation) {
   const int me = g.rank, my_node = g.node_of(me);
   const size_t my_flag = record.flags_offset() + size_t(me);
   for (int source = 0; source < g.num_ranks; ++source) {
+    const int end = std::min(num_tokens[source], begin + layout.window);
     if (g.node_of(source) == my_node) {
       const std::byte* theirs = area.of(source);
-      for (int t = begin; t < std::min(num_tokens[source], begin + layout.window); ++t) {
+      for (int t = begin; t < end; ++t) {
         const std::byte* r = theirs + size_t(t - begin) * layout.record_bytes;
-        if (r[my_flag] != std::byte{0}) read_record(record, r, receive, next_row[source]++, t);
+        if (r[my_flag] != std::byte{0}) take_record(record, r, receive, me, source, t, next_row, violation);
       }
       continue;
     }
@@ -84,12 +99,26 @@ void receive_round(const Area& area, const GroupGeometry& g, const RoundLayout& 
     const std::byte* slot = layout.slot(area, g, forwarder, g.node_of(source));
     int32_t count = 0;
     std::memcpy(&count, slot, sizeof(int32_t));
+    if (count < 0 || count > std::max(0, end - begin)) {
+      if (violation.empty())
+        violation = concat("rank ", source, " put ", count, " tokens into the inbox of rank ", forwarder,
+                           " for tokens [", begin, ", ", std::max(begin, end), ")");
+      continue;
+    }
+    int32_t previous = begin - 1;
     for (int32_t i = 0; i < count; ++i) {
       const std::byte* entry = slot + kWordBytes + size_t(i) * layout.entry_bytes;
       int32_t token = 0;
       std::memcpy(&token, entry, sizeof(int32_t));
+      if (token <= previous || token >= end) {
+        if (violation.empty())
+          violation = concat("rank ", source, " put token ", token, " into the inbox of rank ", forwarder,
+                             ", not a rising index in [", begin, ", ", end, ")");
+        break;
+      }
+      previous = token;
       const std::byte* r = entry + kWordBytes;
-      if (r[my_flag] != std::byte{0}) read_record(record, r, receive, next_row[source]++, token);
+      if (r[my_flag] != std::byte{0}) take_record(record, r, receive, me, source, token, next_row, violation);
     }
   }
 }
@@ -111,15 +140,23 @@ std::vector<int64_t> move_tokens_across_nodes(const Area& area, GroupSync& sync,
   const std::string step = concat(op, " (token rounds across nodes)");
   std::vector<int32_t> next_row = receive.first_row;
   std::vector<int64_t> network_bytes(geometry.num_nodes(), 0);
+  std::string violation;  // the first sender whose tokens do not fit the rows it announced
 
   for (int begin = 0; begin < max_tokens; begin += layout.window) {
     const int end = std::min(send.num_tokens, begin + layout.window);
     publish_round(area, geometry, layout, record, send, begin, std::max(begin, end), network_bytes);
     sync.barrier(kNormalChannel, step.c_str());
-    receive_round(area, geometry, layout, record, receive, num_tokens, begin, next_row);
+    receive_round(area, geometry, layout, record, receive, num_tokens, begin, next_row, violation);
     sync.barrier(kNormalChannel, step.c_str());
   }
-  const int num_real = next_row[geometry.num_ranks - 1];
+  for (int source = 0; source < geometry.num_ranks && violation.empty(); ++source)
+    if (next_row[source] != receive.end_row[source])
+      violation =
+          concat("rank ", source, " flagged ", next_row[source] - receive.first_row[source], " tokens for this rank (",
+                 geometry.rank, ") but announced ", receive.end_row[source] - receive.first_row[source]);
+  if (!violation.empty())
+    throw_error(ErrorCode::kPeerFailure, concat(op, ": ", violation, " (a receiver never trusts its senders)"));
+  const int num_real = receive.end_row[geometry.num_ranks - 1];
   for (int row = num_real; row < receive.num_rows; ++row) clear_row(record, receive, row);
   return network_bytes;
 }

@@ -4,7 +4,11 @@
 // its own, one partial row per (token, node) back).
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <optional>
+
 #include "core/layouts.hpp"
+#include "support/failsafe_support.hpp"
 #include "support/multirank.hpp"
 #include "support/normal_checks.hpp"
 
@@ -196,6 +200,66 @@ TEST(Internode, NodeSizeFromTheEnvironment) {
     }
     unsetenv("EPCOMM_RANKS_PER_NODE");
   });
+}
+
+}  // namespace
+}  // namespace epcomm::testing
+
+namespace epcomm::testing {
+namespace {
+
+// The fail-safe rule of SPEC §5 on the two-level paths: a receiver never trusts its senders.
+NormalCase untrusted_case(int num_nodes, int ranks_per_node, uint64_t seed) {
+  NormalCase c;
+  c.num_ranks = num_nodes * ranks_per_node;
+  c.ranks_per_node = ranks_per_node;
+  for (int r = 0; r < c.num_ranks; ++r) c.num_tokens.push_back(11 + 4 * r);
+  c.hidden = 128;
+  c.num_topk = 1;  // each token goes to one rank: flagging all of them for another is too many
+  c.num_experts = 2 * c.num_ranks;
+  c.empty_fraction = 0.0;
+  c.seed = seed;
+  return c;
+}
+
+// Rank 0 flags every token of a cached dispatch for `victims` (its handle's is_token_in_rank, a
+// user-visible tensor, edited): more than their rows hold. Receivers wrote next_row[source]++
+// unchecked across nodes; now each victim writes nothing outside its outputs and raises
+// kPeerFailure naming rank 0, whether it reads rank 0 directly (same node) or from its forwarder.
+void expect_victims_refuse_extra_tokens(int num_nodes, int ranks_per_node, const std::vector<int>& victims) {
+  const NormalCase c = untrusted_case(num_nodes, ranks_per_node, 361 + ranks_per_node);
+  run_ranks(c.num_ranks, [&](Bootstrap& bootstrap) {
+    BufferOptions options = cpu_buffer_options(small_nvl_bytes(c), std::chrono::milliseconds(2000));
+    options.ranks_per_node = ranks_per_node;
+    Buffer buffer(bootstrap, options);
+    const int rank = buffer.rank();
+    RankCall call;
+    prepare_call(call, c, DispatchOptions{}, buffer);
+    const DispatchResult dispatched = buffer.dispatch(call.dispatch);
+    if (rank == 0) {
+      auto* flags = static_cast<uint8_t*>(dispatched.handle->is_token_in_rank.data);
+      for (int t = 0; t < call.inputs.num_tokens; ++t)
+        for (int victim : victims) flags[t * c.num_ranks + victim] = 1;
+    }
+    DispatchInputs cached;
+    cached.handle = dispatched.handle.get();
+    cached.x = call.dispatch.x;
+    const std::optional<Error> error = error_of([&] { buffer.dispatch(cached); });
+    if (std::find(victims.begin(), victims.end(), rank) != victims.end()) {
+      ASSERT_TRUE(error.has_value()) << "rank " << rank << " accepted more tokens than rank 0 announced";
+      EXPECT_EQ(error->code(), ErrorCode::kPeerFailure) << error->what();
+      EXPECT_NE(std::string(error->what()).find("rank 0 flagged more tokens"), std::string::npos) << error->what();
+    }
+    buffer.destroy();
+  });
+}
+
+TEST(InternodeFailSafe, ReceiverNeverWritesPastTheRowsASenderOnAnotherNodeAnnounced) {
+  expect_victims_refuse_extra_tokens(2, 1, {1});
+}
+
+TEST(InternodeFailSafe, ReceiverNeverWritesPastTheRowsASenderAnnouncedOnEitherLevel) {
+  expect_victims_refuse_extra_tokens(2, 2, {1, 3});  // rank 1: same node; rank 3: through rank 2's inbox
 }
 
 }  // namespace
