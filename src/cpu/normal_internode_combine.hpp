@@ -12,8 +12,12 @@
 // The area during one round of source tokens [begin, begin + W):
 //   | Slice [R], one per source rank | published rows: | int32 token, pad 16 | bf16 x [hidden] |
 //   |                                  float32 weights [K] | (padded to 16), runs sorted by token   |
-//   | inbox: N-1 slots, one per other node n (ascending): the partials n's forwarder put here,     |
-//   |        W rows of | bf16 p_n [hidden] | float32 weights [K] |, in ascending token order      |
+//   | inbox: N-1 slots, one per other node n (ascending): the partials n's forwarder put here:     |
+//   |        | int32 count, pad 16 | W entries of | int32 token, pad 16 | bf16 p_n [hidden] |      |
+//   |        float32 weights [K] | (padded to 16), in ascending token order                       |
+// The count and token indices are control words (not counted as network bytes, as dispatch's count):
+// the source checks every partial against its send_row, and the rows every rank published lie inside
+// its area; a fault raises kPeerFailure after the rounds (a receiver never trusts its senders).
 #pragma once
 
 #include <cstdint>

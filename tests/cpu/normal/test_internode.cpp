@@ -262,5 +262,57 @@ TEST(InternodeFailSafe, ReceiverNeverWritesPastTheRowsASenderAnnouncedOnEitherLe
   expect_victims_refuse_extra_tokens(2, 2, {1, 3});  // rank 1: same node; rank 3: through rank 2's inbox
 }
 
+// Rank 0's send_row (user-visible) claims that `liar` received tokens it did not (or, `deny`, that it
+// received none of those it did): rank 0 would add a partial the forwarder of the liar's node never
+// put (stale inbox bytes, or zeros for its own node), or skip one and take the next token's, silently
+// wrong. It raises kPeerFailure instead.
+void expect_source_refuses_unexpected_partials(int num_nodes, int ranks_per_node, int liar, bool deny) {
+  const NormalCase c = untrusted_case(num_nodes, ranks_per_node, 371 + ranks_per_node);
+  run_ranks(c.num_ranks, [&](Bootstrap& bootstrap) {
+    BufferOptions options = cpu_buffer_options(small_nvl_bytes(c), std::chrono::milliseconds(2000));
+    options.ranks_per_node = ranks_per_node;
+    Buffer buffer(bootstrap, options);
+    const int rank = buffer.rank();
+    RankCall call;
+    prepare_call(call, c, DispatchOptions{}, buffer);
+    const DispatchResult dispatched = buffer.dispatch(call.dispatch);
+    if (rank == 0) {
+      auto* send_row = static_cast<int32_t*>(dispatched.handle->send_row.data);
+      int edited = 0;
+      for (int t = 0; t < call.inputs.num_tokens; ++t)
+        if ((send_row[t * c.num_ranks + liar] < 0) != deny) send_row[t * c.num_ranks + liar] = deny ? -1 : 0, ++edited;
+      ASSERT_GT(edited, 0) << "the case leaves no send_row entry of rank " << liar << " to edit";
+    }
+    const int rows = dispatched.handle->num_recv_tokens;
+    std::vector<uint16_t> y(size_t(rows) * c.hidden, 0x3F80);
+    CombineInputs combine;
+    combine.handle = dispatched.handle.get();
+    combine.x = view_of(y, DType::kBFloat16, {rows, c.hidden});
+    const std::optional<Error> error = error_of([&] { buffer.combine(combine); });
+    if (rank == 0) {
+      ASSERT_TRUE(error.has_value()) << "rank 0 combined partials that were never sent";
+      EXPECT_EQ(error->code(), ErrorCode::kPeerFailure) << error->what();
+      EXPECT_NE(std::string(error->what()).find("partial"), std::string::npos) << error->what();
+    }
+    buffer.destroy();
+  });
+}
+
+TEST(InternodeFailSafe, CombineNeverAddsAPartialAnotherNodeDidNotSend) {
+  expect_source_refuses_unexpected_partials(2, 1, 1, false);
+}
+
+TEST(InternodeFailSafe, CombineNeverAddsAPartialItsOwnNodeDidNotMake) {
+  expect_source_refuses_unexpected_partials(2, 2, 1, false);
+}
+
+TEST(InternodeFailSafe, CombineNeverSkipsAPartialAnotherNodeSent) {
+  expect_source_refuses_unexpected_partials(2, 1, 1, true);
+}
+
+TEST(InternodeFailSafe, CombineNeverSkipsAPartialItsOwnNodeMade) {
+  expect_source_refuses_unexpected_partials(2, 2, 1, true);
+}
+
 }  // namespace
 }  // namespace epcomm::testing
