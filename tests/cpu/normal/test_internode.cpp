@@ -249,6 +249,7 @@ void expect_victims_refuse_extra_tokens(int num_nodes, int ranks_per_node, const
       ASSERT_TRUE(error.has_value()) << "rank " << rank << " accepted more tokens than rank 0 announced";
       EXPECT_EQ(error->code(), ErrorCode::kPeerFailure) << error->what();
       EXPECT_NE(std::string(error->what()).find("rank 0 flagged more tokens"), std::string::npos) << error->what();
+      expect_failure([&] { buffer.dispatch(cached); }, ErrorCode::kBufferFailed, {"first cause"});
     }
     buffer.destroy();
   });
@@ -293,6 +294,7 @@ void expect_source_refuses_unexpected_partials(int num_nodes, int ranks_per_node
       ASSERT_TRUE(error.has_value()) << "rank 0 combined partials that were never sent";
       EXPECT_EQ(error->code(), ErrorCode::kPeerFailure) << error->what();
       EXPECT_NE(std::string(error->what()).find("partial"), std::string::npos) << error->what();
+      expect_failure([&] { buffer.combine(combine); }, ErrorCode::kBufferFailed, {"first cause"});
     }
     buffer.destroy();
   });
