@@ -64,11 +64,22 @@ void publish_round(const Area& area, const GroupGeometry& g, const RoundLayout& 
   }
 }
 
+// Copies record `r` (source token `token`) into the next row of `source`, unless the source already
+// filled the rows it announced: a receiver never trusts its senders, and the first violation is
+// raised once the rounds are over (so that the peers finish theirs).
+void take_record(const TokenRecord& record, const std::byte* r, DispatchReceive& receive, int source, int token,
+                 std::vector<int32_t>& next_row, int me, std::string& violation) {
+  if (next_row[source] < receive.end_row[source]) return read_record(record, r, receive, next_row[source]++, token);
+  if (violation.empty())
+    violation = concat("rank ", source, " flagged more tokens for this rank (", me, ") than the ",
+                       receive.end_row[source] - receive.first_row[source], " it announced");
+}
+
 // Reads, source by source in ascending order, the records of the round flagged for this rank: from
 // the source's window when it is on this node, else from the inbox of this node's forwarder for it.
 void receive_round(const Area& area, const GroupGeometry& g, const RoundLayout& layout, const TokenRecord& record,
                    DispatchReceive& receive, const std::vector<int32_t>& num_tokens, int begin,
-                   std::vector<int32_t>& next_row) {
+                   std::vector<int32_t>& next_row, std::string& violation) {
   const int me = g.rank, my_node = g.node_of(me);
   const size_t my_flag = record.flags_offset() + size_t(me);
   for (int source = 0; source < g.num_ranks; ++source) {
@@ -76,7 +87,7 @@ void receive_round(const Area& area, const GroupGeometry& g, const RoundLayout& 
       const std::byte* theirs = area.of(source);
       for (int t = begin; t < std::min(num_tokens[source], begin + layout.window); ++t) {
         const std::byte* r = theirs + size_t(t - begin) * layout.record_bytes;
-        if (r[my_flag] != std::byte{0}) read_record(record, r, receive, next_row[source]++, t);
+        if (r[my_flag] != std::byte{0}) take_record(record, r, receive, source, t, next_row, me, violation);
       }
       continue;
     }
@@ -84,12 +95,18 @@ void receive_round(const Area& area, const GroupGeometry& g, const RoundLayout& 
     const std::byte* slot = layout.slot(area, g, forwarder, g.node_of(source));
     int32_t count = 0;
     std::memcpy(&count, slot, sizeof(int32_t));
+    if (count < 0 || count > layout.window) {  // the slot holds at most one window of entries
+      if (violation.empty())
+        violation = concat("rank ", forwarder, "'s inbox for rank ", source, " announces ", count,
+                           " tokens, outside [0, ", layout.window, "]");
+      continue;
+    }
     for (int32_t i = 0; i < count; ++i) {
       const std::byte* entry = slot + kWordBytes + size_t(i) * layout.entry_bytes;
       int32_t token = 0;
       std::memcpy(&token, entry, sizeof(int32_t));
       const std::byte* r = entry + kWordBytes;
-      if (r[my_flag] != std::byte{0}) read_record(record, r, receive, next_row[source]++, token);
+      if (r[my_flag] != std::byte{0}) take_record(record, r, receive, source, token, next_row, me, violation);
     }
   }
 }
@@ -111,15 +128,23 @@ std::vector<int64_t> move_tokens_across_nodes(const Area& area, GroupSync& sync,
   const std::string step = concat(op, " (token rounds across nodes)");
   std::vector<int32_t> next_row = receive.first_row;
   std::vector<int64_t> network_bytes(geometry.num_nodes(), 0);
+  std::string violation;  // the first sender that flagged more tokens for this rank than it announced
 
   for (int begin = 0; begin < max_tokens; begin += layout.window) {
     const int end = std::min(send.num_tokens, begin + layout.window);
     publish_round(area, geometry, layout, record, send, begin, std::max(begin, end), network_bytes);
     sync.barrier(kNormalChannel, step.c_str());
-    receive_round(area, geometry, layout, record, receive, num_tokens, begin, next_row);
+    receive_round(area, geometry, layout, record, receive, num_tokens, begin, next_row, violation);
     sync.barrier(kNormalChannel, step.c_str());
   }
-  const int num_real = next_row[geometry.num_ranks - 1];
+  for (int source = 0; source < geometry.num_ranks && violation.empty(); ++source)
+    if (next_row[source] != receive.end_row[source])
+      violation =
+          concat("rank ", source, " flagged ", next_row[source] - receive.first_row[source], " tokens for this rank (",
+                 geometry.rank, ") but announced ", receive.end_row[source] - receive.first_row[source]);
+  if (!violation.empty())
+    throw_error(ErrorCode::kPeerFailure, concat(op, ": ", violation, " (a receiver never trusts its senders)"));
+  const int num_real = receive.end_row[geometry.num_ranks - 1];
   for (int row = num_real; row < receive.num_rows; ++row) clear_row(record, receive, row);
   return network_bytes;
 }
