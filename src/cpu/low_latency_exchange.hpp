@@ -127,6 +127,8 @@ class LowLatencyExchange {
 
   // Publishes that this Buffer failed, so that peers waiting for this rank raise kPeerFailure.
   void mark_failed(const std::string& cause) noexcept { ctx_.sync->mark_failed(cause); }
+  // The first cause of this Buffer's failure, or "" while it has not failed.
+  std::string failure() const { return ctx_.sync->failure_of(rank()); }
 
   // Arrives at the next step of the low-latency channel and waits for every unmasked rank, in
   // ascending rank order; returns the time spent waiting for each rank (0 for ranks already

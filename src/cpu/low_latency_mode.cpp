@@ -36,6 +36,14 @@ namespace {
 template <class Call>
 void receive(LowLatencyCore* core, Call& call, uint64_t epoch, const char* op) {
   if (core == nullptr) throw_error(ErrorCode::kInvalidArgument, concat(op, ": recv hook: the Buffer was destroyed"));
+  // A hook runs outside the front, which refuses every call of a failed Buffer: refuse here too. A
+  // failed rank must never arrive at a step again (GroupSync::barrier relies on it), else its peers
+  // would pair this call with whatever step they are at.
+  const std::string failure = core->exchange.failure();
+  if (!failure.empty())
+    throw_error(ErrorCode::kBufferFailed,
+                concat(op, ": recv hook: the Buffer failed in an earlier call and can only be ",
+                       "destroyed (a new Buffer then works); first cause: ", failure));
   require(epoch == core->epoch, op, "recv hook",
           "clean_low_latency_buffer ran after this call was sent: its receive half can no longer run");
   require(!call.started.exchange(true), op, "recv hook", "the receive half already ran (a hook runs once)");

@@ -4,6 +4,8 @@
 // with enable_shrink, a masked rank's destroy() does not wait for the survivors, nor theirs for it.
 #include <gtest/gtest.h>
 
+#include <new>
+#include <span>
 #include <thread>
 
 #include "support/failsafe_support.hpp"
@@ -73,6 +75,41 @@ TEST(FailSafeLowLatency, RanksAtDifferentCallNumbersAllFail) {
     expect_failure([&] { hook(); }, ErrorCode::kPeerFailure, {"call order", "call #1", "call #2"});
     expect_failure([&] { buffer.low_latency_dispatch(dispatch_inputs(kCase, in, RecvFormat::kBf16)); },
                    ErrorCode::kBufferFailed, {"call order"});
+    buffer.destroy();
+  });
+}
+
+// An allocator that has run out of memory: a call that uses it stops between two of its steps.
+class ExhaustedAllocator final : public Allocator {
+ public:
+  Tensor allocate(DType, std::span<const int64_t>, Device, StreamHandle) override { throw std::bad_alloc(); }
+};
+
+// A receive hook belongs to its Buffer: once rank 0's Buffer failed (here in a local call whose
+// allocator ran out of memory), the hook of a call it sent before raises kBufferFailed and never
+// meets the peers. Running it anyway would let a failed rank arrive at a step again, so the peers'
+// hooks would complete with it (or, after a failure in the middle of a call, pair its next call's
+// data with their current step); they must hear of the failure instead.
+TEST(FailSafeLowLatency, AHookOfAFailedBufferRaisesAndThePeersHearOfIt) {
+  run_ranks(3, [&](Bootstrap& bootstrap) {
+    const int rank = bootstrap.rank();
+    Buffer buffer(bootstrap, short_timeout(kCase));
+    RankInputs in = make_inputs(kCase, rank);
+    auto sent = buffer.low_latency_dispatch(dispatch_inputs(kCase, in, RecvFormat::kBf16), {.return_recv_hook = true});
+    if (rank == 0) {
+      ExhaustedAllocator exhausted;
+      std::vector<int64_t> topk_idx{0};
+      const TensorView topk = TensorView::contiguous(topk_idx.data(), DType::kInt64, {1, 1}, Device::cpu());
+      EXPECT_THROW(buffer.get_dispatch_layout(topk, kCase.num_experts, {.allocator = &exhausted}), std::bad_alloc);
+      ASSERT_NE(buffer.failure(), "");
+    }
+    bootstrap.barrier();  // rank 0 failed before any hook runs
+    if (rank == 0) {
+      expect_failure([&] { sent.hook(); }, ErrorCode::kBufferFailed,
+                     {"low_latency_dispatch", "recv hook", "first cause", "get_dispatch_layout"});
+    } else {
+      expect_failure([&] { sent.hook(); }, ErrorCode::kPeerFailure, {"rank 0", "Buffer failed"});
+    }
     buffer.destroy();
   });
 }
