@@ -1,6 +1,7 @@
 // The bootstrap (bootstrap_from_env over the launcher's server, and single_rank_bootstrap):
 // all_gather and barrier results, and that every failure surfaces as the right epcomm::Error
 // quickly instead of a hang.
+#include <dirent.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
@@ -435,6 +436,37 @@ TEST(BootstrapFromEnv, ARankConnectingTwiceIsRefused) {
       }
     }
     group.barrier();  // the refused connection does not disturb the group
+  });
+}
+
+// Descriptors open in this process (the entries of /proc/self/fd, less the one listing them).
+int open_descriptors() {
+  int count = 0;
+  DIR* directory = ::opendir("/proc/self/fd");
+  if (directory == nullptr) return -1;
+  while (const dirent* entry = ::readdir(directory))
+    if (entry->d_name[0] != '.') ++count;
+  ::closedir(directory);
+  return count - 1;
+}
+
+// A hello the server refuses throws from SocketBootstrap's constructor: the socket it connected must
+// be closed all the same (a program that retries must not run out of descriptors).
+TEST(BootstrapFromEnv, ARefusedHelloLeavesNoDescriptorOpen) {
+  run_ranks(2, [](Bootstrap& group) {
+    if (group.rank() == 0) {
+      const int before = open_descriptors();
+      for (int attempt = 0; attempt < 5; ++attempt) {
+        try {
+          bootstrap_from_env(milliseconds(2000));  // same EPCOMM_RANK as `group`: refused
+          ADD_FAILURE() << "a second connection as rank 0 was accepted";
+        } catch (const Error& e) {
+          EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument) << e.what();
+        }
+      }
+      EXPECT_EQ(open_descriptors(), before) << "descriptors leaked by refused hellos";
+    }
+    group.barrier();
   });
 }
 
