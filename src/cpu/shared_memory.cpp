@@ -5,6 +5,7 @@
 #include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/random.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -133,6 +134,12 @@ SharedSegment SharedSegment::open(const std::string& name, size_t bytes) {
   segment.name_ = name;
   segment.size_ = bytes;
   try {
+    // Mapping past the end of the file succeeds, and the first access there is a SIGBUS.
+    struct stat info {};
+    if (::fstat(fd, &info) != 0) throw_system("fstat", name, bytes);
+    if (static_cast<uint64_t>(info.st_size) < bytes)
+      throw_error(ErrorCode::kInternal, concat("shared memory: segment ", name, " holds ", info.st_size,
+                                               " bytes, fewer than the ", bytes, " bytes expected of it"));
     segment.data_ = map(fd, name, bytes);
   } catch (...) {
     close(fd);

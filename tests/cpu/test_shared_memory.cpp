@@ -72,6 +72,25 @@ TEST(SharedMemory, TakenNameIsSkipped) {
   shm_unlink(planted.c_str());
 }
 
+// A peer's segment smaller than the size expected (a peer that sized it otherwise, or a name that is
+// not its segment) is refused when it is opened: mapping it whole would "succeed" and the first
+// access past its end would kill the process with SIGBUS.
+TEST(SharedMemory, OpeningASegmentSmallerThanExpectedIsAnErrorNamingBothSizes) {
+  cpu::SharedSegment small = cpu::SharedSegment::create_unique(4096, [] { return cpu::random_segment_name(0); });
+  try {
+    cpu::SharedSegment opened = cpu::SharedSegment::open(small.name(), 8192);
+    ADD_FAILURE() << "a 4096-byte segment was mapped as 8192 bytes";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kInternal) << e.what();
+    const std::string text = e.what();
+    EXPECT_NE(text.find(small.name()), std::string::npos) << text;
+    EXPECT_NE(text.find("4096 bytes"), std::string::npos) << text;
+    EXPECT_NE(text.find("8192"), std::string::npos) << text;
+  }
+  cpu::SharedSegment same = cpu::SharedSegment::open(small.name(), 4096);  // the expected size still opens
+  EXPECT_EQ(same.size(), 4096u);
+}
+
 // A segment whose creator died unlinked is removed by the sweep; a live owner's is not.
 TEST(SharedMemory, SweepRemovesOnlyOrphans) {
   int ready[2];
