@@ -455,6 +455,16 @@ TEST(EpcommRun, TheTimeoutStopsAHangingRun) {
   EXPECT_TRUE(contains(run.err, "  [rank 1] hanging")) << run.err;
 }
 
+// A timeout under a millisecond is still a limit (it used to round down to 0 ms, which means none).
+// The rank is bounded by timeout(1) so that, were the limit lost, the test ends anyway.
+TEST(EpcommRun, ASubMillisecondTimeoutIsStillALimit) {
+  const auto start = Clock::now();
+  const ToolRun run = run_tool("-n 1 --timeout 0.0001 timeout 10 " + kProbe + " hang 0");
+  EXPECT_LT(ms_since(start), 8000);
+  EXPECT_EQ(run.status, 124) << run.err;
+  EXPECT_TRUE(contains(run.err, "epcomm-run: timed out after 0.0001 s")) << run.err;
+}
+
 TEST(EpcommRun, ARankLeavingWithoutDestroyIsAPeerFailureForTheOthersAtOnce) {
   const auto start = Clock::now();
   const ToolRun run = run_tool("-n 3 " + kProbe + " leave 2");
