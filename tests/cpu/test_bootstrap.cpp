@@ -4,6 +4,7 @@
 #include <dirent.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -666,6 +667,57 @@ TEST(TcpBootstrap, EpcommBootstrapMayNameATcpAddressServedByRankZero) {
     return ::testing::Test::HasFailure() ? 1 : 0;
   });
   for (const auto& r : run.ranks) EXPECT_TRUE(r.ok()) << r.how() << "\n" << testing::format_output(r);
+}
+
+// CPU time this process has used, all threads.
+double cpu_seconds() {
+  rusage usage{};
+  ::getrusage(RUSAGE_SELF, &usage);
+  return usage.ru_utime.tv_sec + usage.ru_stime.tv_sec + 1e-6 * (usage.ru_utime.tv_usec + usage.ru_stime.tv_usec);
+}
+
+// Rank 0 leaving while a result is still queued for a rank that does not read it: its server
+// thread drains for a bounded time, and waits in poll() meanwhile instead of spinning (the stop
+// request stayed readable, so every poll returned at once and the drain took a core).
+TEST(TcpBootstrap, RankZeroDrainingForASlowReaderDoesNotSpin) {
+  const int port = free_tcp_port();
+  const std::string secret = "drain-test";
+  auto rank0 = tcp_bootstrap(0, 2, "127.0.0.1", port, secret, milliseconds(20000));
+  constexpr size_t kBytes = size_t{32} << 20;  // the 64 MiB result cannot fit in the socket buffers
+  std::vector<char> mine(kBytes, 1), all(2 * kBytes);
+  std::thread gather([&] { rank0->all_gather(mine.data(), all.data(), kBytes); });
+
+  // Rank 1: a raw client that contributes and then never reads its result.
+  const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0) << std::strerror(errno);
+  ASSERT_TRUE(send_header(fd, {.kind = wire::MessageKind::kHello, .rank = 1, .aux = 2, .bytes = secret.size()}));
+  ASSERT_EQ(::send(fd, secret.data(), secret.size(), MSG_NOSIGNAL), ssize_t(secret.size()));
+  wire::Header welcome;
+  std::string text;
+  ASSERT_TRUE(read_reply(fd, welcome, text));
+  ASSERT_EQ(welcome.kind, wire::MessageKind::kWelcome) << text;
+  ASSERT_TRUE(send_header(fd, {.kind = wire::MessageKind::kCollective, .rank = 1, .sequence = 0, .bytes = kBytes}));
+  std::vector<char> theirs(kBytes, 2);
+  for (size_t sent = 0; sent < kBytes;) {
+    const ssize_t n = ::send(fd, theirs.data() + sent, kBytes - sent, MSG_NOSIGNAL);
+    ASSERT_GT(n, 0) << std::strerror(errno);
+    sent += static_cast<size_t>(n);
+  }
+  gather.join();
+  EXPECT_EQ(all[kBytes], 2);
+
+  const double cpu_before = cpu_seconds();
+  const auto start = Clock::now();
+  rank0.reset();  // its server still has most of rank 1's 64 MiB queued
+  const int64_t waited = ms_since(start);
+  const double cpu_used = cpu_seconds() - cpu_before;
+  ::close(fd);
+  EXPECT_LT(waited, 5000) << "the drain is bounded";
+  EXPECT_LT(cpu_used, 0.5) << "rank 0 spun for " << cpu_used << " s of CPU while draining for " << waited << " ms";
 }
 
 TEST(TcpBootstrap, MissingVariablesAreNamed) {
