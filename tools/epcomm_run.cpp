@@ -1,4 +1,5 @@
 // epcomm-run: starts N ranks of a program on this machine, connected through the epcomm bootstrap.
+#include <cmath>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
@@ -164,7 +165,8 @@ int main(int argc, char** argv) {
 
   epcomm::launch::LaunchOptions options;
   options.num_ranks = args.num_ranks;
-  options.timeout = std::chrono::milliseconds(static_cast<int64_t>(args.timeout_s * 1000.0));
+  // Rounded up: a timeout under a millisecond must not become 0, which means no limit.
+  options.timeout = std::chrono::milliseconds(static_cast<int64_t>(std::ceil(args.timeout_s * 1000.0)));
   options.tail_lines = kTailLines;
   options.stop_requested = &g_stop_requested;
   if (!args.quiet) {

@@ -34,6 +34,27 @@ def test_public_names() -> None:
         assert callable(getattr(epcomm.Buffer, method)), method
 
 
+def test_every_variable_the_front_end_reads_is_documented() -> None:
+    """docs/ENVIRONMENT.md promises every variable epcomm reads; the C++ table is checked by test_core."""
+    import pathlib
+    import re
+    docs = (pathlib.Path(__file__).resolve().parents[2] / "docs" / "ENVIRONMENT.md").read_text()
+    read = re.compile(r"os\.environ(?:\.get\(|\[)\s*([A-Za-z_\"][A-Za-z0-9_\"]*)")
+    names = set()
+    for source in pathlib.Path(epcomm.__file__).parent.glob("*.py"):
+        text = source.read_text()
+        for found in read.findall(text):
+            if found.startswith('"'):
+                names.add(found.strip('"'))
+            else:  # a module constant naming the variable, or a loop over names
+                names.update(re.findall(rf"^{found}\s*=\s*\"([A-Z0-9_]+)\"", text, re.MULTILINE))
+                for listed in re.findall(rf"for {found} in \(([^)]*)\)", text):
+                    names.update(re.findall(r"\"([A-Z0-9_]+)\"", listed))
+    assert {"EPCOMM_BACKEND", "EPCOMM_RANKS_PER_NODE"} <= names, names  # the scan itself works
+    undocumented = sorted(name for name in names if f"`{name}`" not in docs)
+    assert not undocumented, f"read by python/epcomm but not in docs/ENVIRONMENT.md: {undocumented}"
+
+
 def test_error_classes() -> None:
     assert issubclass(epcomm.InvalidArgumentError, ValueError)
     assert issubclass(epcomm.UnsupportedError, NotImplementedError)

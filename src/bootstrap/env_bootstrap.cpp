@@ -67,11 +67,17 @@ class SocketBootstrap final : public Bootstrap {
       : rank_(rank), size_(size), timeout_(timeout), secret_(std::move(secret)) {
     require(secret_.size() <= wire::kMaxSecretBytes, "bootstrap", "EPCOMM_BOOTSTRAP_SECRET", "expected at most ",
             wire::kMaxSecretBytes, " bytes, got ", secret_.size());
-    if (address.transport == wire::Address::Transport::kTcp)
-      connect_tcp(address.location);
-    else
-      connect_unix(address.location);
-    greet();
+    try {
+      if (address.transport == wire::Address::Transport::kTcp)
+        connect_tcp(address.location);
+      else
+        connect_unix(address.location);
+      greet();
+    } catch (...) {  // a constructor that throws runs no destructor: close the socket here
+      if (fd_ >= 0) ::close(fd_);
+      fd_ = -1;
+      throw;
+    }
   }
   ~SocketBootstrap() override {
     if (fd_ >= 0) ::close(fd_);

@@ -50,14 +50,18 @@ void ServingThread::serve() {
       if (stopping && (!server_->sending() || Clock::now() >= stop_by)) break;
       std::vector<pollfd> fds;
       server_->add_poll_fds(fds);
-      fds.push_back({wake_[0], POLLIN, 0});
+      // The stop byte is never read: once stopping, the pipe stays readable and must not be polled.
+      const bool watch_stop = !stopping;
+      if (watch_stop) fds.push_back({wake_[0], POLLIN, 0});
       const int n = ::poll(fds.data(), fds.size(), kPollMs);
       if (n <= 0) continue;  // EINTR or a quiet turn
-      if (!stopping && fds.back().revents != 0) {
-        stopping = true;
-        stop_by = Clock::now() + kDrainGrace;
+      if (watch_stop) {
+        if (fds.back().revents != 0) {
+          stopping = true;
+          stop_by = Clock::now() + kDrainGrace;
+        }
+        fds.pop_back();
       }
-      fds.pop_back();
       server_->handle(fds);
     }
   } catch (const std::exception& e) {

@@ -57,9 +57,6 @@ constexpr EnvVariable kTable[] = {
      "The rank on this machine (equal to EPCOMM_RANK); set for programs that pick a GPU by it."},
     {"EPCOMM_LOCAL_WORLD_SIZE", EnvType::kInt, "set by epcomm-run", 1, kIntMax, "launcher",
      "Ranks on this machine (equal to EPCOMM_WORLD_SIZE); set for programs and the Python front end."},
-    {"TMPDIR", EnvType::kText, "/tmp", 0, 0, "launcher",
-     "Directory of epcomm-run's bootstrap socket (falls back to /tmp when too long for a socket path). The "
-     "launcher reads it itself: it does not link libepcomm."},
     {"EPCOMM_LL_PDL", EnvType::kFlag, "1", 0, 1, "cuda",
      "1: low-latency receive kernels are launched as programmatic dependents of their send kernels "
      "(overlap); 0: plain stream order."},

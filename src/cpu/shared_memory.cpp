@@ -5,6 +5,7 @@
 #include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/random.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -76,6 +77,20 @@ bool remove_if_unlocked(const char* file_name) {
   return orphaned;
 }
 
+// The segment name in rank `rank`'s record of the all-gather: data from a peer, so it is checked to
+// end inside its record and to be an epcomm segment's name before anything reads or opens it.
+std::string peer_segment_name(const char* record, int rank) {
+  const size_t length = strnlen(record, kNameBytes);
+  const std::string name(record, length);
+  const std::string expected_start = std::string("/") + kPrefix;
+  if (length == kNameBytes || !name.starts_with(expected_start))
+    throw_error(
+        ErrorCode::kInternal,
+        concat("shared memory: rank ", rank, " sent '", name, "'", length == kNameBytes ? " (not NUL-terminated)" : "",
+               " where the name of its segment (", expected_start, "...) belongs; do all ranks run the same epcomm?"));
+  return name;
+}
+
 }  // namespace
 
 std::string random_segment_name(int rank) {
@@ -133,6 +148,12 @@ SharedSegment SharedSegment::open(const std::string& name, size_t bytes) {
   segment.name_ = name;
   segment.size_ = bytes;
   try {
+    // Mapping past the end of the file succeeds, and the first access there is a SIGBUS.
+    struct stat info {};
+    if (::fstat(fd, &info) != 0) throw_system("fstat", name, bytes);
+    if (static_cast<uint64_t>(info.st_size) < bytes)
+      throw_error(ErrorCode::kInternal, concat("shared memory: segment ", name, " holds ", info.st_size,
+                                               " bytes, fewer than the ", bytes, " bytes expected of it"));
     segment.data_ = map(fd, name, bytes);
   } catch (...) {
     close(fd);
@@ -183,7 +204,7 @@ PeerMemory::PeerMemory(Bootstrap& bootstrap, size_t bytes_per_rank) : rank_(boot
   std::vector<char> names(kNameBytes * num_ranks);
   bootstrap.all_gather(mine, names.data(), kNameBytes);
   for (int r = 0; r < num_ranks; ++r)
-    if (r != rank_) segments_[r] = SharedSegment::open(std::string(&names[r * kNameBytes]), bytes_per_rank);
+    if (r != rank_) segments_[r] = SharedSegment::open(peer_segment_name(&names[r * kNameBytes], r), bytes_per_rank);
   fault_point("after_open");
   // Once every rank has mapped every segment the names are no longer needed: unlinking now means
   // nothing is left in /dev/shm even if a process dies later.

@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <poll.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/random.h>
@@ -90,6 +91,31 @@ class JobStatusPage {
   size_t bytes_;
   int fd_ = -1;
   void* page_ = nullptr;
+};
+
+// While a run is in progress SIGCHLD must not be ignored (nor carry SA_NOCLDWAIT): the kernel would
+// then reap the ranks itself and waitpid() could never report how they ended, so the run would never
+// end. An ignored SIGCHLD is inherited across exec, so epcomm-run can be started that way. The
+// caller's disposition is put back when the run is over.
+class ChildrenReportable {
+ public:
+  ChildrenReportable() {
+    if (::sigaction(SIGCHLD, nullptr, &saved_) != 0) return;
+    if (saved_.sa_handler != SIG_IGN && (saved_.sa_flags & SA_NOCLDWAIT) == 0) return;
+    struct sigaction reportable {};
+    reportable.sa_handler = SIG_DFL;
+    sigemptyset(&reportable.sa_mask);
+    changed_ = ::sigaction(SIGCHLD, &reportable, nullptr) == 0;
+  }
+  ~ChildrenReportable() {
+    if (changed_) ::sigaction(SIGCHLD, &saved_, nullptr);
+  }
+  ChildrenReportable(const ChildrenReportable&) = delete;
+  ChildrenReportable& operator=(const ChildrenReportable&) = delete;
+
+ private:
+  struct sigaction saved_ {};
+  bool changed_ = false;
 };
 
 struct OutputPipe {
@@ -369,6 +395,7 @@ class Run {
   }
 
   const LaunchOptions& options_;
+  ChildrenReportable reportable_;  // before anything is forked; restored after every rank is reaped
   std::string secret_;
   BootstrapServer server_;
   JobStatusPage status_;

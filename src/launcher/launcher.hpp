@@ -74,7 +74,8 @@ struct LaunchResult {
 // bootstrap/job_status.hpp: how each rank ended, for peers waiting in shared memory)
 // set, stdin from /dev/null, stdout and stderr to pipes, and leaves with _exit() after flushing
 // stdio (no atexit handlers, no static destructors of the parent's state). Returns once every
-// child has ended. Throws std::runtime_error when the run cannot be set up.
+// child has ended. An ignored SIGCHLD is set to its default for the run (else the ranks could not be
+// reaped) and restored after. Throws std::runtime_error when the run cannot be set up.
 LaunchResult launch_functions(const LaunchOptions& options, const std::function<int(int rank)>& rank_main);
 
 // Runs `argv` (argv[0] looked up in PATH) in `options.num_ranks` processes, as above.

@@ -1,8 +1,10 @@
 // The bootstrap (bootstrap_from_env over the launcher's server, and single_rank_bootstrap):
 // all_gather and barrier results, and that every failure surfaces as the right epcomm::Error
 // quickly instead of a hang.
+#include <dirent.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -438,6 +440,37 @@ TEST(BootstrapFromEnv, ARankConnectingTwiceIsRefused) {
   });
 }
 
+// Descriptors open in this process (the entries of /proc/self/fd, less the one listing them).
+int open_descriptors() {
+  int count = 0;
+  DIR* directory = ::opendir("/proc/self/fd");
+  if (directory == nullptr) return -1;
+  while (const dirent* entry = ::readdir(directory))
+    if (entry->d_name[0] != '.') ++count;
+  ::closedir(directory);
+  return count - 1;
+}
+
+// A hello the server refuses throws from SocketBootstrap's constructor: the socket it connected must
+// be closed all the same (a program that retries must not run out of descriptors).
+TEST(BootstrapFromEnv, ARefusedHelloLeavesNoDescriptorOpen) {
+  run_ranks(2, [](Bootstrap& group) {
+    if (group.rank() == 0) {
+      const int before = open_descriptors();
+      for (int attempt = 0; attempt < 5; ++attempt) {
+        try {
+          bootstrap_from_env(milliseconds(2000));  // same EPCOMM_RANK as `group`: refused
+          ADD_FAILURE() << "a second connection as rank 0 was accepted";
+        } catch (const Error& e) {
+          EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument) << e.what();
+        }
+      }
+      EXPECT_EQ(open_descriptors(), before) << "descriptors leaked by refused hellos";
+    }
+    group.barrier();
+  });
+}
+
 // ---- the launcher's secret and size caps (issue 11, item 6) -------------------------------------------
 
 // Rank 1 tries to join with no secret and with a wrong one (a stray process with a stale or
@@ -634,6 +667,57 @@ TEST(TcpBootstrap, EpcommBootstrapMayNameATcpAddressServedByRankZero) {
     return ::testing::Test::HasFailure() ? 1 : 0;
   });
   for (const auto& r : run.ranks) EXPECT_TRUE(r.ok()) << r.how() << "\n" << testing::format_output(r);
+}
+
+// CPU time this process has used, all threads.
+double cpu_seconds() {
+  rusage usage{};
+  ::getrusage(RUSAGE_SELF, &usage);
+  return usage.ru_utime.tv_sec + usage.ru_stime.tv_sec + 1e-6 * (usage.ru_utime.tv_usec + usage.ru_stime.tv_usec);
+}
+
+// Rank 0 leaving while a result is still queued for a rank that does not read it: its server
+// thread drains for a bounded time, and waits in poll() meanwhile instead of spinning (the stop
+// request stayed readable, so every poll returned at once and the drain took a core).
+TEST(TcpBootstrap, RankZeroDrainingForASlowReaderDoesNotSpin) {
+  const int port = free_tcp_port();
+  const std::string secret = "drain-test";
+  auto rank0 = tcp_bootstrap(0, 2, "127.0.0.1", port, secret, milliseconds(20000));
+  constexpr size_t kBytes = size_t{32} << 20;  // the 64 MiB result cannot fit in the socket buffers
+  std::vector<char> mine(kBytes, 1), all(2 * kBytes);
+  std::thread gather([&] { rank0->all_gather(mine.data(), all.data(), kBytes); });
+
+  // Rank 1: a raw client that contributes and then never reads its result.
+  const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0) << std::strerror(errno);
+  ASSERT_TRUE(send_header(fd, {.kind = wire::MessageKind::kHello, .rank = 1, .aux = 2, .bytes = secret.size()}));
+  ASSERT_EQ(::send(fd, secret.data(), secret.size(), MSG_NOSIGNAL), ssize_t(secret.size()));
+  wire::Header welcome;
+  std::string text;
+  ASSERT_TRUE(read_reply(fd, welcome, text));
+  ASSERT_EQ(welcome.kind, wire::MessageKind::kWelcome) << text;
+  ASSERT_TRUE(send_header(fd, {.kind = wire::MessageKind::kCollective, .rank = 1, .sequence = 0, .bytes = kBytes}));
+  std::vector<char> theirs(kBytes, 2);
+  for (size_t sent = 0; sent < kBytes;) {
+    const ssize_t n = ::send(fd, theirs.data() + sent, kBytes - sent, MSG_NOSIGNAL);
+    ASSERT_GT(n, 0) << std::strerror(errno);
+    sent += static_cast<size_t>(n);
+  }
+  gather.join();
+  EXPECT_EQ(all[kBytes], 2);
+
+  const double cpu_before = cpu_seconds();
+  const auto start = Clock::now();
+  rank0.reset();  // its server still has most of rank 1's 64 MiB queued
+  const int64_t waited = ms_since(start);
+  const double cpu_used = cpu_seconds() - cpu_before;
+  ::close(fd);
+  EXPECT_LT(waited, 5000) << "the drain is bounded";
+  EXPECT_LT(cpu_used, 0.5) << "rank 0 spun for " << cpu_used << " s of CPU while draining for " << waited << " ms";
 }
 
 TEST(TcpBootstrap, MissingVariablesAreNamed) {

@@ -4,7 +4,9 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <random>
 #include <set>
 #include <sstream>
@@ -236,6 +238,24 @@ TEST(Environment, EveryVariableIsDocumented) {
   for (const EnvVariable& v : environment_table())
     EXPECT_NE(text.str().find(std::string("`") + v.name + "`"), std::string::npos)
         << v.name << " is not documented in docs/ENVIRONMENT.md";
+}
+
+// ...and every variable of the table is used by some code (read, or set for the ranks by the
+// launcher): an entry nothing reads documents a knob that does nothing.
+TEST(Environment, EveryVariableOfTheTableIsUsed) {
+  std::string code;
+  for (const char* folder : {"/src", "/tools", "/bench"}) {
+    for (const auto& entry : std::filesystem::recursive_directory_iterator(EPCOMM_SOURCE_DIR + std::string(folder))) {
+      const std::string path = entry.path().string();
+      if (!entry.is_regular_file() || path.ends_with("core/environment.cpp")) continue;
+      std::ifstream file(path);
+      code.append(std::istreambuf_iterator<char>(file), std::istreambuf_iterator<char>());
+    }
+  }
+  ASSERT_NE(code.find("\"EPCOMM_TIMEOUT_S\""), std::string::npos) << "the sources were not found";
+  for (const EnvVariable& v : environment_table())
+    EXPECT_NE(code.find(std::string("\"") + v.name + "\""), std::string::npos)
+        << v.name << " is in the table of core/environment.cpp but no code uses it";
 }
 
 // ---- Limits ----

@@ -194,6 +194,36 @@ TEST(Launcher, AFloodOfOutputAndAnUnterminatedLastLineAreKept) {
   }
 }
 
+// A launcher whose process ignores SIGCHLD (a disposition that survives exec, so epcomm-run inherits
+// it from whoever started it) must still learn how its ranks ended: with SIGCHLD ignored the kernel
+// reaps children itself and waitpid() never reports them, so the run would never end. The launch
+// runs in a helper process, bounded here, so that a hang fails the test instead of stalling it.
+TEST(Launcher, RanksAreReapedEvenWhenSigchldIsIgnored) {
+  const pid_t helper = ::fork();
+  ASSERT_GE(helper, 0);
+  if (helper == 0) {
+    std::signal(SIGCHLD, SIG_IGN);
+    LaunchOptions options = options_for(2);
+    options.timeout = milliseconds(3000);
+    const auto run = launch::launch_functions(options, [](int rank) { return rank == 1 ? 3 : 0; });
+    const bool right = !run.timed_out && run.ranks[0].ok() && run.ranks[1].exited && run.ranks[1].exit_code == 3;
+    const bool restored = std::signal(SIGCHLD, SIG_DFL) == SIG_IGN;  // the caller's choice is given back
+    ::_exit(right ? (restored ? 0 : 2) : 1);
+  }
+  int status = 0;
+  const auto start = Clock::now();
+  while (::waitpid(helper, &status, WNOHANG) == 0) {
+    if (ms_since(start) > 10000) {
+      ::kill(helper, SIGKILL);
+      ::waitpid(helper, &status, 0);
+      break;
+    }
+    sleep_ms(20);
+  }
+  ASSERT_TRUE(WIFEXITED(status)) << "the launch did not end: its ranks were never reaped";
+  EXPECT_EQ(WEXITSTATUS(status), 0) << "1: wrong results; 2: SIGCHLD's disposition was not restored";
+}
+
 TEST(Launcher, ZeroRanksIsRefused) {
   LaunchOptions options = options_for(0);
   EXPECT_THROW(launch::launch_functions(options, [](int) { return 0; }), std::invalid_argument);
@@ -423,6 +453,16 @@ TEST(EpcommRun, TheTimeoutStopsAHangingRun) {
   EXPECT_TRUE(contains(run.err, "epcomm-run: timed out after 1 s")) << run.err;
   EXPECT_TRUE(contains(run.err, "epcomm-run: the bootstrap was at barrier #1: waiting for rank 1")) << run.err;
   EXPECT_TRUE(contains(run.err, "  [rank 1] hanging")) << run.err;
+}
+
+// A timeout under a millisecond is still a limit (it used to round down to 0 ms, which means none).
+// The rank is bounded by timeout(1) so that, were the limit lost, the test ends anyway.
+TEST(EpcommRun, ASubMillisecondTimeoutIsStillALimit) {
+  const auto start = Clock::now();
+  const ToolRun run = run_tool("-n 1 --timeout 0.0001 timeout 10 " + kProbe + " hang 0");
+  EXPECT_LT(ms_since(start), 8000);
+  EXPECT_EQ(run.status, 124) << run.err;
+  EXPECT_TRUE(contains(run.err, "epcomm-run: timed out after 0.0001 s")) << run.err;
 }
 
 TEST(EpcommRun, ARankLeavingWithoutDestroyIsAPeerFailureForTheOthersAtOnce) {

@@ -8,7 +8,9 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -70,6 +72,60 @@ TEST(SharedMemory, TakenNameIsSkipped) {
   close(fd2);
   EXPECT_THROW(cpu::SharedSegment::create_unique(4096, [&] { return planted; }), Error);
   shm_unlink(planted.c_str());
+}
+
+// A peer's segment smaller than the size expected (a peer that sized it otherwise, or a name that is
+// not its segment) is refused when it is opened: mapping it whole would "succeed" and the first
+// access past its end would kill the process with SIGBUS.
+TEST(SharedMemory, OpeningASegmentSmallerThanExpectedIsAnErrorNamingBothSizes) {
+  cpu::SharedSegment small = cpu::SharedSegment::create_unique(4096, [] { return cpu::random_segment_name(0); });
+  try {
+    cpu::SharedSegment opened = cpu::SharedSegment::open(small.name(), 8192);
+    ADD_FAILURE() << "a 4096-byte segment was mapped as 8192 bytes";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kInternal) << e.what();
+    const std::string text = e.what();
+    EXPECT_NE(text.find(small.name()), std::string::npos) << text;
+    EXPECT_NE(text.find("4096 bytes"), std::string::npos) << text;
+    EXPECT_NE(text.find("8192"), std::string::npos) << text;
+  }
+  cpu::SharedSegment same = cpu::SharedSegment::open(small.name(), 4096);  // the expected size still opens
+  EXPECT_EQ(same.size(), 4096u);
+}
+
+// Rank 0 of two, whose peer (rank 1) contributes `record` as its segment's name.
+class ScriptedPeer final : public Bootstrap {
+ public:
+  explicit ScriptedPeer(std::string record) : record_(std::move(record)) {}
+  int rank() const override { return 0; }
+  int size() const override { return 2; }
+  void all_gather(const void* send, void* recv, size_t bytes) override {
+    char* out = static_cast<char*>(recv);
+    std::memcpy(out, send, bytes);
+    std::memset(out + bytes, 0, bytes);
+    std::memcpy(out + bytes, record_.data(), std::min(bytes, record_.size()));
+  }
+  void barrier() override {}
+
+ private:
+  std::string record_;
+};
+
+// The names come from the peers: one that fills its whole record (no terminating NUL) must not be
+// read past the record, and one that is not an epcomm segment's name must not be opened. Either is
+// an error naming the rank, and our own segment is removed.
+TEST(SharedMemory, APeersMalformedSegmentNameIsRefusedNamingTheRank) {
+  for (const std::string& record : {std::string(64, 'x'), std::string("/someone-elses-segment")}) {
+    ScriptedPeer bootstrap(record);
+    try {
+      cpu::PeerMemory memory(bootstrap, 4096);
+      ADD_FAILURE() << "the name '" << record << "' was accepted";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), ErrorCode::kInternal) << e.what();
+      EXPECT_NE(std::string(e.what()).find("rank 1 sent"), std::string::npos) << e.what();
+    }
+    EXPECT_TRUE(segments_of(getpid()).empty()) << "our segment was left behind";
+  }
 }
 
 // A segment whose creator died unlinked is removed by the sweep; a live owner's is not.
