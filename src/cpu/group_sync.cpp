@@ -61,12 +61,20 @@ std::string GroupSync::failure_of(int rank) const {
   return std::string(text, strnlen(text, kFailureTextBytes - 1));
 }
 
-void GroupSync::throw_if_failed(int peer, int channel, const char* op) const {
+bool failed_short_of(const std::atomic<uint64_t>& counter, const std::atomic<uint64_t>& failed_flag,
+                     uint64_t sequence) {
+  if (failed_flag.load(std::memory_order_acquire) == 0) return false;
+  // The waiter read `counter` before this flag, and the peer may have arrived and failed between the
+  // two reads. It stored its counter before its flag (both release, in that order) and never arrives
+  // again, so after the flag's acquire this second read sees its last step.
+  return counter.load(std::memory_order_acquire) < sequence;
+}
+
+void GroupSync::throw_if_failed(int peer, int channel, uint64_t sequence, const char* op) const {
   if (channel == kLifecycleChannel) return;  // destroy() of a failed Buffer still meets its peers
-  const std::string cause = failure_of(peer);
-  if (!cause.empty())
-    throw_error(ErrorCode::kPeerFailure,
-                concat(op, ": rank ", rank_, " was waiting for rank ", peer, ", whose Buffer failed: ", cause));
+  if (!failed_short_of(counter(peer, channel), failed_flag(peer), sequence)) return;
+  throw_error(ErrorCode::kPeerFailure, concat(op, ": rank ", rank_, " was waiting for rank ", peer,
+                                              ", whose Buffer failed: ", failure_of(peer)));
 }
 
 JobIdentity& GroupSync::identity(int rank) const {
@@ -94,7 +102,7 @@ std::chrono::nanoseconds GroupSync::wait_for(int peer, int channel, uint64_t seq
   const Deadline deadline(timeout_);
   int spins = 0;
   while (counter(peer, channel).load(std::memory_order_acquire) < sequence) {
-    throw_if_failed(peer, channel, op);
+    throw_if_failed(peer, channel, sequence, op);
     if (deadline.passed())
       throw_error(ErrorCode::kTimeout,
                   concat(op, ": rank ", rank_, " timed out after ", timeout_.count(), " ms waiting for rank ", peer));
@@ -119,7 +127,7 @@ void GroupSync::barrier(int channel, const char* op) {
     // Every peer arrived at this step, published its part of it, and only then can have failed (a
     // failed Buffer never arrives again): the step is complete, a failure is heard at the next wait.
     if (late.empty()) return;
-    for (int peer : late) throw_if_failed(peer, channel, op);
+    for (int peer : late) throw_if_failed(peer, channel, sequence, op);
     if (deadline.passed()) {
       std::string names;
       for (int peer : late_peers()) names += (names.empty() ? "" : ", ") + std::to_string(peer);

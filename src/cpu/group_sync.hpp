@@ -30,6 +30,12 @@ constexpr size_t kJobIdentityOffset = kSyncBlockBytes - 64;
 constexpr size_t kFailureTextBytes = kJobIdentityOffset - kFailureTextOffset;  // terminator included
 static_assert(kSyncChannels * 64 <= kFailedOffset, "the counters and the failed flag must not overlap");
 
+// Whether a peer whose counter is `counter` and whose failed flag is `failed_flag` failed before it
+// reached step `sequence` (a wait for that step must then throw kPeerFailure). A peer that reached the
+// step and failed after lets the step complete, even when the waiter saw its counter short of the step
+// just before it saw the flag: the counter is read again after the flag.
+bool failed_short_of(const std::atomic<uint64_t>& counter, const std::atomic<uint64_t>& failed_flag, uint64_t sequence);
+
 class GroupSync {
  public:
   // `memory` must start every rank's segment with kSyncBlockBytes reserved for the counters.
@@ -59,8 +65,9 @@ class GroupSync {
  private:
   std::atomic<uint64_t>& counter(int rank, int channel) const;
   std::atomic<uint64_t>& failed_flag(int rank) const;
-  // Throws kPeerFailure when `peer` failed and `channel` is not the lifecycle channel.
-  void throw_if_failed(int peer, int channel, const char* op) const;
+  // Throws kPeerFailure when `peer` failed short of step `sequence` and `channel` is not the
+  // lifecycle channel.
+  void throw_if_failed(int peer, int channel, uint64_t sequence, const char* op) const;
   JobIdentity& identity(int rank) const;
   void throw_if_departed(int peer, int channel, uint64_t sequence, const char* op) const;
 

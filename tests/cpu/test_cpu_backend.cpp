@@ -8,6 +8,7 @@
 #include <string>
 #include <thread>
 
+#include "cpu/group_sync.hpp"
 #include "support/multirank.hpp"
 #include "support/normal_checks.hpp"
 
@@ -153,6 +154,20 @@ TEST(CpuBackend, MaskCallsNeedLowLatencyMode) {
     }
     buffer.destroy();
   });
+}
+
+// The race this covers needs a peer to arrive and fail between a waiter's read of its counter and
+// its read of the failed flag: a window of a few instructions that no test hits reliably. What
+// decides the outcome is the check after the flag was seen, tested here on the states the waiter
+// can find at that point (the counter as it is once the flag is set).
+TEST(GroupSync, APeerThatReachedTheStepBeforeItFailedLetsTheStepComplete) {
+  std::atomic<uint64_t> counter{0}, failed{0};
+  EXPECT_FALSE(cpu::failed_short_of(counter, failed, 1)) << "a healthy late peer is only late";
+  failed.store(1);
+  EXPECT_TRUE(cpu::failed_short_of(counter, failed, 1)) << "it failed before step 1: it will never arrive";
+  counter.store(1);  // arrived at step 1, then failed: what the waiter sees after its stale read
+  EXPECT_FALSE(cpu::failed_short_of(counter, failed, 1));
+  EXPECT_TRUE(cpu::failed_short_of(counter, failed, 2)) << "step 2 it never reached";
 }
 
 }  // namespace
