@@ -5,10 +5,10 @@
 #include <unistd.h>
 
 #include <cerrno>
-#include <climits>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <optional>
 
 #include "bootstrap/job_status.hpp"
 #include "core/environment.hpp"
@@ -17,27 +17,19 @@
 namespace epcomm {
 namespace {
 
-// A variable through the table (core/environment.cpp); false when absent, malformed or out of range.
-bool read_int(const char* name, long min, long max, long& out) {
-  std::optional<int64_t> value;
-  try {
-    value = env_int(name);
-  } catch (const Error&) {
-    return false;
-  }
-  if (!value || *value < min || *value > max) return false;
-  out = static_cast<long>(*value);
-  return true;
-}
-
-// Maps the page named by the environment read-only; nullptr when absent or malformed.
+// Maps the page named by the environment read-only; nullptr when a variable is absent (not started
+// by epcomm-run: MPI, torchrun) or the page cannot be read (a descriptor a child did not inherit).
+// A malformed EPCOMM_JOB_STATUS_FD or EPCOMM_RANK is a broken launch: Error(kInvalidArgument) naming
+// it (env_int), never a silent "no monitor". EPCOMM_RANK is read only when the descriptor is set.
 const JobMonitor* open_from_env() {
-  long fd = -1, rank = -1;
-  if (!read_int(job_status::kFdVariable, 0, INT_MAX, fd) || !read_int("EPCOMM_RANK", 0, INT_MAX, rank)) return nullptr;
+  const std::optional<int64_t> fd_value = env_int(job_status::kFdVariable);
+  if (!fd_value) return nullptr;
+  const std::optional<int64_t> rank_value = env_int("EPCOMM_RANK");
+  if (!rank_value) return nullptr;
+  const int fd = static_cast<int>(*fd_value), rank = static_cast<int>(*rank_value);  // the table's ranges fit
   struct stat info {};
-  if (::fstat(static_cast<int>(fd), &info) != 0 || info.st_size < static_cast<off_t>(job_status::kHeaderBytes))
-    return nullptr;
-  void* page = ::mmap(nullptr, static_cast<size_t>(info.st_size), PROT_READ, MAP_SHARED, static_cast<int>(fd), 0);
+  if (::fstat(fd, &info) != 0 || info.st_size < static_cast<off_t>(job_status::kHeaderBytes)) return nullptr;
+  void* page = ::mmap(nullptr, static_cast<size_t>(info.st_size), PROT_READ, MAP_SHARED, fd, 0);
   if (page == MAP_FAILED) return nullptr;
   const job_status::Header* h = job_status::header(page);
   const bool valid = h->magic == job_status::kMagic && h->token != 0 && rank < h->world_size &&
@@ -46,7 +38,7 @@ const JobMonitor* open_from_env() {
     ::munmap(page, static_cast<size_t>(info.st_size));
     return nullptr;
   }
-  return new JobMonitor(page, static_cast<int>(rank));  // lives as long as the process
+  return new JobMonitor(page, rank);  // lives as long as the process
 }
 
 }  // namespace
@@ -58,8 +50,8 @@ const JobMonitor* JobMonitor::current() {
   static const JobMonitor* monitor = nullptr;
   std::lock_guard<std::mutex> lock(mutex);
   if (opened_in != ::getpid()) {
+    monitor = open_from_env();  // a throw leaves it unopened: every later call reports it again
     opened_in = ::getpid();
-    monitor = open_from_env();
   }
   return monitor;
 }

@@ -23,7 +23,8 @@ struct JobIdentity {
 class JobMonitor {
  public:
   // The monitor of this process's job (EPCOMM_JOB_STATUS_FD), opened once per process; nullptr
-  // when the process was not started by epcomm-run or the page cannot be read.
+  // when the process was not started by epcomm-run (the variable or EPCOMM_RANK unset) or the page
+  // cannot be read. Error(kInvalidArgument) naming the variable when either is malformed.
   static const JobMonitor* current();
 
   // Writes this process's identity into `slot` (zeros when there is no monitor).

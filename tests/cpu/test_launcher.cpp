@@ -18,6 +18,7 @@
 #include <thread>
 #include <vector>
 
+#include "bootstrap/job_monitor.hpp"
 #include "epcomm/bootstrap.hpp"
 #include "epcomm/epcomm.hpp"
 #include "launcher/launcher.hpp"
@@ -315,6 +316,61 @@ TEST(JobMonitor, TheLauncherUsesNothingWithANameThatCouldOutliveTheJob) {
     return address.rfind("unix:@epcomm-", 0) == 0 && std::getenv("EPCOMM_JOB_STATUS_FD") != nullptr ? 0 : 70;
   });
   EXPECT_TRUE(run.ok());
+}
+
+// What JobMonitor::current() does in a fresh process (it opens once per process) whose environment
+// has `fd` and `rank` (nullptr: unset): "none", "monitor", or the message of the Error it raised,
+// twice in a row (a malformed value must not be remembered as "no monitor").
+std::string job_monitor_in_child(const char* fd, const char* rank) {
+  int pipe_fds[2];
+  if (::pipe(pipe_fds) != 0) return "pipe failed";
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    ::close(pipe_fds[0]);
+    fd ? ::setenv("EPCOMM_JOB_STATUS_FD", fd, 1) : ::unsetenv("EPCOMM_JOB_STATUS_FD");
+    rank ? ::setenv("EPCOMM_RANK", rank, 1) : ::unsetenv("EPCOMM_RANK");
+    std::string seen;
+    for (int call = 0; call < 2; ++call) {
+      try {
+        seen += JobMonitor::current() ? "monitor;" : "none;";
+      } catch (const Error& e) {
+        seen += std::string(e.code() == ErrorCode::kInvalidArgument ? "" : "wrong code: ") + e.what() + ";";
+      }
+    }
+    const ssize_t written = ::write(pipe_fds[1], seen.data(), seen.size());
+    ::_exit(written == static_cast<ssize_t>(seen.size()) ? 0 : 1);
+  }
+  ::close(pipe_fds[1]);
+  std::string seen;
+  char chunk[512];
+  for (ssize_t n; (n = ::read(pipe_fds[0], chunk, sizeof chunk)) > 0;) seen.append(chunk, static_cast<size_t>(n));
+  ::close(pipe_fds[0]);
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  return WIFEXITED(status) && WEXITSTATUS(status) == 0 ? seen : "the child failed: " + seen;
+}
+
+TEST(JobMonitor, WithoutTheVariablesThereIsNoMonitor) {
+  EXPECT_EQ(job_monitor_in_child(nullptr, nullptr), "none;none;");
+  // MPI or torchrun may set a rank variable of their own: without the descriptor it is not read.
+  EXPECT_EQ(job_monitor_in_child(nullptr, "not a rank"), "none;none;");
+  EXPECT_EQ(job_monitor_in_child("3", nullptr), "none;none;");
+  // A descriptor that is not a job-status page (one a child did not inherit) is no monitor either.
+  EXPECT_EQ(job_monitor_in_child("0", "0"), "none;none;");
+}
+
+TEST(JobMonitor, AMalformedVariableIsAnErrorNamingIt) {
+  for (const char* fd : {"3x", " 3", "-1", "99999999999"}) {
+    const std::string seen = job_monitor_in_child(fd, "0");
+    EXPECT_TRUE(contains(seen, "EPCOMM_JOB_STATUS_FD: expected an integer")) << fd << ": " << seen;
+    EXPECT_EQ(std::count(seen.begin(), seen.end(), ';'), 2) << seen;
+    EXPECT_FALSE(contains(seen, "none") || contains(seen, "wrong code")) << fd << ": " << seen;
+  }
+  for (const char* rank : {"1.5", "-2", "rank0"}) {
+    const std::string seen = job_monitor_in_child("3", rank);
+    EXPECT_TRUE(contains(seen, "EPCOMM_RANK: expected an integer")) << rank << ": " << seen;
+    EXPECT_FALSE(contains(seen, "none") || contains(seen, "wrong code")) << rank << ": " << seen;
+  }
 }
 
 // ---- run_ranks: each failed rank becomes one failure in the parent ----------------------------------
