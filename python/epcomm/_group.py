@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
@@ -79,17 +80,30 @@ MAX_RANKS_PER_NODE = 8
 HOST_NAME_BYTES = 256  # a host name's record in the all-gather (longer names are cut: 255 is the POSIX bound)
 
 
+#: What the C++ table (src/core/environment.cpp, parse_int) accepts as an integer: strtoll's decimal
+#: form with nothing around it. Python's int() is looser (" 4", "4_0", other scripts' digits), so the
+#: two front ends would disagree on the same environment.
+_DECIMAL_INTEGER = re.compile(r"[+-]?[0-9]+")
+_INT32_MAX = 2**31 - 1
+
+
+def _env_node_size(variable: str) -> Optional[int]:
+    """$``variable`` as the C++ table reads it: None when unset or empty, else an integer in
+    [1, 2^31-1], or an InvalidArgumentError naming the variable in C++'s words."""
+    value = os.environ.get(variable)
+    if not value:
+        return None
+    parsed = int(value) if _DECIMAL_INTEGER.fullmatch(value) else None
+    if parsed is None or not 1 <= parsed <= _INT32_MAX:
+        raise invalid_argument("Buffer", variable, f"expected an integer in [1, {_INT32_MAX}], got {value!r}")
+    return parsed
+
+
 def _env_ranks_per_node(num_ranks: int) -> Optional[int]:
     """$EPCOMM_RANKS_PER_NODE, else $LOCAL_WORLD_SIZE, capped at ``num_ranks``; None when neither is set."""
     for variable in ("EPCOMM_RANKS_PER_NODE", "LOCAL_WORLD_SIZE"):
-        value = os.environ.get(variable)
-        if value:
-            try:
-                parsed = int(value)
-            except ValueError:
-                raise invalid_argument("Buffer", variable, f"expected an integer, got {value!r}") from None
-            if parsed < 1:
-                raise invalid_argument("Buffer", variable, f"expected a positive number of ranks, got {parsed}")
+        parsed = _env_node_size(variable)
+        if parsed is not None:
             return min(parsed, num_ranks)
     return None
 

@@ -13,7 +13,7 @@ import torch
 import epcomm
 import reference as ref
 from _common import assert_equal, cpu, expect_error, normal_buffer
-from epcomm._group import ranks_per_node_from_hosts
+from epcomm._group import ranks_per_node_from_hosts, resolve_ranks_per_node
 from epcomm.buffer import InternodeDispatchHandle
 
 HIDDEN = 256
@@ -279,6 +279,23 @@ def test_two_level_combine_order(world, ranks_per_node: int) -> None:
 @pytest.mark.worlds("cpu2")
 def test_node_size_from_environment(world) -> None:
     world.run(check_node_size)
+
+
+@pytest.mark.parametrize("variable", ["EPCOMM_RANKS_PER_NODE", "LOCAL_WORLD_SIZE"])
+def test_node_size_variables_are_read_as_the_cpp_table_reads_them(variable: str, monkeypatch) -> None:
+    """What src/core/environment.cpp's parse_int accepts (strtoll, nothing around it, in [1, 2^31-1]),
+    the Python front end accepts too, and it refuses the rest naming the variable."""
+    for other in ("EPCOMM_RANKS_PER_NODE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(other, raising=False)
+    for text, expected in (("4", 4), ("+2", 2), ("03", 3), ("2147483647", 16)):
+        monkeypatch.setenv(variable, text)
+        assert resolve_ranks_per_node(16) == expected, text
+    monkeypatch.setenv(variable, "")
+    assert resolve_ranks_per_node(16) == 8, "empty counts as unset"
+    for text in (" 4", "4 ", "4_0", "\u0664", "4.0", "0x4", "0", "-1", "2147483648", "four"):
+        monkeypatch.setenv(variable, text)
+        expect_error(epcomm.InvalidArgumentError, (variable, "expected an integer in [1, 2147483647]", repr(text)),
+                     lambda: resolve_ranks_per_node(16))
 
 
 def test_node_size_from_host_names() -> None:
