@@ -279,6 +279,8 @@ void BootstrapServer::on_header(Client& c) {
     return;
   }
   if (h.kind == wire::MessageKind::kQuery) {
+    // Which ranks the group waits for is not for strangers: only a rank that was let in may ask.
+    if (c.rank < 0) return protocol_error(c, "a query before the hello");
     if (h.bytes != 0) return protocol_error(c, "a query carries no payload");
     return;
   }

@@ -339,6 +339,25 @@ TEST(BootstrapFailure, AStrangerWritingGarbageToTheSocketDoesNotDisturbTheGroup)
   });
 }
 
+// Who is missing is the group's business: a connection that has not said hello (a stranger) is
+// refused a status query instead of being told which ranks the group waits for.
+TEST(BootstrapFailure, AQueryBeforeTheHelloIsRefused) {
+  run_ranks(2, [&](Bootstrap& group) {
+    if (group.rank() == 0) {
+      const int fd = connect_to_launcher();
+      ASSERT_GE(fd, 0);
+      ASSERT_TRUE(send_header(fd, {.kind = wire::MessageKind::kQuery, .rank = 1, .sequence = 0}));
+      wire::Header reply;
+      std::string text;
+      ASSERT_TRUE(read_reply(fd, reply, text)) << "the server did not answer the query";
+      EXPECT_EQ(reply.kind, wire::MessageKind::kError) << text;
+      EXPECT_NE(text.find("a query before the hello"), std::string::npos) << text;
+      ::close(fd);
+    }
+    group.barrier();
+  });
+}
+
 TEST(BootstrapFailure, DifferentSizesFailEveryRankAndNameThem) {
   run_ranks(4, [](Bootstrap& group) {
     const size_t bytes = group.rank() == 1 ? 16 : 8;
