@@ -322,7 +322,7 @@ class TcpBootstrap final : public Bootstrap {
   TcpBootstrap(int rank, int size, const std::string& host, int port, const std::string& secret,
                std::chrono::milliseconds timeout) {
     if (rank == 0) {
-      server_ = std::make_unique<ServingThread>(size, port, secret);
+      server_ = std::make_unique<ServingThread>(size, port, secret, timeout);
       client_ = std::make_unique<SocketBootstrap>(
           rank, size, wire::Address{wire::Address::Transport::kTcp, concat("127.0.0.1:", server_->port())}, secret,
           timeout);

@@ -21,9 +21,11 @@ constexpr int kPollMs = 100;
 
 }  // namespace
 
-ServingThread::ServingThread(int world_size, int port, const std::string& secret) {
+ServingThread::ServingThread(int world_size, int port, const std::string& secret,
+                             std::chrono::milliseconds hello_deadline) {
   try {
     server_ = launch::BootstrapServer::listen_tcp(world_size, port, secret);
+    server_->limit_hello_deadline(hello_deadline);
   } catch (const std::runtime_error& e) {
     throw_error(ErrorCode::kInternal, concat("tcp bootstrap (rank 0 serves): ", e.what()));
   }
@@ -54,7 +56,7 @@ void ServingThread::serve() {
       const bool watch_stop = !stopping;
       if (watch_stop) fds.push_back({wake_[0], POLLIN, 0});
       const int n = ::poll(fds.data(), fds.size(), kPollMs);
-      if (n <= 0) continue;  // EINTR or a quiet turn
+      if (n < 0) continue;  // EINTR; a quiet turn still goes to handle(), for the hello deadlines
       if (watch_stop) {
         if (fds.back().revents != 0) {
           stopping = true;

@@ -2,6 +2,7 @@
 // (src/launcher/bootstrap_server.*, one implementation for both) driven by a thread of its own.
 #pragma once
 
+#include <chrono>
 #include <memory>
 #include <string>
 #include <thread>
@@ -14,9 +15,10 @@ namespace epcomm {
 
 class ServingThread {
  public:
-  // Listens on TCP `port` (every local address) for `world_size` ranks presenting `secret`.
-  // Throws Error(kInternal) when the port cannot be listened on (naming it).
-  ServingThread(int world_size, int port, const std::string& secret);
+  // Listens on TCP `port` (every local address) for `world_size` ranks presenting `secret`; a
+  // connection gets at most `hello_deadline` (the bootstrap timeout) to say hello. Throws
+  // Error(kInternal) when the port cannot be listened on (naming it).
+  ServingThread(int world_size, int port, const std::string& secret, std::chrono::milliseconds hello_deadline);
   // Sends what is still queued (bounded), then stops serving: the other ranks' connections close.
   ~ServingThread();
   ServingThread(const ServingThread&) = delete;

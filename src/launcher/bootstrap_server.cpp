@@ -6,6 +6,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstddef>
 #include <cstring>
@@ -18,6 +19,12 @@ namespace {
 
 constexpr size_t kDiscardChunk = 1 << 16;
 constexpr int kReadsPerTurn = 64;  // bounds the time one busy client can hold the loop
+// Connections still without a hello, per rank of the group: room for every rank to retry a few
+// times, and a bound on the descriptors a stranger can hold.
+constexpr int kUnintroducedPerRank = 4;
+// How long the listener is left out of poll after accept4 ran out of descriptors: the connection
+// stays queued and the listener readable, so polling it at once would spin.
+constexpr std::chrono::milliseconds kAcceptBackoff{100};
 
 [[noreturn]] void throw_system(const std::string& what) {
   throw std::runtime_error(concat("epcomm bootstrap server: ", what, ": ", std::strerror(errno)));
@@ -128,6 +135,10 @@ BootstrapServer::~BootstrapServer() {
   if (!path_.empty()) ::unlink(path_.c_str());
 }
 
+void BootstrapServer::limit_hello_deadline(std::chrono::milliseconds limit) {
+  hello_deadline_ = std::min(kDefaultHelloDeadline, std::max(limit, std::chrono::milliseconds(1)));
+}
+
 bool BootstrapServer::sending() const {
   for (const auto& [fd, c] : clients_)
     if (!c.closed && !c.out.empty()) return true;
@@ -140,7 +151,7 @@ void BootstrapServer::close_fds_in_child() const {
 }
 
 void BootstrapServer::add_poll_fds(std::vector<pollfd>& fds) const {
-  fds.push_back({listen_fd_, POLLIN, 0});
+  if (Clock::now() >= listener_paused_until_) fds.push_back({listen_fd_, POLLIN, 0});
   for (const auto& [fd, c] : clients_)
     fds.push_back({fd, static_cast<short>(POLLIN | (c.out.empty() ? 0 : POLLOUT)), 0});
 }
@@ -160,22 +171,59 @@ void BootstrapServer::handle(std::span<const pollfd> fds) {
   }
   std::erase_if(clients_, [](const auto& entry) { return entry.second.closed; });
   if (new_clients) accept_clients();
+  close_late_hellos(Clock::now());
+  std::erase_if(clients_, [](const auto& entry) { return entry.second.closed; });
 }
 
 void BootstrapServer::accept_clients() {
   for (;;) {
     const int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
     if (fd >= 0) {
-      if (port_ != 0) {  // small request/answer messages: do not wait to fill a segment
-        const int on = 1;
-        ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof(on));
-      }
-      clients_[fd].fd = fd;
+      admit(fd);
       continue;
     }
     if (errno == EINTR || errno == ECONNABORTED) continue;
+    if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+      // Free a descriptor for the next try (a real rank may be queued behind strangers) and back off.
+      close_oldest_unintroduced("closed for want of descriptors before its hello");
+      listener_paused_until_ = Clock::now() + kAcceptBackoff;
+    }
     return;  // EAGAIN: nothing more; anything else: try again next turn
   }
+}
+
+void BootstrapServer::admit(int fd) {
+  if (port_ != 0) {  // small request/answer messages: do not wait to fill a segment
+    const int on = 1;
+    ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof(on));
+  }
+  // The oldest goes: a real rank says hello at once, so the newest is the likeliest to be one.
+  if (unintroduced_clients() >= kUnintroducedPerRank * world_size_)
+    close_oldest_unintroduced("closed: too many connections without a hello");
+  Client fresh;  // replaces a closed entry whose descriptor number was just reused
+  fresh.fd = fd;
+  fresh.accepted_at = Clock::now();
+  clients_.insert_or_assign(fd, std::move(fresh));
+}
+
+int BootstrapServer::unintroduced_clients() const {
+  int count = 0;
+  for (const auto& [fd, c] : clients_)
+    if (!c.closed && c.rank < 0) ++count;
+  return count;
+}
+
+void BootstrapServer::close_oldest_unintroduced(const char* why) {
+  Client* oldest = nullptr;
+  for (auto& [fd, c] : clients_)
+    if (!c.closed && c.rank < 0 && (!oldest || c.accepted_at < oldest->accepted_at)) oldest = &c;
+  if (oldest) disconnect(*oldest, why);
+}
+
+void BootstrapServer::close_late_hellos(Clock::time_point now) {
+  for (auto& [fd, c] : clients_)
+    if (!c.closed && c.rank < 0 && now - c.accepted_at >= hello_deadline_)
+      disconnect(c, "closed: no hello within the deadline");
 }
 
 // ---- reading -------------------------------------------------------------------------------------
@@ -231,6 +279,8 @@ void BootstrapServer::on_header(Client& c) {
     return;
   }
   if (h.kind == wire::MessageKind::kQuery) {
+    // Which ranks the group waits for is not for strangers: only a rank that was let in may ask.
+    if (c.rank < 0) return protocol_error(c, "a query before the hello");
     if (h.bytes != 0) return protocol_error(c, "a query carries no payload");
     return;
   }

@@ -11,11 +11,14 @@
 // It serves local ranks over a unix socket (epcomm-run, the test harness) and the ranks of several
 // hosts over TCP (rank 0 of a tcp bootstrap runs it in a thread, src/bootstrap/tcp_bootstrap.cpp).
 // A hello must carry the job's secret when one is set; sizes are capped before anything is
-// allocated (wire::size_refusal).
+// allocated (wire::size_refusal). A connection that has not completed its hello within the hello
+// deadline is closed, at most 4 per rank may be waiting to (the oldest goes first), and running out
+// of descriptors pauses accepting instead of spinning: a network peer cannot exhaust the server.
 #pragma once
 
 #include <poll.h>
 
+#include <chrono>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -42,6 +45,11 @@ class BootstrapServer {
   BootstrapServer(const BootstrapServer&) = delete;
   BootstrapServer& operator=(const BootstrapServer&) = delete;
 
+  // How long a new connection has to complete its hello: kDefaultHelloDeadline, or `limit` when
+  // shorter (a rank's bootstrap timeout: a rank that slow has failed anyway).
+  static constexpr std::chrono::milliseconds kDefaultHelloDeadline{5000};
+  void limit_hello_deadline(std::chrono::milliseconds limit);
+
   // The value for EPCOMM_BOOTSTRAP: "unix:<socket path>" (unix sockets only).
   const std::string& address() const { return address_; }
   // The TCP port listened on (0 for a unix socket).
@@ -50,7 +58,8 @@ class BootstrapServer {
   bool sending() const;
 
   // One turn of the caller's poll loop: append our descriptors, poll, then pass the whole array
-  // back (entries that are not ours are skipped).
+  // back (entries that are not ours are skipped). Call handle() after every poll, also one that
+  // timed out: it closes the connections whose hello deadline has passed.
   void add_poll_fds(std::vector<pollfd>& fds) const;
   void handle(std::span<const pollfd> fds);
 
@@ -66,6 +75,7 @@ class BootstrapServer {
   void close_fds_in_child() const;
 
  private:
+  using Clock = std::chrono::steady_clock;
   struct OutMessage {
     unsigned char header[wire::kHeaderBytes];
     std::shared_ptr<const std::vector<char>> payload;  // shared by every rank receiving a result
@@ -74,6 +84,7 @@ class BootstrapServer {
   struct Client {
     int fd = -1;
     int rank = -1;  // -1 until its hello was accepted
+    Clock::time_point accepted_at;
     unsigned char header[wire::kHeaderBytes];
     size_t header_got = 0;
     wire::Header incoming;
@@ -103,6 +114,10 @@ class BootstrapServer {
 
   BootstrapServer(int world_size, int listen_fd, int port, std::string secret);
   void accept_clients();
+  void admit(int fd);
+  int unintroduced_clients() const;
+  void close_oldest_unintroduced(const char* why);
+  void close_late_hellos(Clock::time_point now);
   void read_from(Client& c);
   void on_header(Client& c);
   void on_message(Client& c);
@@ -136,6 +151,8 @@ class BootstrapServer {
   std::map<int, std::string> departed_;  // rank -> how it ended
   std::optional<Collective> current_;    // the collective in progress, or the last one
   std::vector<char> discard_;            // where dropped payloads are read to
+  std::chrono::milliseconds hello_deadline_ = kDefaultHelloDeadline;
+  Clock::time_point listener_paused_until_;  // not polled before then (out of descriptors)
 };
 
 }  // namespace epcomm::launch

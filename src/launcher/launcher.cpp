@@ -334,7 +334,6 @@ class Run {
       if (errno == EINTR) return;
       throw_system("poll");
     }
-    if (n == 0) return;
     for (size_t i = 0; i < pipes.size(); ++i)
       if (fds[i].revents != 0) read_pipe(*pipes[i].first, *pipes[i].second);
     server_.handle(std::span<const pollfd>(fds).subspan(server_begin));

@@ -4,6 +4,7 @@
 #include <dirent.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/un.h>
@@ -335,6 +336,25 @@ TEST(BootstrapFailure, AStrangerWritingGarbageToTheSocketDoesNotDisturbTheGroup)
       ::close(fd);
     }
     check_all_gather(group, seed, 1, 333);
+  });
+}
+
+// Who is missing is the group's business: a connection that has not said hello (a stranger) is
+// refused a status query instead of being told which ranks the group waits for.
+TEST(BootstrapFailure, AQueryBeforeTheHelloIsRefused) {
+  run_ranks(2, [&](Bootstrap& group) {
+    if (group.rank() == 0) {
+      const int fd = connect_to_launcher();
+      ASSERT_GE(fd, 0);
+      ASSERT_TRUE(send_header(fd, {.kind = wire::MessageKind::kQuery, .rank = 1, .sequence = 0}));
+      wire::Header reply;
+      std::string text;
+      ASSERT_TRUE(read_reply(fd, reply, text)) << "the server did not answer the query";
+      EXPECT_EQ(reply.kind, wire::MessageKind::kError) << text;
+      EXPECT_NE(text.find("a query before the hello"), std::string::npos) << text;
+      ::close(fd);
+    }
+    group.barrier();
   });
 }
 
@@ -718,6 +738,102 @@ TEST(TcpBootstrap, RankZeroDrainingForASlowReaderDoesNotSpin) {
   ::close(fd);
   EXPECT_LT(waited, 5000) << "the drain is bounded";
   EXPECT_LT(cpu_used, 0.5) << "rank 0 spun for " << cpu_used << " s of CPU while draining for " << waited << " ms";
+}
+
+// A TCP client socket connected to 127.0.0.1:`port` that sends nothing.
+int connect_silently(int port) {
+  const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  if (fd >= 0 && ::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0) return fd;
+  if (fd >= 0) ::close(fd);
+  return -1;
+}
+
+// True when the server closed `fd` within `wait` (a read returns end of file).
+bool closed_by_server(int fd, milliseconds wait) {
+  pollfd p{fd, POLLIN, 0};
+  if (::poll(&p, 1, static_cast<int>(wait.count())) <= 0) return false;
+  char byte;
+  return ::recv(fd, &byte, 1, MSG_DONTWAIT) <= 0;
+}
+
+// Two real ranks gather through `rank0` (rank 1 joins from a thread) and check every byte.
+void expect_two_ranks_gather(std::unique_ptr<Bootstrap>& rank0, int port, const std::string& secret) {
+  const uint64_t seed = fresh_seed();
+  std::thread rank1([&] {
+    auto group = tcp_bootstrap(1, 2, "127.0.0.1", port, secret, milliseconds(20000));
+    check_all_gather(*group, seed, 0, 1000);
+  });
+  check_all_gather(*rank0, seed, 0, 1000);
+  rank1.join();
+}
+
+// Connections that never say hello are capped (4 per rank, the oldest closed first), so a peer
+// opening many of them neither holds rank 0's descriptors nor keeps the real ranks out.
+TEST(TcpBootstrap, ManySilentConnectionsAreCappedAndDoNotKeepRanksOut) {
+  const int port = free_tcp_port();
+  const std::string secret = "silent-test";
+  auto rank0 = tcp_bootstrap(0, 2, "127.0.0.1", port, secret, milliseconds(20000));
+  constexpr int kSilent = 40, kCap = 4 * 2;
+  std::vector<int> silent;
+  for (int i = 0; i < kSilent; ++i) {
+    silent.push_back(connect_silently(port));
+    ASSERT_GE(silent.back(), 0) << std::strerror(errno);
+  }
+  expect_two_ranks_gather(rank0, port, secret);
+  int closed = 0;  // the oldest were closed first: wait for the first one only
+  for (size_t i = 0; i < silent.size(); ++i) closed += closed_by_server(silent[i], milliseconds(i == 0 ? 2000 : 20));
+  for (int fd : silent) ::close(fd);
+  EXPECT_GE(closed, kSilent - kCap) << "the server kept more than " << kCap << " connections without a hello";
+}
+
+// A connection without a hello is closed after the hello deadline (here the bootstrap timeout,
+// shorter than the default of a few seconds).
+TEST(TcpBootstrap, ASilentConnectionIsClosedAfterTheHelloDeadline) {
+  const int port = free_tcp_port();
+  auto rank0 = tcp_bootstrap(0, 2, "127.0.0.1", port, "deadline-test", milliseconds(1500));
+  const int fd = connect_silently(port);
+  ASSERT_GE(fd, 0) << std::strerror(errno);
+  const auto start = Clock::now();
+  const bool closed = closed_by_server(fd, milliseconds(10000));
+  const int64_t waited = ms_since(start);
+  ::close(fd);
+  EXPECT_TRUE(closed) << "a silent connection was still open after " << waited << " ms";
+  EXPECT_GE(waited, 1000) << "closed before the deadline";
+  EXPECT_LT(waited, 4000) << "closed long after the 1500 ms deadline";
+}
+
+// Out of descriptors, accept4 fails with EMFILE while the connection stays queued, so the listener
+// stays readable: the server must back off instead of polling it again at once. Once descriptors
+// are free again, a real rank still joins.
+TEST(TcpBootstrap, AcceptFailingForWantOfDescriptorsDoesNotSpin) {
+  const int port = free_tcp_port();
+  const std::string secret = "emfile-test";
+  auto rank0 = tcp_bootstrap(0, 2, "127.0.0.1", port, secret, milliseconds(20000));
+  constexpr int kSilent = 30;
+  std::vector<int> silent;
+  for (int i = 0; i < kSilent; ++i) silent.push_back(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  rlimit saved{};
+  ASSERT_EQ(::getrlimit(RLIMIT_NOFILE, &saved), 0);
+  rlimit tight = saved;
+  tight.rlim_cur = static_cast<rlim_t>(silent.back() + 1 + 2);  // the server can accept two more
+  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &tight), 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  for (int fd : silent) ::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
+
+  const double cpu_before = cpu_seconds();
+  std::this_thread::sleep_for(milliseconds(1000));
+  const double cpu_used = cpu_seconds() - cpu_before;
+  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &saved), 0);
+  EXPECT_LT(cpu_used, 0.3) << "the server spun for " << cpu_used << " s of CPU in 1 s without descriptors";
+  expect_two_ranks_gather(rank0, port, secret);
+  for (int fd : silent) ::close(fd);
 }
 
 TEST(TcpBootstrap, MissingVariablesAreNamed) {
