@@ -222,37 +222,46 @@ NormalCase untrusted_case(int num_nodes, int ranks_per_node, uint64_t seed) {
   return c;
 }
 
+// Runs `body(buffer, rank, call, dispatched)` on every rank of `c` after one fresh dispatch, then
+// destroys the Buffer.
+template <class Body>
+void after_one_dispatch(const NormalCase& c, int ranks_per_node, Body&& body) {
+  run_ranks(c.num_ranks, [&](Bootstrap& bootstrap) {
+    BufferOptions options = cpu_buffer_options(small_nvl_bytes(c), std::chrono::milliseconds(2000));
+    options.ranks_per_node = ranks_per_node;
+    Buffer buffer(bootstrap, options);
+    RankCall call;
+    prepare_call(call, c, DispatchOptions{}, buffer);
+    const DispatchResult dispatched = buffer.dispatch(call.dispatch);
+    body(buffer, buffer.rank(), call, dispatched);
+    buffer.destroy();
+  });
+}
+
 // Rank 0 flags every token of a cached dispatch for `victims` (its handle's is_token_in_rank, a
 // user-visible tensor, edited): more than their rows hold. Receivers wrote next_row[source]++
 // unchecked across nodes; now each victim writes nothing outside its outputs and raises
 // kPeerFailure naming rank 0, whether it reads rank 0 directly (same node) or from its forwarder.
 void expect_victims_refuse_extra_tokens(int num_nodes, int ranks_per_node, const std::vector<int>& victims) {
   const NormalCase c = untrusted_case(num_nodes, ranks_per_node, 361 + ranks_per_node);
-  run_ranks(c.num_ranks, [&](Bootstrap& bootstrap) {
-    BufferOptions options = cpu_buffer_options(small_nvl_bytes(c), std::chrono::milliseconds(2000));
-    options.ranks_per_node = ranks_per_node;
-    Buffer buffer(bootstrap, options);
-    const int rank = buffer.rank();
-    RankCall call;
-    prepare_call(call, c, DispatchOptions{}, buffer);
-    const DispatchResult dispatched = buffer.dispatch(call.dispatch);
-    if (rank == 0) {
-      auto* flags = static_cast<uint8_t*>(dispatched.handle->is_token_in_rank.data);
-      for (int t = 0; t < call.inputs.num_tokens; ++t)
-        for (int victim : victims) flags[t * c.num_ranks + victim] = 1;
-    }
-    DispatchInputs cached;
-    cached.handle = dispatched.handle.get();
-    cached.x = call.dispatch.x;
-    const std::optional<Error> error = error_of([&] { buffer.dispatch(cached); });
-    if (std::find(victims.begin(), victims.end(), rank) != victims.end()) {
-      ASSERT_TRUE(error.has_value()) << "rank " << rank << " accepted more tokens than rank 0 announced";
-      EXPECT_EQ(error->code(), ErrorCode::kPeerFailure) << error->what();
-      EXPECT_NE(std::string(error->what()).find("rank 0 flagged more tokens"), std::string::npos) << error->what();
-      expect_failure([&] { buffer.dispatch(cached); }, ErrorCode::kBufferFailed, {"first cause"});
-    }
-    buffer.destroy();
-  });
+  after_one_dispatch(
+      c, ranks_per_node, [&](Buffer& buffer, int rank, RankCall& call, const DispatchResult& dispatched) {
+        if (rank == 0) {
+          auto* flags = static_cast<uint8_t*>(dispatched.handle->is_token_in_rank.data);
+          for (int t = 0; t < call.inputs.num_tokens; ++t)
+            for (int victim : victims) flags[t * c.num_ranks + victim] = 1;
+        }
+        DispatchInputs cached;
+        cached.handle = dispatched.handle.get();
+        cached.x = call.dispatch.x;
+        const std::optional<Error> error = error_of([&] { buffer.dispatch(cached); });
+        if (std::find(victims.begin(), victims.end(), rank) != victims.end()) {
+          ASSERT_TRUE(error.has_value()) << "rank " << rank << " accepted more tokens than rank 0 announced";
+          EXPECT_EQ(error->code(), ErrorCode::kPeerFailure) << error->what();
+          EXPECT_NE(std::string(error->what()).find("rank 0 flagged more tokens"), std::string::npos) << error->what();
+          expect_failure([&] { buffer.dispatch(cached); }, ErrorCode::kBufferFailed, {"first cause"});
+        }
+      });
 }
 
 TEST(InternodeFailSafe, ReceiverNeverWritesPastTheRowsASenderOnAnotherNodeAnnounced) {
@@ -269,35 +278,29 @@ TEST(InternodeFailSafe, ReceiverNeverWritesPastTheRowsASenderAnnouncedOnEitherLe
 // wrong. It raises kPeerFailure instead.
 void expect_source_refuses_unexpected_partials(int num_nodes, int ranks_per_node, int liar, bool deny) {
   const NormalCase c = untrusted_case(num_nodes, ranks_per_node, 371 + ranks_per_node);
-  run_ranks(c.num_ranks, [&](Bootstrap& bootstrap) {
-    BufferOptions options = cpu_buffer_options(small_nvl_bytes(c), std::chrono::milliseconds(2000));
-    options.ranks_per_node = ranks_per_node;
-    Buffer buffer(bootstrap, options);
-    const int rank = buffer.rank();
-    RankCall call;
-    prepare_call(call, c, DispatchOptions{}, buffer);
-    const DispatchResult dispatched = buffer.dispatch(call.dispatch);
-    if (rank == 0) {
-      auto* send_row = static_cast<int32_t*>(dispatched.handle->send_row.data);
-      int edited = 0;
-      for (int t = 0; t < call.inputs.num_tokens; ++t)
-        if ((send_row[t * c.num_ranks + liar] < 0) != deny) send_row[t * c.num_ranks + liar] = deny ? -1 : 0, ++edited;
-      ASSERT_GT(edited, 0) << "the case leaves no send_row entry of rank " << liar << " to edit";
-    }
-    const int rows = dispatched.handle->num_recv_tokens;
-    std::vector<uint16_t> y(size_t(rows) * c.hidden, 0x3F80);
-    CombineInputs combine;
-    combine.handle = dispatched.handle.get();
-    combine.x = view_of(y, DType::kBFloat16, {rows, c.hidden});
-    const std::optional<Error> error = error_of([&] { buffer.combine(combine); });
-    if (rank == 0) {
-      ASSERT_TRUE(error.has_value()) << "rank 0 combined partials that were never sent";
-      EXPECT_EQ(error->code(), ErrorCode::kPeerFailure) << error->what();
-      EXPECT_NE(std::string(error->what()).find("partial"), std::string::npos) << error->what();
-      expect_failure([&] { buffer.combine(combine); }, ErrorCode::kBufferFailed, {"first cause"});
-    }
-    buffer.destroy();
-  });
+  after_one_dispatch(c, ranks_per_node,
+                     [&](Buffer& buffer, int rank, RankCall& call, const DispatchResult& dispatched) {
+                       if (rank == 0) {
+                         auto* send_row = static_cast<int32_t*>(dispatched.handle->send_row.data);
+                         int edited = 0;
+                         for (int t = 0; t < call.inputs.num_tokens; ++t)
+                           if ((send_row[t * c.num_ranks + liar] < 0) != deny)
+                             send_row[t * c.num_ranks + liar] = deny ? -1 : 0, ++edited;
+                         ASSERT_GT(edited, 0) << "the case leaves no send_row entry of rank " << liar << " to edit";
+                       }
+                       const int rows = dispatched.handle->num_recv_tokens;
+                       std::vector<uint16_t> y(size_t(rows) * c.hidden, 0x3F80);
+                       CombineInputs combine;
+                       combine.handle = dispatched.handle.get();
+                       combine.x = view_of(y, DType::kBFloat16, {rows, c.hidden});
+                       const std::optional<Error> error = error_of([&] { buffer.combine(combine); });
+                       if (rank == 0) {
+                         ASSERT_TRUE(error.has_value()) << "rank 0 combined partials that were never sent";
+                         EXPECT_EQ(error->code(), ErrorCode::kPeerFailure) << error->what();
+                         EXPECT_NE(std::string(error->what()).find("partial"), std::string::npos) << error->what();
+                         expect_failure([&] { buffer.combine(combine); }, ErrorCode::kBufferFailed, {"first cause"});
+                       }
+                     });
 }
 
 TEST(InternodeFailSafe, CombineNeverAddsAPartialAnotherNodeDidNotSend) {
